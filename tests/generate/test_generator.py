@@ -1,0 +1,161 @@
+"""Greedy generation reproduces reference outputs exactly; sampling and stop rules behave."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import STORIES_BIN, STORIES_TOK, random_args, random_state_dict, shared_path
+
+from torchchat.builder import build_model, build_transformer
+from torchchat.generate.generator import Generator, Result, _split_stop
+from torchchat.generate.sampling import SamplingOptions, sample
+from torchchat.options import ModelOptions
+from torchchat.runtime.eager import EagerRuntime
+from torchchat.tokenizer import load_tokenizer
+
+GREEDY = SamplingOptions(temperature=0)
+
+# llama2.c test_all.py: run.c on stories260K.bin, -t 0.0 -n 200, stdout without its final "\n".
+LLAMA2C_STORIES260K = (
+    "Once upon a time, there was a little girl named Lily. She loved to play outside in the park. "
+    "One day, she saw a big, red ball. She wanted to play with it, but it was too high.\n"
+    "Lily's mom said, \"Lily, let's go to the park.\" Lily was sad and didn't know what to do. "
+    'She said, "I want to play with your ball, but I can\'t find it."\n'
+    "Lily was sad and didn't know what to do. She said, \"I'm sorry, Lily. I didn't know what to do.\"\n"
+    "Lily didn't want to help her mom, so she"
+)
+
+
+@pytest.fixture(scope="module")
+def stories():
+    return build_model(
+        ModelOptions(checkpoint_path=STORIES_BIN, tokenizer_path=STORIES_TOK, dtype="fp32")
+    )
+
+
+def greedy_text(built, prompt: str, n: int) -> tuple[str, Result]:
+    gen = Generator(built.runtime, built.tokenizer)
+    res = Result()
+    text = "".join(
+        gen.stream(
+            built.tokenizer.encode(prompt, bos=True), max_new_tokens=n, sampling=GREEDY, result=res
+        )
+    )
+    return text, res
+
+
+def test_stories260k_matches_llama2c(stories):
+    text, res = greedy_text(stories, "", 200)
+    assert text == LLAMA2C_STORIES260K
+    assert len(res.tokens) == 200 and res.finish_reason == "length"
+
+
+def test_tiny_random_hf_expected_greedy():
+    ref = json.loads(
+        shared_path("models", "tiny-random-llama-hf", "expected_greedy.json").read_text()
+    )
+    built = build_model(
+        ModelOptions(
+            checkpoint_path=shared_path("models", "tiny-random-llama-hf"),
+            tokenizer_path=shared_path("models", "llama2c-tokenizer", "tokenizer.model"),
+        )
+    )
+    res = Result()
+    list(Generator(built.runtime, built.tokenizer).stream(
+        ref["prompt_token_ids"], max_new_tokens=ref["max_new_tokens"], sampling=GREEDY, result=res
+    ))  # fmt: skip
+    assert res.tokens == ref["expected_generated_ids"]
+
+
+def test_compiled_decode_gives_identical_greedy_tokens(stories):
+    compiled = build_model(
+        ModelOptions(
+            checkpoint_path=STORIES_BIN,
+            tokenizer_path=STORIES_TOK,
+            compile=True,
+            compile_prefill=True,
+        )
+    )
+    _, eager = greedy_text(stories, "Once upon a time", 120)
+    _, comp = greedy_text(compiled, "Once upon a time", 120)
+    assert comp.tokens == eager.tokens
+
+
+def test_stop_string_is_cut_and_never_leaks(stories):
+    gen = Generator(stories.runtime, stories.tokenizer)
+    res = Result()
+    prompt = stories.tokenizer.encode("", bos=True)
+    pieces = list(
+        gen.stream(prompt, max_new_tokens=200, sampling=GREEDY, stop_strings=["Lily."], result=res)
+    )
+    assert "".join(pieces) == "Once upon a time, there was a little girl named "
+    assert res.finish_reason == "stop"
+
+
+def test_split_stop_holds_back_partial_matches():
+    assert _split_stop("abc <|e", ["<|end|>"]) == ("abc ", "<|e", False)
+    assert _split_stop("abc <|end|> more", ["<|end|>"]) == ("abc ", "", True)
+    assert _split_stop("abc <|e", ["<|end|>"], final=True) == ("abc <|e", "", False)
+
+
+def test_prompt_longer_than_context_is_a_clean_error(stories):
+    from torchchat.errors import TorchchatError
+
+    gen = Generator(stories.runtime, stories.tokenizer)
+    with pytest.raises(TorchchatError, match="does not fit the context of 512"):
+        list(gen.stream([1] * 600, max_new_tokens=5, sampling=GREEDY))
+
+
+def test_generation_stops_at_context_end(stories):
+    gen = Generator(stories.runtime, stories.tokenizer)
+    res = Result()
+    list(gen.stream([1] * 500, max_new_tokens=100, sampling=GREEDY, result=res))
+    assert len(res.tokens) + 500 <= 513 and res.fed_until <= 512
+
+
+def test_seeded_sampling_is_reproducible_and_private():
+    logits = torch.randn(50, generator=torch.Generator().manual_seed(0))
+    opts = SamplingOptions(temperature=1.0, top_k=10, top_p=0.9, seed=7)
+    from torchchat.generate.sampling import make_generator
+
+    a = [sample(logits, opts, g) for g in [make_generator(7)] for _ in range(20)]
+    torch.manual_seed(123)  # global RNG must not matter
+    b = [sample(logits, opts, g) for g in [make_generator(7)] for _ in range(20)]
+    assert a == b
+    allowed = set(torch.topk(logits, 10).indices.tolist())
+    assert set(a) <= allowed
+
+
+def test_top_p_keeps_smallest_nucleus():
+    probs_logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    opts = SamplingOptions(temperature=1.0, top_k=None, top_p=0.7)
+    from torchchat.generate.sampling import make_generator
+
+    g = make_generator(0)
+    seen = {sample(probs_logits, opts, g) for _ in range(300)}
+    assert seen == {0, 1}
+
+
+def test_kv_cache_reuse_equals_full_prefill():
+    """Continuing at start_pos gives the same tokens as feeding the whole sequence again."""
+    args = random_args()
+    sd = random_state_dict(args, seed=2)
+    tok = load_tokenizer(STORIES_TOK)  # any tokenizer with vocab <= 96 ids used is fine here
+    rt1 = EagerRuntime(build_transformer(args, sd, torch.float32, "cpu"), 64)
+    rt2 = EagerRuntime(build_transformer(args, sd, torch.float32, "cpu"), 64)
+    first = [5, 6, 7, 8]
+    r1 = Result()
+    list(Generator(rt1, tok).stream(first, max_new_tokens=6, sampling=GREEDY, result=r1))
+    cont = [r1.pending, 9, 10]
+    r2 = Result()
+    list(
+        Generator(rt1, tok).stream(
+            cont, start_pos=r1.fed_until, max_new_tokens=6, sampling=GREEDY, result=r2
+        )
+    )
+    r3 = Result()
+    full = first + r1.tokens + [9, 10]
+    list(Generator(rt2, tok).stream(full, max_new_tokens=6, sampling=GREEDY, result=r3))
+    assert r2.tokens == r3.tokens

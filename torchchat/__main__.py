@@ -1,0 +1,3 @@
+from torchchat.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,59 @@
+"""Next-token selection: greedy, temperature, top-k and top-p (nucleus) sampling."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How to pick each token. temperature 0 means greedy (argmax)."""
+
+    temperature: float = 0.8
+    top_k: int | None = 200
+    top_p: float | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError("top_k must be >= 1")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
+
+
+def make_generator(seed: int | None, device: str = "cpu") -> torch.Generator:
+    """A private RNG per generation, so concurrent requests never share random state."""
+    g = torch.Generator(device=device)
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed(seed)
+    return g
+
+
+def sample(logits: Tensor, opts: SamplingOptions, rng: torch.Generator) -> int:
+    """Pick one token id from fp32 logits (vocab,)."""
+    if opts.temperature == 0:
+        return int(torch.argmax(logits))
+    logits = logits.float() / opts.temperature
+    if opts.top_k is not None and opts.top_k < logits.numel():
+        kth = torch.topk(logits, opts.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if opts.top_p is not None and opts.top_p < 1:
+        probs = _top_p_filter(probs, opts.top_p)
+    return int(torch.multinomial(probs, 1, generator=rng))
+
+
+def _top_p_filter(probs: Tensor, p: float) -> Tensor:
+    """Keep the smallest set of most likely tokens whose mass reaches p (always >= 1 token)."""
+    sorted_probs, idx = torch.sort(probs, descending=True)
+    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+    sorted_probs = sorted_probs.masked_fill(mass_before >= p, 0.0)
+    kept = torch.zeros_like(probs).scatter_(-1, idx, sorted_probs)
+    return kept / kept.sum()

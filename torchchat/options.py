@@ -1,0 +1,47 @@
+"""Small typed option objects passed from the CLI (or server) to the core."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torchchat.generate.sampling import SamplingOptions
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """Where the model comes from and how to run it."""
+
+    model: str | None = None  # a path, or a known model name
+    checkpoint_path: Path | None = None
+    gguf_path: Path | None = None
+    params_path: Path | None = None
+    params_table: str | None = None
+    tokenizer_path: Path | None = None
+    dtype: str | None = None  # fp32 | bf16 | fp16 | fast; None = the checkpoint's own float type
+    device: str = "cpu"  # cpu | cuda | mps | fast
+    max_seq_length: int | None = None
+    compile: bool = False
+    compile_prefill: bool = False
+
+
+@dataclass(frozen=True)
+class GenerateOptions:
+    """One prompt to complete."""
+
+    prompt: str = ""
+    max_new_tokens: int = 200
+    num_samples: int = 1
+    stop: tuple[str, ...] = ()
+    sampling: SamplingOptions = field(default_factory=SamplingOptions)
+
+
+@dataclass(frozen=True)
+class ChatOptions:
+    """An interactive conversation."""
+
+    system_prompt: str | None = None
+    chat_template: str | None = None
+    max_new_tokens: int = 1024
+    stop: tuple[str, ...] = ()
+    sampling: SamplingOptions = field(default_factory=SamplingOptions)
