@@ -1,64 +1,7 @@
-"""Shared test fixtures: paths to ../shared assets and tiny random models."""
+"""Suite-wide test settings: deterministic hypothesis runs."""
 
-from __future__ import annotations
+from hypothesis import settings
 
-from pathlib import Path
-
-import pytest
-import torch
-
-REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-
-
-def shared_path(*parts: str) -> Path:
-    """Path of a read-only asset under ../shared (relative to the repo root)."""
-    path = SHARED.joinpath(*parts)
-    if not path.exists():
-        raise FileNotFoundError(f"shared test asset missing: {path}")
-    return path
-
-
-STORIES_BIN = SHARED / "models" / "stories260K" / "stories260K.bin"
-STORIES_TOK = SHARED / "models" / "stories260K" / "tok512.model"
-
-
-def random_args(**overrides):
-    """A tiny ModelArgs; overrides pick the variant (GQA, bias, rope scaling, ...)."""
-    from torchchat.model.config import ModelArgs
-
-    base = dict(
-        dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96, hidden_dim=48, max_seq_len=64
-    )
-    base.update(overrides)
-    return ModelArgs(**base)
-
-
-def random_state_dict(args, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Random weights for args in native names (norm weights away from 1 to catch mix-ups)."""
-    from torchchat.model.transformer import Transformer
-
-    torch.manual_seed(seed)
-    model = Transformer(args)
-    sd = {}
-    for name, t in model.state_dict().items():
-        scale = 0.5 if name.endswith("norm.weight") else 0.2
-        sd[name] = (1.0 if name.endswith("norm.weight") else 0.0) + scale * torch.randn(t.shape)
-    if args.tie_embeddings:
-        sd["output.weight"] = sd["tok_embeddings.weight"]
-    return sd
-
-
-class PickleBomb:
-    """Unpickling this would create the file `target`: what a hostile checkpoint does."""
-
-    def __init__(self, target: str):
-        self.target = target
-
-    def __reduce__(self):
-        return (open, (self.target, "w"))
-
-
-@pytest.fixture
-def tiny_args():
-    return random_args()
+# The same examples on every run (CI included): a failure is reproducible, never a fluke.
+settings.register_profile("torchchat", derandomize=True, deadline=None)
+settings.load_profile("torchchat")

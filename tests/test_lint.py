@@ -4,7 +4,7 @@ import shutil
 import subprocess
 
 import pytest
-from conftest import REPO
+from support import REPO
 
 
 @pytest.mark.parametrize(

@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from torchchat.checkpoint import Checkpoint, load_checkpoint
 from torchchat.errors import TorchchatError
+from torchchat.generate.speculative import Speculator
 from torchchat.model.config import ModelArgs, known_model_args, known_model_names
 from torchchat.model.transformer import Transformer
 from torchchat.options import ModelOptions
+from torchchat.quant.apply import apply_schemes, quantize, structural
+from torchchat.quant.config import Scheme, load_quantize_spec
 from torchchat.runtime.base import ModelRuntime
 from torchchat.runtime.eager import EagerRuntime
 from torchchat.tokenizer import Tokenizer, load_tokenizer
+from torchchat.tokenizer.gguf import gguf_tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_MAX_SEQ_LEN = 4096  # KV cache size unless --max-seq-length asks for more
@@ -27,6 +31,7 @@ class BuiltModel:
     runtime: ModelRuntime
     tokenizer: Tokenizer
     args: ModelArgs
+    speculator: Speculator | None = None  # draft model for speculative decoding, if asked for
 
 
 def log(msg: str, verbose: bool = True) -> None:
@@ -121,51 +126,99 @@ def check_shapes(model: Transformer, sd: dict[str, torch.Tensor]) -> None:
 
 
 def build_transformer(
-    args: ModelArgs, sd: dict[str, torch.Tensor], dtype: torch.dtype, device: str
+    args: ModelArgs,
+    sd: dict[str, torch.Tensor],
+    dtype: torch.dtype,
+    device: str,
+    saved_schemes: list[Scheme] = (),
 ) -> Transformer:
-    """Instantiate on the meta device and adopt the checkpoint's tensors (no copy when possible)."""
+    """Instantiate on the meta device and adopt the checkpoint's tensors (no copy when possible).
+
+    saved_schemes: the quantization the checkpoint was saved with (its modules are swapped in
+    before loading, so the quantized tensors load as they are)."""
     with torch.device("meta"):
         model = Transformer(args)
+        apply_schemes(model, list(saved_schemes), empty=True)
     sd = dict(sd)
-    if args.tie_embeddings and "tok_embeddings.weight" in sd:
+    tied = args.tie_embeddings and model.output.weight is model.tok_embeddings.weight
+    if tied and "tok_embeddings.weight" in sd:
         sd["output.weight"] = sd["tok_embeddings.weight"]
     check_shapes(model, sd)
     model.load_state_dict(sd, assign=True, strict=True)
-    if args.tie_embeddings:
+    if tied:
         model.output.weight = model.tok_embeddings.weight
     return model.to(device=device, dtype=dtype)
 
 
 def model_from_checkpoint(
     opts: ModelOptions, verbose: bool = False
-) -> tuple[Transformer, Checkpoint]:
-    """Load weights and config, build the Transformer in the requested dtype/device."""
-    path = opts.checkpoint_path or opts.gguf_path or _model_path(opts.model)
+) -> tuple[Transformer, Checkpoint, list[Scheme]]:
+    """Load weights and config, quantize if asked, build the Transformer in the requested
+    dtype/device. Returns the model, its checkpoint and the quantization it now carries."""
+    schemes = load_quantize_spec(opts.quantize) if opts.quantize else []
+    dtype_name, device_name = opts.dtype, opts.device
+    for scheme in schemes:  # the recipe may choose precision and device
+        if scheme.name == "precision":
+            dtype_name = scheme.args["dtype"]
+        elif scheme.name == "executor":
+            device_name = scheme.args["accelerator"]
+    path = opts.checkpoint_path or opts.gguf_path or _model_path(opts.model, opts.model_directory)
     ckpt = load_checkpoint(path)
     args = resolve_args(opts, ckpt, verbose)
-    device = resolve_device(opts.device)
+    device = resolve_device(device_name)
+    saved = [Scheme(s["name"], s["args"]) for s in ckpt.extra.get("quantization", [])]
+    if saved and structural(schemes):
+        raise TorchchatError(
+            f"{ckpt.path} is already quantized ({', '.join(s.name for s in saved)}); drop --quantize"
+        )
+    if saved and device != "cpu":
+        raise TorchchatError(
+            f"{ckpt.path} holds CPU-packed quantized weights: quantize again for {device}"
+        )
+    if not ckpt.state_dict:
+        raise TorchchatError(f"{ckpt.path} holds no weights (a vocabulary-only file?)")
     first = next(iter(ckpt.state_dict.values()))
-    dtype = resolve_dtype(opts.dtype, device, first.dtype)
-    return build_transformer(args, ckpt.state_dict, dtype, device), ckpt
+    float_dtype = first.dtype if first.dtype in DTYPES.values() else torch.float32
+    dtype = resolve_dtype(dtype_name, device, float_dtype)
+    if not structural(schemes):
+        return build_transformer(args, ckpt.state_dict, dtype, device, saved), ckpt, saved
+    # Quantize from the checkpoint's own precision, then move to the run dtype.
+    model = build_transformer(args, ckpt.state_dict, float_dtype, device)
+    calibration = None
+    if any(s.name == "linear:gptq" for s in schemes):
+        from torchchat.quant.gptq import calibration_batches
+
+        gptq = next(s for s in schemes if s.name == "linear:gptq").args
+        calibration = calibration_batches(
+            find_tokenizer(opts, ckpt),
+            gptq["calibration_file"] or opts.calibration_file,
+            gptq["calibration_seq_length"],
+            gptq["calibration_samples"],
+        )
+    quantize(model, schemes, calibration)
+    return model.to(dtype=dtype), ckpt, structural(schemes)
 
 
-def _model_path(model: str | None) -> Path:
+def _model_path(model: str | None, model_directory: Path | None = None) -> Path:
+    """The positional MODEL: an existing path, else an alias or downloaded model name."""
+    from torchchat.hub import store
+
     if model is None:
         raise TorchchatError(
-            "no model given: pass a checkpoint path, --checkpoint-path or --gguf-path"
+            "no model given: pass a checkpoint path, a model name, --checkpoint-path or --gguf-path"
         )
     path = Path(model).expanduser()
     if path.exists():
         return path
-    if model in known_model_names():
-        raise TorchchatError(f"model {model!r} is not available locally: pass --checkpoint-path")
-    raise TorchchatError(f"unknown model {model!r}: not a path and not a known model name")
+    return store.find_downloaded(model, store.model_directory(model_directory))
 
 
 def find_tokenizer(opts: ModelOptions, ckpt: Checkpoint) -> Tokenizer:
-    """--tokenizer-path, else a tokenizer file in the checkpoint's folder."""
+    """--tokenizer-path, else a GGUF's own vocabulary, else a tokenizer file beside the checkpoint."""
     if opts.tokenizer_path is not None:
         return load_tokenizer(opts.tokenizer_path)
+    if ckpt.format == "gguf":
+        return gguf_tokenizer(ckpt.extra["gguf"].metadata, str(ckpt.path))
     folder = ckpt.path if ckpt.path.is_dir() else ckpt.path.parent
     try:
         return load_tokenizer(folder)
@@ -175,9 +228,36 @@ def find_tokenizer(opts: ModelOptions, ckpt: Checkpoint) -> Tokenizer:
         ) from None
 
 
+def build_exported(opts: ModelOptions) -> BuiltModel:
+    """An exported artifact (.pt2 / .pte) and its tokenizer (--tokenizer-path or beside it)."""
+    from torchchat.runtime.exported import AOTIRuntime, ExecuTorchRuntime
+
+    if opts.compile or opts.quantize or opts.draft_checkpoint_path or opts.draft_quantize:
+        raise TorchchatError(
+            "exported models are already compiled and quantized: drop --compile/--quantize/--draft-*"
+        )
+    path = Path(opts.aoti_package_path or opts.pte_path)
+    runtime = AOTIRuntime(path) if opts.aoti_package_path else ExecuTorchRuntime(path)
+    try:
+        tokenizer = load_tokenizer(opts.tokenizer_path or path.parent)
+    except TorchchatError:
+        raise TorchchatError(f"no tokenizer next to {path}: pass --tokenizer-path") from None
+    if runtime.tokenizer_kind and tokenizer.kind != runtime.tokenizer_kind:
+        raise TorchchatError(
+            f"{path} was exported with a {runtime.tokenizer_kind} tokenizer, not {tokenizer.kind}"
+        )
+    if opts.max_seq_length and opts.max_seq_length != runtime.max_seq_len:
+        raise TorchchatError(
+            f"{path} was exported for --max-seq-length {runtime.max_seq_len}; export again to change it"
+        )
+    return BuiltModel(runtime, tokenizer, runtime.args)
+
+
 def build_model(opts: ModelOptions, verbose: bool = False) -> BuiltModel:
     """Everything a verb needs to run the model."""
-    model, ckpt = model_from_checkpoint(opts, verbose)
+    if opts.aoti_package_path or opts.pte_path:
+        return build_exported(opts)
+    model, ckpt, _ = model_from_checkpoint(opts, verbose)
     tokenizer = find_tokenizer(opts, ckpt)
     if tokenizer.vocab_size > model.args.vocab_size:
         raise TorchchatError(
@@ -192,4 +272,40 @@ def build_model(opts: ModelOptions, verbose: bool = False) -> BuiltModel:
     runtime = EagerRuntime(
         model, max_seq, compile=opts.compile, compile_prefill=opts.compile_prefill
     )
-    return BuiltModel(runtime, tokenizer, model.args)
+    return BuiltModel(runtime, tokenizer, model.args, build_speculator(opts, runtime, verbose))
+
+
+def build_speculator(opts: ModelOptions, target: ModelRuntime, verbose: bool) -> Speculator | None:
+    """A draft model: another checkpoint (--draft-checkpoint-path) or a quantized copy of the
+    target (--draft-quantize), sharing the target's tokenizer and KV cache length."""
+    if opts.draft_checkpoint_path is None and opts.draft_quantize is None:
+        return None
+    if opts.speculate_k < 1:
+        raise TorchchatError("--speculate-k must be at least 1")
+    draft_opts = replace(
+        opts,
+        checkpoint_path=opts.draft_checkpoint_path or opts.checkpoint_path,
+        gguf_path=None if opts.draft_checkpoint_path else opts.gguf_path,
+        model=None if opts.draft_checkpoint_path else opts.model,
+        params_path=None if opts.draft_checkpoint_path else opts.params_path,
+        params_table=None if opts.draft_checkpoint_path else opts.params_table,
+        quantize=opts.draft_quantize,
+        compile_prefill=False,
+    )
+    draft, _, _ = model_from_checkpoint(draft_opts, verbose)
+    if draft.args.vocab_size != target.args.vocab_size:
+        raise TorchchatError(
+            f"draft model vocabulary ({draft.args.vocab_size}) differs from the target's "
+            f"({target.args.vocab_size}): speculative decoding needs the same tokenizer"
+        )
+    if draft.args.max_seq_len < target.max_seq_len:
+        raise TorchchatError(
+            f"draft model context {draft.args.max_seq_len} is shorter than {target.max_seq_len}"
+        )
+    log(
+        f"speculative decoding with a draft of {draft.args.weight_count() / 1e6:.1f}M parameters, k={opts.speculate_k}",
+        verbose,
+    )
+    return Speculator(
+        target, EagerRuntime(draft, target.max_seq_len, compile=opts.compile), opts.speculate_k
+    )

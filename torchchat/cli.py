@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import resource
 import sys
 from pathlib import Path
@@ -15,8 +16,12 @@ from torchchat.options import ChatOptions, GenerateOptions, ModelOptions
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", nargs="?", help="checkpoint path (file or folder) or known model name")
+    p.add_argument(
+        "model", nargs="?", help="checkpoint path (file or folder), alias or downloaded model name"
+    )
     p.add_argument("--checkpoint-path", type=Path)
+    p.add_argument("--aoti-package-path", type=Path, help="run an exported AOT Inductor package")
+    p.add_argument("--pte-path", type=Path, help="run an exported ExecuTorch program")
     p.add_argument("--gguf-path", type=Path)
     p.add_argument("--params-path", type=Path, help="model config JSON (ModelArgs fields)")
     p.add_argument("--params-table", help="name of a known model config")
@@ -28,8 +33,24 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     p.add_argument("--compile-prefill", action="store_true", help="torch.compile prefill too")
+    p.add_argument("--quantize", help="quantization recipe: JSON, a JSON file, or a profile name")
+    p.add_argument("--calibration-file", type=Path, help="text file to calibrate GPTQ on")
+    p.add_argument(
+        "--draft-checkpoint-path", type=Path, help="draft model for speculative decoding"
+    )
+    p.add_argument("--draft-quantize", help="draft with a copy of this model quantized so (JSON)")
+    p.add_argument("--speculate-k", type=int, default=5, help="draft tokens per speculative step")
+    _add_model_dir_arg(p)
     p.add_argument("-v", "--verbose", action="store_true")
     p.add_argument("--quiet", action="store_true", help="no metrics on stderr")
+
+
+def _add_model_dir_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model-directory",
+        type=Path,
+        help="where downloaded models live (default: $TORCHCHAT_MODELDIR or ~/.torchchat/models)",
+    )
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, max_new_default: int) -> None:
@@ -62,6 +83,58 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("convert", help="write any checkpoint as a native checkpoint + tokenizer")
     _add_model_args(v)
     v.add_argument("--output", type=Path, required=True, help="output folder")
+
+    e = sub.add_parser("eval", help="perplexity on WikiText and lm-evaluation-harness tasks")
+    _add_model_args(e)
+    e.add_argument("--tasks", default="wikitext", help="comma list: wikitext and/or lm-eval tasks")
+    e.add_argument("--dataset-path", type=Path, help="raw WikiText file for wikitext")
+    e.add_argument("--tasks-path", type=Path, help="folder of local lm-eval task YAMLs")
+    e.add_argument("--limit", type=int, help="first N documents / examples of each task")
+    e.add_argument("--num-fewshot", type=int, help="few-shot examples for lm-eval tasks")
+    e.add_argument(
+        "--add-bos",
+        action=argparse.BooleanOptionalAction,
+        help="start documents with BOS (default: as the tokenizer's own default encoding)",
+    )
+    e.add_argument("--output-json", type=Path, help="also write the results here")
+
+    b = sub.add_parser("bench", help="measure prefill/decode speed, time to first token, memory")
+    _add_model_args(b)
+    b.add_argument("--shape", help="random weights of a known architecture (e.g. stories110M)")
+    b.add_argument("--prompt-tokens", type=int, default=64)
+    b.add_argument("--new-tokens", type=int, default=64)
+    b.add_argument("--repeats", type=int, default=3)
+    b.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    b.add_argument("--json", type=Path, help="also write the results here")
+
+    x = sub.add_parser("export", help="export to an AOT Inductor package and/or ExecuTorch program")
+    _add_model_args(x)
+    x.add_argument(
+        "--output-aoti-package-path", type=Path, help="write an AOT Inductor .pt2 package"
+    )
+    x.add_argument("--output-pte-path", type=Path, help="write an ExecuTorch .pte program")
+    x.add_argument("--output-dso-path", type=Path, help="(not available in torch 2.13: use .pt2)")
+
+    q = sub.add_parser("quantize", help="quantize a model and save it for fast reloads")
+    _add_model_args(q)
+    q.add_argument("--output", type=Path, required=True, help="output folder")
+
+    d = sub.add_parser("download", help="fetch a model from the Hugging Face hub")
+    d.add_argument("model", help="alias, model name or Hugging Face repo ORG/NAME")
+    _add_model_dir_arg(d)
+    d.add_argument("--hf-token", help="Hugging Face token for gated repos (default: $HF_TOKEN)")
+    d.add_argument(
+        "--no-convert", action="store_true", help="keep the files as published (no native copy)"
+    )
+    ls = sub.add_parser("list", help="known and downloaded models")
+    _add_model_dir_arg(ls)
+    ls.add_argument("--json", action="store_true", help="JSON on stdout instead of a table")
+    w = sub.add_parser("where", help="print the folder of a downloaded model")
+    w.add_argument("model", help="alias or model name")
+    _add_model_dir_arg(w)
+    r = sub.add_parser("remove", help="delete a downloaded model")
+    r.add_argument("model", help="alias or model name")
+    _add_model_dir_arg(r)
     return parser
 
 
@@ -78,6 +151,14 @@ def model_options(a: argparse.Namespace) -> ModelOptions:
         max_seq_length=a.max_seq_length,
         compile=a.compile,
         compile_prefill=a.compile_prefill,
+        model_directory=a.model_directory,
+        quantize=a.quantize,
+        calibration_file=a.calibration_file,
+        draft_checkpoint_path=a.draft_checkpoint_path,
+        draft_quantize=a.draft_quantize,
+        speculate_k=a.speculate_k,
+        aoti_package_path=a.aoti_package_path,
+        pte_path=a.pte_path,
     )
 
 
@@ -100,11 +181,15 @@ def report(metrics, runtime, quiet: bool, cached: int = 0) -> None:
         return
     gbps = runtime.weight_bytes * metrics.decode_tps / 1e9
     cache_note = f" (+{cached} reused from cache)" if cached else ""
+    spec_note = ""
+    if metrics.draft_proposed:
+        rate = metrics.draft_accepted / metrics.draft_proposed
+        spec_note = f"; draft acceptance {100 * rate:.0f}% ({metrics.draft_accepted}/{metrics.draft_proposed})"
     print(
         f"prompt {metrics.prompt_tokens} tokens{cache_note}, generated {metrics.new_tokens}; "
         f"time to first token {metrics.ttft_s:.3f} s; prefill {metrics.prefill_tps:.1f} tok/s; "
         f"decode {metrics.decode_tps:.1f} tok/s; {gbps:.2f} GB/s; "
-        f"peak memory {peak_memory_mb(runtime.device):.0f} MB",
+        f"peak memory {peak_memory_mb(runtime.device):.0f} MB{spec_note}",
         file=sys.stderr,
     )
 
@@ -127,14 +212,14 @@ def run_generate(a: argparse.Namespace) -> None:
     if tok.bos_id is None and not opts.prompt:
         raise TorchchatError("empty prompt and the tokenizer has no BOS token: give --prompt")
     prompt = tok.encode(opts.prompt, bos=tok.bos_id is not None)
-    gen = Generator(built.runtime, tok)
+    gen = Generator(built.runtime, tok, built.speculator)
     for i in range(opts.num_samples):
         seed = None if opts.sampling.seed is None else opts.sampling.seed + i
         sampling = SamplingOptions(
             opts.sampling.temperature, opts.sampling.top_k, opts.sampling.top_p, seed
         )
         res = Result()
-        for piece in gen.stream(
+        for piece in gen.stream_reusing_prefix(
             prompt,
             max_new_tokens=opts.max_new_tokens,
             sampling=sampling,
@@ -145,7 +230,7 @@ def run_generate(a: argparse.Namespace) -> None:
             sys.stdout.flush()
         sys.stdout.write("\n")
         sys.stdout.flush()
-        report(res.metrics, built.runtime, a.quiet)
+        report(res.metrics, built.runtime, a.quiet, cached=res.metrics.cached_tokens)
 
 
 def run_chat(a: argparse.Namespace) -> None:
@@ -162,7 +247,7 @@ def run_chat(a: argparse.Namespace) -> None:
     )
     built = build_model(model_options(a), verbose=a.verbose)
     template = choose_template(opts.chat_template, built.tokenizer, built.tokenizer.chat_template)
-    session = ChatSession(built.runtime, built.tokenizer, template, opts)
+    session = ChatSession(built.runtime, built.tokenizer, template, opts, built.speculator)
     interactive = sys.stdin.isatty()
     print(f"chat template {template.name}; /bye to quit, /reset to start over", file=sys.stderr)
     while True:
@@ -198,7 +283,105 @@ def run_convert(a: argparse.Namespace) -> None:
     convert(model_options(a), a.output, verbose=a.verbose)
 
 
-VERBS = {"generate": run_generate, "chat": run_chat, "convert": run_convert}
+def run_bench(a: argparse.Namespace) -> None:
+    from torchchat.bench.run import BenchOptions, print_table, run_bench, write_json
+
+    if not (a.shape or a.model or a.checkpoint_path or a.gguf_path):
+        raise TorchchatError("bench needs a model: --shape NAME (random weights) or a checkpoint")
+    opts = BenchOptions(a.shape, a.prompt_tokens, a.new_tokens, a.repeats, threads=a.threads)
+    parts = [a.shape or str(a.model or a.checkpoint_path or a.gguf_path), a.dtype or "default"]
+    parts += [a.quantize] if a.quantize else []
+    parts += ["compile"] if a.compile else []
+    row = run_bench(model_options(a), opts, " ".join(parts)).row()
+    print_table([row])
+    if a.json:
+        write_json(a.json, [row])
+
+
+def run_export(a: argparse.Namespace) -> None:
+    from torchchat.export.run import ExportOptions, run_export
+
+    eopts = ExportOptions(a.output_aoti_package_path, a.output_pte_path, a.output_dso_path)
+    run_export(model_options(a), eopts, verbose=a.verbose)
+
+
+def run_quantize(a: argparse.Namespace) -> None:
+    if not a.quantize:
+        raise TorchchatError("quantize needs --quantize JSON|FILE|PROFILE")
+    run_convert(a)
+
+
+def run_download(a: argparse.Namespace) -> None:
+    from torchchat.hub.download import download
+    from torchchat.hub.store import model_directory
+
+    model_dir = model_directory(a.model_directory)
+    download(a.model, model_dir, token=a.hf_token, convert=not a.no_convert)
+
+
+def run_list(a: argparse.Namespace) -> None:
+    from torchchat.hub.store import format_table, list_models, model_directory
+
+    model_dir = model_directory(a.model_directory)
+    rows = list_models(model_dir)
+    if a.json:
+        print(json.dumps([r.to_json() for r in rows], indent=1))
+    else:
+        print(format_table(rows))
+        print(f"model directory: {model_dir}", file=sys.stderr)
+
+
+def run_where(a: argparse.Namespace) -> None:
+    from torchchat.hub.store import locate, model_directory
+
+    print(locate(a.model, model_directory(a.model_directory)))
+
+
+def run_remove(a: argparse.Namespace) -> None:
+    from torchchat.hub.store import format_size, model_directory, remove_model
+
+    folder, size = remove_model(a.model, model_directory(a.model_directory))
+    print(f"removed {folder} ({format_size(size)})", file=sys.stderr)
+
+
+def run_eval(a: argparse.Namespace) -> None:
+    from torchchat.builder import build_model
+    from torchchat.eval.runner import EvalOptions, evaluate, format_table, parse_tasks, prepare
+    from torchchat.eval.runner import write_json as write_eval_json
+
+    opts = EvalOptions(
+        tasks=parse_tasks(a.tasks),
+        dataset_path=a.dataset_path,
+        tasks_path=a.tasks_path,
+        limit=a.limit,
+        num_fewshot=a.num_fewshot,
+        add_bos=a.add_bos,
+        show_progress=not a.quiet,
+        verbose=a.verbose,
+    )
+    plan = prepare(opts)  # bad tasks or data fail before the model loads
+    built = build_model(model_options(a), verbose=a.verbose)
+    report = evaluate(plan, built.runtime, built.tokenizer)
+    print(format_table(report.results))
+    if a.output_json:
+        config = {**vars(opts), "max_seq_length": built.runtime.max_seq_len}
+        config["model"] = str(a.model or a.checkpoint_path or a.gguf_path)
+        write_eval_json(report, a.output_json, config)
+
+
+VERBS = {
+    "generate": run_generate,
+    "chat": run_chat,
+    "convert": run_convert,
+    "eval": run_eval,
+    "quantize": run_quantize,
+    "bench": run_bench,
+    "export": run_export,
+    "download": run_download,
+    "list": run_list,
+    "where": run_where,
+    "remove": run_remove,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

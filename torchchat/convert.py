@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from torchchat.builder import model_from_checkpoint
 from torchchat.checkpoint.native import save_native
 from torchchat.errors import TorchchatError
+from torchchat.files import atomic_dir
 from torchchat.options import ModelOptions
 from torchchat.tokenizer import tokenizer_file
 
@@ -20,25 +19,18 @@ def convert(opts: ModelOptions, output: Path, verbose: bool = False) -> Path:
     output = Path(output)
     if output.exists() and any(output.iterdir()):
         raise TorchchatError(f"output folder {output} is not empty; choose a new one")
-    model, ckpt = model_from_checkpoint(opts, verbose)
+    model, ckpt, schemes = model_from_checkpoint(opts, verbose)
     folder = ckpt.path if ckpt.path.is_dir() else ckpt.path.parent
     tok_src = tokenizer_file(opts.tokenizer_path or folder)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=output.parent, prefix=f".{output.name}."))
-    try:
-        save_native(tmp / "model.pth", model.args, model.state_dict())
+    with atomic_dir(output) as tmp:
+        quantization = [{"name": s.name, "args": s.args} for s in schemes]
+        save_native(tmp / "model.pth", model.args, model.state_dict(), quantization=quantization)
         if tok_src is not None:
             shutil.copyfile(tok_src, tmp / tok_src.name)
             # HF tokenizers keep BOS/EOS names, chat template and extra stop ids beside them.
             for name in ("tokenizer_config.json", "generation_config.json", "chat_template.jinja"):
                 if (tok_src.parent / name).is_file():
                     shutil.copyfile(tok_src.parent / name, tmp / name)
-        if output.exists():
-            output.rmdir()
-        os.replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(
         f"wrote {output / 'model.pth'}"
         + (f" and {tok_src.name}" if tok_src else " (no tokenizer found)"),

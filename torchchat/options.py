@@ -23,6 +23,14 @@ class ModelOptions:
     max_seq_length: int | None = None
     compile: bool = False
     compile_prefill: bool = False
+    model_directory: Path | None = None  # where downloaded models live (None: the default)
+    quantize: str | None = None  # JSON recipe, a file holding one, or a profile name
+    calibration_file: Path | None = None  # text for GPTQ calibration
+    draft_checkpoint_path: Path | None = None  # speculative decoding: a smaller draft model
+    draft_quantize: str | None = None  # ... or a quantized copy of this model as the draft
+    speculate_k: int = 5  # tokens the draft proposes per step
+    aoti_package_path: Path | None = None  # an exported AOT Inductor package (.pt2) ...
+    pte_path: Path | None = None  # ... or ExecuTorch program (.pte) to run instead of a checkpoint
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,8 @@ import struct
 
 import pytest
 import torch
-from conftest import STORIES_BIN, PickleBomb, random_args, random_state_dict
 from formats import write_hf, write_llama2c_bin, write_llama2c_versioned, write_meta
+from support import STORIES_BIN, PickleBomb, random_args, random_state_dict
 
 from torchchat.builder import build_transformer
 from torchchat.checkpoint import load_checkpoint

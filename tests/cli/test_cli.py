@@ -3,26 +3,17 @@
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import REPO, STORIES_BIN, STORIES_TOK, PickleBomb
 from generate.test_generator import LLAMA2C_STORIES260K
+from support import STORIES_BIN, STORIES_TOK, PickleBomb, one_line_error, run_torchchat
 
 from torchchat.tokenizer import load_tokenizer
 
 
-def run(*args: str, stdin: str | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "torchchat", *map(str, args)],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        cwd=REPO,
-    )
+def run(*args, stdin: str | None = None):
+    return run_torchchat(*args, stdin=stdin)
 
 
 def test_generate_prints_only_the_text():
@@ -68,14 +59,6 @@ def test_chat_reset_and_context_full():
     assert "context is full" in p.stderr
     assert "conversation reset" in p.stderr
     assert len(re.findall(r"prompt \d+ tokens", p.stderr)) == 2
-
-
-def one_line_error(p: subprocess.CompletedProcess) -> str:
-    assert p.returncode == 1, (p.returncode, p.stderr)
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
-    assert p.stdout == ""
-    return lines[0]
 
 
 def test_missing_path():

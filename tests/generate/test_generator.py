@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import STORIES_BIN, STORIES_TOK, random_args, random_state_dict, shared_path
+from support import STORIES_BIN, STORIES_TOK, random_args, random_state_dict, shared_path
 
 from torchchat.builder import build_model, build_transformer
 from torchchat.generate.generator import Generator, Result, _split_stop
@@ -159,3 +159,105 @@ def test_kv_cache_reuse_equals_full_prefill():
     full = first + r1.tokens + [9, 10]
     list(Generator(rt2, tok).stream(full, max_new_tokens=6, sampling=GREEDY, result=r3))
     assert r2.tokens == r3.tokens
+
+
+def test_prefix_cache_skips_shared_prompt_and_keeps_results(stories):
+    gen = Generator(stories.runtime, stories.tokenizer)
+    stories.runtime.cached = []  # forget what earlier tests left in the shared model's cache
+    tok = stories.tokenizer
+    first = tok.encode("Once upon a time there was a little dog", bos=True)
+    r1 = Result()
+    list(gen.stream_reusing_prefix(first, max_new_tokens=10, sampling=GREEDY, result=r1))
+    assert r1.metrics.cached_tokens == 0 and r1.metrics.prompt_tokens == len(first)
+    second = tok.encode("Once upon a time there was a big cat", bos=True)
+    shared = next(i for i, (a, b) in enumerate(zip(first, second, strict=False)) if a != b)
+    r2 = Result()
+    list(gen.stream_reusing_prefix(second, max_new_tokens=10, sampling=GREEDY, result=r2))
+    assert r2.metrics.cached_tokens == shared and r2.metrics.prompt_tokens == len(second) - shared
+    fresh = Result()
+    list(
+        Generator(stories.runtime, tok).stream(
+            second, max_new_tokens=10, sampling=GREEDY, result=fresh
+        )
+    )
+    assert r2.tokens == fresh.tokens
+    r3 = Result()  # the same prompt again: only its last token is fed
+    list(gen.stream_reusing_prefix(second, max_new_tokens=10, sampling=GREEDY, result=r3))
+    assert r3.metrics.prompt_tokens == 1 and r3.tokens == fresh.tokens
+
+
+def test_speculative_greedy_equals_plain_greedy(stories):
+    from torchchat.builder import build_speculator
+
+    opts = ModelOptions(
+        checkpoint_path=STORIES_BIN,
+        tokenizer_path=STORIES_TOK,
+        draft_quantize='{"linear:int4": {"groupsize": 32}}',
+        speculate_k=4,
+    )
+    spec = build_speculator(opts, stories.runtime, verbose=False)
+    plain, fast = Result(), Result()
+    prompt = stories.tokenizer.encode("Once upon a time", bos=True)
+    list(
+        Generator(stories.runtime, stories.tokenizer).stream(
+            prompt, max_new_tokens=150, sampling=GREEDY, result=plain
+        )
+    )
+    text = "".join(
+        Generator(stories.runtime, stories.tokenizer, spec).stream(
+            prompt, max_new_tokens=150, sampling=GREEDY, result=fast
+        )
+    )
+    assert fast.tokens == plain.tokens and text == plain.text
+    m = fast.metrics
+    assert m.draft_proposed > 0 and 0 < m.draft_accepted <= m.draft_proposed
+    # A continuation at start_pos (chat) keeps target and draft caches consistent.
+    more = [fast.pending, *stories.tokenizer.encode(" The end.")]
+    a, b = Result(), Result()
+    list(
+        Generator(stories.runtime, stories.tokenizer, spec).stream(
+            more, start_pos=fast.fed_until, max_new_tokens=40, sampling=GREEDY, result=a
+        )
+    )
+    full = prompt + fast.tokens + more[1:]
+    list(
+        Generator(stories.runtime, stories.tokenizer).stream(
+            full, max_new_tokens=40, sampling=GREEDY, result=b
+        )
+    )
+    assert a.tokens == b.tokens
+
+
+def test_speculative_sampling_keeps_target_distribution():
+    """With a deliberately bad draft, rejection sampling still reproduces the target's next-token
+    distribution (checked on the first generated token over many seeds)."""
+    from torchchat.generate.speculative import Speculator
+
+    args = random_args(vocab_size=8, dim=16, n_heads=2, n_kv_heads=1, hidden_dim=24, max_seq_len=16)
+    target = EagerRuntime(
+        build_transformer(args, random_state_dict(args, seed=1), torch.float32, "cpu"), 16
+    )
+    draft = EagerRuntime(
+        build_transformer(args, random_state_dict(args, seed=9), torch.float32, "cpu"), 16
+    )
+    opts = SamplingOptions(temperature=1.0, top_k=None)
+    prompt = [1, 2, 3]
+    with torch.no_grad():
+        logits = target.forward(torch.tensor([prompt + [0]]), 0)[0]
+    # Distribution of the SECOND generated token given the first is 0 is what speculation samples.
+    p = torch.softmax(logits[-1], -1)
+    with torch.no_grad():
+        q = torch.softmax(draft.forward(torch.tensor([prompt + [0]]), 0)[0, -1], -1)
+    assert (p - q).abs().max() > 0.15  # the draft alone would fail this test
+    spec = Speculator(target, draft, k=2)
+    counts = torch.zeros(8)
+    n = 1500
+    from torchchat.generate.sampling import make_generator
+
+    for seed in range(n):
+        spec.prefill(prompt, 0)
+        target.prefill(torch.tensor([prompt]), 0)
+        out = spec.step(0, 3, opts, make_generator(seed))
+        counts[out[0]] += 1
+    freq = counts / n
+    assert (freq - p).abs().max() < 0.04, (freq, p)  # ~3 sigma at n=1500; seeds are fixed

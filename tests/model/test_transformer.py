@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import random_args, random_state_dict
 from formats import native_to_hf
+from support import random_args, random_state_dict
 
 from torchchat.builder import build_transformer
 from torchchat.model.config import RopeScaling

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import tiktoken
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from torchchat.tokenizer import TiktokenTokenizer
-from torchchat.tokenizer.tiktoken import PAT_STR, SPECIAL_TOKENS, split_long_runs
+from torchchat.tokenizer.tiktoken import LLAMA31_NAMES, PAT_STR, SPECIAL_TOKENS, split_long_runs
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "models"
 SPECIAL_JSON = json.loads((SHARED / "llama3-tokenizer" / "special_tokens.json").read_text())
@@ -115,6 +115,8 @@ def test_split_long_runs_matches_meta(text, max_run):
 @settings(max_examples=100, deadline=None)
 @given(st.text(max_size=60))
 def test_encode_matches_plain_tiktoken(llama3, reference, text):
+    # Llama 3.1's names for reserved ids are specials to us, plain text to Llama 3's tiktoken.
+    assume(not any(name in text for name in LLAMA31_NAMES))
     assert llama3.encode(text) == reference.encode(text, disallowed_special=())
     with_specials = f"<|begin_of_text|>{text}<|eot_id|>"
     assert llama3.encode(with_specials, allow_special=True) == reference.encode(

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from torchchat.chat.templates import ChatTemplate, new_turn_text
 from torchchat.errors import TorchchatError
 from torchchat.generate.generator import Generator, Result
+from torchchat.generate.speculative import Speculator
 from torchchat.options import ChatOptions
 from torchchat.runtime.base import ModelRuntime
 from torchchat.tokenizer import Tokenizer
@@ -20,9 +21,14 @@ class ChatSession:
     """Owns a conversation: message history, what the KV cache holds, and the last result."""
 
     def __init__(
-        self, runtime: ModelRuntime, tokenizer: Tokenizer, template: ChatTemplate, opts: ChatOptions
+        self,
+        runtime: ModelRuntime,
+        tokenizer: Tokenizer,
+        template: ChatTemplate,
+        opts: ChatOptions,
+        speculator: Speculator | None = None,
     ):
-        self.generator = Generator(runtime, tokenizer)
+        self.generator = Generator(runtime, tokenizer, speculator)
         self.runtime, self.tokenizer, self.template, self.opts = runtime, tokenizer, template, opts
         self.reset()
 

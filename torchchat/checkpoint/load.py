@@ -21,9 +21,9 @@ class Checkpoint:
 
     state_dict: dict[str, torch.Tensor]
     args: ModelArgs | None
-    format: str  # "native", "meta", "hf", "llama2c-bin", "llama2c-pt", "state-dict"
+    format: str  # "native", "meta", "hf", "llama2c-bin", "llama2c-pt", "gguf", "state-dict"
     path: Path
-    extra: dict
+    extra: dict  # format-specific extras, e.g. "gguf": GGUFInfo (metadata with the vocabulary)
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
@@ -36,7 +36,10 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     with open(path, "rb") as f:
         head = f.read(16)
     if head[:4] == b"GGUF":
-        raise TorchchatError(f"{path} is a GGUF file: pass it with --gguf-path")
+        from torchchat.checkpoint.gguf import load_gguf  # imports the gguf package only when needed
+
+        args, sd, info = load_gguf(path)
+        return Checkpoint(sd, args, "gguf", path, {"gguf": info})
     if _is_safetensors(head, path):
         return _from_state_dict_file(path, _read_safetensors(path))
     if head[:2] == b"PK" or head[:1] == b"\x80":
@@ -46,7 +49,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         return Checkpoint(sd, args, "llama2c-bin", path, {})
     raise TorchchatError(
         f"{path}: unrecognized checkpoint format (expected a PyTorch .pth/.pt, safetensors, "
-        "llama2.c .bin, a Hugging Face folder or a Meta consolidated folder)"
+        "llama2.c .bin, GGUF, a Hugging Face folder or a Meta consolidated folder)"
     )
 
 
@@ -68,6 +71,7 @@ def _load_dir(path: Path) -> Checkpoint:
         if (path / name).is_file():
             return load_checkpoint(path / name)
     pths = sorted(path.glob("*.pth")) + sorted(path.glob("*.pt")) + sorted(path.glob("*.bin"))
+    pths += sorted(path.glob("*.gguf"))
     if len(pths) == 1:
         return load_checkpoint(pths[0])
     raise TorchchatError(

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from torchchat.files import atomic_file
 from torchchat.model.config import ModelArgs
 
 FORMAT_TAG = "torchchat"
@@ -31,11 +30,5 @@ def save_native(
         "state_dict": {k: v.contiguous() for k, v in state_dict.items()},
         **extra,
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         torch.save(payload, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

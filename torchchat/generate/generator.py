@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -10,6 +11,7 @@ import torch
 
 from torchchat.errors import TorchchatError
 from torchchat.generate.sampling import SamplingOptions, make_generator, sample
+from torchchat.generate.speculative import Speculator
 from torchchat.runtime.base import ModelRuntime
 from torchchat.tokenizer import StreamDecoder, Tokenizer
 
@@ -18,7 +20,10 @@ from torchchat.tokenizer import StreamDecoder, Tokenizer
 class Metrics:
     """What one generation cost."""
 
-    prompt_tokens: int = 0
+    prompt_tokens: int = 0  # tokens prefilled by this call
+    cached_tokens: int = 0  # prompt tokens reused from the KV cache instead
+    draft_proposed: int = 0  # speculative decoding: tokens the draft proposed ...
+    draft_accepted: int = 0  # ... and how many of them the target kept
     new_tokens: int = 0
     ttft_s: float = 0.0  # request start -> first token sampled
     prefill_s: float = 0.0
@@ -49,8 +54,22 @@ class Result:
 class Generator:
     """Generates text from a ModelRuntime and a Tokenizer; knows nothing of how the model runs."""
 
-    def __init__(self, runtime: ModelRuntime, tokenizer: Tokenizer):
-        self.runtime, self.tokenizer = runtime, tokenizer
+    def __init__(
+        self, runtime: ModelRuntime, tokenizer: Tokenizer, speculator: Speculator | None = None
+    ):
+        self.runtime, self.tokenizer, self.speculator = runtime, tokenizer, speculator
+
+    def stream_reusing_prefix(self, prompt: Sequence[int], **kwargs) -> Iterator[str]:
+        """Like stream() from position 0, but skip prefilling the longest prefix of `prompt`
+        that the KV cache already holds (always re-feeding the last prompt token for logits)."""
+        reuse = 0
+        for a, b in zip(self.runtime.cached, prompt[:-1], strict=False):
+            if a != b:
+                break
+            reuse += 1
+        result = kwargs.pop("result", None) or Result()
+        yield from self.stream(prompt[reuse:], start_pos=reuse, result=result, **kwargs)
+        result.metrics.cached_tokens = reuse
 
     def stream(
         self,
@@ -87,11 +106,19 @@ class Generator:
         m = res.metrics
         m.prompt_tokens = n_prompt
 
+        # Positions from start_pos on are about to change: forget them until we finish.
+        known = self.runtime.cached[:start_pos]
+        self.runtime.cached = []
         t0 = time.perf_counter()
         logits = self.runtime.prefill(torch.tensor([list(prompt)], dtype=torch.long), start_pos)
         pos = start_pos + n_prompt
         token = sample(logits.cpu(), sampling, rng)
         m.ttft_s = m.prefill_s = time.perf_counter() - t0
+        spec = self.speculator
+        if spec is not None:
+            spec.prefill(known + list(prompt), start_pos)
+            proposed0, accepted0 = spec.stats.proposed, spec.stats.accepted
+        queue: deque[int] = deque()  # tokens already chosen (speculation yields several at once)
         t1 = time.perf_counter()
         while True:
             if token in stops:
@@ -110,10 +137,18 @@ class Generator:
                 break
             if len(res.tokens) >= max_new:
                 break
-            logits = self.runtime.decode(torch.tensor([[token]], dtype=torch.long), pos)
+            if not queue:
+                if spec is not None:  # all but the last of these are fed to the model already
+                    queue.extend(spec.step(token, pos, sampling, rng))
+                else:
+                    logits = self.runtime.decode(torch.tensor([[token]], dtype=torch.long), pos)
+                    queue.append(sample(logits.cpu(), sampling, rng))
+            token = queue.popleft()
             pos += 1
-            token = sample(logits.cpu(), sampling, rng)
         m.decode_s = time.perf_counter() - t1
+        if spec is not None:
+            m.draft_proposed = spec.stats.proposed - proposed0
+            m.draft_accepted = spec.stats.accepted - accepted0
         if held is not None:
             held += decoder.flush()
             out, _, _ = _split_stop(held, stop_strings, final=True)
@@ -121,6 +156,8 @@ class Generator:
                 res.text += out
                 yield out
         res.fed_until, res.pending = pos, token
+        if len(known) == start_pos:  # else what precedes start_pos is not ours to vouch for
+            self.runtime.cached = (known + list(prompt) + res.tokens)[:pos]
 
 
 def _split_stop(text: str, stops: Sequence[str], final: bool = False) -> tuple[str, str, bool]:

@@ -36,10 +36,9 @@ def make_generator(seed: int | None, device: str = "cpu") -> torch.Generator:
     return g
 
 
-def sample(logits: Tensor, opts: SamplingOptions, rng: torch.Generator) -> int:
-    """Pick one token id from fp32 logits (vocab,)."""
-    if opts.temperature == 0:
-        return int(torch.argmax(logits))
+def probabilities(logits: Tensor, opts: SamplingOptions) -> Tensor:
+    """The distribution sampling draws from (temperature, then top-k, then top-p); temperature
+    must be > 0."""
     logits = logits.float() / opts.temperature
     if opts.top_k is not None and opts.top_k < logits.numel():
         kth = torch.topk(logits, opts.top_k).values[-1]
@@ -47,7 +46,14 @@ def sample(logits: Tensor, opts: SamplingOptions, rng: torch.Generator) -> int:
     probs = torch.softmax(logits, dim=-1)
     if opts.top_p is not None and opts.top_p < 1:
         probs = _top_p_filter(probs, opts.top_p)
-    return int(torch.multinomial(probs, 1, generator=rng))
+    return probs
+
+
+def sample(logits: Tensor, opts: SamplingOptions, rng: torch.Generator) -> int:
+    """Pick one token id from fp32 logits (vocab,)."""
+    if opts.temperature == 0:
+        return int(torch.argmax(logits))
+    return int(torch.multinomial(probabilities(logits, opts), 1, generator=rng))
 
 
 def _top_p_filter(probs: Tensor, p: float) -> Tensor:

@@ -21,6 +21,10 @@ class ModelRuntime(ABC):
     weight_bytes: int  # bytes of weights read per decoded token (for GB/s)
     device: str
 
+    def __init__(self) -> None:
+        # Token ids held at KV positions 0, 1, ... (kept by the generator, for prefix reuse).
+        self.cached: list[int] = []
+
     @abstractmethod
     def forward(self, tokens: Tensor, start_pos: int) -> Tensor:
         """tokens (1, S) at positions start_pos.. -> fp32 logits (1, S, vocab)."""

@@ -20,15 +20,12 @@ class EagerRuntime(ModelRuntime):
         compile: bool = False,
         compile_prefill: bool = False,
     ):
+        super().__init__()
         self.model = model.eval()
         self.args = model.args
         self.max_seq_len = max_seq_len
         self.device = str(model.norm.weight.device)
-        self.weight_bytes = sum(
-            t.numel() * t.element_size()
-            for name, t in {**dict(model.named_parameters()), **dict(model.named_buffers())}.items()
-            if "kv_cache" not in name and name not in ("freqs", "causal_mask")
-        )
+        self.weight_bytes = weight_bytes_per_token(model)
         model.setup_caches(1, max_seq_len)
         self._decode_fn = self._forward_last
         self._prefill_fn = self._forward_last
@@ -55,3 +52,21 @@ class EagerRuntime(ModelRuntime):
     @torch.inference_mode()
     def decode(self, token: Tensor, pos: int) -> Tensor:
         return self._decode_fn(token.to(self.device), self._positions(pos, 1))
+
+
+def weight_bytes_per_token(model: Transformer) -> int:
+    """Bytes of weights one decode step reads: every parameter and weight buffer except the
+    embedding table (only one row of it is read), unless the table doubles as the output."""
+    emb = model.tok_embeddings
+    skip = (
+        set()
+        if model.output.weight is emb.weight
+        else {id(t) for t in (*emb.parameters(), *emb.buffers())}
+    )
+    skip |= {
+        id(t)
+        for name, t in model.named_buffers()
+        if "kv_cache" in name or name in ("freqs", "causal_mask")
+    }
+    seen = {id(t): t for t in (*model.parameters(), *model.buffers()) if id(t) not in skip}
+    return sum(t.numel() * t.element_size() for t in seen.values())

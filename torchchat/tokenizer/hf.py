@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -35,33 +35,73 @@ class HFTokenizer(Tokenizer):
                 f"cannot read tokenizer {self.path}: JSON without a 'model' key is not a tokenizer.json"
             )
         try:
-            self._tok = HFLibTokenizer.from_str(text)
+            tok = HFLibTokenizer.from_str(text)
         except Exception as e:  # the Rust side raises plain Exception
             raise TorchchatError(f"cannot read tokenizer {self.path}: {one_line(e)}") from e
+        added = {t.content: i for i, t in tok.get_added_tokens_decoder().items()}
+        config = _read_optional_json(self.path.parent / "tokenizer_config.json")
+        # Llama 3.x instruct lists extra stop tokens (e.g. <|eom_id|>) only in generation_config.
+        generation = _read_optional_json(self.path.parent / "generation_config.json")
+        extra = generation.get("eos_token_id")
+        extra = extra if isinstance(extra, list) else [extra]
+        self._setup(
+            tok,
+            spec.get("decoder"),
+            bos_token=_config_token(config, "bos_token", BOS_NAMES, added),
+            eos_token=_config_token(config, "eos_token", EOS_NAMES, added),
+            chat_template=_chat_template(config, self.path.parent),
+            extra_stop_ids=[i for i in extra if isinstance(i, int)],
+        )
+
+    @classmethod
+    def from_library(
+        cls,
+        tok: HFLibTokenizer,
+        source: str,
+        *,
+        bos_id: int | None,
+        eos_id: int | None,
+        chat_template: str | None = None,
+        extra_stop_ids: Iterable[int] = (),
+    ) -> HFTokenizer:
+        """Wrap a `tokenizers.Tokenizer` built in memory (e.g. from GGUF metadata)."""
+        self = cls.__new__(cls)
+        self.path = Path(source)
+        decoder = json.loads(tok.decoder.__getstate__()) if tok.decoder is not None else None
+        self._setup(
+            tok,
+            decoder,
+            bos_token=tok.id_to_token(bos_id) if bos_id is not None else None,
+            eos_token=tok.id_to_token(eos_id) if eos_id is not None else None,
+            chat_template=chat_template,
+            extra_stop_ids=extra_stop_ids,
+        )
+        return self
+
+    def _setup(
+        self,
+        tok: HFLibTokenizer,
+        decoder: dict[str, Any] | None,
+        *,
+        bos_token: str | None,
+        eos_token: str | None,
+        chat_template: str | None,
+        extra_stop_ids: Iterable[int],
+    ) -> None:
+        self._tok = tok
         # encode_special_tokens is state on the shared library object; the server encodes in threads.
         self._encode_lock = threading.Lock()
-        tok = self._tok
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
         added = tok.get_added_tokens_decoder()
         self._added = {t.content: i for i, t in added.items()}
         # Special added tokens vanish on decode, as in tokenizers' skip_special_tokens=True.
         self._skipped = frozenset(i for i, t in added.items() if t.special)
-        self._style, self.strips_leading_space = _decoder_style(spec.get("decoder"))
-
-        config = _read_optional_json(self.path.parent / "tokenizer_config.json")
-        self.bos_token = _config_token(config, "bos_token", BOS_NAMES, self._added)
-        self.eos_token = _config_token(config, "eos_token", EOS_NAMES, self._added)
-        self.bos_id = tok.token_to_id(self.bos_token) if self.bos_token else None
-        self.eos_id = tok.token_to_id(self.eos_token) if self.eos_token else None
-        self.chat_template = _chat_template(config, self.path.parent)
-
-        stops = set(stop_ids_for(self.eos_id, self._added))
-        # Llama 3.x instruct lists its extra stop tokens (e.g. <|eom_id|>) only here.
-        generation = _read_optional_json(self.path.parent / "generation_config.json")
-        extra = generation.get("eos_token_id")
-        extra = extra if isinstance(extra, list) else [extra]
-        stops.update(i for i in extra if isinstance(i, int))
-        self.stop_ids = frozenset(stops)
+        self._style, self.strips_leading_space = _decoder_style(decoder)
+        self.bos_token, self.eos_token = bos_token, eos_token
+        self.bos_id = tok.token_to_id(bos_token) if bos_token else None
+        self.eos_id = tok.token_to_id(eos_token) if eos_token else None
+        self.chat_template = chat_template
+        self.stop_ids = stop_ids_for(self.eos_id, self._added) | frozenset(extra_stop_ids)
 
     def encode(
         self, text: str, *, bos: bool = False, eos: bool = False, allow_special: bool = False

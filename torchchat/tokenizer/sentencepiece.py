@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 import sentencepiece as spm
@@ -29,22 +30,53 @@ class SentencePieceTokenizer(Tokenizer):
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         try:
-            self._sp = spm.SentencePieceProcessor(model_file=str(self.path))
+            sp = spm.SentencePieceProcessor(model_file=str(self.path))
         except (OSError, RuntimeError, ValueError) as e:
             raise TorchchatError(f"cannot read tokenizer {self.path}: {one_line(e)}") from e
-        sp = self._sp
+        self._setup(sp, sp.bos_id(), sp.eos_id())
+
+    @classmethod
+    def from_model_proto(
+        cls,
+        proto: bytes,
+        source: str,
+        *,
+        bos_id: int | None,
+        eos_id: int | None,
+        extra_stop_ids: Iterable[int] = (),
+        strips_leading_space: bool = True,
+    ) -> SentencePieceTokenizer:
+        """A tokenizer from a serialized ModelProto built in memory (e.g. from GGUF metadata)."""
+        self = cls.__new__(cls)
+        self.path = Path(source)
+        try:
+            sp = spm.SentencePieceProcessor(model_proto=proto)
+        except (OSError, RuntimeError, ValueError) as e:
+            raise TorchchatError(f"cannot build tokenizer from {source}: {one_line(e)}") from e
+        self._setup(sp, bos_id, eos_id, extra_stop_ids, strips_leading_space)
+        return self
+
+    def _setup(
+        self,
+        sp: spm.SentencePieceProcessor,
+        bos_id: int | None,
+        eos_id: int | None,
+        extra_stop_ids: Iterable[int] = (),
+        strips_leading_space: bool = True,
+    ) -> None:
+        self._sp = sp
         self.vocab_size = sp.get_piece_size()
         if self.vocab_size == 0:
             raise TorchchatError(f"cannot read tokenizer {self.path}: empty sentencepiece model")
-        self.bos_id = sp.bos_id() if sp.bos_id() >= 0 else None
-        self.eos_id = sp.eos_id() if sp.eos_id() >= 0 else None
+        self.bos_id = bos_id if bos_id is not None and bos_id >= 0 else None
+        self.eos_id = eos_id if eos_id is not None and eos_id >= 0 else None
         self.bos_token = sp.id_to_piece(self.bos_id) if self.bos_id is not None else None
         self.eos_token = sp.id_to_piece(self.eos_id) if self.eos_id is not None else None
         # Control pieces (<s>, </s>, ...) are the only ones sentencepiece never produces from text.
         self._specials = {sp.id_to_piece(i): i for i in range(self.vocab_size) if sp.is_control(i)}
         self._specials_re = specials_pattern(self._specials)
-        self.stop_ids = stop_ids_for(self.eos_id, self._specials)
-        self.strips_leading_space = True
+        self.stop_ids = stop_ids_for(self.eos_id, self._specials) | frozenset(extra_stop_ids)
+        self.strips_leading_space = strips_leading_space
         self._bytes = [self._piece_bytes(i) for i in range(self.vocab_size)]
 
     def _piece_bytes(self, i: int) -> bytes:

@@ -1,0 +1,1 @@
+"""Benchmarks: decode/prefill speed, time to first token, bandwidth, memory."""

@@ -1,0 +1,1 @@
+"""Evaluation: WikiText perplexity as lm-evaluation-harness defines it, and any lm-eval task."""

@@ -1,0 +1,1 @@
+"""Export: the same Transformer through torch.export to AOT Inductor packages and ExecuTorch programs."""

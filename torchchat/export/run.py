@@ -1,0 +1,73 @@
+"""`torchchat export`: build (and quantize) the model, then write the requested artifacts."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from torchchat.builder import DEFAULT_MAX_SEQ_LEN, find_tokenizer, model_from_checkpoint
+from torchchat.errors import TorchchatError
+from torchchat.export.program import artifact_metadata
+from torchchat.options import ModelOptions
+from torchchat.runtime.eager import weight_bytes_per_token
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    aoti_package_path: Path | None = None
+    pte_path: Path | None = None
+    dso_path: Path | None = None
+
+
+def _stage(msg: str) -> float:
+    print(msg, file=sys.stderr, flush=True)
+    return time.perf_counter()
+
+
+def run_export(mopts: ModelOptions, eopts: ExportOptions, verbose: bool = False) -> None:
+    """Export to every requested artifact kind."""
+    if eopts.dso_path is not None:
+        raise TorchchatError(
+            "--output-dso-path: torch 2.13 no longer builds bare .so models; "
+            "use --output-aoti-package-path x.pt2 (the C++ runner loads it too)"
+        )
+    if eopts.aoti_package_path is None and eopts.pte_path is None:
+        raise TorchchatError("export needs --output-aoti-package-path or --output-pte-path")
+    for out in (eopts.aoti_package_path, eopts.pte_path):
+        if out is not None and not Path(out).parent.is_dir():
+            raise TorchchatError(f"output folder {Path(out).parent} does not exist")
+    if mopts.device != "cpu" and eopts.pte_path is not None:
+        raise TorchchatError(
+            "ExecuTorch programs are exported for the CPU (XNNPACK): use --device cpu"
+        )
+    t = _stage("loading the model")
+    model, ckpt, schemes = model_from_checkpoint(mopts, verbose)
+    if eopts.pte_path is not None and schemes:
+        raise TorchchatError(
+            "quantized .pte export is not supported yet: export fp32/bf16 to .pte, "
+            "or export the quantized model with --output-aoti-package-path"
+        )
+    tokenizer = find_tokenizer(mopts, ckpt)
+    max_seq = mopts.max_seq_length or min(model.args.max_seq_len, DEFAULT_MAX_SEQ_LEN)
+    if not 2 <= max_seq <= model.args.max_seq_len:
+        raise TorchchatError(f"--max-seq-length {max_seq} is outside 2..{model.args.max_seq_len}")
+    meta = artifact_metadata(model, max_seq, tokenizer.kind, weight_bytes_per_token(model))
+    print(f"  {time.perf_counter() - t:.1f} s", file=sys.stderr)
+    if eopts.aoti_package_path is not None:
+        from torchchat.export.aoti import export_aoti
+
+        t = _stage(
+            f"exporting and compiling with AOT Inductor (max_seq_len {max_seq}); this takes minutes"
+        )
+        export_aoti(model, max_seq, eopts.aoti_package_path, meta)
+        print(
+            f"  wrote {eopts.aoti_package_path} in {time.perf_counter() - t:.1f} s", file=sys.stderr
+        )
+    if eopts.pte_path is not None:
+        from torchchat.export.executorch import export_pte
+
+        t = _stage(f"exporting and lowering to ExecuTorch/XNNPACK (max_seq_len {max_seq})")
+        export_pte(model, max_seq, eopts.pte_path, meta)
+        print(f"  wrote {eopts.pte_path} in {time.perf_counter() - t:.1f} s", file=sys.stderr)

@@ -1,0 +1,200 @@
+"""Quantized replacements for nn.Linear, each running a real low-bit kernel.
+
+Weights live in plain buffers (no tensor subclasses) so quantized checkpoints load with
+torch.load(weights_only=True) and modules export with torch.export.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from torchchat.quant.primitives import (
+    dequantize_groups,
+    pad_to,
+    quantize_activations_per_token,
+    quantize_int4_asymmetric,
+    quantize_symmetric,
+)
+
+
+def kernel_dtype(x: Tensor) -> torch.dtype:
+    """Low-bit kernels run on 16-bit activations; fp32 models feed them bf16 (fp32 paths are slow)."""
+    return x.dtype if x.dtype in (torch.bfloat16, torch.float16) else torch.bfloat16
+
+
+class Int8Linear(nn.Module):
+    """int8 weights, per-channel (groupsize 0: `_weight_int8pack_mm`) or per-group scales."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        groupsize: int = 0,
+        bias: bool = False,
+        device=None,
+    ):
+        super().__init__()
+        self.in_features, self.out_features, self.groupsize = in_features, out_features, groupsize
+        # The per-channel kernel reads columns 16 at a time (other widths crash or read garbage).
+        cols = in_features + (-in_features) % (groupsize or 16)
+        scale_shape = (out_features, cols // groupsize) if groupsize else (out_features,)
+        self.register_buffer(
+            "weight", torch.zeros(out_features, cols, dtype=torch.int8, device=device)
+        )
+        self.register_buffer("scales", torch.ones(scale_shape, dtype=torch.bfloat16, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, groupsize: int) -> Int8Linear:
+        w = linear.weight.detach()
+        m = cls(w.shape[1], w.shape[0], groupsize, linear.bias is not None, device=w.device)
+        q, s = quantize_symmetric(pad_to(w, groupsize or 16), 8, groupsize)
+        m.weight.copy_(q)
+        m.scales = s.to(torch.bfloat16)
+        if linear.bias is not None:
+            m.bias = nn.Parameter(linear.bias.detach().clone())
+        return m
+
+    def dequantize(self) -> Tensor:
+        """The float weight (out, in) this module multiplies by."""
+        scales = self.scales.float() if self.groupsize else self.scales.float()[:, None]
+        return dequantize_groups(self.weight, scales)[:, : self.in_features]
+
+    def forward(self, x: Tensor) -> Tensor:
+        dt = kernel_dtype(x)
+        if self.groupsize == 0:
+            x2 = F.pad(
+                x.to(dt).reshape(-1, x.shape[-1]), (0, self.weight.shape[1] - self.in_features)
+            )
+            y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.scales.to(dt))
+            y = y.reshape(*x.shape[:-1], -1)
+        else:  # no fused groupwise int8 kernel: dequantize (torch.compile fuses this into the matmul)
+            w = dequantize_groups(self.weight, self.scales).to(dt)[:, : self.in_features]
+            y = F.linear(x.to(dt), w)
+        y = y.to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+
+class Int4Linear(nn.Module):
+    """int4 groupwise weights in the device's packed layout (`_weight_int4pack_mm*`).
+
+    symmetric=False: asymmetric codes with a float zero per group (linear:int4, GPTQ).
+    symmetric=True with dynamic int8 activations: 8da4w (zeros fixed at 0).
+    The kernel needs output rows in multiples of 16 and input columns in multiples of the group
+    size, so both are zero-padded and the padding sliced off.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        groupsize: int,
+        bias: bool = False,
+        dynamic_activations: bool = False,
+        device=None,
+    ):
+        super().__init__()
+        self.in_features, self.out_features, self.groupsize = in_features, out_features, groupsize
+        self.dynamic_activations = dynamic_activations
+        self.k = in_features + (-in_features) % groupsize
+        self.n = out_features + (-out_features) % 16
+        # Saved checkpoints (and meta-device skeletons) use the CPU kernel's layout.
+        gpu = device is not None and torch.device(device).type in ("cuda", "mps")
+        packed_shape = _gpu_packed_shape(self.n, self.k) if gpu else (self.n, self.k // 2)
+        packed_dtype = torch.int32 if gpu else torch.uint8
+        self.register_buffer("weight", torch.zeros(packed_shape, dtype=packed_dtype, device=device))
+        self.register_buffer(
+            "scales_and_zeros",
+            torch.zeros(self.k // groupsize, self.n, 2, dtype=torch.bfloat16, device=device),
+        )
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
+
+    @classmethod
+    def from_codes(
+        cls,
+        codes: Tensor,
+        scales: Tensor,
+        zeros: Tensor,
+        in_features: int,
+        groupsize: int,
+        bias: Tensor | None = None,
+        dynamic_activations: bool = False,
+    ) -> Int4Linear:
+        """From unsigned codes (out, k) in [0, 15], scales and zeros (out, k // groupsize)."""
+        out_features = codes.shape[0]
+        m = cls(
+            in_features,
+            out_features,
+            groupsize,
+            bias is not None,
+            dynamic_activations,
+            codes.device,
+        )
+        codes = F.pad(codes.to(torch.int32), (0, 0, 0, m.n - out_features))
+        m.weight = pack_for_device(codes)
+        sz = torch.stack([scales, zeros], dim=-1).float()  # (out, groups, 2)
+        sz = F.pad(sz, (0, 0, 0, 0, 0, m.n - out_features))
+        m.scales_and_zeros = sz.transpose(0, 1).contiguous().to(torch.bfloat16)
+        if bias is not None:
+            m.bias = nn.Parameter(bias.detach().clone())
+        return m
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, groupsize: int) -> Int4Linear:
+        w = pad_to(linear.weight.detach(), groupsize)
+        codes, scales, zeros = quantize_int4_asymmetric(w, groupsize)
+        return cls.from_codes(codes, scales, zeros, linear.in_features, groupsize, linear.bias)
+
+    @classmethod
+    def from_float_8da4w(cls, linear: nn.Linear, groupsize: int) -> Int4Linear:
+        w = pad_to(linear.weight.detach(), groupsize)
+        q, scales = quantize_symmetric(w, 4, groupsize)
+        codes = (q.to(torch.int16) + 8).to(torch.uint8)
+        return cls.from_codes(
+            codes,
+            scales,
+            torch.zeros_like(scales),
+            linear.in_features,
+            groupsize,
+            linear.bias,
+            True,
+        )
+
+    def dequantize(self) -> Tensor:
+        """The float weight (out, in), read back through the kernel itself (fp32 identity input)."""
+        eye = torch.eye(self.k, device=self.weight.device)
+        sz = self.scales_and_zeros.float()
+        if self.weight.device.type == "cpu":
+            wt = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.weight, self.groupsize, sz)
+        else:
+            wt = torch.ops.aten._weight_int4pack_mm(eye, self.weight, self.groupsize, sz)
+        return wt.T[: self.out_features, : self.in_features]
+
+    def forward(self, x: Tensor) -> Tensor:
+        dt = kernel_dtype(x)
+        x2 = x.reshape(-1, x.shape[-1])
+        if self.dynamic_activations:
+            x2 = quantize_activations_per_token(x2)
+        x2 = F.pad(x2.to(dt), (0, self.k - self.in_features))
+        sz = self.scales_and_zeros.to(dt)
+        if self.weight.device.type == "cpu":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, self.groupsize, sz)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm(x2, self.weight, self.groupsize, sz)
+        y = y[:, : self.out_features].reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+
+def pack_for_device(codes: Tensor) -> Tensor:
+    """int32 codes (n, k) in [0, 15] -> the packed layout the device's int4 matmul reads."""
+    if codes.device.type == "cpu":
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    nibbles = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)  # cuda/mps take uint8 pairs
+    return torch.ops.aten._convert_weight_to_int4pack(nibbles, 8)
+
+
+def _gpu_packed_shape(n: int, k: int) -> tuple[int, ...]:
+    inner_k_tiles = 8
+    return (n // 8, k // (inner_k_tiles * 16), 32, inner_k_tiles // 2)

@@ -1,0 +1,77 @@
+"""Round-to-nearest quantizers: float weights -> integer codes + scales (+ zeros). Pure functions."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+EPS = torch.finfo(torch.float32).eps
+
+
+def pad_to(w: Tensor, multiple: int, dim: int = -1) -> Tensor:
+    """Zero-pad `dim` of w up to a multiple (no copy when already aligned)."""
+    size = w.shape[dim]
+    extra = (-size) % multiple
+    if extra == 0:
+        return w
+    pad = [0, 0] * (w.dim() - 1 - (dim % w.dim())) + [0, extra]
+    return F.pad(w, pad)
+
+
+def quantize_symmetric(w: Tensor, bits: int, groupsize: int) -> tuple[Tensor, Tensor]:
+    """Signed codes in [-2^(b-1), 2^(b-1)-1] and per-row (groupsize 0) or per-group scales.
+
+    Returns int8 codes shaped like w and fp32 scales (rows,) or (rows, cols // groupsize).
+    Columns must already be a multiple of groupsize.
+    """
+    qmax = 2 ** (bits - 1) - 1
+    wf = w.float()
+    groups = wf.reshape(wf.shape[0], -1, groupsize) if groupsize else wf.unsqueeze(1)
+    scales = (groups.abs().amax(dim=-1) / qmax).clamp(min=EPS)
+    q = torch.clamp(torch.round(groups / scales.unsqueeze(-1)), -qmax - 1, qmax).to(torch.int8)
+    return q.reshape(w.shape), scales if groupsize else scales.squeeze(1)
+
+
+def quantize_int4_asymmetric(w: Tensor, groupsize: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Unsigned 4-bit codes with per-group scale and float zero: w ~ (q - 8) * scale + zero."""
+    groups = w.float().reshape(w.shape[0], -1, groupsize)
+    lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
+    scales = ((hi - lo) / 15).clamp(min=EPS)
+    q = torch.clamp(torch.round((groups - lo.unsqueeze(-1)) / scales.unsqueeze(-1)), 0, 15)
+    zeros = lo + scales * 8
+    return q.to(torch.uint8).reshape(w.shape), scales, zeros
+
+
+def dequantize_groups(
+    q: Tensor, scales: Tensor, zeros: Tensor | None = None, offset: int = 0
+) -> Tensor:
+    """(q - offset) * scale (+ zero) with per-row or per-group scales, in fp32."""
+    rows, cols = q.shape
+    s = scales.float().reshape(rows, -1, 1)
+    out = (q.float().reshape(rows, s.shape[1], -1) - offset) * s
+    if zeros is not None:
+        out = out + zeros.float().reshape(rows, -1, 1)
+    return out.reshape(rows, cols)
+
+
+def pack_int4(q: Tensor) -> Tensor:
+    """Two unsigned 4-bit codes per byte, the even column in the high nibble (ExecuTorch order)."""
+    q = q.to(torch.uint8)
+    return (q[:, ::2] << 4) | q[:, 1::2]
+
+
+def unpack_int4(packed: Tensor) -> Tensor:
+    """Inverse of pack_int4."""
+    return torch.stack([packed >> 4, packed & 0x0F], dim=-1).reshape(packed.shape[0], -1)
+
+
+def quantize_activations_per_token(x: Tensor) -> Tensor:
+    """Fake-quantize activations to int8 per token, asymmetric (what 8da4w runs on device)."""
+    xf = x.float()
+    lo = xf.amin(dim=-1, keepdim=True).clamp(max=0)
+    hi = xf.amax(dim=-1, keepdim=True).clamp(min=0)
+    scale = ((hi - lo) / 255).clamp(min=EPS)
+    zero = torch.clamp(-128 - torch.round(lo / scale), -128, 127)
+    q = torch.clamp(torch.round(xf / scale) + zero, -128, 127)
+    return ((q - zero) * scale).to(x.dtype)
