@@ -15,7 +15,7 @@ from torchchat.generate.speculative import Speculator
 from torchchat.model.config import ModelArgs, known_model_args, known_model_names
 from torchchat.model.transformer import Transformer
 from torchchat.options import ModelOptions
-from torchchat.quant.apply import apply_schemes, quantize, structural
+from torchchat.quant.apply import adopt_gguf_codes, apply_schemes, quantize, structural
 from torchchat.quant.config import Scheme, load_quantize_spec
 from torchchat.runtime.base import ModelRuntime
 from torchchat.runtime.eager import EagerRuntime
@@ -180,6 +180,8 @@ def model_from_checkpoint(
     first = next(iter(ckpt.state_dict.values()))
     float_dtype = first.dtype if first.dtype in DTYPES.values() else torch.float32
     dtype = resolve_dtype(dtype_name, device, float_dtype)
+    if opts.gguf_packed:
+        return _packed_gguf_model(args, ckpt, schemes, dtype, device, verbose), ckpt, []
     if not structural(schemes):
         return build_transformer(args, ckpt.state_dict, dtype, device, saved), ckpt, saved
     # Quantize from the checkpoint's own precision, then move to the run dtype.
@@ -211,6 +213,24 @@ def _model_path(model: str | None, model_directory: Path | None = None) -> Path:
     if path.exists():
         return path
     return store.find_downloaded(model, store.model_directory(model_directory))
+
+
+def _packed_gguf_model(args, ckpt, schemes, dtype, device, verbose) -> Transformer:
+    """--gguf-packed: Q4_0/Q8_0 linears keep the file's codes and run on the int4/int8 kernels."""
+    from torchchat.checkpoint.gguf import read_packed_linears
+
+    if ckpt.format != "gguf":
+        raise TorchchatError("--gguf-packed applies to GGUF files only")
+    if structural(schemes):
+        raise TorchchatError(
+            "--gguf-packed already quantizes: drop --quantize (or drop --gguf-packed)"
+        )
+    if device != "cpu":
+        raise TorchchatError("--gguf-packed runs on the CPU kernels: use --device cpu")
+    model = build_transformer(args, ckpt.state_dict, torch.float32, device)
+    n = adopt_gguf_codes(model, read_packed_linears(ckpt.path))
+    log(f"--gguf-packed: {n} Q4_0/Q8_0 linears run packed; other tensors dequantized", verbose)
+    return model.to(dtype=dtype)
 
 
 def find_tokenizer(opts: ModelOptions, ckpt: Checkpoint) -> Tokenizer:

@@ -20,6 +20,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         "model", nargs="?", help="checkpoint path (file or folder), alias or downloaded model name"
     )
     p.add_argument("--checkpoint-path", type=Path)
+    p.add_argument(
+        "--gguf-packed",
+        action="store_true",
+        help="keep Q4_0/Q8_0 GGUF linears packed (int4/int8 kernels) instead of dequantizing",
+    )
     p.add_argument("--aoti-package-path", type=Path, help="run an exported AOT Inductor package")
     p.add_argument("--pte-path", type=Path, help="run an exported ExecuTorch program")
     p.add_argument("--gguf-path", type=Path)
@@ -135,7 +140,54 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("remove", help="delete a downloaded model")
     r.add_argument("model", help="alias or model name")
     _add_model_dir_arg(r)
+    t = sub.add_parser(
+        "tokenizer-export", help="write a tokenizer as the C++ runners' file (aoti_run/et_run -z)"
+    )
+    t.add_argument("tokenizer", type=Path, help="a tokenizer file or folder torchchat loads")
+    t.add_argument("--output", type=Path, required=True, help="the runner tokenizer file to write")
+
+    for verb, help_text in (
+        ("server", "serve the model over an OpenAI-compatible HTTP API (and a chat page at /)"),
+        ("browser", "serve the model and open its chat page in the web browser"),
+    ):
+        srv = sub.add_parser(verb, help=help_text)
+        _add_model_args(srv)
+        _add_server_args(srv)
     return parser
+
+
+def _add_server_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--api-key", help="require `Authorization: Bearer KEY` (default: $TORCHCHAT_API_KEY)"
+    )
+    p.add_argument(
+        "--cors-origins", help="comma list of browser origins allowed (default: localhost; * = any)"
+    )
+    p.add_argument(
+        "--allowed-hosts", help="comma list of extra Host header names accepted (* = any)"
+    )
+    p.add_argument(
+        "--model-id", help="the model name the API reports (default: from the checkpoint)"
+    )
+    p.add_argument(
+        "--chat-template", help="llama2, llama3, chatml or hf (default: from the tokenizer)"
+    )
+    p.add_argument(
+        "--max-queue", type=int, default=16, help="requests waiting before 503 (default 16)"
+    )
+    p.add_argument(
+        "--max-tokens-limit", type=int, default=4096, help="most tokens a completion may ask for"
+    )
+    p.add_argument("--max-n", type=int, default=8, help="most choices per request (n)")
+    p.add_argument(
+        "--max-prompt-chars", type=int, help="prompt characters accepted (default: 32 x context)"
+    )
+    p.add_argument(
+        "--max-body-bytes", type=int, default=2 * 1024 * 1024, help="larger bodies get 413"
+    )
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
 
 
 def model_options(a: argparse.Namespace) -> ModelOptions:
@@ -143,6 +195,7 @@ def model_options(a: argparse.Namespace) -> ModelOptions:
         model=a.model,
         checkpoint_path=a.checkpoint_path,
         gguf_path=a.gguf_path,
+        gguf_packed=a.gguf_packed,
         params_path=a.params_path,
         params_table=a.params_table,
         tokenizer_path=a.tokenizer_path,
@@ -286,10 +339,13 @@ def run_convert(a: argparse.Namespace) -> None:
 def run_bench(a: argparse.Namespace) -> None:
     from torchchat.bench.run import BenchOptions, print_table, run_bench, write_json
 
-    if not (a.shape or a.model or a.checkpoint_path or a.gguf_path):
+    if not (
+        a.shape or a.model or a.checkpoint_path or a.gguf_path or a.aoti_package_path or a.pte_path
+    ):
         raise TorchchatError("bench needs a model: --shape NAME (random weights) or a checkpoint")
     opts = BenchOptions(a.shape, a.prompt_tokens, a.new_tokens, a.repeats, threads=a.threads)
-    parts = [a.shape or str(a.model or a.checkpoint_path or a.gguf_path), a.dtype or "default"]
+    source = a.model or a.checkpoint_path or a.gguf_path or a.aoti_package_path or a.pte_path
+    parts = [a.shape or str(source), a.dtype or "default"]
     parts += [a.quantize] if a.quantize else []
     parts += ["compile"] if a.compile else []
     row = run_bench(model_options(a), opts, " ".join(parts)).row()
@@ -369,6 +425,69 @@ def run_eval(a: argparse.Namespace) -> None:
         write_eval_json(report, a.output_json, config)
 
 
+def run_server(a: argparse.Namespace, open_browser: bool = False) -> None:
+    import os
+
+    from torchchat.server.config import ServerOptions, model_id_for
+    from torchchat.server.run import API_KEY_ENV, serve
+
+    def comma_list(value: str | None) -> tuple[str, ...]:
+        return tuple(v.strip() for v in (value or "").split(",") if v.strip())
+
+    source = a.model or a.checkpoint_path or a.gguf_path or a.aoti_package_path or a.pte_path
+    opts = ServerOptions(
+        host=a.host,
+        port=a.port,
+        api_key=a.api_key or os.environ.get(API_KEY_ENV) or None,
+        cors_origins=comma_list(a.cors_origins),
+        allowed_hosts=comma_list(a.allowed_hosts),
+        model_id=a.model_id or model_id_for(str(source or "torchchat")),
+        chat_template=a.chat_template,
+        max_queue=a.max_queue,
+        max_tokens_limit=a.max_tokens_limit,
+        max_n=a.max_n,
+        max_prompt_chars=a.max_prompt_chars,
+        max_body_bytes=a.max_body_bytes,
+        threads=a.threads,
+    )
+    serve(model_options(a), opts, verbose=a.verbose, open_browser=open_browser)
+
+
+def run_tokenizer_export(a: argparse.Namespace) -> None:
+    from torchchat.files import atomic_file
+    from torchchat.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(a.tokenizer)
+    data = runner_tokenizer_bytes(tok)
+    with atomic_file(a.output) as tmp:
+        tmp.write_bytes(data)
+    print(f"wrote {a.output} ({tok.kind}, {tok.vocab_size} tokens)", file=sys.stderr)
+
+
+def runner_tokenizer_bytes(tok) -> bytes:
+    """The file runner/ reads: llama2.c's tokenizer.bin for sentencepiece (byte-identical to
+    llama2.c's tokenizer.py output), the `<base64> <rank>` file for tiktoken."""
+    import base64
+    import struct
+
+    if tok.kind == "sentencepiece":
+        sp = tok._sp  # scores are only on the sentencepiece processor
+        pieces = []
+        for i in range(tok.vocab_size):
+            text = {tok.bos_id: "\n<s>\n", tok.eos_id: "\n</s>\n"}.get(i, sp.id_to_piece(i))
+            pieces.append((sp.get_score(i), text.replace("\u2581", " ").encode()))
+        out = [struct.pack("<i", max(len(b) for _, b in pieces))]
+        out += [struct.pack("<fi", score, len(b)) + b for score, b in pieces]
+        return b"".join(out)
+    if tok.kind == "tiktoken":
+        # The ranks are the ids below the first special token (the runner re-adds the 256).
+        n_ranks = tok.special_token_id("<|begin_of_text|>")
+        return b"".join(base64.b64encode(tok.token_bytes(i)) + b" %d\n" % i for i in range(n_ranks))
+    raise TorchchatError(
+        f"the C++ runners read sentencepiece and tiktoken tokenizers, not {tok.kind}"
+    )
+
+
 VERBS = {
     "generate": run_generate,
     "chat": run_chat,
@@ -381,6 +500,9 @@ VERBS = {
     "list": run_list,
     "where": run_where,
     "remove": run_remove,
+    "tokenizer-export": run_tokenizer_export,
+    "server": lambda a: run_server(a),
+    "browser": lambda a: run_server(a, open_browser=True),
 }
 
 

@@ -15,6 +15,7 @@ class ModelOptions:
     model: str | None = None  # a path, or a known model name
     checkpoint_path: Path | None = None
     gguf_path: Path | None = None
+    gguf_packed: bool = False  # run Q4_0/Q8_0 GGUF linears on int4/int8 kernels, not dequantized
     params_path: Path | None = None
     params_table: str | None = None
     tokenizer_path: Path | None = None

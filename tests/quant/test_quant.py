@@ -211,3 +211,29 @@ def test_gptq_without_calibration_text_is_a_clean_error():
         build_model(
             ModelOptions(checkpoint_path=STORIES_BIN, quantize='{"linear:gptq": {"groupsize": 32}}')
         )
+
+
+def test_gptq_beats_round_to_nearest_on_stories260k_perplexity(tmp_path):
+    from torchchat.eval.perplexity import wikitext_perplexity
+    from torchchat.eval.wikitext import read_documents
+
+    pages = read_documents(WIKI)
+    docs = pages[:2]
+    calibration = tmp_path / "calibration.txt"  # disjoint from the evaluated pages
+    calibration.write_text("".join(pages[2:]))
+
+    def ppl(spec):
+        built = build_model(ModelOptions(checkpoint_path=STORIES_BIN, quantize=json.dumps(spec)))
+        return wikitext_perplexity(built.runtime, built.tokenizer, docs).word_perplexity
+
+    rtn = ppl({"linear:int4": {"groupsize": 32}})
+    gptq = ppl(
+        {
+            "linear:gptq": {
+                "groupsize": 32,
+                "calibration_file": str(calibration),
+                "calibration_samples": 16,
+            }
+        }
+    )
+    assert gptq < rtn

@@ -124,7 +124,9 @@ def run_bench(mopts: ModelOptions, opts: BenchOptions, label: str) -> BenchResul
     if opts.shape:
         runtime = random_runtime(opts.shape, mopts, max_seq)
     else:
-        runtime = build_model(ModelOptions(**{**asdict(mopts), "max_seq_length": max_seq})).runtime
+        exported = mopts.aoti_package_path or mopts.pte_path  # their cache size is fixed
+        seq = mopts.max_seq_length if exported else max_seq
+        runtime = build_model(ModelOptions(**{**asdict(mopts), "max_seq_length": seq})).runtime
     if max_seq > runtime.max_seq_len:
         raise TorchchatError(
             f"prompt + new tokens ({max_seq}) exceed the context {runtime.max_seq_len}"

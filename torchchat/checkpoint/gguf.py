@@ -645,3 +645,34 @@ def _llama3_candidates(
             derived = (1 - s) / (1 / factors[i] - s)
             guesses += [(low, high, round(derived, 4)), (low, high, derived)]
     return guesses
+
+
+# Linears that `--gguf-packed` keeps as low-bit codes: ggml type -> (bytes per block of 32).
+PACKABLE = {_Q.Q4_0: 18, _Q.Q8_0: 34}
+_LINEAR = re.compile(r"(layers\.\d+\.(attention\.w[qkvo]|feed_forward\.w[123])|output)\.weight")
+
+
+def read_packed_linears(path: str | Path) -> dict[str, tuple[str, np.ndarray, np.ndarray]]:
+    """Q4_0/Q8_0 linear weights as they are stored: native name -> (type, codes, fp16 scales).
+
+    Q4_0: unsigned 4-bit codes (rows, cols), w = (code - 8) * scale.
+    Q8_0: signed 8-bit codes (rows, cols), w = code * scale. Scales are (rows, cols // 32).
+    """
+    path = Path(path)
+    header = validate_gguf(path)
+    native, _ = _native_names(path, header.tensors)
+    out = {}
+    with open(path, "rb") as f:
+        for name, info in native.items():
+            if info.ggml_type not in PACKABLE or not _LINEAR.fullmatch(name):
+                continue
+            rows, cols = info.shape
+            blocks = _read_bytes(f, info).reshape(rows, cols // 32, PACKABLE[info.ggml_type])
+            scales = blocks[..., :2].copy().view(np.float16)[..., 0]
+            qs = blocks[..., 2:]
+            if info.ggml_type == _Q.Q4_0:  # low nibbles are elements 0-15, high nibbles 16-31
+                codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(rows, cols)
+            else:
+                codes = qs.view(np.int8).reshape(rows, cols)
+            out[name] = (info.ggml_type.name, codes, scales)
+    return out

@@ -24,3 +24,23 @@ def export_pte(model, max_seq_len: int, path: Path, metadata: dict[str, str]) ->
     with atomic_file(path) as tmp:
         tmp.write_bytes(buffer)
     return Path(path)
+
+
+def quantize_8da4w_for_xnnpack(model, groupsize: int) -> list[str]:
+    """int8 dynamic activations + int4 group weights in torchao's form, which the XNNPACK
+    partitioner recognizes and runs with its own kernels. Returns the linears left in float."""
+    import torch
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
+    from torchao.quantization.granularity import PerGroup
+
+    linears = {n: m for n, m in model.named_modules() if type(m) is torch.nn.Linear}
+    skipped = [n for n, m in linears.items() if m.in_features % groupsize]
+    config = Int8DynamicActivationIntxWeightConfig(
+        weight_dtype=torch.int4, weight_granularity=PerGroup(groupsize)
+    )
+    quantize_(
+        model,
+        config,
+        filter_fn=lambda m, fqn: type(m) is torch.nn.Linear and m.in_features % groupsize == 0,
+    )
+    return skipped

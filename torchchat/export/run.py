@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+
+import torch
 
 from torchchat.builder import DEFAULT_MAX_SEQ_LEN, find_tokenizer, model_from_checkpoint
 from torchchat.errors import TorchchatError
 from torchchat.export.program import artifact_metadata
 from torchchat.options import ModelOptions
+from torchchat.quant.config import load_quantize_spec
 from torchchat.runtime.eager import weight_bytes_per_token
 
 
@@ -44,10 +48,11 @@ def run_export(mopts: ModelOptions, eopts: ExportOptions, verbose: bool = False)
         )
     t = _stage("loading the model")
     model, ckpt, schemes = model_from_checkpoint(mopts, verbose)
-    if eopts.pte_path is not None and schemes:
+    unsupported = [s.name for s in schemes if s.name not in ("linear:a8w4dq", "embedding")]
+    if eopts.pte_path is not None and unsupported:
         raise TorchchatError(
-            "quantized .pte export is not supported yet: export fp32/bf16 to .pte, "
-            "or export the quantized model with --output-aoti-package-path"
+            f".pte export quantizes linears with linear:8da4w (XNNPACK) only, not {', '.join(unsupported)}: "
+            'use {"linear:8da4w": {"groupsize": 32}}, or export this recipe with --output-aoti-package-path'
         )
     tokenizer = find_tokenizer(mopts, ckpt)
     max_seq = mopts.max_seq_length or min(model.args.max_seq_len, DEFAULT_MAX_SEQ_LEN)
@@ -58,6 +63,13 @@ def run_export(mopts: ModelOptions, eopts: ExportOptions, verbose: bool = False)
     if eopts.aoti_package_path is not None:
         from torchchat.export.aoti import export_aoti
 
+        linears = [s.name for s in schemes if s.name.startswith("linear:")]
+        if linears and model.norm.weight.dtype == torch.float32:
+            raise TorchchatError(
+                "AOT Inductor (torch 2.13) cannot compile the int8/int4 kernels behind fp32 "
+                'activations: add "precision": {"dtype": "bf16"} to the --quantize recipe'
+            )
+
         t = _stage(
             f"exporting and compiling with AOT Inductor (max_seq_len {max_seq}); this takes minutes"
         )
@@ -66,7 +78,20 @@ def run_export(mopts: ModelOptions, eopts: ExportOptions, verbose: bool = False)
             f"  wrote {eopts.aoti_package_path} in {time.perf_counter() - t:.1f} s", file=sys.stderr
         )
     if eopts.pte_path is not None:
-        from torchchat.export.executorch import export_pte
+        from torchchat.export.executorch import export_pte, quantize_8da4w_for_xnnpack
+
+        linear = [s for s in schemes if s.name == "linear:a8w4dq"]
+        if linear:  # XNNPACK lowers torchao's 8da4w pattern: quantize the float model with it
+            others = {s.name: s.args for s in load_quantize_spec(mopts.quantize) if s not in linear}
+            model, _, _ = model_from_checkpoint(
+                replace(mopts, quantize=json.dumps(others) if others else None)
+            )
+            skipped = quantize_8da4w_for_xnnpack(model, linear[0].args["groupsize"])
+            if skipped:
+                print(
+                    f"  left in full precision (width not a multiple of the group size): {', '.join(skipped)}",
+                    file=sys.stderr,
+                )
 
         t = _stage(f"exporting and lowering to ExecuTorch/XNNPACK (max_seq_len {max_seq})")
         export_pte(model, max_seq, eopts.pte_path, meta)

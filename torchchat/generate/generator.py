@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -81,10 +81,16 @@ class Generator:
         stop_strings: Sequence[str] = (),
         prev_token: int | None = None,
         result: Result | None = None,
+        on_logits: Callable[[torch.Tensor], None] | None = None,
     ) -> Iterator[str]:
         """Yield text pieces as they complete. `prompt` is fed at start_pos; earlier positions
-        must already hold the sequence's beginning. Pass a `Result` to receive tokens and metrics."""
+        must already hold the sequence's beginning. Pass a `Result` to receive tokens and metrics.
+        `on_logits` sees the fp32 logits (vocab,) of every step before its token is sampled (for
+        logprobs; raising from it aborts the generation); not available with a speculator."""
         res = result if result is not None else Result()
+        if on_logits is not None and self.speculator is not None:
+            raise TorchchatError("per-step logits are not available with speculative decoding")
+        observe = on_logits or (lambda logits: None)
         n_prompt = len(prompt)
         if n_prompt == 0:
             raise TorchchatError(
@@ -112,6 +118,7 @@ class Generator:
         t0 = time.perf_counter()
         logits = self.runtime.prefill(torch.tensor([list(prompt)], dtype=torch.long), start_pos)
         pos = start_pos + n_prompt
+        observe(logits)
         token = sample(logits.cpu(), sampling, rng)
         m.ttft_s = m.prefill_s = time.perf_counter() - t0
         spec = self.speculator
@@ -142,6 +149,7 @@ class Generator:
                     queue.extend(spec.step(token, pos, sampling, rng))
                 else:
                     logits = self.runtime.decode(torch.tensor([[token]], dtype=torch.long), pos)
+                    observe(logits)
                     queue.append(sample(logits.cpu(), sampling, rng))
             token = queue.popleft()
             pos += 1

@@ -151,7 +151,9 @@ def quantize_linear_gptq(
                 grp = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :groupsize]
                 lo, hi = grp.amin(dim=1), grp.amax(dim=1)
                 s = ((hi - lo) / 15).clamp(min=EPS)
-                scales[:, col // groupsize], zeros[:, col // groupsize] = s, lo + 8 * s
+                # Round to the kernel's bf16 now, so the error GPTQ compensates is the real one.
+                scales[:, col // groupsize] = s.to(torch.bfloat16).float()
+                zeros[:, col // groupsize] = (lo + 8 * s).to(torch.bfloat16).float()
             s, lo = (
                 scales[:, col // groupsize],
                 zeros[:, col // groupsize] - 8 * scales[:, col // groupsize],

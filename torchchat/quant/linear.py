@@ -57,6 +57,18 @@ class Int8Linear(nn.Module):
             m.bias = nn.Parameter(linear.bias.detach().clone())
         return m
 
+    @classmethod
+    def from_codes(
+        cls, codes: Tensor, scales: Tensor, groupsize: int, bias: Tensor | None = None
+    ) -> Int8Linear:
+        """From int8 codes (out, in) and per-group scales (out, in // groupsize)."""
+        m = cls(codes.shape[1], codes.shape[0], groupsize, bias is not None, device=codes.device)
+        m.weight.copy_(pad_to(codes, groupsize))
+        m.scales = scales.to(torch.bfloat16)
+        if bias is not None:
+            m.bias = nn.Parameter(bias.detach().clone())
+        return m
+
     def dequantize(self) -> Tensor:
         """The float weight (out, in) this module multiplies by."""
         scales = self.scales.float() if self.groupsize else self.scales.float()[:, None]

@@ -63,7 +63,10 @@ def pack_int4(q: Tensor) -> Tensor:
 
 def unpack_int4(packed: Tensor) -> Tensor:
     """Inverse of pack_int4."""
-    return torch.stack([packed >> 4, packed & 0x0F], dim=-1).reshape(packed.shape[0], -1)
+    # floor-divide/remainder rather than shifts: they are core ATen ops, so this exports to
+    # ExecuTorch as is.
+    high = torch.div(packed, 16, rounding_mode="floor")
+    return torch.stack([high, packed - high * 16], dim=-1).reshape(packed.shape[0], -1)
 
 
 def quantize_activations_per_token(x: Tensor) -> Tensor:
