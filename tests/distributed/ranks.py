@@ -1,0 +1,78 @@
+"""Run a job on N real ranks: spawned processes joined by a gloo process group on 127.0.0.1,
+started through `init_from_env` from the same environment torchrun sets."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+import torch.multiprocessing as mp
+
+from torchchat.distributed.group import init_from_env, shutdown
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world: int, port: int, job: Callable, job_args: tuple, out: str) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)  # as torchrun does: two ranks on two cores
+    group = init_from_env(world, "cpu")
+    try:
+        result = job(group, *job_args)
+        torch.save(result, Path(out) / f"rank{rank}.pt")
+    finally:
+        shutdown()
+
+
+def spawn(job: Callable[..., object], *job_args, world: int = 2, timeout: float = 90) -> list:
+    """job(group: TensorParallelGroup, *job_args) on every rank; returns each rank's result (its
+    exit code if it died without one). Fails, killing the ranks, if any runs past `timeout` s."""
+    with tempfile.TemporaryDirectory() as out:
+        ctx = mp.start_processes(
+            _rank_main,
+            args=(world, free_port(), job, job_args, out),
+            nprocs=world,
+            join=False,
+            start_method="spawn",
+        )
+        deadline = time.monotonic() + timeout
+        for p in ctx.processes:
+            p.join(max(0.0, deadline - time.monotonic()))
+        hung = [i for i, p in enumerate(ctx.processes) if p.is_alive()]
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+        assert not hung, f"ranks {hung} still running after {timeout} s"
+        results = []
+        for rank, p in enumerate(ctx.processes):
+            path = Path(out) / f"rank{rank}.pt"
+            results.append(torch.load(path, weights_only=False) if path.exists() else p.exitcode)
+        return results
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run the one-process reference with one torch thread, as each rank does. (On two cores
+    shared with other jobs, two threads made stories260K int8 decoding 30-90x slower.)"""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)

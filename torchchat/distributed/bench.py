@@ -1,0 +1,126 @@
+"""`torchchat bench --tp N`: rank 0 measures as `torchchat bench` does while the other ranks
+follow; the result adds every rank's peak RSS. Random weights (--shape) are made one tensor at a
+time and sliced at once, so no rank ever holds the whole model."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from torchchat.bench.bandwidth import read_bandwidth
+from torchchat.bench.run import (
+    BenchOptions,
+    BenchReport,
+    BenchResult,
+    random_prompts,
+    run_once,
+    shape_args,
+)
+from torchchat.builder import (
+    build_model,
+    build_transformer,
+    resolve_device,
+    resolve_dtype,
+    tensor_parallel_runtime,
+    tensor_parallel_sharding,
+)
+from torchchat.distributed.sharding import Sharding
+from torchchat.errors import TorchchatError
+from torchchat.model.config import ModelArgs
+from torchchat.model.transformer import Transformer
+from torchchat.options import ModelOptions
+from torchchat.quant.apply import quantize, structural
+from torchchat.quant.config import load_quantize_spec
+
+
+@dataclass
+class TensorParallelBenchResult(BenchResult):
+    rss_per_rank: list[float] = field(default_factory=list)  # peak RSS MB, rank 0 first
+
+    def row(self) -> dict:
+        row = super().row()
+        row["peak RSS MB per rank"] = " / ".join(f"{mb:.0f}" for mb in self.rss_per_rank)
+        return row
+
+
+def random_shard(args: ModelArgs, sharding: Sharding, seed: int = 0) -> dict[str, torch.Tensor]:
+    """This rank's slices of `bench.run.random_weights(args, seed)`, drawn in the same order
+    from the same generator, each full tensor dropped as soon as it is sliced."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in Transformer(args).state_dict().items()}
+    sd = {}
+    for name, shape in shapes.items():
+        if name == "output.weight" and args.tie_embeddings:
+            sd[name] = sd["tok_embeddings.weight"]
+        elif name.endswith("norm.weight"):
+            sd[name] = torch.ones(shape)
+        else:
+            sd[name] = sharding.tensor(name, torch.empty(shape).normal_(0, 0.02, generator=gen))
+    return sd
+
+
+def random_model(shape: str, mopts: ModelOptions) -> Transformer:
+    """This rank's share of `bench --shape` random weights, quantized as asked (all ranks)."""
+    args = shape_args(shape)
+    device = resolve_device(mopts.device)
+    schemes = load_quantize_spec(mopts.quantize) if mopts.quantize else []
+    dtype_name = next((s.args["dtype"] for s in schemes if s.name == "precision"), mopts.dtype)
+    dtype = resolve_dtype(dtype_name, device, torch.float32)
+    sharding = tensor_parallel_sharding(mopts, args, device, schemes, [])
+    sd = random_shard(args, sharding)
+    build_dtype = torch.float32 if structural(schemes) else dtype
+    model = build_transformer(args, sd, build_dtype, device, sharding=sharding)
+    if structural(schemes):
+        quantize(model, schemes)
+    return model.to(dtype=dtype)
+
+
+def run_bench(mopts: ModelOptions, opts: BenchOptions, label: str) -> BenchReport:
+    """`bench.run.run_bench` on rank 0 of --tp N (the other ranks run `runtime.follow`)."""
+    if opts.compare:
+        raise TorchchatError("--compare runs one process: drop --tp")
+    if opts.threads:
+        torch.set_num_threads(opts.threads)  # the other ranks take it from rank 0
+    threads = torch.get_num_threads()
+    if opts.prompt_tokens < 1 or opts.new_tokens < 2 or opts.repeats < 1:
+        raise TorchchatError("bench needs --prompt-tokens >= 1, --new-tokens >= 2, --repeats >= 1")
+    if mopts.aoti_package_path or mopts.pte_path:
+        raise TorchchatError("--tp shards a checkpoint, not an exported program")
+    max_seq = opts.prompt_tokens + opts.new_tokens
+    t0 = time.perf_counter()
+    if opts.shape:
+        runtime = tensor_parallel_runtime(random_model(opts.shape, mopts), max_seq, mopts)
+    else:
+        runtime = build_model(replace(mopts, max_seq_length=max_seq)).runtime
+    setup = time.perf_counter() - t0
+    if max_seq > runtime.max_seq_len:
+        raise TorchchatError(
+            f"prompt + new tokens ({max_seq}) exceed the context {runtime.max_seq_len}"
+        )
+    prompts = random_prompts(
+        runtime.args.vocab_size, opts.prompt_tokens, 1 + opts.warmup + opts.repeats
+    )
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        run_once(runtime, prompts[0], 2)  # compiles, when compiled
+    first_call = time.perf_counter() - t0
+    compiled = mopts.compile or mopts.compile_prefill
+    result = TensorParallelBenchResult(
+        f"{label} tp{mopts.tp}", "torchchat", [], [], [], runtime.weight_bytes, 0.0, setup,
+        first_call if compiled else None,
+    )  # fmt: skip
+    for i, prompt in enumerate(prompts[1:]):
+        with torch.inference_mode():
+            prefill_s, decode_s, _ = run_once(runtime, prompt, opts.new_tokens)
+        if i >= opts.warmup:
+            result.prefill_tps.append(opts.prompt_tokens / prefill_s)
+            result.decode_tps.append((opts.new_tokens - 1) / decode_s)
+            result.ttft_s.append(prefill_s)
+    result.rss_per_rank = runtime.peak_rss_per_rank()
+    result.peak_rss_mb = max(result.rss_per_rank)
+    del runtime
+    result.probe_gbps = read_bandwidth(threads)
+    return BenchReport([result], threads, result.probe_gbps, {"torch": torch.__version__})
