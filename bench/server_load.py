@@ -1,6 +1,7 @@
 """Load test of `torchchat server`: N streamed chat requests at a fixed concurrency.
 
     python bench/server_load.py [--requests 500] [--concurrency 16] [--max-tokens 64]
+                                [--max-batch 8] [--threads N]
 
 Starts `torchchat server` on stories260K (from ../shared/models) on a free loopback port in its
 own process, sends the requests with httpx (streaming, `include_usage`), and prints latency
@@ -47,9 +48,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: Path, port: int, max_queue: int, threads: int | None) -> subprocess.Popen:
+def start_server(
+    model: Path, port: int, max_queue: int, threads: int | None, max_batch: int | None
+) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torchchat", "server", str(model), "--port", str(port)]
     cmd += ["--max-queue", str(max_queue), "--quiet"]
+    cmd += ["--max-batch", str(max_batch)] if max_batch else []
     cmd += ["--threads", str(threads)] if threads else []
     return subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, text=True)
 
@@ -148,6 +152,7 @@ def report(outcomes: list[Outcome], wall_s: float, args: argparse.Namespace) -> 
         ("errors", str(len(errors))),
         ("max_tokens", str(args.max_tokens)),
         ("server torch threads", str(args.threads or "default")),
+        ("server --max-batch", str(args.max_batch or "default (8)")),
         ("wall time", f"{wall_s:.1f} s"),
         ("latency p50 / p99", f"{percentile(lat, 50):.3f} s / {percentile(lat, 99):.3f} s"),
         (
@@ -181,12 +186,13 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, help="the server's torch threads (default: torch's)")
+    p.add_argument("--max-batch", type=int, help="the server's --max-batch (default: its own)")
     args = p.parse_args()
     if not 1 <= args.requests <= 10_000 or not 1 <= args.concurrency <= 64:
         p.error("--requests must be 1..10000 and --concurrency 1..64")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = start_server(args.model, port, max_queue=args.concurrency, threads=args.threads)
+    proc = start_server(args.model, port, args.concurrency, args.threads, args.max_batch)
     try:
         wait_healthy(url, proc)
         outcomes, wall = asyncio.run(

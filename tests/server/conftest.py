@@ -151,3 +151,37 @@ class ScriptedRuntime(ModelRuntime):
 
     def decode(self, token, pos):
         return self._next()
+
+
+class SlowBatchRuntime(ModelRuntime):
+    """Wraps a runtime that batches: each batched decode step takes `delay` seconds longer and
+    is logged as (start time, indices of the slots it advanced)."""
+
+    def __init__(self, inner: ModelRuntime, delay: float):
+        super().__init__()
+        self.inner, self.delay = inner, delay
+        self.args, self.max_seq_len = inner.args, inner.max_seq_len
+        self.weight_bytes, self.device = inner.weight_bytes, inner.device
+        self.steps: list[tuple[float, set[int]]] = []
+
+    @property
+    def max_batch(self) -> int:
+        return self.inner.max_batch
+
+    def setup_batch(self, max_batch):
+        self.inner.setup_batch(max_batch)
+
+    def forward(self, tokens, start_pos):
+        return self.inner.forward(tokens, start_pos)
+
+    def prefill_slot(self, tokens, start_pos, slot):
+        return self.inner.prefill_slot(tokens, start_pos, slot)
+
+    def copy_slot(self, src, dst, length):
+        self.inner.copy_slot(src, dst, length)
+
+    def decode_batch(self, tokens, positions):
+        active = {i for i, p in enumerate(positions.tolist()) if p >= 0}
+        self.steps.append((time.monotonic(), active))
+        time.sleep(self.delay)
+        return self.inner.decode_batch(tokens, positions)

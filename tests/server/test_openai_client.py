@@ -167,6 +167,15 @@ def test_seed_reproducible(client):
     assert "".join(x.choices[0].delta.content or "" for x in s) == a
 
 
+def test_vanishing_temperature_or_top_p_is_greedy(client):
+    # Their limit is greedy; taken literally they overflow logits / temperature or round top_p
+    # to 0 in fp32 (no token left to sample), which was a 500.
+    kwargs = dict(model=MODEL_ID, prompt="Once upon a time", max_tokens=8)
+    greedy = client.completions.create(**kwargs, temperature=0).choices[0].text
+    assert client.completions.create(**kwargs, temperature=1e-310).choices[0].text == greedy
+    assert client.completions.create(**kwargs, top_p=5e-324, seed=1).choices[0].text == greedy
+
+
 def test_n_choices_are_seed_plus_index(client):
     kwargs = dict(model=MODEL_ID, messages=HI, max_tokens=20, temperature=1.0)
     r = client.chat.completions.create(**kwargs, seed=7, n=3)

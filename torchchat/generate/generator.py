@@ -51,6 +51,54 @@ class Result:
     metrics: Metrics = field(default_factory=Metrics)
 
 
+class TextStream:
+    """One sequence's sampled tokens -> the text to stream, under the stop rules: a stop token or
+    stop string ends it ("stop"), so does the token budget ("length"). Fills `result` as it goes.
+    Shared by Generator.stream and the server's batched engine, so both stop alike."""
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        prev_token: int,
+        max_new: int,
+        stop_strings: Sequence[str],
+        result: Result,
+    ):
+        self.result, self.max_new, self.stop_strings = result, max_new, stop_strings
+        self.stop_ids = tokenizer.stop_ids
+        self.decoder = StreamDecoder(tokenizer, prev_token)
+        self.held: str | None = ""  # text withheld because it may be the start of a stop string
+        self.done = False
+
+    def push(self, token: int) -> str:
+        """Take the next sampled token; return the text now safe to show (maybe ""). Sets `done`
+        when the sequence has ended (then `flush` gives what was held back)."""
+        res = self.result
+        if token in self.stop_ids:
+            res.finish_reason, self.done = "stop", True
+            return ""
+        res.tokens.append(token)
+        res.metrics.new_tokens = len(res.tokens)
+        self.held += self.decoder.push(token)
+        out, self.held, hit = _split_stop(self.held, self.stop_strings)
+        res.text += out
+        if hit:
+            res.finish_reason, self.done = "stop", True
+            self.held = None  # the stop string ends the text; nothing after it is shown
+        elif len(res.tokens) >= self.max_new:
+            self.done = True
+        return out
+
+    def flush(self) -> str:
+        """At the end: the text held back (a partial stop string, an incomplete character)."""
+        if self.held is None:
+            return ""
+        held, self.held = self.held + self.decoder.flush(), None
+        out, _, _ = _split_stop(held, self.stop_strings, final=True)
+        self.result.text += out
+        return out
+
+
 class Generator:
     """Generates text from a ModelRuntime and a Tokenizer; knows nothing of how the model runs."""
 
@@ -104,11 +152,8 @@ class Generator:
             )
         max_new = min(max_new_tokens, room + 1)  # the last sampled token needs no cache slot
         rng = make_generator(sampling.seed, "cpu")
-        stops = self.tokenizer.stop_ids
-        decoder = StreamDecoder(
-            self.tokenizer, prev_token if prev_token is not None else prompt[-1]
-        )
-        held: str | None = ""  # text withheld because it may be the start of a stop string
+        prev = prev_token if prev_token is not None else prompt[-1]
+        text = TextStream(self.tokenizer, prev, max_new, stop_strings, res)
         m = res.metrics
         m.prompt_tokens = n_prompt
 
@@ -128,21 +173,10 @@ class Generator:
         queue: deque[int] = deque()  # tokens already chosen (speculation yields several at once)
         t1 = time.perf_counter()
         while True:
-            if token in stops:
-                res.finish_reason = "stop"
-                break
-            res.tokens.append(token)
-            m.new_tokens = len(res.tokens)
-            held += decoder.push(token)
-            out, held, hit = _split_stop(held, stop_strings)
+            out = text.push(token)
             if out:
-                res.text += out
                 yield out
-            if hit:
-                res.finish_reason = "stop"
-                held = None  # the stop string ends the text; nothing after it is shown
-                break
-            if len(res.tokens) >= max_new:
+            if text.done:
                 break
             if not queue:
                 if spec is not None:  # all but the last of these are fed to the model already
@@ -157,12 +191,9 @@ class Generator:
         if spec is not None:
             m.draft_proposed = spec.stats.proposed - proposed0
             m.draft_accepted = spec.stats.accepted - accepted0
-        if held is not None:
-            held += decoder.flush()
-            out, _, _ = _split_stop(held, stop_strings, final=True)
-            if out:
-                res.text += out
-                yield out
+        out = text.flush()
+        if out:
+            yield out
         res.fed_until, res.pending = pos, token
         if len(known) == start_pos:  # else what precedes start_pos is not ours to vouch for
             self.runtime.cached = (known + list(prompt) + res.tokens)[:pos]

@@ -1,5 +1,9 @@
 """The Llama-family Transformer: RMSNorm, RoPE (with Llama 3.1 scaling), GQA, SwiGLU, static KV cache.
 
+The cache has `max_batch` rows ("slots"). A forward either feeds rows slot.. at shared positions
+(S,) -- one sequence, the common case -- or feeds each row at its own positions (B, S), which
+lets one decode step serve many independent sequences at once (the server's batching).
+
 Weights use Meta's layout and names (`layers.N.attention.wq.weight`, ...): query/key rows are in
 interleaved-pair RoPE order, as in Meta's and llama2.c's checkpoints and GGUF files.
 """
@@ -39,9 +43,9 @@ def _scale_frequencies(inv_freq: Tensor, s: RopeScaling) -> Tensor:
 
 
 def apply_rope(x: Tensor, freqs: Tensor) -> Tensor:
-    """Rotate interleaved pairs of x (B, S, H, D) by freqs (S, D//2, 2)."""
+    """Rotate interleaved pairs of x (B, S, H, D) by freqs (S, D//2, 2) or, per row, (B, S, D//2, 2)."""
     xs = x.float().reshape(*x.shape[:-1], -1, 2)
-    f = freqs.view(1, xs.size(1), 1, xs.size(3), 2)
+    f = freqs.unsqueeze(-3)  # broadcast over heads
     out = torch.stack(
         [
             xs[..., 0] * f[..., 0] - xs[..., 1] * f[..., 1],
@@ -66,7 +70,7 @@ class RMSNorm(nn.Module):
 
 
 class KVCache(nn.Module):
-    """Static per-layer key/value cache: (batch, kv_heads, max_seq_len, head_dim)."""
+    """Static per-layer key/value cache: (slots, kv_heads, max_seq_len, head_dim)."""
 
     def __init__(self, batch: int, seq_len: int, n_kv_heads: int, head_dim: int, dtype, device):
         super().__init__()
@@ -74,11 +78,23 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k, v (B, H, S, D) at positions input_pos; return the whole cache."""
-        self.k.index_copy_(2, input_pos, k)
-        self.v.index_copy_(2, input_pos, v)
-        return self.k, self.v
+    def update(
+        self, input_pos: Tensor, k: Tensor, v: Tensor, slot: int = 0
+    ) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, H, S, D) into rows slot..slot+B at positions input_pos, (S,) shared or
+        (B, S) per row; return those rows of the cache (every position)."""
+        b = k.shape[0]
+        kc, vc = self.k, self.v
+        if slot != 0 or b != kc.shape[0]:  # a view only when needed: no copy in compiled graphs
+            kc, vc = kc[slot : slot + b], vc[slot : slot + b]
+        if input_pos.dim() == 1:
+            kc.index_copy_(2, input_pos, k)
+            vc.index_copy_(2, input_pos, v)
+        else:  # index_put_, which torch.compile updates in place (scatter_ it copies)
+            rows = torch.arange(b, device=k.device)[:, None]
+            kc[rows, :, input_pos] = k.transpose(1, 2)
+            vc[rows, :, input_pos] = v.transpose(1, 2)
+        return kc, vc
 
 
 class Attention(nn.Module):
@@ -92,17 +108,43 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=bias)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: Tensor, freqs: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        freqs: Tensor,
+        mask: Tensor,
+        input_pos: Tensor,
+        slot: int = 0,
+        span: int | None = None,
+    ) -> Tensor:
         b, s, _ = x.shape
         q = apply_rope(self.wq(x).view(b, s, self.n_heads, self.head_dim), freqs)
         k = apply_rope(self.wk(x).view(b, s, self.n_kv_heads, self.head_dim), freqs)
         v = self.wv(x).view(b, s, self.n_kv_heads, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        k, v = self.kv_cache.update(input_pos, k, v)
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads
-        )
+        k, v = self.kv_cache.update(input_pos, k, v, slot)
+        if span is not None:
+            k, v = k[:, :, :span], v[:, :, :span]
+        if input_pos.dim() == 1:
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads
+            )
+        else:
+            y = attend_rows(q, k, v, mask)
         return self.wo(y.transpose(1, 2).reshape(b, s, -1))
+
+
+def attend_rows(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """Attention of q (B, H, S, D) over k, v (B, KV, T, D) under mask (B, 1, S, T), with plain
+    matmuls: a row's result does not depend on its index in the batch. (The fused CPU kernel
+    splits batch x heads over threads, and rows computed on different threads round differently.)"""
+    b, h, s, d = q.shape
+    kv, t = k.shape[1], k.shape[2]
+    g = h // kv  # query heads sharing each key/value head
+    scores = (q.reshape(b, kv, g * s, d) @ k.transpose(-1, -2)).view(b, kv, g, s, t)
+    scores = scores.float().masked_fill(~mask[:, :, None], float("-inf")) * d**-0.5
+    probs = torch.softmax(scores, dim=-1).type_as(q).view(b, kv, g * s, t)
+    return (probs @ v).view(b, h, s, d)
 
 
 class FeedForward(nn.Module):
@@ -124,8 +166,16 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x: Tensor, freqs: Tensor, mask: Tensor, input_pos: Tensor) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), freqs, mask, input_pos)
+    def forward(
+        self,
+        x: Tensor,
+        freqs: Tensor,
+        mask: Tensor,
+        input_pos: Tensor,
+        slot: int = 0,
+        span: int | None = None,
+    ) -> Tensor:
+        h = x + self.attention(self.attention_norm(x), freqs, mask, input_pos, slot, span)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -144,7 +194,8 @@ class Transformer(nn.Module):
         self.max_batch = self.max_seq_len = 0
 
     def setup_caches(self, max_batch: int, max_seq_len: int) -> None:
-        """Allocate KV caches, the RoPE table and the causal mask for up to max_seq_len positions."""
+        """Allocate KV caches (max_batch slots), the RoPE table and the causal mask for up to
+        max_seq_len positions."""
         if max_seq_len > self.args.max_seq_len:
             raise ValueError(
                 f"max_seq_len {max_seq_len} exceeds the model's context {self.args.max_seq_len}"
@@ -161,11 +212,22 @@ class Transformer(nn.Module):
         self.register_buffer("causal_mask", causal, persistent=False)
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
 
-    def forward(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
-        """tokens (B, S) at positions input_pos (S,) -> fp32 logits (B, S, vocab)."""
-        mask = self.causal_mask[None, None, input_pos]
+    def forward(
+        self, tokens: Tensor, input_pos: Tensor, slot: int = 0, span: int | None = None
+    ) -> Tensor:
+        """tokens (B, S) in cache rows slot..slot+B at positions input_pos -> fp32 logits
+        (B, S, vocab). input_pos is (S,), the same for every row, or (B, S), one per row; a row
+        sees the cache positions at or before its own (its causal mask and RoPE are its own).
+        `span` limits attention to cache positions [0, span): less to read when every position
+        that matters is below it (rows at positions >= span get meaningless logits)."""
+        if input_pos.dim() == 1:
+            mask = self.causal_mask[None, None, input_pos]
+        else:
+            mask = self.causal_mask[input_pos].unsqueeze(1)  # (B, 1, S, max_seq_len)
+        if span is not None:
+            mask = mask[..., :span]
         freqs = self.freqs[input_pos]
         x = self.tok_embeddings(tokens)
         for layer in self.layers:
-            x = layer(x, freqs, mask, input_pos)
+            x = layer(x, freqs, mask, input_pos, slot, span)
         return self.output(self.norm(x)).float()

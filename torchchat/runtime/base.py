@@ -36,3 +36,28 @@ class ModelRuntime(ABC):
     def decode(self, token: Tensor, pos: int) -> Tensor:
         """Feed one token (1, 1) at pos; return fp32 logits (vocab,)."""
         return self.forward(token, pos)[0, -1]
+
+    # Batched decoding (the server's): the KV cache holds `max_batch` independent sequences, one
+    # per slot. The methods above use slot 0. Runtimes that cannot batch keep max_batch 1.
+    max_batch: int = 1
+
+    def setup_batch(self, max_batch: int) -> None:
+        """Make room for max_batch sequences (slot 0's cache, and `cached`, are lost on a
+        change). A runtime that cannot batch ignores this and keeps max_batch 1."""
+        return None
+
+    def prefill_slot(self, tokens: Tensor, start_pos: int, slot: int) -> Tensor:
+        """Feed tokens (1, S) into slot's cache at positions start_pos..; fp32 logits (vocab,)
+        of the last one. Slot's positions below start_pos keep what was fed there before."""
+        raise NotImplementedError(f"{type(self).__name__} has no batched decoding")
+
+    def decode_batch(self, tokens: Tensor, positions: Tensor) -> Tensor:
+        """One step for every slot: tokens (max_batch, 1), row i at positions[i] of slot i ->
+        fp32 logits (max_batch, vocab). A row's logits never depend on the other rows.
+        positions[i] = -1 marks slot i idle: its logits are meaningless, and its cache keeps
+        every position but the last (max_seq_len - 1)."""
+        raise NotImplementedError(f"{type(self).__name__} has no batched decoding")
+
+    def copy_slot(self, src: int, dst: int, length: int) -> None:
+        """Make positions [0, length) of slot dst hold what slot src holds there."""
+        raise NotImplementedError(f"{type(self).__name__} has no batched decoding")

@@ -5,12 +5,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from torchchat.errors import TorchchatError
 from torchchat.model.transformer import Transformer
 from torchchat.runtime.base import ModelRuntime
 
 
 class EagerRuntime(ModelRuntime):
-    """An nn.Module Transformer with caches set up; optionally compiled decode and prefill."""
+    """An nn.Module Transformer with caches set up; optionally compiled decode and prefill.
+    Batched decoding reallocates the caches with one row per slot (`setup_batch`)."""
 
     def __init__(
         self,
@@ -26,9 +28,17 @@ class EagerRuntime(ModelRuntime):
         self.max_seq_len = max_seq_len
         self.device = str(model.norm.weight.device)
         self.weight_bytes = weight_bytes_per_token(model)
+        if (compile or compile_prefill) and _packed_kernels_behind_fp32(model):
+            raise TorchchatError(
+                "--compile: torch 2.13's inductor cannot compile the int8/int4 kernels behind fp32 "
+                'activations: add "precision": {"dtype": "bf16"} to the --quantize recipe (the '
+                "kernels run in bf16 either way), or drop --compile"
+            )
         model.setup_caches(1, max_seq_len)
+        self.compile = compile
         self._decode_fn = self._forward_last
         self._prefill_fn = self._forward_last
+        self._batch_fn = self._forward_rows
         if compile:
             # Static shapes for one-token decode: one graph, reused at every position.
             self._decode_fn = torch.compile(self._forward_last, fullgraph=True, dynamic=False)
@@ -38,8 +48,19 @@ class EagerRuntime(ModelRuntime):
     def _positions(self, start_pos: int, n: int) -> Tensor:
         return torch.arange(start_pos, start_pos + n, device=self.device)
 
-    def _forward_last(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
-        return self.model(tokens, input_pos)[0, -1]
+    def _forward_last(self, tokens: Tensor, input_pos: Tensor, slot: int = 0) -> Tensor:
+        return self.model(tokens, input_pos, slot)[0, -1]
+
+    def _forward_rows(self, tokens: Tensor, positions: Tensor, span: int) -> Tensor:
+        return self.model(tokens, positions[:, None], span=span)[:, -1]
+
+    def _span(self, positions: Tensor) -> int:
+        """Cache positions the rows attend to: a power of two above the highest position, from
+        a floor that keeps the count of sizes (compiled graphs) at 8 or fewer."""
+        need, span = int(positions.max()) + 1, max(64, self.max_seq_len >> 7)
+        while span < need:
+            span *= 2
+        return min(span, self.max_seq_len)
 
     @torch.inference_mode()
     def forward(self, tokens: Tensor, start_pos: int) -> Tensor:
@@ -52,6 +73,48 @@ class EagerRuntime(ModelRuntime):
     @torch.inference_mode()
     def decode(self, token: Tensor, pos: int) -> Tensor:
         return self._decode_fn(token.to(self.device), self._positions(pos, 1))
+
+    def setup_batch(self, max_batch: int) -> None:
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
+        if max_batch == self.max_batch:
+            return
+        self.model.setup_caches(max_batch, self.max_seq_len)
+        self.max_batch, self.cached = max_batch, []
+        if self.compile:
+            # Every step feeds all slots: static shapes, one graph per attention span.
+            self._batch_fn = torch.compile(self._forward_rows, fullgraph=True, dynamic=False)
+
+    def _check_slot(self, slot: int) -> None:
+        if not 0 <= slot < self.max_batch:
+            raise ValueError(f"slot {slot} is outside 0..{self.max_batch - 1}")
+
+    @torch.inference_mode()
+    def prefill_slot(self, tokens: Tensor, start_pos: int, slot: int) -> Tensor:
+        self._check_slot(slot)
+        positions = self._positions(start_pos, tokens.shape[1])
+        return self._prefill_fn(tokens.to(self.device), positions, slot)
+
+    @torch.inference_mode()
+    def decode_batch(self, tokens: Tensor, positions: Tensor) -> Tensor:
+        if tokens.shape != (self.max_batch, 1) or positions.shape != (self.max_batch,):
+            raise ValueError(
+                f"decode_batch takes tokens ({self.max_batch}, 1) and positions "
+                f"({self.max_batch},), not {tuple(tokens.shape)} and {tuple(positions.shape)}"
+            )
+        span = self._span(positions)  # idle rows (-1) need none
+        # Idle rows write their garbage at the last position, and see only [0, span).
+        positions = torch.where(positions < 0, self.max_seq_len - 1, positions)
+        return self._batch_fn(tokens.to(self.device), positions.to(self.device), span)
+
+    @torch.inference_mode()
+    def copy_slot(self, src: int, dst: int, length: int) -> None:
+        self._check_slot(src)
+        self._check_slot(dst)
+        for layer in self.model.layers:
+            cache = layer.attention.kv_cache
+            cache.k[dst, :, :length] = cache.k[src, :, :length]
+            cache.v[dst, :, :length] = cache.v[src, :, :length]
 
 
 def weight_bytes_per_token(model: Transformer) -> int:
@@ -70,3 +133,14 @@ def weight_bytes_per_token(model: Transformer) -> int:
     }
     seen = {id(t): t for t in (*model.parameters(), *model.buffers()) if id(t) not in skip}
     return sum(t.numel() * t.element_size() for t in seen.values())
+
+
+def _packed_kernels_behind_fp32(model: Transformer) -> bool:
+    """True when an fp32 model holds linears run by the packed int8 (per channel) / int4 kernels."""
+    from torchchat.quant.linear import Int4Linear, Int8Linear
+
+    packed = any(
+        isinstance(m, Int4Linear) or (isinstance(m, Int8Linear) and m.groupsize == 0)
+        for m in model.modules()
+    )
+    return packed and model.norm.weight.dtype == torch.float32

@@ -85,7 +85,9 @@ class ModelHost:
             built = self._load()
             tok = built.tokenizer
             self.template = choose_template(self.opts.chat_template, tok, tok.chat_template)
-            self.engine = Engine(built.runtime, tok, built.speculator, self.opts.max_queue)
+            self.engine = Engine(
+                built.runtime, tok, built.speculator, self.opts.max_queue, self.opts.max_batch
+            )
             log.info("model ready: chat template %s", self.template.name)
         except TorchchatError as e:
             self.error = str(e)
@@ -115,7 +117,7 @@ def _metrics_text(host: ModelHost) -> str:
     rows = [
         ("model_loaded", "gauge", "1 once the model is ready", int(engine is not None)),
         ("queue_waiting", "gauge", "requests waiting for the engine", engine.waiting if engine else 0),
-        ("requests_running", "gauge", "requests being generated", int(bool(engine and engine.running))),
+        ("requests_running", "gauge", "requests being generated", engine.running if engine else 0),
         ("requests_total", "counter", "requests served to the end", s.requests if s else 0),
         ("requests_cancelled_total", "counter", "requests whose client left", s.cancelled if s else 0),
         ("requests_failed_total", "counter", "requests that failed while generating", s.failed if s else 0),
@@ -123,6 +125,8 @@ def _metrics_text(host: ModelHost) -> str:
         ("cached_tokens_total", "counter", "prompt tokens reused from the KV cache", s.cached_tokens if s else 0),
         ("completion_tokens_total", "counter", "tokens generated", s.completion_tokens if s else 0),
         ("busy_seconds_total", "counter", "time spent generating", round(s.busy_s, 6) if s else 0),
+        ("decode_steps_total", "counter", "batched decode steps", s.decode_steps if s else 0),
+        ("decode_rows_total", "counter", "choices advanced by batched steps", s.decode_rows if s else 0),
     ]  # fmt: skip
     lines = []
     for name, kind, help_text, value in rows:

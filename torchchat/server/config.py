@@ -24,7 +24,8 @@ class ServerOptions:
     allowed_hosts: tuple[str, ...] = ()  # extra Host header names accepted ("*": any)
     model_id: str = "torchchat"  # the name /v1/models lists and requests may give
     chat_template: str | None = None  # llama2, llama3, chatml, hf (default: from the tokenizer)
-    max_queue: int = 16  # requests waiting behind the one being served; more get 503
+    max_queue: int = 16  # requests waiting to start; more get 503
+    max_batch: int = 8  # choices decoded together (KV cache slots); 1 serves one at a time
     max_tokens_limit: int = 4096  # most tokens one completion may ask for
     max_n: int = 8  # most choices per request
     max_prompt_chars: int | None = None  # characters of prompt text (default: 32 x context)
@@ -32,7 +33,7 @@ class ServerOptions:
     threads: int | None = None  # torch intra-op threads (None: torch's default)
 
     def __post_init__(self) -> None:
-        for name in ("max_queue", "max_tokens_limit", "max_n", "max_body_bytes"):
+        for name in ("max_queue", "max_batch", "max_tokens_limit", "max_n", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise TorchchatError(f"--{name.replace('_', '-')} must be at least 1")
         if self.threads is not None and self.threads < 1:

@@ -1,8 +1,14 @@
-"""The one owner of the model: a worker thread serves queued jobs one at a time, in arrival order.
+"""The one owner of the model: a worker thread serves queued jobs, in arrival order.
 
 HTTP handlers never touch the model. They submit a `Job` (bounded queue: `QueueFull` when
 full) and read its events from an asyncio queue; setting `job.cancelled` (client gone) stops
 the generation before its next decode step.
+
+With a runtime that batches (`max_batch` > 1), the worker does continuous batching: each choice
+gets a slot (a row of the KV cache) as soon as one is free, its prompt is prefilled alone into
+that slot, and then one decode step advances every slot at once. A step always runs over all
+slots, idle ones included, so a choice's tokens are the same whoever else is being served.
+Otherwise (an exported model, speculative decoding, --max-batch 1) jobs are served one at a time.
 """
 
 from __future__ import annotations
@@ -12,13 +18,14 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
 
 from torchchat.errors import TorchchatError
-from torchchat.generate.generator import Generator, Result
-from torchchat.generate.sampling import SamplingOptions
+from torchchat.generate.generator import Generator, Result, TextStream
+from torchchat.generate.sampling import SamplingOptions, make_generator, sample
 from torchchat.generate.speculative import Speculator
 from torchchat.runtime.base import ModelRuntime
 from torchchat.tokenizer import Tokenizer
@@ -90,6 +97,7 @@ class End:
 Event = Piece | Finish | Failed | End
 GONE = Failed(499, "the client closed the request")  # nginx's status for it
 SHUTDOWN = Failed(503, "the server is shutting down")
+INTERNAL = Failed(500, "internal error while generating (see the server log)")
 
 
 @dataclass
@@ -102,6 +110,7 @@ class Job:
     loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+    unfinished: int = field(default=0, init=False)  # choices not finished yet (batched engine)
 
     def emit(self, event: Event) -> None:
         """Hand an event to the request's event loop (called from the worker thread)."""
@@ -162,10 +171,47 @@ class EngineStats:
     cached_tokens: int = 0
     completion_tokens: int = 0
     busy_s: float = 0.0
+    decode_steps: int = 0  # batched decode steps run ...
+    decode_rows: int = 0  # ... and the choices they advanced (rows / steps: mean batch size)
+
+
+@dataclass
+class Decoding:
+    """A choice being generated in a slot."""
+
+    job: Job
+    choice: Choice
+    text: TextStream  # stop rules and detokenization
+    rng: torch.Generator  # the choice's own: seeded requests never share random state
+    rec: LogprobRecorder | None
+    cached_tokens: int  # prompt tokens the slot already held
+    pos: int  # where `token` goes at the next step
+    token: int = 0  # sampled, not fed yet
+
+
+@dataclass
+class Slot:
+    """One row of the KV cache, and the choice generating in it if any."""
+
+    index: int
+    held: list[int] = field(default_factory=list)  # ids whose keys/values positions 0.. hold
+    seq: Decoding | None = None
+    freed_at: int = 0  # when it last became free (of equal candidates, the oldest is reused)
+
+
+def shared_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of a and b."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 class Engine:
-    """Owns the runtime (and so its KV cache); serves jobs one at a time on its own thread."""
+    """Owns the runtime (and so its KV cache); serves jobs on its own thread, up to max_batch
+    choices at once when the runtime can batch."""
 
     def __init__(
         self,
@@ -173,14 +219,25 @@ class Engine:
         tokenizer: Tokenizer,
         speculator: Speculator | None = None,
         max_queue: int = 16,
+        max_batch: int = 8,
     ):
         self.runtime, self.tokenizer, self.speculator = runtime, tokenizer, speculator
         self.generator = Generator(runtime, tokenizer, speculator)
         self.stats = EngineStats()
-        self.running = False
+        self.running = 0  # jobs being generated
         self._jobs: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._work, name="torchchat-engine", daemon=True)
+        # A speculator keeps one sequence's cache (the draft's) in step with the target's.
+        self.batched = max_batch > 1 and speculator is None
+        if self.batched:
+            runtime.setup_batch(max_batch)
+            self.batched = runtime.max_batch > 1  # 1: the runtime cannot batch
+        self.slots = [Slot(i) for i in range(runtime.max_batch)] if self.batched else []
+        self._backlog: deque[tuple[Job, Choice]] = deque()  # choices of started jobs, no slot yet
+        self._started: list[Job] = []  # jobs with a choice in a slot or in the backlog
+        self._clock = 0  # counts slots freed
+        work = self._work_batched if self.batched else self._work
+        self._thread = threading.Thread(target=work, name="torchchat-engine", daemon=True)
         self._thread.start()
 
     @property
@@ -190,7 +247,7 @@ class Engine:
 
     @property
     def waiting(self) -> int:
-        """Jobs queued behind the one being served."""
+        """Jobs queued, not started yet."""
         return self._jobs.qsize()
 
     def submit(self, job: Job) -> None:
@@ -222,7 +279,7 @@ class Engine:
                 self.stats.cancelled += 1
                 job.emit(GONE)
                 continue
-            self.running = True
+            self.running = 1
             t0 = time.perf_counter()
             try:
                 self._serve(job)
@@ -237,9 +294,9 @@ class Engine:
             except Exception:
                 log.exception("generation failed")
                 self.stats.failed += 1
-                job.emit(Failed(500, "internal error while generating (see the server log)"))
+                job.emit(INTERNAL)
             finally:
-                self.running = False
+                self.running = 0
                 self.stats.busy_s += time.perf_counter() - t0
 
     def _serve(self, job: Job) -> None:
@@ -290,3 +347,177 @@ class Engine:
                 rec.take() if rec else [],
             )
         )
+
+    # Continuous batching: everything below runs on the worker thread of a batched engine.
+
+    def _work_batched(self) -> None:
+        while not self._stop.is_set():
+            if not self._started:  # idle: wait for a job
+                if (job := self._next_job(wait=True)) is None:
+                    continue
+                self._begin(job)
+            t0 = time.perf_counter()
+            self._admit()
+            for job in [j for j in self._started if j.cancelled.is_set()]:
+                self.stats.cancelled += 1
+                self._end_job(job, GONE)
+            if any(slot.seq for slot in self.slots):
+                try:
+                    self._step()
+                except Exception:
+                    log.exception("batched decode step failed")
+                    for slot in self.slots:
+                        slot.held = []  # what the cache holds is unknown now
+                    for job in list(self._started):
+                        self.stats.failed += 1
+                        self._end_job(job, INTERNAL)
+            self.stats.busy_s += time.perf_counter() - t0
+        for job in list(self._started):
+            self.stats.cancelled += 1
+            self._end_job(job, SHUTDOWN)
+
+    def _next_job(self, wait: bool) -> Job | None:
+        """The oldest queued job whose client is still there (waiting a little if `wait`)."""
+        while True:
+            try:
+                job = self._jobs.get(timeout=0.1) if wait else self._jobs.get_nowait()
+            except queue.Empty:
+                return None
+            if not job.cancelled.is_set():
+                return job
+            self.stats.cancelled += 1  # its client left while it waited
+            job.emit(GONE)
+
+    def _begin(self, job: Job) -> None:
+        job.unfinished = len(job.choices)
+        self._started.append(job)
+        self.running += 1
+        self._backlog.extend((job, choice) for choice in job.choices)
+
+    def _admit(self) -> None:
+        """Start waiting choices in free slots, oldest first, each prefilled at once."""
+        while free := [slot for slot in self.slots if slot.seq is None]:
+            if not self._backlog:
+                if (job := self._next_job(wait=False)) is None:
+                    return
+                self._begin(job)
+            job, choice = self._backlog.popleft()
+            try:
+                self._start(job, choice, free)
+            except TorchchatError as e:
+                self.stats.failed += 1
+                self._end_job(job, Failed(400, str(e)))
+            except Exception:
+                log.exception("prefill failed")
+                self.stats.failed += 1
+                self._end_job(job, INTERNAL)
+
+    def _start(self, job: Job, choice: Choice, free: list[Slot]) -> None:
+        """Prefill a choice's prompt into the free slot where it overwrites the fewest cached
+        tokens, after copying in the longest cached prefix of it that any slot holds (choices
+        of one prompt, and prompts sharing a beginning, are prefilled once)."""
+        prompt, context = choice.prompt, self.runtime.max_seq_len
+        if not prompt:
+            raise TorchchatError("empty prompt: nothing to condition on")
+        if len(prompt) >= context:
+            raise TorchchatError(
+                f"prompt of {len(prompt)} tokens does not fit the context of {context} tokens"
+            )
+        # The last prompt token is always fed again: its logits pick the first new token.
+        shared = {s.index: shared_prefix(s.held, prompt[:-1]) for s in self.slots}
+        # Least cached tokens lost; then most reused in place; then least recently used.
+        slot = min(
+            free, key=lambda s: (len(s.held) - shared[s.index], -shared[s.index], s.freed_at)
+        )
+        donor = max(self.slots, key=lambda s: shared[s.index])
+        reuse = shared[slot.index]
+        if shared[donor.index] > reuse:
+            reuse = shared[donor.index]
+            self.runtime.copy_slot(donor.index, slot.index, reuse)
+            slot.held = donor.held[:reuse]
+        del slot.held[reuse:]  # positions from here on are about to change
+        logits = self.runtime.prefill_slot(torch.tensor([prompt[reuse:]]), reuse, slot.index)
+        slot.held = list(prompt)
+        res = Result()
+        max_new = min(choice.max_tokens, context - len(prompt) + 1)  # the last needs no position
+        slot.seq = Decoding(
+            job,
+            choice,
+            TextStream(self.tokenizer, prompt[-1], max_new, job.stop, res),
+            make_generator(choice.sampling.seed, "cpu"),
+            LogprobRecorder(job.top_logprobs, res.tokens) if job.top_logprobs is not None else None,
+            cached_tokens=reuse,
+            pos=len(prompt),
+        )
+        self._sampled(slot, logits.cpu())
+
+    def _step(self) -> None:
+        """One decode step over every slot (idle ones too: the same shapes every step)."""
+        last = self.runtime.max_seq_len - 1
+        tokens = torch.zeros(len(self.slots), 1, dtype=torch.long)
+        positions = torch.full((len(self.slots),), -1, dtype=torch.long)  # -1: idle
+        active = [slot for slot in self.slots if slot.seq is not None]
+        for slot in self.slots:
+            if slot.seq is None:
+                del slot.held[last:]  # an idle row's step overwrites its last position
+            else:
+                tokens[slot.index, 0], positions[slot.index] = slot.seq.token, slot.seq.pos
+        logits = self.runtime.decode_batch(tokens, positions).cpu()
+        self.stats.decode_steps += 1
+        self.stats.decode_rows += len(active)
+        for slot in active:
+            slot.held.append(slot.seq.token)
+            slot.seq.pos += 1
+            self._sampled(slot, logits[slot.index])
+
+    def _sampled(self, slot: Slot, logits: torch.Tensor) -> None:
+        """Sample the slot's next token from its logits (vocab,); emit the text it completes."""
+        seq = slot.seq
+        if seq.rec is not None:
+            seq.rec.observe(logits)
+        token = sample(logits, seq.choice.sampling, seq.rng)
+        index, rec = seq.choice.index, seq.rec
+        out = seq.text.push(token)
+        if out:
+            seq.job.emit(Piece(index, out, rec.take() if rec else []))
+        if not seq.text.done:
+            seq.token = token
+            return
+        if out := seq.text.flush():
+            seq.job.emit(Piece(index, out, rec.take() if rec else []))
+        res = seq.text.result
+        if seq.choice.first_of_prompt:
+            self.stats.prompt_tokens += len(seq.choice.prompt)
+            self.stats.cached_tokens += seq.cached_tokens
+        self.stats.completion_tokens += len(res.tokens)
+        seq.job.emit(
+            Finish(
+                index,
+                res.finish_reason,
+                len(res.tokens),
+                seq.cached_tokens,
+                rec.take() if rec else [],
+            )
+        )
+        self._free(slot)
+        seq.job.unfinished -= 1
+        if seq.job.unfinished == 0:
+            self.stats.requests += 1
+            self._end_job(seq.job, End())
+
+    def _free(self, slot: Slot) -> None:
+        slot.seq = None
+        self._clock += 1
+        slot.freed_at = self._clock
+
+    def _end_job(self, job: Job, event: Event) -> None:
+        """Stop all of a job's choices (their slots keep their cache) and send its last event."""
+        if not any(j is job for j in self._started):
+            return  # ended already
+        for slot in self.slots:
+            if slot.seq is not None and slot.seq.job is job:
+                self._free(slot)
+        self._backlog = deque((j, c) for j, c in self._backlog if j is not job)
+        self._started = [j for j in self._started if j is not job]
+        self.running -= 1
+        job.emit(event)

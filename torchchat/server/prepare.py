@@ -6,7 +6,7 @@ import logging
 
 from pydantic import BaseModel
 
-from torchchat.chat.templates import ChatTemplate
+from torchchat.chat.templates import ChatTemplate, render_spans
 from torchchat.errors import TorchchatError
 from torchchat.generate.sampling import SamplingOptions
 from torchchat.server.config import ServerOptions
@@ -16,6 +16,7 @@ from torchchat.server.protocol import Reply
 from torchchat.server.schemas import ChatCompletionRequest, CompletionRequest
 
 log = logging.getLogger("torchchat.server")
+MIN_SAMPLING = 1e-6  # temperature and top_p below it are greedy
 
 
 def log_unknown_fields(body: BaseModel, route: str) -> None:
@@ -44,7 +45,12 @@ def sampling(body: ChatCompletionRequest | CompletionRequest, index: int) -> Sam
     """Sampling for choice `index`; choice i of a seeded request uses seed + i."""
     seed = None if body.seed is None else (body.seed + index) % (1 << 64)
     top_k = body.top_k if body.top_k is not None and body.top_k > 0 else None
-    return SamplingOptions(temperature=body.temperature, top_k=top_k, top_p=body.top_p, seed=seed)
+    # Both limits mean greedy; below these, logits / temperature overflows and top_p rounds
+    # to 0 in fp32, which would leave no token to sample from.
+    temperature, top_p = body.temperature, body.top_p
+    if temperature < MIN_SAMPLING or (top_p is not None and top_p < MIN_SAMPLING):
+        temperature, top_p = 0.0, None
+    return SamplingOptions(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
 
 
 def token_budget(
@@ -121,11 +127,11 @@ def prepare_chat(
             "context_length_exceeded",
         )
     try:
-        text = template.render(messages, add_generation_prompt=True)
+        text, spans = render_spans(template, messages)
     except TorchchatError as e:
         raise ApiError(400, str(e), "messages") from None
     tok = engine.tokenizer
-    prompt = tok.encode(text, allow_special=True)
+    prompt = tok.encode_prompt(text, spans)  # special tokens typed in messages stay text
     requested = body.max_completion_tokens or body.max_tokens
     param = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
     budget = token_budget(requested, len(prompt), engine.context, opts, param, "messages")

@@ -1,0 +1,181 @@
+"""Batched decoding: aggregate decode tokens/s of 1 vs N concurrent greedy streams.
+
+    python bench/batch_decode.py [--shape stories110M] [--streams 1 8] [--max-batch 8]
+                                 [--new-tokens 64] [--compile] [--threads N]
+
+A model of a known shape with random weights (no download), the llama2.c tokenizer from
+../shared/models for detokenizing. Two measurements, each repeated and reported as a median:
+
+- runtime: the decode loop alone. `B=1 path` is what `torchchat generate` runs (one sequence,
+  `runtime.decode`); `batched, k streams` runs `runtime.decode_batch` over all max-batch slots
+  with k of them active, greedy, and counts k tokens per step.
+- engine: the server's engine (no HTTP): k concurrent requests with different prompts,
+  completion tokens over the time from submitting them to their last token.
+
+Prints a Markdown table and the ratio of N streams to 1 stream (B=1 path and batched).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from torchchat.bench.run import random_runtime
+from torchchat.generate.sampling import SamplingOptions
+from torchchat.options import ModelOptions
+from torchchat.runtime.base import ModelRuntime
+from torchchat.server.engine import Choice, End, Engine, Failed, Finish, Job
+from torchchat.tokenizer import load_tokenizer
+
+REPO = Path(__file__).resolve().parents[1]
+TOKENIZER = REPO.parent / "shared" / "models" / "llama2c-tokenizer" / "tokenizer.model"
+GREEDY = SamplingOptions(temperature=0)
+
+
+def prompts(n: int, length: int, vocab: int) -> list[list[int]]:
+    """n different prompts of random ids (BOS first), the same on every run."""
+    gen = torch.Generator().manual_seed(0)
+    return [[1, *torch.randint(3, vocab, (length - 1,), generator=gen).tolist()] for _ in range(n)]
+
+
+def single_path_tps(rt: ModelRuntime, prompt: list[int], steps: int) -> float:
+    """Decode tokens/s of one sequence on the B=1 path (prefill, then `steps` decode calls)."""
+    rt.cached = []
+    token = int(torch.argmax(rt.prefill(torch.tensor([prompt]), 0)))
+    t0 = time.perf_counter()
+    for i in range(steps):
+        token = int(torch.argmax(rt.decode(torch.tensor([[token]]), len(prompt) + i)))
+    return steps / (time.perf_counter() - t0)
+
+
+def batched_tps(rt: ModelRuntime, batch: list[list[int]], steps: int) -> float:
+    """Aggregate decode tokens/s of len(batch) sequences in decode_batch's slots (others idle)."""
+    tokens = torch.zeros(rt.max_batch, 1, dtype=torch.long)
+    positions = torch.full((rt.max_batch,), -1, dtype=torch.long)
+    for slot, prompt in enumerate(batch):
+        logits = rt.prefill_slot(torch.tensor([prompt]), 0, slot)
+        tokens[slot, 0], positions[slot] = int(torch.argmax(logits)), len(prompt)
+    active = len(batch)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        logits = rt.decode_batch(tokens, positions)
+        tokens[:active, 0] = torch.argmax(logits[:active], dim=-1)
+        positions[:active] += 1
+    return active * steps / (time.perf_counter() - t0)
+
+
+def engine_tps(engine: Engine, batch: list[list[int]], new_tokens: int) -> float:
+    """Aggregate completion tokens/s of concurrent requests, from submitting them to the last
+    token (their prefills included, so this understates decode speed a little)."""
+
+    async def run() -> float:
+        jobs = [Job([Choice(0, p, new_tokens, GREEDY)]) for p in batch]
+        tokens = 0
+
+        async def follow(job: Job) -> None:
+            nonlocal tokens
+            while not isinstance(event := await job.next_event(), End):
+                if isinstance(event, Failed):
+                    raise RuntimeError(event.message)
+                if isinstance(event, Finish):
+                    tokens += event.completion_tokens
+
+        t0 = time.perf_counter()
+        for job in jobs:
+            engine.submit(job)
+        await asyncio.gather(*(follow(job) for job in jobs))
+        return tokens / (time.perf_counter() - t0)
+
+    return asyncio.run(run())
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", default="stories110M")
+    p.add_argument("--streams", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--max-seq-len", type=int, default=1024)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--compile", action="store_true", help="torch.compile the decode steps")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    p.add_argument("--skip-engine", action="store_true", help="measure the runtime only")
+    args = p.parse_args()
+    if max(args.streams) > args.max_batch:
+        p.error("--streams may not exceed --max-batch")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    mopts = ModelOptions(dtype="fp32", compile=args.compile)
+    # Runtimes with the same weights: the B=1 path as `generate` runs it, the batched one with
+    # max-batch slots, and the engine's own. Measurements alternate between them, so drifting
+    # machine load affects each alike.
+    single = random_runtime(args.shape, mopts, args.max_seq_len)
+    batched = random_runtime(args.shape, mopts, args.max_seq_len)
+    batched.setup_batch(args.max_batch)
+    batch = prompts(max(args.streams), args.prompt_tokens, single.args.vocab_size)
+    steps = args.new_tokens
+    runs: dict[str, Callable[[], float]] = {
+        "B=1 path (generate), 1 stream": lambda: single_path_tps(single, batch[0], steps)
+    }
+    for k in args.streams:
+        runs[f"runtime batched, {k} stream(s)"] = partial(batched_tps, batched, batch[:k], steps)
+    engine = None
+    if not args.skip_engine:
+        served = random_runtime(args.shape, mopts, args.max_seq_len)
+        engine = Engine(served, load_tokenizer(TOKENIZER), max_queue=64, max_batch=args.max_batch)
+        for k in args.streams:
+            name = f"engine (server), {k} concurrent request(s)"
+            runs[name] = partial(engine_tps, engine, batch[:k], steps)
+    try:
+        single_path_tps(single, batch[0], 4)  # warm up (and compile)
+        batched_tps(batched, batch, 4)
+        if engine is not None:
+            engine_tps(engine, batch, 4)
+        samples: dict[str, list[float]] = {name: [] for name in runs}
+        for _ in range(args.repeats):
+            for name, run in runs.items():
+                samples[name].append(run())
+    finally:
+        if engine is not None:
+            engine.close()
+    rows = [(name, statistics.median(values)) for name, values in samples.items()]
+    setup = time.perf_counter() - t0
+    print(
+        f"Batched decode: {args.shape} (random weights, fp32), max-batch {args.max_batch}, "
+        f"{'compiled' if args.compile else 'eager'}, {torch.get_num_threads()} threads, "
+        f"{platform.machine()}, {os.cpu_count()} cores; prompt {args.prompt_tokens} tokens, "
+        f"{steps} decode steps, median of {args.repeats}; {setup:.0f} s in all"
+    )
+    print()
+    print("| measurement | decode tok/s |")
+    print("|---|---|")
+    for name, tps in rows:
+        print(f"| {name} | {tps:.1f} |")
+    results = dict(rows)
+    n = max(args.streams)
+    one = results["B=1 path (generate), 1 stream"]
+    print()
+    for where in ("runtime batched", "engine (server)"):
+        many = next((v for k, v in results.items() if k.startswith(where) and f" {n} " in k), None)
+        alone = next((v for k, v in results.items() if k.startswith(where) and " 1 " in k), None)
+        if many is not None:
+            print(
+                f"{where}: {n} streams = {many / one:.2f}x the B=1 path, {many / alone:.2f}x one batched stream"
+            )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

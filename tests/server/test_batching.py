@@ -1,0 +1,250 @@
+"""Continuous batching in the engine: choices decoded together give exactly what each gives
+alone, a cancelled choice leaves its slot within one step, prompts stay cached per slot, and a
+full queue still answers 503."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+import httpx
+import pytest
+
+from server.conftest import MODEL_ID, SlowBatchRuntime, SlowRuntime, build_stories, live_server
+from torchchat.cli import build_parser
+from torchchat.errors import TorchchatError
+from torchchat.generate.sampling import SamplingOptions
+from torchchat.server.config import ServerOptions
+from torchchat.server.engine import GONE, Choice, End, Engine, Failed, Finish, Job, Piece
+
+GREEDY = SamplingOptions(temperature=0)
+
+
+@pytest.fixture(scope="module")
+def built():
+    return build_stories()
+
+
+def run_jobs(engine: Engine, make_jobs: Callable[[], list[Job]]) -> list[list]:
+    """Submit the jobs together; every job's events, to its last."""
+
+    async def drain(job: Job) -> list:
+        events = []
+        while not isinstance(event := await asyncio.wait_for(job.next_event(), 60), End):
+            events.append(event)
+            assert not isinstance(event, Failed), event
+        return events
+
+    async def run() -> list[list]:
+        jobs = make_jobs()  # jobs belong to the running event loop
+        for job in jobs:
+            engine.submit(job)
+        return await asyncio.gather(*(drain(job) for job in jobs))
+
+    return asyncio.run(run())
+
+
+def outcome(events: list) -> dict[int, tuple]:
+    """Per choice: text, finish reason, token count, and each token's id and logprob."""
+    text: dict[int, str] = {}
+    logprobs: dict[int, list] = {}
+    out = {}
+    for e in events:
+        if isinstance(e, Piece | Finish):
+            logprobs.setdefault(e.index, []).extend((lp.token, lp.logprob) for lp in e.logprobs)
+        if isinstance(e, Piece):
+            text[e.index] = text.get(e.index, "") + e.text
+        elif isinstance(e, Finish):
+            out[e.index] = (text.get(e.index, ""), e.finish_reason, e.completion_tokens)
+    return {i: (*out[i], logprobs.get(i, [])) for i in out}
+
+
+# (prompt, max_tokens, stop strings, sampling, choices, top_logprobs): lengths, budgets, stop
+# strings, seeds and sampling options all differ, and there are more choices than slots.
+SPECS = [
+    ("Once upon a time", 40, (), GREEDY, 1, None),
+    ("The little dog", 7, (), SamplingOptions(0.9, seed=1), 1, None),
+    ("Lily and Ben went to the park.", 30, (".",), GREEDY, 1, None),
+    ("Tom had a red ball", 25, ("ball", "the"), SamplingOptions(1.0, top_k=20, seed=5), 1, 2),
+    ("One day", 50, (), SamplingOptions(0.7, top_p=0.9, seed=9), 2, None),
+    ("Once upon a time there was", 12, (), GREEDY, 1, 3),
+    ("A cat", 1, (), GREEDY, 1, None),
+    ("The sun was hot", 35, ("sun",), SamplingOptions(0.8, seed=2), 1, None),
+]
+
+
+def make_job(tokenizer, spec) -> Job:
+    text, max_tokens, stop, sampling, n, top = spec
+    prompt = tokenizer.encode(text, bos=True)
+    choices = []
+    for i in range(n):  # choice i of a seeded request uses seed + i, as the server does
+        seeded = sampling if sampling.seed is None else replace(sampling, seed=sampling.seed + i)
+        choices.append(Choice(i, prompt, max_tokens, seeded))
+    return Job(choices, stop, top)
+
+
+def test_together_equals_alone(built):
+    tok = built.tokenizer
+    engine = Engine(built.runtime, tok, max_queue=16, max_batch=4)
+    try:
+        assert engine.batched and len(engine.slots) == 4
+        alone = [outcome(run_jobs(engine, lambda s=s: [make_job(tok, s)])[0]) for s in SPECS]
+        steps, rows = engine.stats.decode_steps, engine.stats.decode_rows
+        together = run_jobs(engine, lambda: [make_job(tok, s) for s in SPECS])
+        steps, rows = engine.stats.decode_steps - steps, engine.stats.decode_rows - rows
+    finally:
+        engine.close()
+    assert rows / steps > 2  # the choices really were decoded side by side
+    for spec, expected, events in zip(SPECS, alone, together, strict=True):
+        got = outcome(events)
+        assert got.keys() == expected.keys() == set(range(spec[4]))
+        for i in got:
+            text, reason, count, lps = got[i]
+            e_text, e_reason, e_count, e_lps = expected[i]
+            assert (text, reason, count) == (e_text, e_reason, e_count), spec
+            assert [t for t, _ in lps] == [t for t, _ in e_lps]
+            # Prefills may reuse a different amount of cached prompt alone and together.
+            assert [v for _, v in lps] == pytest.approx([v for _, v in e_lps], abs=1e-5)
+    reasons = {o[1] for e in together for o in outcome(e).values()}
+    assert reasons == {"stop", "length"}  # stop strings were hit, budgets too
+
+
+def test_prompts_stay_cached_per_slot(built):
+    tok = built.tokenizer
+    first = tok.encode("Once upon a time there was a little girl", bos=True)
+    second = tok.encode("The big brown dog ran to the park", bos=True)
+    engine = Engine(built.runtime, tok, max_batch=2)
+
+    def cached(*prompts: list[int]) -> list[int]:
+        jobs = run_jobs(engine, lambda: [Job([Choice(0, p, 3, GREEDY)]) for p in prompts])
+        return [next(e.cached_tokens for e in events if isinstance(e, Finish)) for events in jobs]
+
+    try:
+        assert cached(first) == [0]  # a fresh engine holds nothing
+        assert cached(second) == [1]  # just BOS in common: the other slot takes it
+        # Each prompt is still in its own slot: only its last token is fed again.
+        assert cached(first) == [len(first) - 1]
+        assert cached(second) == [len(second) - 1]
+        assert cached(first, second) == [len(first) - 1, len(second) - 1]
+        # Two choices of one new prompt: the second copies the first's prefill.
+        third = tok.encode("Ben liked to play", bos=True)
+        jobs = run_jobs(
+            engine, lambda: [Job([Choice(0, third, 3, GREEDY), Choice(1, third, 3, GREEDY)])]
+        )
+        finishes = sorted((e for e in jobs[0] if isinstance(e, Finish)), key=lambda f: f.index)
+        assert [f.cached_tokens for f in finishes] == [1, len(third) - 1]
+    finally:
+        engine.close()
+
+
+def test_cancelled_choice_leaves_its_slot_within_one_step(built):
+    tok = built.tokenizer
+    slow = SlowBatchRuntime(built.runtime, 0.02)
+    engine = Engine(slow, tok, max_batch=3)
+    prompt = tok.encode("Once upon a time", bos=True)
+
+    async def run() -> tuple[float, int, list]:
+        stay = Job([Choice(0, prompt, 300, GREEDY)])
+        leave = Job([Choice(0, tok.encode("The dog", bos=True), 300, GREEDY)])
+        engine.submit(stay)
+        engine.submit(leave)
+        for _ in range(5):  # both are decoding
+            assert isinstance(await leave.next_event(), Piece)
+        slot = next(s.index for s in engine.slots if s.seq is not None and s.seq.job is leave)
+        at = time.monotonic()
+        leave.cancelled.set()
+        while (last := await leave.next_event()) is not GONE:
+            assert isinstance(last, Piece)
+        # The freed slot serves a new request while the first one goes on.
+        late = Job([Choice(0, prompt, 5, GREEDY)])
+        engine.submit(late)
+        late_events = []
+        while not isinstance(event := await late.next_event(), End):
+            late_events.append(event)
+        assert engine.running == 1  # `stay` is still generating
+        stay.cancelled.set()
+        while await stay.next_event() is not GONE:
+            pass
+        return at, slot, late_events
+
+    try:
+        at, slot, late_events = asyncio.run(run())
+    finally:
+        engine.close()
+    steps_after = [active for t, active in slow.steps if t > at]
+    leave_steps = 0
+    for active in steps_after:
+        if slot not in active:
+            break
+        leave_steps += 1
+    # Of the steps begun after it left, only one begun that very moment may still advance it.
+    assert leave_steps <= 1
+    assert isinstance(late_events[-1], Finish) and late_events[-1].completion_tokens == 5
+    assert engine.stats.cancelled == 2 and not engine.running
+
+
+def test_serial_when_batching_is_off_or_unsupported(built):
+    tok = built.tokenizer
+    for engine in (
+        Engine(built.runtime, tok, max_batch=1),
+        Engine(SlowRuntime(built.runtime, 0), tok, max_batch=8),  # no batched API
+    ):
+        engine.close()
+        assert not engine.batched and not engine.slots
+
+
+def stream(http: httpx.Client, max_tokens: int) -> httpx.Response:
+    body = {"prompt": "Once upon a time", "max_tokens": max_tokens, "stream": True}
+    return http.send(http.build_request("POST", "/v1/completions", json=body), stream=True)
+
+
+def wait_for(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+def test_full_queue_is_503_when_every_slot_is_busy():
+    holder = {}
+
+    def load():
+        built = build_stories()
+        built.runtime = holder["runtime"] = SlowBatchRuntime(built.runtime, 0.02)
+        return built
+
+    opts = ServerOptions(model_id=MODEL_ID, max_queue=1, max_batch=2)
+    with live_server(opts, load=load) as srv, srv.http() as a, srv.http() as b:
+        with srv.http() as c, srv.http() as d:
+            engine = srv.engine
+            first, second = stream(a, 30), stream(b, 30)
+            wait_for(lambda: engine.running == 2)  # both slots busy
+            third = stream(c, 5)  # waits for a slot: the queue (size 1) is now full
+            wait_for(lambda: engine.waiting == 1)
+            r = d.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
+            assert r.status_code == 503
+            assert r.json()["error"]["code"] == "server_busy"
+            for response in (first, second, third):
+                payloads = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+                assert payloads[-1] == "[DONE]"
+                assert json.loads(payloads[-2])["choices"][0]["finish_reason"] == "length"
+                response.close()
+            hi = d.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
+            assert hi.status_code == 200
+            metrics = dict(
+                line.split() for line in d.get("/metrics").text.splitlines() if line[0] != "#"
+            )
+        assert max(len(active) for _, active in holder["runtime"].steps) == 2
+        steps = int(metrics["torchchat_decode_steps_total"])
+        assert steps > 0 and int(metrics["torchchat_decode_rows_total"]) > steps
+
+
+def test_max_batch_option():
+    args = build_parser().parse_args(["server", "model.bin", "--max-batch", "3"])
+    assert args.max_batch == 3
+    assert build_parser().parse_args(["server", "model.bin"]).max_batch == ServerOptions.max_batch
+    with pytest.raises(TorchchatError, match="--max-batch"):
+        ServerOptions(max_batch=0)
