@@ -1,26 +1,42 @@
 """`torchchat bench`: measure a model (real or random weights of a known shape) the same way
-every time: prefill a prompt of random ids, decode greedily, repeat, report median/min/max."""
+every time: prefill a prompt of random ids, decode greedily, repeat, report median/min/max.
+
+`--compare llama.cpp` writes the same random weights to GGUF, runs them in llama.cpp with the same
+threads, prompts and token counts, alternating torchchat and llama.cpp runs, and reports the
+ratio torchchat / llama.cpp of each metric.
+"""
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import resource
 import statistics
 import sys
+import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from torchchat.bench.bandwidth import read_bandwidth
+from torchchat.bench.gguf_writer import gguf_weight_bytes, write_gguf
+from torchchat.bench.llamacpp import LlamaCppWorker, llama_cpp_version, require_llama_cpp
 from torchchat.builder import build_model, build_transformer, resolve_device, resolve_dtype
 from torchchat.errors import TorchchatError
-from torchchat.model.config import known_model_args, known_model_names
+from torchchat.model.config import ModelArgs, known_model_args, known_model_names
 from torchchat.options import ModelOptions
 from torchchat.quant.apply import quantize, structural
 from torchchat.quant.config import load_quantize_spec
 from torchchat.runtime.base import ModelRuntime
 from torchchat.runtime.eager import EagerRuntime
+
+COMPARE_ENGINES = ("llama.cpp",)
+# Metrics whose torchchat/llama.cpp ratio is reported (setup is not comparable: ours includes
+# making the random weights, llama.cpp's only maps the file).
+RATIO_METRICS = ("prefill tok/s", "decode tok/s", "ttft ms", "GB/s", "weights MB", "peak RSS MB")
+HIDDEN_COLUMNS = ("probe GB/s",)  # in the JSON rows; the table prints it once above
 
 
 @dataclass
@@ -31,54 +47,100 @@ class BenchOptions:
     repeats: int = 3
     warmup: int = 1
     threads: int | None = None
+    compare: str | None = None  # "llama.cpp": run the same weights there too
 
 
 @dataclass
 class BenchResult:
     label: str
+    engine: str  # torchchat | llama.cpp
     prefill_tps: list[float]
     decode_tps: list[float]
     ttft_s: list[float]
-    weight_bytes: int
+    weight_bytes: int  # read per decoded token
     peak_rss_mb: float
-    setup_s: float  # build (+ quantize) + first compile
+    setup_s: float  # build (+ quantize), or llama.cpp's load
+    compile_s: float | None = None  # first call of a compiled model: compile + one run
+    probe_gbps: float | None = None  # the machine's read bandwidth, see bandwidth.py
 
     def row(self) -> dict:
         med = statistics.median
+        gbps = self.weight_bytes * med(self.decode_tps) / 1e9
         return {
+            "engine": self.engine,
             "model": self.label,
             "prefill tok/s": med(self.prefill_tps),
             "decode tok/s": med(self.decode_tps),
             "decode min": min(self.decode_tps),
             "decode max": max(self.decode_tps),
             "ttft ms": 1000 * med(self.ttft_s),
-            "GB/s": self.weight_bytes * med(self.decode_tps) / 1e9,
+            "GB/s": gbps,
+            "% of bw": 100 * gbps / self.probe_gbps if self.probe_gbps else None,
             "weights MB": self.weight_bytes / 2**20,
             "peak RSS MB": self.peak_rss_mb,
             "setup s": self.setup_s,
+            "compile s": self.compile_s,
+            "probe GB/s": self.probe_gbps,
         }
 
 
-def random_runtime(shape: str, mopts: ModelOptions, max_seq_len: int) -> ModelRuntime:
-    """A model of a known shape with random weights (N(0, 0.02)), quantized as asked."""
-    if shape not in known_model_names():
-        raise TorchchatError(f"unknown --shape {shape!r}; known: {', '.join(known_model_names())}")
-    args = known_model_args(shape)
-    device = resolve_device(mopts.device)
-    schemes = load_quantize_spec(mopts.quantize) if mopts.quantize else []
-    dtype_name = next((s.args["dtype"] for s in schemes if s.name == "precision"), mopts.dtype)
-    dtype = resolve_dtype(dtype_name, device, torch.float32)
-    gen = torch.Generator().manual_seed(0)
+@dataclass
+class BenchReport:
+    """torchchat's result, then llama.cpp's (one per GGUF type) when compared."""
+
+    results: list[BenchResult]
+    threads: int
+    probe_gbps: float
+    versions: dict[str, str] = field(default_factory=dict)
+
+    def rows(self) -> list[dict]:
+        """One row per result, then a torchchat/llama.cpp ratio row per llama.cpp result."""
+        rows = [r.row() for r in self.results]
+        ours = rows[0]
+        for other in rows[1:]:
+            gguf_type = other["model"].split()[-1]
+            ratio = {"engine": "ratio", "model": f"torchchat/llama.cpp {gguf_type}"}
+            for k in RATIO_METRICS:
+                ratio[k] = ours[k] / other[k] if ours[k] and other[k] else None
+            rows.append(ratio)
+        return rows
+
+
+def random_weights(args: ModelArgs, seed: int = 0) -> dict[str, torch.Tensor]:
+    """fp32 weights for args in native names: N(0, 0.02), norms at 1."""
+    gen = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
         from torchchat.model.transformer import Transformer
 
         shapes = {k: v.shape for k, v in Transformer(args).state_dict().items()}
     sd = {}
     for name, shp in shapes.items():
-        if name.endswith("norm.weight"):
+        if name == "output.weight" and args.tie_embeddings:
+            sd[name] = sd["tok_embeddings.weight"]
+        elif name.endswith("norm.weight"):
             sd[name] = torch.ones(shp)
         else:
             sd[name] = torch.empty(shp).normal_(0, 0.02, generator=gen)
+    return sd
+
+
+def shape_args(shape: str) -> ModelArgs:
+    if shape not in known_model_names():
+        raise TorchchatError(f"unknown --shape {shape!r}; known: {', '.join(known_model_names())}")
+    return known_model_args(shape)
+
+
+def random_runtime(
+    shape: str, mopts: ModelOptions, max_seq_len: int, sd: dict[str, torch.Tensor] | None = None
+) -> ModelRuntime:
+    """A model of a known shape with random weights (`random_weights` unless sd is given),
+    quantized as asked."""
+    args = shape_args(shape)
+    device = resolve_device(mopts.device)
+    schemes = load_quantize_spec(mopts.quantize) if mopts.quantize else []
+    dtype_name = next((s.args["dtype"] for s in schemes if s.name == "precision"), mopts.dtype)
+    dtype = resolve_dtype(dtype_name, device, torch.float32)
+    sd = random_weights(args) if sd is None else sd
     model = build_transformer(args, sd, torch.float32 if structural(schemes) else dtype, device)
     if structural(schemes):
         quantize(model, schemes)
@@ -88,71 +150,182 @@ def random_runtime(shape: str, mopts: ModelOptions, max_seq_len: int) -> ModelRu
     )
 
 
-def measure(
-    runtime: ModelRuntime, opts: BenchOptions
-) -> tuple[list[float], list[float], list[float]]:
-    """Prefill + greedy decode, `warmup` unrecorded runs then `repeats` recorded ones."""
+def gguf_types(mopts: ModelOptions) -> list[str]:
+    """The GGUF file types that match a torchchat precision: fp32 -> F32, bf16 -> BF16 and F16,
+    fp16 -> F16, linear:int8 -> Q8_0, linear:int4 and 8da4w -> Q4_0."""
+    schemes = load_quantize_spec(mopts.quantize) if mopts.quantize else []
+    linear = [s.name for s in schemes if s.name.startswith("linear:")]
+    if linear == ["linear:int8"]:
+        return ["Q8_0"]
+    if linear in (["linear:int4"], ["linear:a8w4dq"]):
+        return ["Q4_0"]
+    if linear:
+        raise TorchchatError(f"--compare llama.cpp: no GGUF type matches {', '.join(linear)}")
+    dtype = next((s.args["dtype"] for s in schemes if s.name == "precision"), mopts.dtype)
+    types = {None: ["F32"], "fp32": ["F32"], "bf16": ["BF16", "F16"], "fp16": ["F16"]}
+    if dtype not in types:
+        raise TorchchatError(f"--compare llama.cpp: no GGUF type matches dtype {dtype}")
+    return types[dtype]
+
+
+def write_ggufs(args: ModelArgs, sd: dict[str, torch.Tensor], paths: dict[str, Path]) -> None:
+    """Write sd once per file type, in a forked child: its memory never counts in our peak RSS.
+
+    The child only runs numpy (gguf's quantizers), which is safe after fork."""
+    ctx = multiprocessing.get_context("fork")
+    receive, send = ctx.Pipe(duplex=False)
+
+    def child() -> None:
+        try:
+            for file_type, path in paths.items():
+                write_gguf(path, args, sd, file_type)
+            send.send(None)
+        except TorchchatError as e:
+            send.send(str(e))
+
+    proc = ctx.Process(target=child)
+    proc.start()
+    send.close()
+    try:
+        error = receive.recv()
+    except EOFError:
+        error = "the GGUF writer died"
+    proc.join()
+    if error:
+        raise TorchchatError(error)
+
+
+def run_once(
+    runtime: ModelRuntime, prompt: list[int], new_tokens: int
+) -> tuple[float, float, list[int]]:
+    """Prefill prompt, decode new_tokens - 1 more greedily: prefill s, decode s (argmax
+    included) and the new tokens."""
+    t0 = time.perf_counter()
+    tokens = [int(torch.argmax(runtime.prefill(torch.tensor([prompt]), 0)))]
+    t1 = time.perf_counter()
+    for i in range(new_tokens - 1):
+        logits = runtime.decode(torch.tensor([[tokens[-1]]]), len(prompt) + i)
+        tokens.append(int(torch.argmax(logits)))
+    return t1 - t0, time.perf_counter() - t1, tokens
+
+
+def random_prompts(vocab_size: int, length: int, count: int) -> list[list[int]]:
     gen = torch.Generator().manual_seed(1)
-    vocab = runtime.args.vocab_size
-    prefill, decode, ttft = [], [], []
-    for i in range(opts.warmup + opts.repeats):
-        prompt = torch.randint(0, vocab, (1, opts.prompt_tokens), generator=gen)
-        t0 = time.perf_counter()
-        logits = runtime.prefill(prompt, 0)
-        token = int(torch.argmax(logits))
-        t1 = time.perf_counter()
-        pos = opts.prompt_tokens
-        for _ in range(opts.new_tokens - 1):
-            logits = runtime.decode(torch.tensor([[token]]), pos)
-            token = int(torch.argmax(logits))
-            pos += 1
-        t2 = time.perf_counter()
-        if i >= opts.warmup:
-            prefill.append(opts.prompt_tokens / (t1 - t0))
-            decode.append((opts.new_tokens - 1) / (t2 - t1))
-            ttft.append(t1 - t0)
-    return prefill, decode, ttft
+    return [torch.randint(0, vocab_size, (length,), generator=gen).tolist() for _ in range(count)]
 
 
-def run_bench(mopts: ModelOptions, opts: BenchOptions, label: str) -> BenchResult:
+def run_bench(mopts: ModelOptions, opts: BenchOptions, label: str) -> BenchReport:
+    """Measure torchchat (and llama.cpp when opts.compare says so) on the same prompts."""
     if opts.threads:
         torch.set_num_threads(opts.threads)
+    threads = torch.get_num_threads()
     if opts.prompt_tokens < 1 or opts.new_tokens < 2 or opts.repeats < 1:
         raise TorchchatError("bench needs --prompt-tokens >= 1, --new-tokens >= 2, --repeats >= 1")
+    file_types = _compared_gguf_types(mopts, opts)
+    versions = {"torch": torch.__version__}
+    with tempfile.TemporaryDirectory(prefix="torchchat-bench-") as tmp:
+        paths = {t: Path(tmp) / f"{opts.shape}-{t}.gguf" for t in file_types}
+        runtime, setup = _build(mopts, opts, paths)
+        prompts = random_prompts(
+            runtime.args.vocab_size, opts.prompt_tokens, 1 + opts.warmup + opts.repeats
+        )
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            run_once(runtime, prompts[0], 2)  # compiles, when compiled
+        first_call = time.perf_counter() - t0
+        compiled = mopts.compile or mopts.compile_prefill
+        ours = BenchResult(label, "torchchat", [], [], [], runtime.weight_bytes, 0.0, setup,
+                           first_call if compiled else None)  # fmt: skip
+        results, workers = [ours], []
+        try:
+            for file_type, path in paths.items():
+                versions["llama-cpp-python"] = llama_cpp_version()
+                # Same threads for prefill and decode; n_batch = the prompt: one prefill batch.
+                workers.append(LlamaCppWorker(path, threads, opts.prompt_tokens + opts.new_tokens,
+                                              opts.prompt_tokens))  # fmt: skip
+                results.append(BenchResult(f"{opts.shape} {file_type}", "llama.cpp", [], [], [],
+                                           gguf_weight_bytes(path), 0.0, workers[-1].setup_s))  # fmt: skip
+            for i, prompt in enumerate(prompts[1:]):
+                # A B A B ...: drift in the machine's speed hits both engines alike.
+                with torch.inference_mode():
+                    times = [run_once(runtime, prompt, opts.new_tokens)[:2]]
+                for w in workers:
+                    run = w.run(prompt, opts.new_tokens)
+                    times.append((run.prefill_s, run.decode_s))
+                if i >= opts.warmup:
+                    for r, (prefill_s, decode_s) in zip(results, times, strict=True):
+                        r.prefill_tps.append(opts.prompt_tokens / prefill_s)
+                        r.decode_tps.append((opts.new_tokens - 1) / decode_s)
+                        r.ttft_s.append(prefill_s)
+            ours.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            for r, w in zip(results[1:], workers, strict=True):
+                r.peak_rss_mb = w.close()
+        finally:
+            for w in workers:
+                w.kill()
+    del runtime
+    probe = read_bandwidth(threads)  # after the RSS reading: its buffer is not the model's
+    for r in results:
+        r.probe_gbps = probe
+    return BenchReport(results, threads, probe, versions)
+
+
+def _compared_gguf_types(mopts: ModelOptions, opts: BenchOptions) -> list[str]:
+    """The GGUF types llama.cpp runs for --compare (none without it)."""
+    if not opts.compare:
+        return []
+    if opts.compare not in COMPARE_ENGINES:
+        raise TorchchatError(f"--compare: unknown engine {opts.compare!r} (known: llama.cpp)")
+    if not opts.shape:
+        raise TorchchatError("--compare llama.cpp needs --shape (random weights of a shape)")
+    require_llama_cpp()
+    return gguf_types(mopts)
+
+
+def _build(
+    mopts: ModelOptions, opts: BenchOptions, gguf_paths: dict[str, Path]
+) -> tuple[ModelRuntime, float]:
+    """The runtime to measure and its setup time (random weights + build + quantize; the GGUF
+    files for llama.cpp are written on the side and not counted)."""
     max_seq = opts.prompt_tokens + opts.new_tokens
     t0 = time.perf_counter()
     if opts.shape:
-        runtime = random_runtime(opts.shape, mopts, max_seq)
+        args = shape_args(opts.shape)
+        sd = random_weights(args)
+        setup = time.perf_counter() - t0
+        write_ggufs(args, sd, gguf_paths)
+        t0 = time.perf_counter()
+        runtime = random_runtime(opts.shape, mopts, max_seq, sd)
     else:
+        setup = 0.0
         exported = mopts.aoti_package_path or mopts.pte_path  # their cache size is fixed
         seq = mopts.max_seq_length if exported else max_seq
         runtime = build_model(ModelOptions(**{**asdict(mopts), "max_seq_length": seq})).runtime
+    setup += time.perf_counter() - t0
     if max_seq > runtime.max_seq_len:
         raise TorchchatError(
             f"prompt + new tokens ({max_seq}) exceed the context {runtime.max_seq_len}"
         )
-    with torch.inference_mode():
-        measure(
-            runtime,
-            BenchOptions(prompt_tokens=opts.prompt_tokens, new_tokens=2, repeats=1, warmup=0),
-        )
-    setup = time.perf_counter() - t0
-    prefill, decode, ttft = measure(runtime, opts)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return BenchResult(label, prefill, decode, ttft, runtime.weight_bytes, rss, setup)
+    return runtime, setup
 
 
 def print_table(rows: list[dict], out=sys.stdout) -> None:
-    cols = list(rows[0])
-    fmt = [max(len(c), *(len(_cell(r[c])) for r in rows)) for c in cols]
+    cols = [c for c in rows[0] if c not in HIDDEN_COLUMNS]
+    fmt = [max(len(c), *(len(_cell(r.get(c))) for r in rows)) for c in cols]
     print(" | ".join(c.ljust(w) for c, w in zip(cols, fmt, strict=True)), file=out)
     print("-|-".join("-" * w for w in fmt), file=out)
     for r in rows:
-        print(" | ".join(_cell(r[c]).ljust(w) for c, w in zip(cols, fmt, strict=True)), file=out)
+        print(
+            " | ".join(_cell(r.get(c)).ljust(w) for c, w in zip(cols, fmt, strict=True)), file=out
+        )
 
 
 def _cell(v) -> str:
-    return f"{v:.1f}" if isinstance(v, float) else str(v)
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.2f}" if abs(v) < 10 else f"{v:.1f}"
+    return str(v)
 
 
 def write_json(path: Path, rows: list[dict]) -> None:

@@ -1,0 +1,109 @@
+"""`torchchat bench`: rows, the bandwidth probe, compile time, and --compare llama.cpp's plumbing."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+from support import random_args, run_torchchat
+
+from torchchat import cli
+from torchchat.bench import llamacpp
+from torchchat.bench.bandwidth import read_bandwidth
+from torchchat.bench.run import BenchReport, BenchResult, gguf_types, random_weights, write_ggufs
+from torchchat.checkpoint.gguf import load_gguf
+from torchchat.errors import TorchchatError
+from torchchat.options import ModelOptions
+
+
+def test_bench_reports_bandwidth_fraction(tmp_path):
+    p = run_torchchat("bench", "--shape", "stories260K", "--prompt-tokens", "8", "--new-tokens", "4",
+                      "--repeats", "2", "--threads", "1", "--json", tmp_path / "b.json")  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("memory read bandwidth (probe, 1 threads): ")
+    [row] = json.loads((tmp_path / "b.json").read_text())
+    assert row["engine"] == "torchchat" and row["compile s"] is None
+    assert row["probe GB/s"] > 0 and row["decode tok/s"] > 0
+    assert math.isclose(row["% of bw"], 100 * row["GB/s"] / row["probe GB/s"])
+    assert "% of bw" in p.stdout and "compile s" in p.stdout
+
+
+@pytest.mark.slow
+def test_compile_time_first_then_cached(tmp_path):
+    """A second process finds the first one's compiled graphs in the cache folder."""
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    args = ("bench", "--shape", "stories260K", "--prompt-tokens", "8", "--new-tokens", "4",
+            "--repeats", "1", "--threads", "1", "--compile")  # fmt: skip
+    times = []
+    for i in range(2):
+        p = run_torchchat(*args, "--json", tmp_path / f"{i}.json", env=env)
+        assert p.returncode == 0, p.stderr
+        times.append(json.loads((tmp_path / f"{i}.json").read_text())[0]["compile s"])
+    assert any((tmp_path / "inductor" / "fxgraph").iterdir())
+    assert times[1] < times[0] / 2, times
+
+
+def test_probe_restores_threads():
+    before = torch.get_num_threads()
+    assert read_bandwidth(threads=1, seconds=0.05) > 0.1
+    assert torch.get_num_threads() == before
+
+
+def test_ratio_rows():
+    ours = BenchResult("m fp32", "torchchat", [100.0], [20.0, 30.0, 40.0], [0.5], 10**9, 500.0, 2.0)
+    theirs = BenchResult("m F32", "llama.cpp", [50.0], [60.0], [0.25], 2 * 10**9, 250.0, 1.0)
+    rows = BenchReport([ours, theirs], threads=2, probe_gbps=50.0).rows()
+    assert [r["engine"] for r in rows] == ["torchchat", "llama.cpp", "ratio"]
+    ratio = rows[2]
+    assert ratio["model"] == "torchchat/llama.cpp F32"
+    assert ratio["prefill tok/s"] == 2.0 and ratio["decode tok/s"] == 0.5
+    assert ratio["ttft ms"] == 2.0 and ratio["GB/s"] == 0.25 and ratio["peak RSS MB"] == 2.0
+
+
+@pytest.mark.parametrize(
+    ("dtype", "quantize", "types"),
+    [
+        (None, None, ["F32"]),
+        ("fp32", None, ["F32"]),
+        ("bf16", None, ["BF16", "F16"]),
+        (None, '{"precision": {"dtype": "bf16"}, "linear:int8": {"groupsize": 0}}', ["Q8_0"]),
+        (None, '{"linear:int4": {"groupsize": 32}}', ["Q4_0"]),
+        (None, '{"linear:8da4w": {"groupsize": 32}}', ["Q4_0"]),
+    ],
+)
+def test_gguf_type_for_each_precision(dtype, quantize, types):
+    assert gguf_types(ModelOptions(dtype=dtype, quantize=quantize)) == types
+
+
+def test_gguf_files_are_written_in_a_child(tmp_path):
+    args = random_args(dim=64, hidden_dim=96, vocab_size=96)
+    sd = random_weights(args)
+    write_ggufs(args, sd, {"F32": tmp_path / "a.gguf", "Q8_0": tmp_path / "b.gguf"})
+    assert torch.equal(load_gguf(tmp_path / "a.gguf")[1]["layers.0.attention.wq.weight"],
+                       sd["layers.0.attention.wq.weight"])  # fmt: skip
+    assert load_gguf(tmp_path / "b.gguf")[2].tensor_types["output.weight"] == "Q8_0"
+    bad = random_args(dim=64, hidden_dim=100, vocab_size=96)
+    with pytest.raises(TorchchatError, match="multiple of the 32-value block"):
+        write_ggufs(bad, random_weights(bad), {"Q4_0": tmp_path / "c.gguf"})
+
+
+def test_compare_without_llama_cpp_says_how_to_install(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # cli.main would set it
+    monkeypatch.setattr(llamacpp.importlib.util, "find_spec", lambda name: None)
+    assert cli.main(["bench", "--shape", "stories260K", "--compare", "llama.cpp"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        'torchchat: error: --compare llama.cpp: llama.cpp is not installed: pip install -e ".[llamacpp]" '
+        "(builds llama.cpp, ~15 min)"
+    ]
+
+
+def test_compare_needs_a_shape(tmp_path):
+    p = run_torchchat("bench", tmp_path / "x.pt", "--compare", "llama.cpp")
+    assert p.returncode == 1
+    assert (
+        "--compare llama.cpp needs --shape" in p.stderr or "llama.cpp is not installed" in p.stderr
+    )
