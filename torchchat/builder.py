@@ -6,6 +6,7 @@ import json
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,6 +22,9 @@ from torchchat.runtime.base import ModelRuntime
 from torchchat.runtime.eager import EagerRuntime
 from torchchat.tokenizer import Tokenizer, load_tokenizer
 from torchchat.tokenizer.gguf import gguf_tokenizer
+
+if TYPE_CHECKING:
+    from torchchat.distributed.sharding import Sharding
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEFAULT_MAX_SEQ_LEN = 4096  # KV cache size unless --max-seq-length asks for more
@@ -131,13 +135,17 @@ def build_transformer(
     dtype: torch.dtype,
     device: str,
     saved_schemes: list[Scheme] = (),
+    sharding: Sharding | None = None,
 ) -> Transformer:
     """Instantiate on the meta device and adopt the checkpoint's tensors (no copy when possible).
 
     saved_schemes: the quantization the checkpoint was saved with (its modules are swapped in
-    before loading, so the quantized tensors load as they are)."""
+    before loading, so the quantized tensors load as they are).
+    sharding (--tp): build only this rank's share; `sd` holds `sharding.state_dict` slices."""
     with torch.device("meta"):
         model = Transformer(args)
+        if sharding is not None:
+            sharding.shrink(model)
         apply_schemes(model, list(saved_schemes), empty=True)
     sd = dict(sd)
     tied = args.tie_embeddings and model.output.weight is model.tok_embeddings.weight
@@ -180,25 +188,74 @@ def model_from_checkpoint(
     first = next(iter(ckpt.state_dict.values()))
     float_dtype = first.dtype if first.dtype in DTYPES.values() else torch.float32
     dtype = resolve_dtype(dtype_name, device, float_dtype)
+    sharding = tensor_parallel_sharding(opts, args, device, schemes, saved)
+    sd = ckpt.state_dict if sharding is None else sharding.state_dict(ckpt.state_dict)
     if opts.gguf_packed:
         return _packed_gguf_model(args, ckpt, schemes, dtype, device, verbose), ckpt, []
     if not structural(schemes):
-        return build_transformer(args, ckpt.state_dict, dtype, device, saved), ckpt, saved
-    # Quantize from the checkpoint's own precision, then move to the run dtype.
-    model = build_transformer(args, ckpt.state_dict, float_dtype, device)
+        return build_transformer(args, sd, dtype, device, saved, sharding), ckpt, saved
+    # Quantize from the checkpoint's own precision (after sharding), then move to the run dtype.
+    model = build_transformer(args, sd, float_dtype, device, sharding=sharding)
     calibration = None
     if any(s.name == "linear:gptq" for s in schemes):
-        from torchchat.quant.gptq import calibration_batches
+        from torchchat.quant.gptq import calibration_batches, calibration_text
 
         gptq = next(s for s in schemes if s.name == "linear:gptq").args
+        text = calibration_text(
+            gptq["calibration_file"] or opts.calibration_file,
+            gptq["calibration_tasks"] or opts.calibration_tasks,
+            opts.calibration_tasks_path,
+            gptq["calibration_limit"] or opts.calibration_limit,
+        )
         calibration = calibration_batches(
             find_tokenizer(opts, ckpt),
-            gptq["calibration_file"] or opts.calibration_file,
+            text,
             gptq["calibration_seq_length"],
             gptq["calibration_samples"],
         )
     quantize(model, schemes, calibration)
     return model.to(dtype=dtype), ckpt, structural(schemes)
+
+
+# --- tensor parallelism (--tp N under torchrun): torchchat/distributed ---------------------
+
+
+def tensor_parallel_sharding(
+    opts: ModelOptions, args: ModelArgs, device: str, schemes: list[Scheme], saved: list[Scheme]
+) -> Sharding | None:
+    """This rank's share of the model under --tp N (joining the process group), else None."""
+    if opts.tp == 1:
+        return None
+    from torchchat.distributed.group import init_from_env
+    from torchchat.distributed.sharding import Sharding, quantizes_linears
+
+    if saved or opts.gguf_packed:
+        raise TorchchatError(
+            "--tp splits float weights: load a float checkpoint (--quantize then runs per rank)"
+        )
+    if any(s.name == "linear:gptq" for s in schemes):
+        raise TorchchatError("--tp cannot calibrate GPTQ: use linear:int8 or linear:int4")
+    if opts.draft_checkpoint_path or opts.draft_quantize:
+        raise TorchchatError("--tp does not run speculative decoding: drop --draft-*")
+    group = init_from_env(opts.tp, device)
+    # Quantized linears need wo/w2 split by output rows to match one process exactly.
+    sharding = Sharding(group.rank, group.world, gather=quantizes_linears(schemes))
+    sharding.check(args)
+    return sharding
+
+
+def tensor_parallel_runtime(model: Transformer, max_seq: int, opts: ModelOptions) -> ModelRuntime:
+    """Rank 0's runtime of a model sharded by --tp (the other ranks follow it)."""
+    from torchchat.distributed.group import init_from_env
+    from torchchat.distributed.runtime import TensorParallelRuntime
+
+    group = init_from_env(opts.tp, str(model.norm.weight.device))
+    return TensorParallelRuntime(
+        model, max_seq, group, compile=opts.compile, compile_prefill=opts.compile_prefill
+    )
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def _model_path(model: str | None, model_directory: Path | None = None) -> Path:
@@ -289,9 +346,12 @@ def build_model(opts: ModelOptions, verbose: bool = False) -> BuiltModel:
         raise TorchchatError(
             f"--max-seq-length {max_seq} is outside 2..{model.args.max_seq_len} (the model's context)"
         )
-    runtime = EagerRuntime(
-        model, max_seq, compile=opts.compile, compile_prefill=opts.compile_prefill
-    )
+    if opts.tp > 1:
+        runtime = tensor_parallel_runtime(model, max_seq, opts)
+    else:
+        runtime = EagerRuntime(
+            model, max_seq, compile=opts.compile, compile_prefill=opts.compile_prefill
+        )
     return BuiltModel(runtime, tokenizer, model.args, build_speculator(opts, runtime, verbose))
 
 

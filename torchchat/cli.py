@@ -38,8 +38,17 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     p.add_argument("--compile-prefill", action="store_true", help="torch.compile prefill too")
+    p.add_argument(
+        "--tp",
+        type=int,
+        default=1,
+        help="tensor-parallel ranks: run under `torchrun --nproc-per-node N -m torchchat`",
+    )
     p.add_argument("--quantize", help="quantization recipe: JSON, a JSON file, or a profile name")
     p.add_argument("--calibration-file", type=Path, help="text file to calibrate GPTQ on")
+    p.add_argument("--calibration-tasks", help="lm-eval tasks (comma list) to calibrate GPTQ on")
+    p.add_argument("--calibration-tasks-path", type=Path, help="folder of local task YAMLs")
+    p.add_argument("--calibration-limit", type=int, help="documents per calibration task")
     p.add_argument(
         "--draft-checkpoint-path", type=Path, help="draft model for speculative decoding"
     )
@@ -110,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--new-tokens", type=int, default=64)
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    b.add_argument(
+        "--compare",
+        choices=["llama.cpp"],
+        help="also run the same random weights (as GGUF) in llama.cpp; print torchchat/llama.cpp",
+    )
     b.add_argument("--json", type=Path, help="also write the results here")
 
     x = sub.add_parser("export", help="export to an AOT Inductor package and/or ExecuTorch program")
@@ -178,6 +192,12 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
         "--max-queue", type=int, default=16, help="requests waiting before 503 (default 16)"
     )
     p.add_argument(
+        "--max-batch",
+        type=int,
+        default=8,
+        help="choices decoded together, one KV cache slot each (default 8; 1: one at a time)",
+    )
+    p.add_argument(
         "--max-tokens-limit", type=int, default=4096, help="most tokens a completion may ask for"
     )
     p.add_argument("--max-n", type=int, default=8, help="most choices per request (n)")
@@ -204,9 +224,13 @@ def model_options(a: argparse.Namespace) -> ModelOptions:
         max_seq_length=a.max_seq_length,
         compile=a.compile,
         compile_prefill=a.compile_prefill,
+        tp=a.tp,
         model_directory=a.model_directory,
         quantize=a.quantize,
         calibration_file=a.calibration_file,
+        calibration_tasks=a.calibration_tasks,
+        calibration_tasks_path=a.calibration_tasks_path,
+        calibration_limit=a.calibration_limit,
         draft_checkpoint_path=a.draft_checkpoint_path,
         draft_quantize=a.draft_quantize,
         speculate_k=a.speculate_k,
@@ -339,19 +363,28 @@ def run_convert(a: argparse.Namespace) -> None:
 def run_bench(a: argparse.Namespace) -> None:
     from torchchat.bench.run import BenchOptions, print_table, run_bench, write_json
 
+    if a.tp > 1:  # rank 0 of --tp: same measurements, every rank's memory
+        from torchchat.distributed.bench import run_bench
+
     if not (
         a.shape or a.model or a.checkpoint_path or a.gguf_path or a.aoti_package_path or a.pte_path
     ):
         raise TorchchatError("bench needs a model: --shape NAME (random weights) or a checkpoint")
-    opts = BenchOptions(a.shape, a.prompt_tokens, a.new_tokens, a.repeats, threads=a.threads)
+    opts = BenchOptions(
+        a.shape, a.prompt_tokens, a.new_tokens, a.repeats, threads=a.threads, compare=a.compare
+    )
     source = a.model or a.checkpoint_path or a.gguf_path or a.aoti_package_path or a.pte_path
     parts = [a.shape or str(source), a.dtype or "default"]
     parts += [a.quantize] if a.quantize else []
     parts += ["compile"] if a.compile else []
-    row = run_bench(model_options(a), opts, " ".join(parts)).row()
-    print_table([row])
+    report = run_bench(model_options(a), opts, " ".join(parts))
+    versions = ", ".join(f"{k} {v}" for k, v in report.versions.items())
+    print(f"memory read bandwidth (probe, {report.threads} threads): {report.probe_gbps:.1f} GB/s; "
+          f"{versions}")  # fmt: skip
+    rows = report.rows()
+    print_table(rows)
     if a.json:
-        write_json(a.json, [row])
+        write_json(a.json, rows)
 
 
 def run_export(a: argparse.Namespace) -> None:
@@ -444,6 +477,7 @@ def run_server(a: argparse.Namespace, open_browser: bool = False) -> None:
         model_id=a.model_id or model_id_for(str(source or "torchchat")),
         chat_template=a.chat_template,
         max_queue=a.max_queue,
+        max_batch=a.max_batch,
         max_tokens_limit=a.max_tokens_limit,
         max_n=a.max_n,
         max_prompt_chars=a.max_prompt_chars,
@@ -506,11 +540,69 @@ VERBS = {
 }
 
 
+# --- tensor parallelism (--tp N): rank 0 runs the verb, the other ranks follow its calls ---
+TENSOR_PARALLEL_VERBS = ("generate", "chat", "eval", "bench", "server", "browser")
+
+
+def run_tensor_parallel(a: argparse.Namespace) -> None:
+    """Every rank builds its share of the model; rank 0 runs the verb (all input and output is
+    its), the others repeat its forward calls until it finishes or fails; then all leave."""
+    from torchchat.builder import resolve_device
+    from torchchat.distributed.group import init_from_env, quiet_unless_failing, shutdown
+
+    if a.verb not in TENSOR_PARALLEL_VERBS:
+        raise TorchchatError(f"--tp applies to {', '.join(TENSOR_PARALLEL_VERBS)}, not {a.verb}")
+    if a.aoti_package_path or a.pte_path:
+        raise TorchchatError("--tp shards a checkpoint, not an exported program")
+    group = init_from_env(a.tp, resolve_device(a.device))
+    try:
+        if group.rank == 0:
+            VERBS[a.verb](a)
+        else:
+            with quiet_unless_failing():
+                _follow_rank0(a, group)
+    except TorchchatError as e:
+        if group.rank == 0:
+            raise
+        raise TorchchatError(f"rank {group.rank}: {e}") from None
+    finally:
+        shutdown()
+
+
+def _follow_rank0(a: argparse.Namespace, group) -> None:
+    """Ranks > 0: build this rank's share of the model rank 0 builds, then run its calls."""
+    from torchchat.builder import model_from_checkpoint
+    from torchchat.distributed.runtime import follow
+
+    opts = model_options(a)
+    if a.verb == "bench" and a.shape:
+        from torchchat.distributed.bench import random_model
+
+        model = random_model(a.shape, opts)
+    else:
+        model, _, _ = model_from_checkpoint(opts)
+    follow(model, group, compile=opts.compile, compile_prefill=opts.compile_prefill)
+
+
+# -------------------------------------------------------------------------------------------
+
+
+# Verbs that may run torch.compile / Inductor: their compiled kernels persist across processes.
+COMPILING_VERBS = ("generate", "chat", "eval", "bench", "export", "server", "browser")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `torchchat` console script."""
     args = build_parser().parse_args(argv)
+    if args.verb in COMPILING_VERBS:
+        from torchchat.compile_cache import enable_compile_cache
+
+        enable_compile_cache()
     try:
-        VERBS[args.verb](args)
+        if "tp" in args and args.tp != 1:
+            run_tensor_parallel(args)
+        else:
+            VERBS[args.verb](args)
     except TorchchatError as e:
         print(f"torchchat: error: {e}", file=sys.stderr)
         return 1

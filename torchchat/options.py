@@ -24,9 +24,13 @@ class ModelOptions:
     max_seq_length: int | None = None
     compile: bool = False
     compile_prefill: bool = False
+    tp: int = 1  # tensor-parallel ranks: `torchrun --nproc-per-node N -m torchchat ... --tp N`
     model_directory: Path | None = None  # where downloaded models live (None: the default)
     quantize: str | None = None  # JSON recipe, a file holding one, or a profile name
     calibration_file: Path | None = None  # text for GPTQ calibration
+    calibration_tasks: str | None = None  # ... and/or lm-eval tasks' documents (comma list)
+    calibration_tasks_path: Path | None = None  # folder of local lm-eval task YAMLs
+    calibration_limit: int | None = None  # documents per calibration task
     draft_checkpoint_path: Path | None = None  # speculative decoding: a smaller draft model
     draft_quantize: str | None = None  # ... or a quantized copy of this model as the draft
     speculate_k: int = 5  # tokens the draft proposes per step

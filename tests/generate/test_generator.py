@@ -261,3 +261,14 @@ def test_speculative_sampling_keeps_target_distribution():
         counts[out[0]] += 1
     freq = counts / n
     assert (freq - p).abs().max() < 0.04, (freq, p)  # ~3 sigma at n=1500; seeds are fixed
+
+
+@pytest.mark.parametrize("temperature", [1e-310, 1e-30, 1e-6])
+def test_tiny_temperature_is_a_distribution_on_the_argmax(temperature):
+    from torchchat.generate.sampling import probabilities
+
+    logits = torch.tensor([1.0, 3.0, 2.5, -4.0])
+    probs = probabilities(
+        logits, SamplingOptions(temperature=temperature, top_k=None, top_p=1e-310)
+    )
+    assert torch.equal(probs, torch.tensor([0.0, 1.0, 0.0, 0.0]))

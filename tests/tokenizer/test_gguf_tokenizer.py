@@ -140,7 +140,12 @@ def test_llama3_bpe_from_gguf_passes_llama_cpps_cases(llama3_gguf, bpe_cases, ll
 def test_llama3_gguf_encodes_like_tiktoken(llama3_gguf, llama3, text):
     assert llama3_gguf.encode(text) == llama3.encode(text)
     special = f"<|begin_of_text|>{text}<|eot_id|>"
-    assert llama3_gguf.encode(special, allow_special=True) == [128000, *llama3.encode(text), 128009]
+    # The message text is a literal span: special-token strings typed in it stay text.
+    span = [(len("<|begin_of_text|>"), len("<|begin_of_text|>") + len(text))]
+    expected = [128000, *llama3.encode(text), 128009]
+    assert (
+        llama3_gguf.encode_prompt(special, span) == expected == llama3.encode_prompt(special, span)
+    )
 
 
 def test_llama3_specials_and_chat_template(llama3_gguf):

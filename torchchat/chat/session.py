@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from torchchat.chat.templates import ChatTemplate, new_turn_text
+from torchchat.chat.templates import ChatTemplate, new_turn_text, render_spans, tail_spans
 from torchchat.errors import TorchchatError
 from torchchat.generate.generator import Generator, Result
 from torchchat.generate.speculative import Speculator
@@ -44,7 +44,6 @@ class ChatSession:
     def turn_tokens(self, user_text: str) -> tuple[list[int], int]:
         """Token ids to feed for the next user message, and the position to feed them at."""
         new = [{"role": "user", "content": user_text}]
-        enc = self.tokenizer.encode
         last = self.last
         # A reply cut by a stop string left that string's tokens in the cache: re-prefill then.
         cut_by_string = (
@@ -55,16 +54,18 @@ class ChatSession:
         if last is not None and not cut_by_string:
             prev_msgs = self.history[:-1]  # what the cache's prompt was rendered from
             suffix = new_turn_text(self.template, prev_msgs, last.text, new)
-            if suffix is not None:
+            reply = {"role": "assistant", "content": last.text}
+            full, spans = render_spans(self.template, [*prev_msgs, reply, *new])
+            if suffix is not None and full.endswith(suffix):
                 pending = (
                     [last.pending]
                     if last.finish_reason == "length" and last.pending is not None
                     else []
                 )
-                return pending + enc(suffix, allow_special=True), self.pos
-        return enc(
-            self.template.render(self.history + new, add_generation_prompt=True), allow_special=True
-        ), 0
+                spans = tail_spans(spans, len(full), len(suffix))
+                return pending + self.tokenizer.encode_prompt(suffix, spans), self.pos
+        text, spans = render_spans(self.template, self.history + new)
+        return self.tokenizer.encode_prompt(text, spans), 0
 
     def send(self, user_text: str) -> Iterator[str]:
         """Stream the assistant's reply to user_text."""

@@ -1,7 +1,9 @@
 """Chat prompt formats: Meta's Llama 2 and Llama 3, ChatML, and Hugging Face jinja templates.
 
-A template renders messages to text that spells special tokens out (e.g. "<s>"); encode it with
-`tokenizer.encode(text, allow_special=True)` and no extra BOS.
+A template renders messages to text that spells special tokens out (e.g. "<s>"). `render_spans`
+also says where each message's own text lies in it, so `tokenizer.encode_prompt(text, spans)`
+turns the template's special-token strings into control tokens but leaves any a user typed as
+text (no extra BOS).
 """
 
 from __future__ import annotations
@@ -18,6 +20,10 @@ from torchchat.errors import TorchchatError
 from torchchat.tokenizer.base import Tokenizer, one_line
 
 Message = dict[str, str]
+Span = tuple[int, int]  # [start, end) of a message's text in a rendered prompt
+
+# Private-use characters that mark where message text starts and ends in a trial rendering.
+_OPEN, _CLOSE = "\ue000", "\ue001"
 
 TEMPLATE_NAMES = ("chatml", "hf", "llama2", "llama3")
 
@@ -178,6 +184,65 @@ def choose_template(
     if tokenizer.special_token_id("<|im_start|>") is not None:
         return ChatMLTemplate()
     return Llama2Template()
+
+
+def render_spans(
+    template: ChatTemplate, messages: list[Message], add_generation_prompt: bool = True
+) -> tuple[str, list[Span]]:
+    """The rendered prompt and the spans of message text in it.
+
+    The template renders a second time with each content wrapped in marker characters; the
+    text between markers is then found in the real rendering, as is or stripped (formats strip
+    content), with everything outside the markers identical. A template that transforms content
+    in other ways gets no spans (its special-token strings are then all read as control tokens,
+    as Hugging Face and llama.cpp do). The two marker characters are dropped from messages.
+    """
+    messages = [
+        {**m, "content": m["content"].replace(_OPEN, "").replace(_CLOSE, "")} for m in messages
+    ]
+    text = template.render(messages, add_generation_prompt=add_generation_prompt)
+    marked = [{**m, "content": _OPEN + m["content"] + _CLOSE} for m in messages]
+    try:
+        segments = _segments(template.render(marked, add_generation_prompt=add_generation_prompt))
+    except TorchchatError:
+        return text, []
+    spans = _align(text, segments) if segments is not None else None
+    return text, spans or []
+
+
+def _segments(marked: str) -> list[str] | None:
+    """[outside, inside, outside, ..., outside] around the markers; None if they do not pair up."""
+    parts = [marked]
+    while (i := parts[-1].find(_OPEN)) >= 0:
+        rest = parts.pop()
+        inner, sep, after = rest[i + 1 :].partition(_CLOSE)
+        if _CLOSE in rest[:i] or not sep or _OPEN in inner:
+            return None
+        parts += [rest[:i], inner, after]
+    return None if _CLOSE in parts[-1] else parts
+
+
+def _align(text: str, segments: list[str]) -> list[Span] | None:
+    """Where each inside segment (as is, or stripped on either side) lies in text."""
+    spans, cur = [], 0
+    for k in range(0, len(segments) - 1, 2):
+        outside, inside, after = segments[k], segments[k + 1], segments[k + 2]
+        if not text.startswith(outside, cur):
+            return None
+        cur += len(outside)
+        variants = dict.fromkeys((inside, inside.strip(), inside.rstrip(), inside.lstrip()))
+        found = next((v for v in variants if text.startswith(v + after, cur)), None)
+        if found is None:
+            return None
+        spans.append((cur, cur + len(found)))
+        cur += len(found)
+    return spans if text[cur:] == segments[-1] else None
+
+
+def tail_spans(spans: list[Span], text_len: int, tail_len: int) -> list[Span]:
+    """The spans, shifted to index the last tail_len characters of a text_len-long text."""
+    start = text_len - tail_len
+    return [(max(a - start, 0), b - start) for a, b in spans if b > start]
 
 
 def new_turn_text(

@@ -39,7 +39,10 @@ def make_generator(seed: int | None, device: str = "cpu") -> torch.Generator:
 def probabilities(logits: Tensor, opts: SamplingOptions) -> Tensor:
     """The distribution sampling draws from (temperature, then top-k, then top-p); temperature
     must be > 0."""
-    logits = logits.float() / opts.temperature
+    logits = logits.float()
+    # Shifted so the largest is 0, and a temperature kept within fp32's normal range: a tiny one
+    # (1e-310) then gives 0 and -inf, never 0 / 0 or inf - inf.
+    logits = (logits - logits.max()) / max(opts.temperature, 1e-30)
     if opts.top_k is not None and opts.top_k < logits.numel():
         kth = torch.topk(logits, opts.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -60,6 +63,8 @@ def _top_p_filter(probs: Tensor, p: float) -> Tensor:
     """Keep the smallest set of most likely tokens whose mass reaches p (always >= 1 token)."""
     sorted_probs, idx = torch.sort(probs, descending=True)
     mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-    sorted_probs = sorted_probs.masked_fill(mass_before >= p, 0.0)
+    drop = mass_before >= p
+    drop[..., 0] = False  # the most likely token stays, however small p is
+    sorted_probs = sorted_probs.masked_fill(drop, 0.0)
     kept = torch.zeros_like(probs).scatter_(-1, idx, sorted_probs)
     return kept / kept.sum()

@@ -20,6 +20,8 @@ _SCHEMES: dict[str, dict[str, tuple[type, Any]]] = {
     "linear:gptq": {
         "groupsize": (int, 128),
         "calibration_file": (str, None),
+        "calibration_tasks": (str, None),  # comma list of lm-eval tasks
+        "calibration_limit": (int, None),  # documents per calibration task
         "calibration_seq_length": (int, 256),
         "calibration_samples": (int, 32),
         "percdamp": (float, 0.01),
@@ -107,7 +109,11 @@ def _check_args(raw_name: str, name: str, raw: dict[str, Any]) -> dict[str, Any]
         args[key] = value
     for key, (_, default) in spec.items():
         if key not in args:
-            if default is None and key not in ("calibration_file",):
+            if default is None and key not in (
+                "calibration_file",
+                "calibration_tasks",
+                "calibration_limit",
+            ):
                 raise TorchchatError(f"--quantize: {raw_name!r} needs argument {key!r}")
             args[key] = default
     _check_values(raw_name, name, args)
@@ -136,3 +142,5 @@ def _check_values(raw_name: str, name: str, a: dict[str, Any]) -> None:
         or not 0 <= a["percdamp"] < 1
     ):
         raise bad("calibration_seq_length >= 2, calibration_samples >= 1, 0 <= percdamp < 1")
+    if name == "linear:gptq" and a["calibration_limit"] is not None and a["calibration_limit"] < 1:
+        raise bad("calibration_limit must be at least 1")

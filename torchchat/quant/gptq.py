@@ -25,19 +25,58 @@ class _Stop(Exception):
     """Raised by a hook to end a forward pass once the wanted inputs are captured."""
 
 
-def calibration_batches(
-    tokenizer, path: str | Path | None, seq_len: int, samples: int
-) -> list[Tensor]:
-    """`samples` windows of `seq_len` tokens spread evenly over a local text file."""
-    if path is None:
-        raise TorchchatError("linear:gptq needs calibration text: pass --calibration-file FILE")
-    path = Path(path)
-    if not path.is_file():
-        raise TorchchatError(f"calibration file not found: {path}")
-    ids = tokenizer.encode(path.read_text(encoding="utf-8", errors="replace"))
+def calibration_text(
+    path: str | Path | None,
+    tasks: str | None = None,
+    tasks_path: str | Path | None = None,
+    limit: int | None = None,
+) -> str:
+    """The text GPTQ calibrates on: a local file, and/or the documents of lm-eval tasks."""
+    if path is None and not tasks:
+        raise TorchchatError(
+            "linear:gptq needs calibration text: pass --calibration-file FILE "
+            "or --calibration-tasks TASKS"
+        )
+    parts = []
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise TorchchatError(f"calibration file not found: {path}")
+        parts.append(path.read_text(encoding="utf-8", errors="replace"))
+    if limit is not None and limit < 1:
+        raise TorchchatError("--calibration-limit must be at least 1")
+    if tasks:
+        parts += task_documents(tasks, tasks_path, limit)
+    return "\n\n".join(parts)
+
+
+def task_documents(tasks: str, tasks_path: str | Path | None, limit: int | None) -> list[str]:
+    """Each evaluation document of the named lm-eval tasks as plain text: the context followed by
+    its reference answer (for multiple choice, the correct choice)."""
+    from torchchat.eval.lm_eval_adapter import load_tasks
+    from torchchat.eval.runner import parse_tasks
+
+    texts = []
+    for task in load_tasks(parse_tasks(tasks), tasks_path)["tasks"].values():
+        for i, doc in enumerate(task.eval_docs):
+            if limit is not None and i >= limit:
+                break
+            context, target = task.doc_to_text(doc), task.doc_to_target(doc)
+            if task.OUTPUT_TYPE == "multiple_choice":
+                choices = task.doc_to_choice(doc)
+                target = choices[target] if isinstance(target, int) else target
+            sep = task.config.target_delimiter if context else ""
+            texts.append(f"{context}{sep}{target}")
+    return texts
+
+
+def calibration_batches(tokenizer, text: str, seq_len: int, samples: int) -> list[Tensor]:
+    """`samples` windows of `seq_len` tokens spread evenly over the calibration text."""
+    ids = tokenizer.encode(text)
     if len(ids) < seq_len:
         raise TorchchatError(
-            f"{path} holds {len(ids)} tokens, fewer than calibration_seq_length {seq_len}"
+            f"the calibration text holds {len(ids)} tokens, fewer than calibration_seq_length "
+            f"{seq_len}: give more text or a smaller calibration_seq_length"
         )
     starts = torch.linspace(0, len(ids) - seq_len, samples).long().unique().tolist()
     bos = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
@@ -78,7 +117,7 @@ def _block_inputs(model: Transformer, batches: list[Tensor]) -> list[tuple]:
     captured = []
 
     def grab(_module, args):
-        captured.append(tuple(a.detach() for a in args))
+        captured.append(tuple(a.detach() if isinstance(a, Tensor) else a for a in args))
         raise _Stop
 
     handle = model.layers[0].register_forward_pre_hook(grab)
@@ -149,11 +188,8 @@ def quantize_linear_gptq(
             col = i1 + i
             if col % groupsize == 0:  # group parameters from the weights as updated so far
                 grp = torch.cat([w1[:, i:], w[:, i2:]], dim=1)[:, :groupsize]
-                lo, hi = grp.amin(dim=1), grp.amax(dim=1)
-                s = ((hi - lo) / 15).clamp(min=EPS)
-                # Round to the kernel's bf16 now, so the error GPTQ compensates is the real one.
-                scales[:, col // groupsize] = s.to(torch.bfloat16).float()
-                zeros[:, col // groupsize] = (lo + 8 * s).to(torch.bfloat16).float()
+                s, z = _group_params(grp)
+                scales[:, col // groupsize], zeros[:, col // groupsize] = s, z
             s, lo = (
                 scales[:, col // groupsize],
                 zeros[:, col // groupsize] - 8 * scales[:, col // groupsize],
@@ -165,3 +201,25 @@ def quantize_linear_gptq(
             err1[:, i] = err
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     return Int4Linear.from_codes(codes, scales, zeros, lin.in_features, groupsize, lin.bias)
+
+
+def _group_params(grp: Tensor, steps: int = 20, max_shrink: float = 0.8) -> tuple[Tensor, Tensor]:
+    """Per-row scale and zero (bf16-rounded, as the kernel holds them) of one group: the range
+    shrunk by the factor in [1 - max_shrink, 1] that minimises sum |w - q(w)|^2.4 (the clipping
+    search of the GPTQ reference implementation)."""
+    lo0, hi0 = grp.amin(dim=1), grp.amax(dim=1)
+    best = torch.full_like(lo0, float("inf"))
+    best_s, best_z = torch.zeros_like(lo0), torch.zeros_like(lo0)
+    for k in range(steps + 1):
+        p = 1 - max_shrink * k / steps
+        lo, hi = p * lo0, p * hi0
+        # Round to the kernel's bf16 now, so the error GPTQ compensates is the real one.
+        s = ((hi - lo) / 15).clamp(min=EPS).to(torch.bfloat16).float()
+        z = (lo + 8 * s).to(torch.bfloat16).float()
+        base = z - 8 * s
+        q = torch.clamp(torch.round((grp - base[:, None]) / s[:, None]), 0, 15)
+        err = (q * s[:, None] + base[:, None] - grp).abs().pow(2.4).sum(dim=1)
+        better = err < best
+        best = torch.where(better, err, best)
+        best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
+    return best_s, best_z

@@ -39,6 +39,28 @@ class Tokenizer(ABC):
     ) -> list[int]:
         """Token ids for text; with allow_special, special-token strings become their ids."""
 
+    def special_strings(self) -> Iterable[str]:
+        """The texts that `encode(..., allow_special=True)` turns into control-token ids."""
+        return ()
+
+    def encode_prompt(self, text: str, literal: Sequence[tuple[int, int]] = ()) -> list[int]:
+        """`encode(text, allow_special=True)`, except that special-token strings overlapping a
+        literal span [start, end) -- a chat message's own text -- stay plain text, so a user
+        cannot type a control token into the prompt (as Meta's reference encoders do it)."""
+        pattern = getattr(self, "_control_re", False)
+        if pattern is False:
+            pattern = self._control_re = specials_pattern(self.special_strings())
+        hits = list(pattern.finditer(text)) if pattern is not None else []
+        keep = [m for m in hits if not any(a < m.end() and m.start() < b for a, b in literal)]
+        if len(keep) == len(hits):  # the usual case: exactly the tokenizer's own encoding
+            return self.encode(text, allow_special=True)
+        ids, pos = [], 0
+        for m in keep:
+            ids += self.encode(text[pos : m.start()]) if m.start() > pos else []
+            ids.append(self.special_token_id(m.group()))
+            pos = m.end()
+        return ids + (self.encode(text[pos:]) if pos < len(text) else [])
+
     @abstractmethod
     def token_bytes(self, token_id: int) -> bytes:
         """Raw bytes this token contributes when decoded in the middle of a sequence."""

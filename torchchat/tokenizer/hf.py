@@ -139,6 +139,9 @@ class HFTokenizer(Tokenizer):
             return token.replace("\u2581", " ").encode()
         return self._tok.decode([token_id], skip_special_tokens=True).encode()
 
+    def special_strings(self) -> list[str]:
+        return [t for t, i in self._added.items() if i in self._skipped]
+
     def special_token_id(self, text: str) -> int | None:
         """Id of an added token such as '<|im_end|>'."""
         return self._added.get(text)

@@ -114,6 +114,9 @@ class SentencePieceTokenizer(Tokenizer):
             raise IndexError(f"token id {token_id} out of range for vocab size {self.vocab_size}")
         return self._bytes[token_id]
 
+    def special_strings(self) -> list[str]:
+        return list(self._specials)
+
     def special_token_id(self, text: str) -> int | None:
         """Id of a control piece such as '<s>'."""
         return self._specials.get(text)

@@ -107,6 +107,9 @@ class TiktokenTokenizer(Tokenizer):
             raise IndexError(f"token id {token_id} out of range for vocab size {self.vocab_size}")
         return self._enc.decode_single_token_bytes(token_id)
 
+    def special_strings(self) -> list[str]:
+        return list(self._names)
+
     def special_token_id(self, text: str) -> int | None:
         """Id of a special token such as '<|eot_id|>'."""
         return self._names.get(text)
