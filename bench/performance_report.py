@@ -19,6 +19,7 @@ import importlib.util
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -157,7 +158,8 @@ def main() -> None:
                             f"{_f(q['prefill tok/s'], 2)} | {_f(q['ttft ms'], 2)} | {_f(q['peak RSS MB'], 2)} |"
                         )
     probe_text = ", ".join(
-        f"{max(v):.1f} GB/s with {t} thread{'s' if t > 1 else ''}"
+        f"median {statistics.median(v):.1f} GB/s (range {min(v):.1f}-{max(v):.1f}) with {t} "
+        f"thread{'s' if t > 1 else ''}"
         for t, v in sorted(probes.items())
     )
     lines = [
