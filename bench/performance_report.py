@@ -171,7 +171,7 @@ def main() -> None:
         "Random N(0, 0.02) weights of each known shape; medians of 3 runs.",
         "",
         f"Memory read bandwidth (torchchat bench's probe: the faster of summing a 384 MB fp32 tensor whole "
-        f"or as 8 rows along dim 0, best of 0.5 s): {probe_text or '-'}. "
+        f"or as 8 rows along dim 0, median pass over 0.5 s): {probe_text or '-'}. "
         "`% of bw` is the decode GB/s (weights read per token x tokens/s) as a share of it.",
         "Compiled configurations run twice on a fresh compile cache: `compile s first` is the first call "
         "(compile + run) of a process that compiles, `compile s cached` of a second process that finds its cache.",

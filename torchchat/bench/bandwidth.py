@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import torch
@@ -11,7 +12,7 @@ ROWS = 8  # rows summed together by the second pattern
 
 
 def read_bandwidth(threads: int | None = None, seconds: float = 0.5) -> float:
-    """GB/s of the fastest of two ways to read a 384 MB fp32 tensor, best pass of each over
+    """GB/s of the faster of two ways to read a 384 MB fp32 tensor, median pass of each over
     `seconds` in all: summing it whole (one sequential stream per thread) and summing it as
     (ROWS, n) along dim 0 (ROWS streams per thread, as a matrix-vector product reads). Which
     one a machine's prefetchers prefer varies, so both are tried and the faster one counts.
@@ -24,18 +25,20 @@ def read_bandwidth(threads: int | None = None, seconds: float = 0.5) -> float:
         rows = x.view(ROWS, -1)
         out = torch.empty(rows.shape[1])
         patterns = (x.sum, lambda: torch.sum(rows, dim=0, out=out))
-        best = min(_best_time(fn, seconds / len(patterns)) for fn in patterns)
+        best = min(_median_time(fn, seconds / len(patterns)) for fn in patterns)
         return PROBE_BYTES / best / 1e9
     finally:
         torch.set_num_threads(before)
 
 
-def _best_time(fn, seconds: float) -> float:
+def _median_time(fn, seconds: float) -> float:
+    """Median time of repeated calls over `seconds` (the median, not the best: one pass that
+    the scheduler or the page cache flatters must not set the machine's ceiling)."""
     fn()  # warm
-    best = float("inf")
+    times = []
     start = time.perf_counter()
-    while time.perf_counter() - start < seconds:
+    while time.perf_counter() - start < seconds or len(times) < 3:
         t0 = time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
