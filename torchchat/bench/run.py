@@ -15,10 +15,12 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from torchchat.bench.bandwidth import read_bandwidth
 from torchchat.bench.gguf_writer import gguf_weight_bytes, write_gguf
@@ -63,6 +65,12 @@ class BenchResult:
     compile_s: float | None = None  # first call of a compiled model: compile + one run
     probe_gbps: float | None = None  # the machine's read bandwidth, see bandwidth.py
 
+    def record(self, prefill_s: float, decode_s: float, opts: BenchOptions) -> None:
+        """One measured run: a prefill of opts.prompt_tokens, then opts.new_tokens - 1 decodes."""
+        self.prefill_tps.append(opts.prompt_tokens / prefill_s)
+        self.decode_tps.append((opts.new_tokens - 1) / decode_s)
+        self.ttft_s.append(prefill_s)
+
     def row(self) -> dict:
         med = statistics.median
         gbps = self.weight_bytes * med(self.decode_tps) / 1e9
@@ -106,8 +114,12 @@ class BenchReport:
         return rows
 
 
-def random_weights(args: ModelArgs, seed: int = 0) -> dict[str, torch.Tensor]:
-    """fp32 weights for args in native names: N(0, 0.02), norms at 1."""
+def random_weights(
+    args: ModelArgs, seed: int = 0, each: Callable[[str, Tensor], Tensor] | None = None
+) -> dict[str, torch.Tensor]:
+    """fp32 weights for args in native names: N(0, 0.02), norms at 1. `each(name, tensor)`, when
+    given, replaces every random tensor as soon as it is drawn (e.g. by one rank's slice of it,
+    so the whole model is never held)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
         from torchchat.model.transformer import Transformer
@@ -120,7 +132,8 @@ def random_weights(args: ModelArgs, seed: int = 0) -> dict[str, torch.Tensor]:
         elif name.endswith("norm.weight"):
             sd[name] = torch.ones(shp)
         else:
-            sd[name] = torch.empty(shp).normal_(0, 0.02, generator=gen)
+            t = torch.empty(shp).normal_(0, 0.02, generator=gen)
+            sd[name] = each(name, t) if each is not None else t
     return sd
 
 
@@ -209,6 +222,14 @@ def run_once(
     return t1 - t0, time.perf_counter() - t1, tokens
 
 
+def first_call(runtime: ModelRuntime, prompt: list[int], mopts: ModelOptions) -> float | None:
+    """Run one short generation (which compiles, when compiled); its seconds if compiled."""
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        run_once(runtime, prompt, 2)
+    return time.perf_counter() - t0 if mopts.compile or mopts.compile_prefill else None
+
+
 def random_prompts(vocab_size: int, length: int, count: int) -> list[list[int]]:
     gen = torch.Generator().manual_seed(1)
     return [torch.randint(0, vocab_size, (length,), generator=gen).tolist() for _ in range(count)]
@@ -229,13 +250,8 @@ def run_bench(mopts: ModelOptions, opts: BenchOptions, label: str) -> BenchRepor
         prompts = random_prompts(
             runtime.args.vocab_size, opts.prompt_tokens, 1 + opts.warmup + opts.repeats
         )
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            run_once(runtime, prompts[0], 2)  # compiles, when compiled
-        first_call = time.perf_counter() - t0
-        compiled = mopts.compile or mopts.compile_prefill
         ours = BenchResult(label, "torchchat", [], [], [], runtime.weight_bytes, 0.0, setup,
-                           first_call if compiled else None)  # fmt: skip
+                           first_call(runtime, prompts[0], mopts))  # fmt: skip
         results, workers = [ours], []
         try:
             for file_type, path in paths.items():
@@ -254,9 +270,7 @@ def run_bench(mopts: ModelOptions, opts: BenchOptions, label: str) -> BenchRepor
                     times.append((run.prefill_s, run.decode_s))
                 if i >= opts.warmup:
                     for r, (prefill_s, decode_s) in zip(results, times, strict=True):
-                        r.prefill_tps.append(opts.prompt_tokens / prefill_s)
-                        r.decode_tps.append((opts.new_tokens - 1) / decode_s)
-                        r.ttft_s.append(prefill_s)
+                        r.record(prefill_s, decode_s, opts)
             ours.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             for r, w in zip(results[1:], workers, strict=True):
                 r.peak_rss_mb = w.close()

@@ -14,7 +14,9 @@ from torchchat.bench.run import (
     BenchOptions,
     BenchReport,
     BenchResult,
+    first_call,
     random_prompts,
+    random_weights,
     run_once,
     shape_args,
 )
@@ -46,20 +48,9 @@ class TensorParallelBenchResult(BenchResult):
 
 
 def random_shard(args: ModelArgs, sharding: Sharding, seed: int = 0) -> dict[str, torch.Tensor]:
-    """This rank's slices of `bench.run.random_weights(args, seed)`, drawn in the same order
-    from the same generator, each full tensor dropped as soon as it is sliced."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in Transformer(args).state_dict().items()}
-    sd = {}
-    for name, shape in shapes.items():
-        if name == "output.weight" and args.tie_embeddings:
-            sd[name] = sd["tok_embeddings.weight"]
-        elif name.endswith("norm.weight"):
-            sd[name] = torch.ones(shape)
-        else:
-            sd[name] = sharding.tensor(name, torch.empty(shape).normal_(0, 0.02, generator=gen))
-    return sd
+    """This rank's slices of `bench.run.random_weights(args, seed)`, each full tensor dropped as
+    soon as it is sliced."""
+    return random_weights(args, seed, each=sharding.tensor)
 
 
 def random_model(shape: str, mopts: ModelOptions) -> Transformer:
@@ -103,22 +94,15 @@ def run_bench(mopts: ModelOptions, opts: BenchOptions, label: str) -> BenchRepor
     prompts = random_prompts(
         runtime.args.vocab_size, opts.prompt_tokens, 1 + opts.warmup + opts.repeats
     )
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        run_once(runtime, prompts[0], 2)  # compiles, when compiled
-    first_call = time.perf_counter() - t0
-    compiled = mopts.compile or mopts.compile_prefill
     result = TensorParallelBenchResult(
         f"{label} tp{mopts.tp}", "torchchat", [], [], [], runtime.weight_bytes, 0.0, setup,
-        first_call if compiled else None,
+        first_call(runtime, prompts[0], mopts),
     )  # fmt: skip
     for i, prompt in enumerate(prompts[1:]):
         with torch.inference_mode():
             prefill_s, decode_s, _ = run_once(runtime, prompt, opts.new_tokens)
         if i >= opts.warmup:
-            result.prefill_tps.append(opts.prompt_tokens / prefill_s)
-            result.decode_tps.append((opts.new_tokens - 1) / decode_s)
-            result.ttft_s.append(prefill_s)
+            result.record(prefill_s, decode_s, opts)
     result.rss_per_rank = runtime.peak_rss_per_rank()
     result.peak_rss_mb = max(result.rss_per_rank)
     del runtime

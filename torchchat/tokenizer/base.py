@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
+from functools import cached_property
 
 # Tokens that end an assistant turn in common chat formats; generation stops on any of them.
 END_OF_TURN_TOKENS = (
@@ -43,13 +44,15 @@ class Tokenizer(ABC):
         """The texts that `encode(..., allow_special=True)` turns into control-token ids."""
         return ()
 
+    @cached_property
+    def _control_pattern(self) -> re.Pattern[str] | None:
+        return specials_pattern(self.special_strings())
+
     def encode_prompt(self, text: str, literal: Sequence[tuple[int, int]] = ()) -> list[int]:
         """`encode(text, allow_special=True)`, except that special-token strings overlapping a
         literal span [start, end) -- a chat message's own text -- stay plain text, so a user
         cannot type a control token into the prompt (as Meta's reference encoders do it)."""
-        pattern = getattr(self, "_control_re", False)
-        if pattern is False:
-            pattern = self._control_re = specials_pattern(self.special_strings())
+        pattern = self._control_pattern
         hits = list(pattern.finditer(text)) if pattern is not None else []
         keep = [m for m in hits if not any(a < m.end() and m.start() < b for a, b in literal)]
         if len(keep) == len(hits):  # the usual case: exactly the tokenizer's own encoding
