@@ -270,9 +270,13 @@ def test_gptq_calibrated_on_tasks_from_the_cli(tmp_path):
     assert bad.returncode == 1 and "calibration-limit" in bad.stderr
 
 
-def test_compile_of_packed_kernels_behind_fp32_is_a_clean_error():
-    spec = {"linear:int4": {"groupsize": 32}}
+def test_compile_of_packed_kernels_behind_fp32_is_a_clean_error(monkeypatch):
+    """aten's int4/int8 pack kernels behind fp32 activations break inductor: a compiled prefill
+    holds them always, a compiled decode step only without torchchat's own CPU kernels."""
+    spec = json.dumps({"linear:int4": {"groupsize": 32}})
     with pytest.raises(TorchchatError, match='"precision": {"dtype": "bf16"}'):
-        build_model(
-            ModelOptions(checkpoint_path=STORIES_BIN, quantize=json.dumps(spec), compile=True)
-        )
+        build_model(ModelOptions(checkpoint_path=STORIES_BIN, quantize=spec, compile_prefill=True))
+    monkeypatch.setattr("torchchat.kernels._enabled", False)
+    monkeypatch.setattr("torchchat.kernels.simd_level", lambda: 0)
+    with pytest.raises(TorchchatError, match='"precision": {"dtype": "bf16"}'):
+        build_model(ModelOptions(checkpoint_path=STORIES_BIN, quantize=spec, compile=True))

@@ -101,7 +101,7 @@ class Sharding:
                     rows //= self.world
                 else:
                     cols //= self.world
-                new = nn.Linear(cols, rows, bias=old.bias is not None, device=old.weight.device)
+                new = type(old)(cols, rows, bias=old.bias is not None, device=old.weight.device)
                 setattr(parent, child, new)
 
     def _part(self, t: Tensor, dim: int) -> Tensor:
@@ -152,7 +152,7 @@ def connect(model: Transformer, group: dist.ProcessGroup) -> None:
             linear = getattr(parent, child)
             if linear.out_features < model.args.dim:
                 wrapped = GatheredColumnParallel(linear, group)
-            elif type(linear) is nn.Linear:
+            elif isinstance(linear, nn.Linear):
                 wrapped = RowParallel(linear, group)
             else:  # partial sums rounded per rank, scales of half-rows: not one process's model
                 raise ValueError(

@@ -33,7 +33,7 @@ def quantize_8da4w_for_xnnpack(model, groupsize: int) -> list[str]:
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, quantize_
     from torchao.quantization.granularity import PerGroup
 
-    linears = {n: m for n, m in model.named_modules() if type(m) is torch.nn.Linear}
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     skipped = [n for n, m in linears.items() if m.in_features % groupsize]
     config = Int8DynamicActivationIntxWeightConfig(
         weight_dtype=torch.int4, weight_granularity=PerGroup(groupsize)
@@ -41,6 +41,6 @@ def quantize_8da4w_for_xnnpack(model, groupsize: int) -> list[str]:
     quantize_(
         model,
         config,
-        filter_fn=lambda m, fqn: type(m) is torch.nn.Linear and m.in_features % groupsize == 0,
+        filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear) and m.in_features % groupsize == 0,
     )
     return skipped

@@ -8,7 +8,7 @@ import json
 import torch
 from torch.export import Dim, ExportedProgram, export
 
-from torchchat import __version__
+from torchchat import __version__, kernels
 from torchchat.model.transformer import Transformer
 
 METADATA_VERSION = "1"
@@ -19,7 +19,8 @@ def export_program(model: Transformer, max_seq_len: int) -> ExportedProgram:
     model.setup_caches(1, max_seq_len)
     seq = Dim("seq", min=1, max=max_seq_len - 1)
     example = (torch.zeros(1, 2, dtype=torch.long), torch.arange(2))
-    with torch.no_grad():
+    # Only torch's own ops in the program: AOTI and ExecuTorch runtimes know nothing of ours.
+    with torch.no_grad(), kernels.disabled():
         return export(model, example, dynamic_shapes=({1: seq}, {0: seq}), strict=False)
 
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from torchchat import kernels
 from torchchat.model.config import ModelArgs, RopeScaling
 
 
@@ -54,6 +55,17 @@ def apply_rope(x: Tensor, freqs: Tensor) -> Tensor:
         dim=-1,
     )
     return out.flatten(3).type_as(x)
+
+
+class Linear(nn.Linear):
+    """nn.Linear that runs torchchat's own CPU kernels for the few-token case when they apply
+    (see torchchat.kernels), torch's F.linear otherwise."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = kernels.float_linear(x, self.weight)
+        if y is None:
+            return F.linear(x, self.weight, self.bias)
+        return y if self.bias is None else y + self.bias
 
 
 class RMSNorm(nn.Module):
@@ -102,10 +114,10 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         bias = args.attention_bias
-        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=bias)
-        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=bias)
-        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=bias)
-        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=bias)
+        self.wq = Linear(args.dim, args.n_heads * args.head_dim, bias=bias)
+        self.wk = Linear(args.dim, args.n_kv_heads * args.head_dim, bias=bias)
+        self.wv = Linear(args.dim, args.n_kv_heads * args.head_dim, bias=bias)
+        self.wo = Linear(args.n_heads * args.head_dim, args.dim, bias=bias)
         self.kv_cache: KVCache | None = None
 
     def forward(
@@ -125,7 +137,10 @@ class Attention(nn.Module):
         k, v = self.kv_cache.update(input_pos, k, v, slot)
         if span is not None:
             k, v = k[:, :, :span], v[:, :, :span]
-        if input_pos.dim() == 1:
+        y = kernels.attention(q, k, v, mask)  # torchchat's CPU kernel for a few query rows
+        if y is not None:
+            pass
+        elif input_pos.dim() == 1:
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads
             )
@@ -150,9 +165,9 @@ def attend_rows(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
 class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)
-        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)
-        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.w1 = Linear(args.dim, args.hidden_dim, bias=False)
+        self.w2 = Linear(args.hidden_dim, args.dim, bias=False)
+        self.w3 = Linear(args.dim, args.hidden_dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -188,7 +203,7 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.output = Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.max_batch = self.max_seq_len = 0

@@ -93,7 +93,7 @@ def gptq_quantize(model: Transformer, args: dict, batches: list[Tensor] | None) 
     model.setup_caches(1, seq)
     inputs = _block_inputs(model, batches)
     for block in tqdm(model.layers, desc="GPTQ", file=sys.stderr, leave=False):
-        linears = {n: m for n, m in block.named_modules() if type(m) is nn.Linear}
+        linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
         hessians = _collect_hessians(
             linears, lambda block=block, inputs=inputs: [block(*i) for i in inputs]
         )
@@ -105,7 +105,7 @@ def gptq_quantize(model: Transformer, args: dict, batches: list[Tensor] | None) 
             )
         inputs = [(block(*inp), *inp[1:]) for inp in inputs]
     final = [model.norm(inp[0]) for inp in inputs]
-    if type(model.output) is nn.Linear:
+    if isinstance(model.output, nn.Linear):
         h = _collect_hessians({"output": model.output}, lambda: [model.output(x) for x in final])[
             "output"
         ]

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from torchchat import kernels
 from torchchat.quant.primitives import (
     dequantize_groups,
     pad_to,
@@ -75,6 +76,9 @@ class Int8Linear(nn.Module):
         return dequantize_groups(self.weight, scales)[:, : self.in_features]
 
     def forward(self, x: Tensor) -> Tensor:
+        y = kernels.int8_linear(x, self.weight, self.scales, self.groupsize)
+        if y is not None:  # torchchat's CPU kernel, on x in its own dtype
+            return y if self.bias is None else y + self.bias
         dt = kernel_dtype(x)
         if self.groupsize == 0:
             x2 = F.pad(
@@ -185,6 +189,12 @@ class Int4Linear(nn.Module):
         return wt.T[: self.out_features, : self.in_features]
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.weight.device.type == "cpu":
+            xq = quantize_activations_per_token(x) if self.dynamic_activations else x
+            y = kernels.int4_linear(xq, self.weight, self.scales_and_zeros, self.groupsize)
+            if y is not None:  # torchchat's CPU kernel
+                y = y[..., : self.out_features] if self.n != self.out_features else y
+                return y if self.bias is None else y + self.bias
         dt = kernel_dtype(x)
         x2 = x.reshape(-1, x.shape[-1])
         if self.dynamic_activations:

@@ -5,9 +5,29 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from torchchat import kernels
 from torchchat.errors import TorchchatError
 from torchchat.model.transformer import Transformer
 from torchchat.runtime.base import ModelRuntime
+
+
+def _guards_to_keep(entries) -> list[bool]:
+    """Dynamo checks guards before every call of a compiled function; on a model's hundreds of
+    modules, weights and aliasing pairs that took 0.4-0.5 ms of each decode step (stories110M).
+    Keep the guards outside the modules (inputs, globals, grad mode) and those on the KV caches,
+    which `setup_batch` reallocates with other shapes; drop the ones on module attributes,
+    weights and weight aliasing, none of which change once a runtime is built."""
+    return [
+        e.guard_type != "DUPLICATE_INPUT"
+        and (not e.orig_guard.source.is_unspecialized_nn_module() or "kv_cache" in e.name)
+        for e in entries
+    ]
+
+
+# Decode graphs (one static shape each), measured on stories110M int4, 2 threads: the C++
+# wrapper calls the graph's ~200 kernels without Python in between (-0.5 ms a token; the first
+# compile takes ~25 s longer, cached runs do not) and the guard filter saves another 0.5-0.9 ms.
+DECODE_OPTIONS = {"cpp_wrapper": True, "guard_filter_fn": _guards_to_keep}
 
 
 class EagerRuntime(ModelRuntime):
@@ -28,7 +48,9 @@ class EagerRuntime(ModelRuntime):
         self.max_seq_len = max_seq_len
         self.device = str(model.norm.weight.device)
         self.weight_bytes = weight_bytes_per_token(model)
-        if (compile or compile_prefill) and _packed_kernels_behind_fp32(model):
+        if (compile_prefill or (compile and not _decode_on_own_kernels(model))) and (
+            _packed_kernels_behind_fp32(model)
+        ):
             raise TorchchatError(
                 "--compile: torch 2.13's inductor cannot compile the int8/int4 kernels behind fp32 "
                 'activations: add "precision": {"dtype": "bf16"} to the --quantize recipe (the '
@@ -41,7 +63,9 @@ class EagerRuntime(ModelRuntime):
         self._batch_fn = self._forward_rows
         if compile:
             # Static shapes for one-token decode: one graph, reused at every position.
-            self._decode_fn = torch.compile(self._forward_last, fullgraph=True, dynamic=False)
+            self._decode_fn = torch.compile(
+                self._forward_last, fullgraph=True, dynamic=False, options=DECODE_OPTIONS
+            )
         if compile_prefill:
             self._prefill_fn = torch.compile(self._forward_last, fullgraph=True, dynamic=True)
 
@@ -83,7 +107,9 @@ class EagerRuntime(ModelRuntime):
         self.max_batch, self.cached = max_batch, []
         if self.compile:
             # Every step feeds all slots: static shapes, one graph per attention span.
-            self._batch_fn = torch.compile(self._forward_rows, fullgraph=True, dynamic=False)
+            self._batch_fn = torch.compile(
+                self._forward_rows, fullgraph=True, dynamic=False, options=DECODE_OPTIONS
+            )
 
     def _check_slot(self, slot: int) -> None:
         if not 0 <= slot < self.max_batch:
@@ -133,6 +159,17 @@ def weight_bytes_per_token(model: Transformer) -> int:
     }
     seen = {id(t): t for t in (*model.parameters(), *model.buffers()) if id(t) not in skip}
     return sum(t.numel() * t.element_size() for t in seen.values())
+
+
+def _decode_on_own_kernels(model: Transformer) -> bool:
+    """True when torchchat's CPU kernels (not aten's packed ones) run the model's quantized
+    linears in a one-token decode step, so a compiled decode graph holds none of aten's."""
+    from torchchat.quant.linear import Int4Linear
+
+    if model.norm.weight.device.type != "cpu":
+        return False
+    need = kernels.AVX512_BF16 if any(isinstance(m, Int4Linear) for m in model.modules()) else 0
+    return kernels.simd_level() & (kernels.AVX512 | need) == kernels.AVX512 | need
 
 
 def _packed_kernels_behind_fp32(model: Transformer) -> bool:

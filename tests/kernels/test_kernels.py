@@ -1,0 +1,211 @@
+"""torchchat's own CPU kernels (torchchat/kernels): each op against a float reference, the models
+that use them against the same models on torch's ops, torch.compile and export around them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from support import STORIES_BIN, random_args, random_state_dict, run_torchchat
+
+from torchchat import kernels
+from torchchat.export.program import export_program
+from torchchat.model.transformer import Transformer, attend_rows
+from torchchat.quant.apply import quantize
+from torchchat.quant.config import load_quantize_spec
+from torchchat.quant.linear import Int4Linear, Int8Linear
+
+pytestmark = pytest.mark.skipif(
+    kernels.simd_level() == 0, reason="torchchat's CPU kernels need an x86 CPU with AVX-512"
+)
+needs_bf16 = pytest.mark.skipif(
+    not kernels.simd_level() & kernels.AVX512_BF16, reason="int4 kernel needs AVX512-BF16"
+)
+
+# (rows, in, out): one token, a few, the most the kernels take; dims off every vector width.
+SHAPES = [(1, 768, 768), (3, 100, 37), (8, 288, 1000), (1, 17, 5), (5, 64, 176)]
+
+
+def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES)
+@pytest.mark.parametrize(
+    "dtype,tol",
+    [(torch.float32, 2e-6), (torch.bfloat16, 8e-3), (torch.float16, 1e-3)],  # output rounding
+)
+def test_float_linear_matches_fp32_reference(m, k, n, dtype, tol):
+    torch.manual_seed(m * k + n)
+    x, w = torch.randn(m, k).to(dtype), torch.randn(n, k).to(dtype)
+    y = kernels.float_linear(x, w)
+    assert y.dtype == dtype and y.shape == (m, n)
+    assert max_rel(y, F.linear(x.float(), w.float())) < tol
+
+
+def test_float_linear_takes_batched_rows_and_strided_weights():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 40)
+    big = torch.randn(50, 64)
+    w = big[:, :40]  # rows 64 apart
+    assert max_rel(kernels.float_linear(x, w), F.linear(x, w)) < 2e-6
+
+
+@pytest.mark.parametrize("m,k,n", SHAPES)
+@pytest.mark.parametrize("groupsize", [0, 32, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_linear_matches_dequantized_reference(m, k, n, groupsize, dtype):
+    torch.manual_seed(n)
+    lin = torch.nn.Linear(k, n, bias=False)
+    q = Int8Linear.from_float(lin, groupsize)
+    x = torch.randn(m, k).to(dtype)
+    y = kernels.int8_linear(x, q.weight, q.scales, groupsize)
+    assert y.dtype == dtype
+    tol = 2e-6 if dtype == torch.float32 else 8e-3
+    assert max_rel(y, F.linear(x.float(), q.dequantize())) < tol
+
+
+@needs_bf16
+@pytest.mark.parametrize("m,k,n", [(1, 768, 768), (2, 256, 80), (8, 384, 1000), (4, 128, 176)])
+@pytest.mark.parametrize("groupsize", [32, 64, 128])
+def test_int4_linear_matches_dequantized_reference(m, k, n, groupsize):
+    """Rows in blocks of 64 and a last block of 16 or 48 rows (torch's pack layout differs)."""
+    torch.manual_seed(n)
+    q = Int4Linear.from_float(torch.nn.Linear(k, n, bias=False), groupsize)
+    x = torch.randn(m, k)
+    y = kernels.int4_linear(x, q.weight, q.scales_and_zeros, groupsize)[:, :n]
+    reference = F.linear(x.bfloat16().float(), q.dequantize().float())  # bf16 activations
+    assert max_rel(y, reference) < 1e-5
+
+
+@needs_bf16
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_int4_module_with_and_without_kernel_agree(dynamic):
+    torch.manual_seed(1)
+    lin = torch.nn.Linear(96, 80, bias=True)
+    make = Int4Linear.from_float_8da4w if dynamic else Int4Linear.from_float
+    q = make(lin, 32)
+    x = torch.randn(1, 2, 96)
+    fast = q(x)
+    with kernels.disabled():
+        slow = q(x)  # aten::_weight_int4pack_mm_for_cpu, bf16 output
+    assert fast.shape == slow.shape == (1, 2, 80)
+    assert max_rel(fast, slow) < 1e-2
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize(
+    "b,h,kv,s,t,d", [(1, 12, 12, 1, 128, 64), (2, 8, 2, 3, 50, 48), (1, 4, 4, 8, 20, 16)]
+)
+def test_attention_matches_plain_matmuls(dtype, tol, b, h, kv, s, t, d):
+    torch.manual_seed(t)
+    q = torch.randn(b, h, s, d).to(dtype)
+    cache_k, cache_v = torch.randn(2, b, kv, t + 7, d).to(dtype)
+    k, v = cache_k[:, :, :t], cache_v[:, :, :t]  # a span of a longer cache
+    pos = torch.randint(0, t, (b, s))
+    mask = (torch.arange(t)[None, None, :] <= pos[:, :, None]).unsqueeze(1)
+    y = kernels.attention(q, k, v, mask)
+    reference = attend_rows(q.float(), k.float(), v.float(), mask)
+    assert y.dtype == dtype
+    assert (y.float() - reference).abs().max().item() < tol
+
+
+def test_ops_decline_what_they_do_not_cover():
+    x = torch.randn(9, 16)  # more rows than a decode step
+    assert kernels.float_linear(x, torch.randn(4, 16)) is None
+    assert kernels.float_linear(torch.randn(1, 16), torch.randn(4, 16).bfloat16()) is None
+    q = Int8Linear.from_float(torch.nn.Linear(48, 8, bias=False), 48)  # group not a power of 2
+    assert kernels.int8_linear(torch.randn(1, 48), q.weight, q.scales, 48) is None
+    with kernels.disabled():
+        assert kernels.float_linear(torch.randn(1, 16), torch.randn(4, 16)) is None
+
+
+def test_a_failed_build_falls_back_with_one_line(monkeypatch, capsys, tmp_path):
+    import torch.utils.cpp_extension as ext
+
+    def broken(**_):
+        raise RuntimeError("Error building extension 'torchchat_cpu_linear'\nninja: build stopped")
+
+    monkeypatch.setattr(ext, "load", broken)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert kernels._build_and_load.__wrapped__() == 0
+    err = capsys.readouterr().err
+    assert "CPU kernels unavailable (ninja: build stopped)" in err
+    monkeypatch.setenv(kernels.ENV, "0")
+    assert kernels._build_and_load.__wrapped__() == 0
+
+
+def small_model(quantize_spec: str | None = None) -> Transformer:
+    args = random_args(dim=64, n_heads=4, n_kv_heads=2, hidden_dim=176, vocab_size=128)
+    model = Transformer(args)
+    model.load_state_dict(random_state_dict(args, seed=3))
+    if quantize_spec:
+        quantize(model, load_quantize_spec(quantize_spec))
+    model.setup_caches(1, 32)
+    return model.eval()
+
+
+@torch.inference_mode()
+def prefill_then_decode(model: Transformer, tokens: torch.Tensor, prompt: int) -> torch.Tensor:
+    out = [model(tokens[:, :prompt], torch.arange(prompt))[:, -1]]
+    for pos in range(prompt, tokens.shape[1]):
+        out.append(model(tokens[:, pos : pos + 1], torch.tensor([pos]))[:, -1])
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize(
+    "spec,tol",
+    [
+        (None, 1e-5),
+        ('{"linear:int8": {"groupsize": 0}}', 2e-2),  # torch's path rounds activations to bf16
+        ('{"linear:int8": {"groupsize": 32}}', 2e-2),
+        ('{"precision": {"dtype": "bf16"}, "linear:int4": {"groupsize": 32}}', 3e-2),
+        ('{"precision": {"dtype": "bf16"}}', 3e-2),
+    ],
+)
+def test_model_decode_on_kernels_matches_torch_ops(spec, tol):
+    if spec and "int4" in spec and not kernels.simd_level() & kernels.AVX512_BF16:
+        pytest.skip("int4 kernel needs AVX512-BF16")
+    model = small_model(spec)
+    if spec and "bf16" in spec:
+        model = model.to(torch.bfloat16)
+        model.setup_caches(1, 32)
+    tokens = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(0))
+    fast = prefill_then_decode(model, tokens, 4)
+    with kernels.disabled():
+        slow = prefill_then_decode(model, tokens, 4)
+    assert max_rel(fast, slow) < tol
+
+
+@needs_bf16
+def test_compiled_decode_on_kernels_matches_eager():
+    """fp32 activations with int4 weights: aten's kernel breaks inductor, ours compiles."""
+    model = small_model('{"linear:int4": {"groupsize": 32}}')
+    tokens = torch.randint(0, 128, (1, 8), generator=torch.Generator().manual_seed(1))
+    eager = prefill_then_decode(model, tokens, 4)
+    step = torch.compile(model, fullgraph=True, dynamic=False)
+    with torch.inference_mode():
+        model(tokens[:, :4], torch.arange(4))
+        compiled = [step(tokens[:, p : p + 1], torch.tensor([p]))[:, -1] for p in range(4, 8)]
+    assert max_rel(torch.cat(compiled), eager[1:]) < 1e-5
+
+
+def test_exported_program_holds_only_torch_ops():
+    model = small_model('{"linear:int8": {"groupsize": 0}}')
+    program = export_program(model, 32)
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert not [t for t in targets if "torchchat" in t]
+    assert any("_weight_int8pack_mm" in t for t in targets)
+
+
+@pytest.mark.slow
+def test_greedy_tokens_match_with_kernels_off():
+    """stories260K, fp32, 64 greedy tokens: the same text on torchchat's kernels and torch's."""
+    import os
+
+    cmd = ["generate", STORIES_BIN, "--prompt", "Once upon a time", "--temperature", "0",
+           "--max-new-tokens", "64"]  # fmt: skip
+    on = run_torchchat(*cmd)
+    off = run_torchchat(*cmd, env={**os.environ, kernels.ENV: "0"})
+    assert on.returncode == 0 and off.returncode == 0, on.stderr + off.stderr
+    assert on.stdout == off.stdout and len(on.stdout.split()) > 20

@@ -1,0 +1,200 @@
+"""torchchat's own CPU kernels for the decode step (cpu_linear.cpp), as torch custom ops.
+
+The C++ is compiled on first use for the machine at hand (`-march=native`, through
+torch.utils.cpp_extension and ninja) into ~/.cache/torchchat/kernels/<key>, keyed by the source,
+torch's version and the CPU's flags, so later processes only load it (~0.1 s). The first build
+takes about a minute and says so on stderr.
+
+Models call them through `float_linear`, `int8_linear` and `int4_linear`, which return None when
+the kernels do not apply (not an x86 CPU with AVX-512, too many rows, a dtype they do not cover,
+TORCHCHAT_KERNELS=0, or inside `disabled()`); the caller then runs torch's op. Export runs inside
+`disabled()`: an exported program must only hold ops its runtime knows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import os
+import platform
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from torchchat.compile_cache import torchchat_cache_dir
+
+SOURCE = Path(__file__).with_name("cpu_linear.cpp")
+ENV = "TORCHCHAT_KERNELS"  # "0": never build or use them
+MAX_ROWS = 8  # the C++ kMaxRows: more tokens at once is prefill, where torch's GEMM wins
+
+AVX512 = 1  # simd_level bits, as cpu_linear.cpp sets them
+AVX512_BF16 = 2
+
+_enabled = True
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+@torch.compiler.assume_constant_result  # torch.compile: call it, do not trace the build
+def simd_level() -> int:
+    """Build (once per machine) and load the kernels; their SIMD level bits, 0 if unavailable."""
+    return _build_and_load()
+
+
+@functools.cache
+def _build_and_load() -> int:
+    if os.environ.get(ENV, "1") == "0" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return 0
+    flags = _cpu_flags()
+    if "avx512f" not in flags.split():
+        return 0
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(source + torch.__version__.encode() + flags.encode()).hexdigest()[:16]
+    build = torchchat_cache_dir() / "kernels" / key
+    name = "torchchat_cpu_linear"
+    try:
+        from torch.utils.cpp_extension import load
+
+        build.mkdir(parents=True, exist_ok=True)
+        if not (build / f"{name}.so").exists():
+            print(f"torchchat: building CPU kernels into {build} (once) ...", file=sys.stderr)
+        load(
+            name=name,
+            sources=[str(SOURCE)],
+            extra_cflags=["-O3", "-march=native", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            build_directory=str(build),
+            is_python_module=False,
+            verbose=False,
+        )
+    except Exception as e:  # no compiler, no ninja, read-only cache: torch's kernels still work
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        print(
+            f"torchchat: CPU kernels unavailable ({reason}); using torch's (slower decode)",
+            file=sys.stderr,
+        )
+        return 0
+    _register_fakes()
+    return int(torch.ops.torchchat.simd_level())
+
+
+def _register_fakes() -> None:
+    """Output shapes for torch.compile / FakeTensor tracing."""
+
+    @torch.library.register_fake("torchchat::linear")
+    def _(x, w):
+        return x.new_empty(x.shape[0], w.shape[0])
+
+    @torch.library.register_fake("torchchat::linear_int8")
+    def _(x, w, scales, group):
+        return x.new_empty(x.shape[0], w.shape[0])
+
+    @torch.library.register_fake("torchchat::linear_int4")
+    def _(x, w, scales_and_zeros, group):
+        return x.new_empty(x.shape[0], w.shape[0])
+
+    @torch.library.register_fake("torchchat::attention")
+    def _(q, k, v, mask, scale):
+        return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Run (and trace) with torch's ops only, e.g. for torch.export."""
+    global _enabled
+    before, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = before
+
+
+def _rows(x: Tensor, need: int, dims: tuple | None = None) -> int | None:
+    """Rows of x as a 2-D matrix (the product of `dims`, by default all but the last) if the
+    kernels take it: a CPU tensor of static shape with at most MAX_ROWS rows, kernels enabled
+    and built with the `need` level bit."""
+    if not _enabled or x.device.type != "cpu":
+        return None
+    rows = 1
+    for d in x.shape[:-1] if dims is None else dims:
+        if not isinstance(d, int):  # a dynamic (symbolic) size: prefill, leave it to torch
+            return None
+        rows *= d
+    if rows > MAX_ROWS or not simd_level() & need:
+        return None
+    return rows
+
+
+def float_linear(x: Tensor, weight: Tensor) -> Tensor | None:
+    """x @ weight.T for fp32/bf16/fp16 x and weight of the same dtype, or None."""
+    if x.dtype != weight.dtype or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return None
+    if type(weight) not in (Tensor, torch.nn.Parameter):  # e.g. torchao's quantized tensors
+        return None
+    if weight.dim() != 2 or weight.stride(1) != 1 or weight.device.type != "cpu":
+        return None
+    rows = _rows(x, AVX512)
+    if rows is None:
+        return None
+    y = torch.ops.torchchat.linear(x.reshape(rows, x.shape[-1]), weight)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def int8_linear(x: Tensor, weight: Tensor, scales: Tensor, groupsize: int) -> Tensor | None:
+    """x @ (int8 weight x scales).T, per-row (groupsize 0) or per-group scales, or None. The
+    result is (..., weight rows) in x's dtype."""
+    if groupsize and (groupsize < 16 or groupsize & (groupsize - 1)):
+        return None  # the kernel takes per-row scales or power-of-two groups of 16 or more
+    if weight.shape[1] % (groupsize or 16) or not x.is_floating_point():
+        return None
+    rows = _rows(x, AVX512)
+    if rows is None:
+        return None
+    y = torch.ops.torchchat.linear_int8(x.reshape(rows, x.shape[-1]), weight, scales, groupsize)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def int4_linear(
+    x: Tensor, packed: Tensor, scales_and_zeros: Tensor, groupsize: int
+) -> Tensor | None:
+    """x @ W.T for int4 weights in torch's CPU pack layout (W = (q - 8) * scale + zero), or None.
+    Activations are rounded to bf16 first, as with aten::_weight_int4pack_mm_for_cpu. The result
+    is (..., packed rows) in x's dtype."""
+    if (
+        packed.dtype != torch.uint8
+        or scales_and_zeros.dtype != torch.bfloat16
+        or not x.is_floating_point()
+    ):
+        return None
+    rows = _rows(x, AVX512_BF16)
+    if rows is None:
+        return None
+    y = torch.ops.torchchat.linear_int4(
+        x.reshape(rows, x.shape[-1]), packed, scales_and_zeros, groupsize
+    )
+    return y.reshape(*x.shape[:-1], packed.shape[0])
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor | None:
+    """softmax(q k^T / sqrt(D), where mask) v for a few query rows, or None: q (B, H, S, D);
+    k, v (B, KVH, T, D) (grouped-query when KVH < H); mask bool, (1 or B, 1, S, T). Each query
+    row is computed on its own, so its result does not depend on the batch it is in."""
+    if q.dtype != k.dtype or not q.is_floating_point() or mask.dtype != torch.bool:
+        return None
+    if k.stride(-1) != 1 or k.stride(-2) != k.shape[-1] or v.stride() != k.stride():
+        return None
+    if mask.stride(-1) != 1 or _rows(q, AVX512, (q.shape[0], q.shape[2])) is None:  # B x S
+        return None
+    return torch.ops.torchchat.attention(q, k, v, mask, q.shape[-1] ** -0.5)

@@ -1,0 +1,634 @@
+// One-token (and few-token) linear layers for x86 CPUs with AVX-512: y = x @ W.T for x of at
+// most kMaxRows rows, the decode step's shape. Built on first use by torchchat/kernels/__init__.py
+// (torch.utils.cpp_extension, -march=native) and registered as torch custom ops, so eager code
+// and torch.compile'd graphs call the same kernels.
+//
+// Why our own: torch 2.13's one-row matmuls (MKL/oneDNN GEMV for fp32/bf16, the int4 pack kernel)
+// stream weights at 16-27 GB/s on the 2-core machine these were measured on, about 40-60% of its
+// read bandwidth and of what llama.cpp's kernels reach (docs/performance.md). A decode step is a
+// stream of weights, so each kernel here reads several weight rows at once per thread (hardware
+// prefetchers track a few sequential streams each), splits rows evenly over torch's intra-op
+// threads and does the least arithmetic per weight byte that keeps the reference semantics:
+//   fp32      fp32 FMAs, 8 rows per pass.
+//   bf16      AVX512-BF16 dot products (vdpbf16ps): bf16 x bf16 products summed in fp32.
+//   fp16      F16C conversions + fp32 FMAs.
+//   int8      int8 -> fp32 + FMAs on fp32 activations, per-row or per-group scales.
+//   int4      torch's CPU int4 pack layout read in place; codes turned into bf16 (128 + q) with one
+//             OR and summed with vdpbf16ps against bf16 activations; per-group scale and zero folded
+//             in afterwards (w = (q - 8) * scale + zero, as aten::_weight_int4pack_mm_for_cpu).
+// Every kernel accumulates in fp32 and rounds once, like the aten ops it replaces.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kMaxRows = 8;  // more tokens than this: torch's GEMM is the better kernel
+constexpr int64_t kPrefetch = 2048;  // bytes ahead in the weight stream (int4: 2048 > 1024 > 512)
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
+    defined(__AVX512DQ__)
+constexpr bool kAvx512 = true;
+
+inline __m512 load_f32(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+
+inline __mmask16 mask16(int64_t n) { return n >= 16 ? 0xFFFF : (__mmask16)((1u << n) - 1); }
+inline __mmask32 mask32(int64_t n) {
+  return n >= 32 ? 0xFFFFFFFFu : (__mmask32)((1u << n) - 1);
+}
+
+// bf16 bits (16 lanes) -> fp32.
+inline __m512 bf16x16_to_f32(__m256i v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+
+// ---------------------------------------------------------------- 16-bit and fp32 weights
+//
+// Each thread reads its rows one after another: weights are then a single sequential stream per
+// thread, which measured faster here than reading 2-8 rows side by side (8 rows: 30 GB/s, one
+// row with 4 accumulators: 38 GB/s, a plain sum of the same memory: 37 GB/s, one thread).
+
+// 16 weights or activations as fp32; `Load<T>::step` elements per accumulator update.
+template <typename T>
+struct Load;
+
+template <>
+struct Load<float> {
+  static __m512 at(const float* p) { return _mm512_loadu_ps(p); }
+  static __m512 masked(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+};
+
+template <>
+struct Load<c10::Half> {
+  static __m512 at(const c10::Half* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)p));
+  }
+  static __m512 masked(const c10::Half* p, __mmask16 m) {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p));
+  }
+};
+
+template <>
+struct Load<c10::BFloat16> {
+  static __m512 at(const c10::BFloat16* p) {
+    return bf16x16_to_f32(_mm256_loadu_si256((const __m256i*)p));
+  }
+  static __m512 masked(const c10::BFloat16* p, __mmask16 m) {
+    return bf16x16_to_f32(_mm256_maskz_loadu_epi16(m, p));
+  }
+};
+
+// out[m] = dot(w row, x row m) for M activation rows (ldx apart), U independent accumulators
+// per activation row to keep enough FMAs in flight.
+template <typename T, int M>
+void dot_row(const T* x, int64_t ldx, const T* w, int64_t K, float* out) {
+  constexpr int U = M == 1 ? 4 : 2;
+  __m512 acc[M][U];
+  for (int m = 0; m < M; ++m)
+    for (int u = 0; u < U; ++u) acc[m][u] = _mm512_setzero_ps();
+  int64_t k = 0;
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {  // 32 products per instruction
+    for (; k + 32 * U <= K; k += 32 * U)
+      for (int u = 0; u < U; ++u) {
+        _mm_prefetch((const char*)(w + k + 32 * u) + kPrefetch, _MM_HINT_T0);
+        const __m512bh wv = (__m512bh)_mm512_loadu_si512((const void*)(w + k + 32 * u));
+        for (int m = 0; m < M; ++m) {
+          const __m512bh xv = (__m512bh)_mm512_loadu_si512((const void*)(x + m * ldx + k + 32 * u));
+          acc[m][u] = _mm512_dpbf16_ps(acc[m][u], wv, xv);
+        }
+      }
+  }
+#endif
+  for (; k + 16 * U <= K; k += 16 * U)  // unmasked: a mask written every step is 2x slower
+    for (int u = 0; u < U; ++u) {
+      if constexpr (!std::is_same_v<T, float>)  // fp32 measured faster without (0.99 vs 0.93)
+        _mm_prefetch((const char*)(w + k + 16 * u) + kPrefetch, _MM_HINT_T0);
+      const __m512 wv = Load<T>::at(w + k + 16 * u);
+      for (int m = 0; m < M; ++m)
+        acc[m][u] = _mm512_fmadd_ps(wv, Load<T>::at(x + m * ldx + k + 16 * u), acc[m][u]);
+    }
+  for (; k < K; k += 16) {
+    const __mmask16 mk = mask16(K - k);
+    const __m512 wv = Load<T>::masked(w + k, mk);
+    for (int m = 0; m < M; ++m)
+      acc[m][0] = _mm512_fmadd_ps(wv, Load<T>::masked(x + m * ldx + k, mk), acc[m][0]);
+  }
+  for (int m = 0; m < M; ++m) {
+    __m512 t = acc[m][0];
+    for (int u = 1; u < U; ++u) t = _mm512_add_ps(t, acc[m][u]);
+    out[m] = _mm512_reduce_add_ps(t);
+  }
+}
+
+template <typename T, int M>
+void float_linear_m(const T* x, int64_t K, const T* w, int64_t ldw, float* y, int64_t N) {
+  // Grain of 16 rows: big enough to amortize a task, small enough to split the smallest layers.
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    float out[M];
+    for (int64_t n = n0; n < n1; ++n) {
+      dot_row<T, M>(x, K, w + n * ldw, K, out);
+      for (int m = 0; m < M; ++m) y[m * N + n] = out[m];
+    }
+  });
+}
+
+template <typename T>
+void float_linear(const T* x, int64_t M, int64_t K, const T* w, int64_t ldw, float* y,
+                  int64_t N) {
+  // Up to 4 activation rows share each weight load; more rows go 4 at a time.
+  for (int64_t m = 0; m < M; m += 4) {
+    const int64_t mm = std::min<int64_t>(4, M - m);
+    const T* xm = x + m * K;
+    float* ym = y + m * N;
+    switch (mm) {
+      case 1: float_linear_m<T, 1>(xm, K, w, ldw, ym, N); break;
+      case 2: float_linear_m<T, 2>(xm, K, w, ldw, ym, N); break;
+      case 3: float_linear_m<T, 3>(xm, K, w, ldw, ym, N); break;
+      default: float_linear_m<T, 4>(xm, K, w, ldw, ym, N); break;
+    }
+  }
+}
+
+// ---------------------------------------------------------------- int8 weights
+
+// out[m] = sum_k w[k] s(k) x[m][k] for one int8 weight row w, s(k) its scale: scales[0] for the
+// whole row (group 0, applied after the sum) or scales[k >> log2(group)] (group a power of two
+// >= 16, applied to each 16 weights as they are converted). K is a multiple of 16; x is fp32,
+// zero-padded to K by the caller.
+template <int M>
+void int8_row(const float* x, int64_t K, const int8_t* w, const float* scales, int64_t group,
+              float* out) {
+  constexpr int U = M == 1 ? 4 : 2;
+  const int shift = group ? __builtin_ctzll(group) : 0;
+  __m512 acc[M][U];
+  for (int m = 0; m < M; ++m)
+    for (int u = 0; u < U; ++u) acc[m][u] = _mm512_setzero_ps();
+  auto weights = [&](int64_t k) {
+    const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + k))));
+    return group ? _mm512_mul_ps(wv, _mm512_set1_ps(scales[k >> shift])) : wv;
+  };
+  int64_t k = 0;
+  for (; k + 16 * U <= K; k += 16 * U)
+    for (int u = 0; u < U; ++u) {
+      if (u % 4 == 0) _mm_prefetch((const char*)(w + k + 16 * u) + kPrefetch, _MM_HINT_T0);
+      const __m512 wv = weights(k + 16 * u);
+      for (int m = 0; m < M; ++m)
+        acc[m][u] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + m * K + k + 16 * u), acc[m][u]);
+    }
+  for (; k < K; k += 16) {
+    const __m512 wv = weights(k);
+    for (int m = 0; m < M; ++m)
+      acc[m][0] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(x + m * K + k), acc[m][0]);
+  }
+  for (int m = 0; m < M; ++m) {
+    __m512 t = acc[m][0];
+    for (int u = 1; u < U; ++u) t = _mm512_add_ps(t, acc[m][u]);
+    out[m] = _mm512_reduce_add_ps(t) * (group ? 1.0f : scales[0]);
+  }
+}
+
+template <int M>
+void int8_linear_m(const float* x, int64_t K, const int8_t* w, int64_t ldw, const float* scales,
+                   int64_t group, float* y, int64_t N) {
+  const int64_t G = group ? K / group : 1;
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    float out[M];
+    for (int64_t n = n0; n < n1; ++n) {
+      int8_row<M>(x, K, w + n * ldw, scales + n * G, group, out);
+      for (int m = 0; m < M; ++m) y[m * N + n] = out[m];
+    }
+  });
+}
+
+void int8_linear(const float* x, int64_t M, int64_t K, const int8_t* w, int64_t ldw,
+                 const float* scales, int64_t group, float* y, int64_t N) {
+  for (int64_t m = 0; m < M; m += 4) {
+    const int64_t mm = std::min<int64_t>(4, M - m);
+    const float* xm = x + m * K;
+    float* ym = y + m * N;
+    switch (mm) {
+      case 1: int8_linear_m<1>(xm, K, w, ldw, scales, group, ym, N); break;
+      case 2: int8_linear_m<2>(xm, K, w, ldw, scales, group, ym, N); break;
+      case 3: int8_linear_m<3>(xm, K, w, ldw, scales, group, ym, N); break;
+      default: int8_linear_m<4>(xm, K, w, ldw, scales, group, ym, N); break;
+    }
+  }
+}
+
+// ---------------------------------------------------------------- int4 weights
+
+// torch's CPU int4 layout (aten::_convert_weight_to_int4pack_for_cpu, [N, K/2] uint8): output
+// rows in blocks of 64, each block stored k-major: for every k, 32 bytes whose low nibbles are
+// rows 0-31 of the block and high nibbles rows 32-63. A last block of fewer rows (bs, a multiple
+// of 16) stores bs/2 bytes per k, byte d holding rows 2d (low) and 2d+1 (high).
+//
+// The 64-row kernel takes two k at a time: widening the bytes of k and k+1 to 16 bits and
+// interleaving them puts, in each 32-bit lane, the pair (k, k+1) of one row -- the operand layout
+// of vdpbf16ps. OR-ing 0x4300 onto a code q (0..15) makes the bf16 number 128 + q exactly, so
+// sum_k (128 + q_k) x_k - 128 sum_k x_k = sum_k q_k x_k with no int->float conversion.
+// The interleave works within 128-bit lanes, so accumulator lane i holds block row kPerm[i].
+
+#if defined(__AVX512BF16__)
+constexpr bool kInt4Fast = true;
+#else
+constexpr bool kInt4Fast = false;
+#endif
+
+// One full 64-row block for one activation row. xb: bf16 activations (K), xsum: per-group sums
+// of them; sz: [G][N][2] bf16 (scale, zero). Writes the block's 64 outputs in row order.
+void int4_block64(const uint8_t* blk, const c10::BFloat16* xb, const float* xsum, int64_t K,
+                  int64_t group, const c10::BFloat16* sz, int64_t N, int64_t n0, float* out) {
+#if defined(__AVX512BF16__)
+  const int64_t G = K / group;
+  const __m512i nibble = _mm512_set1_epi32(0x000F000F);
+  const __m512i magic = _mm512_set1_epi32(0x43004300);  // bf16 128.0 in both halves
+  const __m512i high16 = _mm512_set1_epi32((int32_t)0xFFFF0000u);
+  // Accumulator lanes -> rows: the 128-bit-lane interleave gives rows {0-3, 8-11, 16-19, 24-27}
+  // (unpacklo) and {4-7, 12-15, 20-23, 28-31} (unpackhi), +32 for the high nibbles.
+  const __m512i perm_lo = _mm512_setr_epi32(0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27);
+  const __m512i perm_hi = _mm512_setr_epi32(4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  const __m512 k136 = _mm512_set1_ps(136.0f);
+  __m512 total[4];
+  for (int i = 0; i < 4; ++i) total[i] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m512 acc[4];
+    for (int i = 0; i < 4; ++i) acc[i] = _mm512_setzero_ps();
+    const int64_t kend = (g + 1) * group;
+    if (g + 2 < G)  // scales of later groups: 256 bytes N * 4 bytes apart, no stream to follow
+      for (int q = 0; q < 4; ++q)
+        _mm_prefetch((const char*)(sz + ((g + 2) * N + n0) * 2 + q * 32), _MM_HINT_T0);
+    for (int64_t k = g * group; k < kend; k += 2) {
+      const uint8_t* a = blk + k * 32;
+      _mm_prefetch((const char*)(a + kPrefetch), _MM_HINT_T0);
+      const __m512i wa = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)a));
+      const __m512i wb = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)(a + 32)));
+      const __m512i p0 = _mm512_unpacklo_epi16(wa, wb);  // lane: byte(k) | byte(k+1) << 16
+      const __m512i p1 = _mm512_unpackhi_epi16(wa, wb);
+      // 0xEA: (p & nibble) | magic
+      const __m512bh lo0 = (__m512bh)_mm512_ternarylogic_epi32(p0, nibble, magic, 0xEA);
+      const __m512bh lo1 = (__m512bh)_mm512_ternarylogic_epi32(p1, nibble, magic, 0xEA);
+      const __m512bh hi0 =
+          (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi32(p0, 4), nibble, magic, 0xEA);
+      const __m512bh hi1 =
+          (__m512bh)_mm512_ternarylogic_epi32(_mm512_srli_epi32(p1, 4), nibble, magic, 0xEA);
+      int32_t pair;
+      std::memcpy(&pair, xb + k, 4);
+      const __m512bh xv = (__m512bh)_mm512_set1_epi32(pair);
+      acc[0] = _mm512_dpbf16_ps(acc[0], lo0, xv);
+      acc[1] = _mm512_dpbf16_ps(acc[1], lo1, xv);
+      acc[2] = _mm512_dpbf16_ps(acc[2], hi0, xv);
+      acc[3] = _mm512_dpbf16_ps(acc[3], hi1, xv);
+    }
+    // total += scale * acc + (zero - 136 * scale) * xsum  (128 from the bf16 trick, 8 from the
+    // codes' offset). (scale, zero) pairs of 16 rows fill one vector: scale in the low half of
+    // each 32-bit lane, zero in the high half.
+    const c10::BFloat16* szg = sz + (g * N + n0) * 2;
+    __m512 s[4], c[4];
+    for (int q = 0; q < 4; ++q) {
+      const __m512i v = _mm512_loadu_si512((const void*)(szg + q * 32));
+      s[q] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+      c[q] = _mm512_fnmadd_ps(k136, s[q], _mm512_castsi512_ps(_mm512_and_si512(v, high16)));
+    }
+    const __m512 xs = _mm512_set1_ps(xsum[g]);
+    for (int h = 0; h < 2; ++h) {  // rows 0-31 (low nibbles), 32-63 (high nibbles)
+      const __m512 s_lo = _mm512_permutex2var_ps(s[2 * h], perm_lo, s[2 * h + 1]);
+      const __m512 s_hi = _mm512_permutex2var_ps(s[2 * h], perm_hi, s[2 * h + 1]);
+      const __m512 c_lo = _mm512_permutex2var_ps(c[2 * h], perm_lo, c[2 * h + 1]);
+      const __m512 c_hi = _mm512_permutex2var_ps(c[2 * h], perm_hi, c[2 * h + 1]);
+      total[2 * h] = _mm512_fmadd_ps(c_lo, xs, _mm512_fmadd_ps(s_lo, acc[2 * h], total[2 * h]));
+      total[2 * h + 1] =
+          _mm512_fmadd_ps(c_hi, xs, _mm512_fmadd_ps(s_hi, acc[2 * h + 1], total[2 * h + 1]));
+    }
+  }
+  for (int h = 0; h < 2; ++h) {
+    alignas(64) float lo[16], hi[16];
+    _mm512_store_ps(lo, total[2 * h]);
+    _mm512_store_ps(hi, total[2 * h + 1]);
+    for (int lane = 0; lane < 4; ++lane)
+      for (int j = 0; j < 4; ++j) {
+        out[32 * h + lane * 8 + j] = lo[lane * 4 + j];
+        out[32 * h + lane * 8 + 4 + j] = hi[lane * 4 + j];
+      }
+  }
+#endif
+}
+
+// A block of bs < 64 rows (the last one): bs/2 bytes per k, byte d = rows 2d (low), 2d+1 (high).
+// Plain loops: only small layers whose row count is not a multiple of 64 have one.
+void int4_block_tail(const uint8_t* blk, int64_t bs, const c10::BFloat16* xb, const float* xsum,
+                     int64_t K, int64_t group, const c10::BFloat16* sz, int64_t N, int64_t n0,
+                     float* out) {
+  const int64_t G = K / group, half = bs / 2;
+  for (int64_t r = 0; r < bs; ++r) out[r] = 0.0f;
+  std::vector<float> acc(bs);
+  for (int64_t g = 0; g < G; ++g) {
+    std::fill(acc.begin(), acc.end(), 0.0f);
+    for (int64_t k = g * group; k < (g + 1) * group; ++k) {
+      const float xk = (float)xb[k];
+      const uint8_t* row = blk + k * half;
+      for (int64_t d = 0; d < half; ++d) {
+        acc[2 * d] += (float)(row[d] & 15) * xk;
+        acc[2 * d + 1] += (float)(row[d] >> 4) * xk;
+      }
+    }
+    for (int64_t r = 0; r < bs; ++r) {
+      const float s = (float)sz[(g * N + n0 + r) * 2], z = (float)sz[(g * N + n0 + r) * 2 + 1];
+      out[r] += s * acc[r] + (z - 8.0f * s) * xsum[g];
+    }
+  }
+}
+
+// x: M x K bf16 (K a multiple of group), w: [N, K/2] packed, sz: [K/group, N, 2] bf16.
+void int4_linear(const c10::BFloat16* x, int64_t M, int64_t K, const uint8_t* w,
+                 const c10::BFloat16* sz, int64_t group, float* y, int64_t N) {
+  const int64_t G = K / group, full = N / 64, blocks = full + (N % 64 ? 1 : 0);
+  std::vector<float> xsum(M * G);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < G; ++g) {
+      float t = 0.0f;
+      for (int64_t k = g * group; k < (g + 1) * group; ++k) t += (float)x[m * K + k];
+      xsum[m * G + g] = t;
+    }
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n0 = b * 64, bs = std::min<int64_t>(64, N - n0);
+      const uint8_t* blk = w + n0 * (K / 2);
+      for (int64_t m = 0; m < M; ++m) {
+        alignas(64) float out[64];
+        if (bs == 64)
+          int4_block64(blk, x + m * K, xsum.data() + m * G, K, group, sz, N, n0, out);
+        else
+          int4_block_tail(blk, bs, x + m * K, xsum.data() + m * G, K, group, sz, N, n0, out);
+        std::memcpy(y + m * N + n0, out, bs * sizeof(float));
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------- attention
+
+// Dot product of fp32 q (D) with one key row of type T.
+template <typename T>
+inline float dot_q(const float* q, const T* k, int64_t D) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), Load<T>::at(k + d), acc);
+  if (d < D) {
+    const __mmask16 mk = mask16(D - d);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mk, q + d), Load<T>::masked(k + d, mk), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+// acc (D, fp32) += p * v row of type T.
+template <typename T>
+inline void axpy_v(float* acc, float p, const T* v, int64_t D) {
+  const __m512 pv = _mm512_set1_ps(p);
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16)
+    _mm512_storeu_ps(acc + d, _mm512_fmadd_ps(pv, Load<T>::at(v + d), _mm512_loadu_ps(acc + d)));
+  if (d < D) {
+    const __mmask16 mk = mask16(D - d);
+    _mm512_mask_storeu_ps(acc + d, mk,
+                          _mm512_fmadd_ps(pv, Load<T>::masked(v + d, mk), _mm512_maskz_loadu_ps(mk, acc + d)));
+  }
+}
+
+// softmax(q k^T * scale, masked) v for one query row: k, v rows (T of them, `ts` apart), mask
+// row m (T bools); fp32 throughout, rounded once into out. A row with every position masked
+// gets zeros (SDPA would give NaN; such rows are never read).
+template <typename T>
+void attend_row(const T* q, const T* k, const T* v, int64_t ts, const bool* m, int64_t len,
+                int64_t D, float scale, T* out, float* scores, float* qf, float* acc) {
+  for (int64_t d = 0; d < D; ++d) qf[d] = (float)q[d];
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int64_t t = 0; t < len; ++t) {
+    if (!m[t]) continue;
+    scores[t] = dot_q(qf, k + t * ts, D) * scale;
+    mx = std::max(mx, scores[t]);
+  }
+  for (int64_t d = 0; d < D; ++d) acc[d] = 0.0f;
+  float sum = 0.0f;
+  if (mx != -std::numeric_limits<float>::infinity())
+    for (int64_t t = 0; t < len; ++t) {
+      if (!m[t]) continue;
+      const float p = std::exp(scores[t] - mx);
+      sum += p;
+      axpy_v(acc, p, v + t * ts, D);
+    }
+  const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+  for (int64_t d = 0; d < D; ++d) out[d] = (T)(acc[d] * inv);
+}
+
+template <typename T>
+void attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                    const at::Tensor& mask, double scale, at::Tensor& out) {
+  const int64_t B = q.size(0), H = q.size(1), S = q.size(2), D = q.size(3);
+  const int64_t KVH = k.size(1), len = k.size(2), group = H / KVH;
+  const T* qp = q.data_ptr<T>();
+  const T* kp = k.data_ptr<T>();
+  const T* vp = v.data_ptr<T>();
+  const bool* mp = mask.data_ptr<bool>();
+  T* op = out.data_ptr<T>();
+  const int64_t mb = mask.size(0) == 1 ? 0 : mask.stride(0), ms = mask.stride(2);
+  // Tasks of at least ~64K multiply-adds: a one-token step over a short cache stays on one
+  // thread (waking the others costs more than the work).
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, len * D));
+  at::parallel_for(0, B * H * S, grain, [&](int64_t i0, int64_t i1) {
+    std::vector<float> scores(len), qf(D), acc(D);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / (H * S), h = (i / S) % H, s = i % S;
+      const T* kb = kp + b * k.stride(0) + (h / group) * k.stride(1);
+      const T* vb = vp + b * v.stride(0) + (h / group) * v.stride(1);
+      attend_row<T>(qp + b * q.stride(0) + h * q.stride(1) + s * q.stride(2), kb, vb,
+                    k.stride(2), mp + b * mb + s * ms, len, D, (float)scale,
+                    op + ((b * H + h) * S + s) * D, scores.data(), qf.data(), acc.data());
+    }
+  });
+}
+
+#else
+constexpr bool kAvx512 = false;
+constexpr bool kInt4Fast = false;
+#endif  // AVX-512
+
+}  // namespace
+
+// ---------------------------------------------------------------- torch ops
+
+namespace {
+
+// Bit 0: AVX-512 kernels built (fp32, bf16, fp16, int8); bit 1: AVX512-BF16 (int4, fast bf16).
+int64_t simd_level() { return (kAvx512 ? 1 : 0) | (kAvx512 && kInt4Fast ? 2 : 0); }
+
+void check_rows(const at::Tensor& x, int64_t K) {
+  TORCH_CHECK(x.dim() == 2 && x.size(0) <= kMaxRows, "torchchat: x must be (M <= ", kMaxRows,
+              ", K), got ", x.sizes());
+  TORCH_CHECK(x.size(1) <= K, "torchchat: x has ", x.size(1), " columns, weights ", K);
+}
+
+// The ops below convert their few activation rows and outputs with plain loops into scratch
+// vectors: a decode step calls them ~100 times, and each aten op spent on a cast, a pad or an
+// allocation costs about a microsecond of dispatch (0.3 ms a token on stories110M).
+
+// x (M, K) of any float dtype -> dst (M, Kpad) of type T, zero-padded.
+template <typename T>
+void rows_to(const at::Tensor& x, int64_t Kpad, std::vector<T>& dst) {
+  const int64_t M = x.size(0), K = x.size(1);
+  dst.assign(M * Kpad, T(0.0f));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rows_to", [&] {
+    const auto* src = x.data_ptr<scalar_t>();
+    const int64_t sm = x.stride(0), sk = x.stride(1);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < K; ++k) dst[m * Kpad + k] = T((float)src[m * sm + k * sk]);
+  });
+}
+
+// fp32 results (M, N) -> a new tensor of x's dtype.
+at::Tensor rows_from(const std::vector<float>& y, int64_t M, int64_t N, const at::Tensor& x) {
+  auto out = at::empty({M, N}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "rows_from", [&] {
+    auto* dst = out.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < M * N; ++i) dst[i] = scalar_t(y[i]);
+  });
+  return out;
+}
+
+// x (M, K) @ w (N, K).T for fp32, bf16 or fp16 x and w of the same dtype.
+at::Tensor linear_cpu(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(kAvx512, "torchchat::linear needs AVX-512");
+  TORCH_CHECK(w.dim() == 2 && w.stride(1) == 1, "torchchat::linear: w must be (N, K) row-major");
+  TORCH_CHECK(x.scalar_type() == w.scalar_type(), "torchchat::linear: dtypes differ");
+  check_rows(x, w.size(1));
+  TORCH_CHECK(x.size(1) == w.size(1), "torchchat::linear: K differs");
+  const auto xc = x.contiguous();
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  std::vector<float> y(M * N);
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+  switch (x.scalar_type()) {
+    case at::kFloat:
+      float_linear(xc.data_ptr<float>(), M, K, w.data_ptr<float>(), w.stride(0), y.data(), N);
+      break;
+    case at::kBFloat16:
+      float_linear(xc.data_ptr<c10::BFloat16>(), M, K, w.data_ptr<c10::BFloat16>(), w.stride(0),
+                   y.data(), N);
+      break;
+    case at::kHalf:
+      float_linear(xc.data_ptr<c10::Half>(), M, K, w.data_ptr<c10::Half>(), w.stride(0),
+                   y.data(), N);
+      break;
+    default:
+      TORCH_CHECK(false, "torchchat::linear: unsupported dtype ", x.scalar_type());
+  }
+#endif
+  return rows_from(y, M, N, x);
+}
+
+// int8 weights w (N, Kw) with scales (N,) or (N, Kw / group); x (M, K <= Kw) of any float dtype.
+at::Tensor linear_int8_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales,
+                           int64_t group) {
+  TORCH_CHECK(kAvx512, "torchchat::linear_int8 needs AVX-512");
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.scalar_type() == at::kChar,
+              "torchchat::linear_int8: w must be contiguous int8 (N, K)");
+  const int64_t M = x.size(0), N = w.size(0), Kw = w.size(1);
+  check_rows(x, Kw);
+  TORCH_CHECK(group == 0 || (group >= 16 && (group & (group - 1)) == 0 && Kw % group == 0),
+              "torchchat::linear_int8: group ", group, " must be 0 or a power of two >= 16 dividing ",
+              Kw);
+  TORCH_CHECK(Kw % 16 == 0, "torchchat::linear_int8: K ", Kw, " must be a multiple of 16");
+  TORCH_CHECK(scales.is_contiguous() && scales.numel() == N * (group ? Kw / group : 1),
+              "torchchat::linear_int8: scales ", scales.sizes());
+  std::vector<float> xf, sf, y(M * N);
+  rows_to(x, Kw, xf);
+  rows_to(scales.view({1, scales.numel()}), scales.numel(), sf);
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+  int8_linear(xf.data(), M, Kw, w.data_ptr<int8_t>(), Kw, sf.data(), group, y.data(), N);
+#endif
+  return rows_from(y, M, N, x);
+}
+
+// int4 weights in torch's CPU pack layout w (N, Kw/2), sz (Kw/group, N, 2) bf16; x (M, K <= Kw).
+// Activations are rounded to bf16 first, as the aten kernel's callers do.
+at::Tensor linear_int4_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sz,
+                           int64_t group) {
+  TORCH_CHECK(kAvx512 && kInt4Fast, "torchchat::linear_int4 needs AVX512-BF16");
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.scalar_type() == at::kByte,
+              "torchchat::linear_int4: w must be contiguous uint8 (N, K/2)");
+  const int64_t M = x.size(0), N = w.size(0), Kw = w.size(1) * 2;
+  check_rows(x, Kw);
+  TORCH_CHECK(N % 16 == 0 && group % 2 == 0 && Kw % group == 0,
+              "torchchat::linear_int4: N ", N, " must be a multiple of 16, K ", Kw, " of group ",
+              group);
+  TORCH_CHECK(sz.scalar_type() == at::kBFloat16 && sz.is_contiguous() &&
+                  sz.numel() == (Kw / group) * N * 2,
+              "torchchat::linear_int4: scales_and_zeros must be contiguous bf16 (K/group, N, 2)");
+  std::vector<c10::BFloat16> xb;
+  std::vector<float> y(M * N);
+  rows_to(x, Kw, xb);
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+  int4_linear(xb.data(), M, Kw, w.data_ptr<uint8_t>(), sz.data_ptr<c10::BFloat16>(), group,
+              y.data(), N);
+#endif
+  return rows_from(y, M, N, x);
+}
+
+// softmax(q k^T * scale + mask) v: q (B, H, S, D); k, v (B, KVH, T, D) with H a multiple of KVH
+// (grouped-query attention) and unit stride along D, T rows D apart; mask bool (1 or B, 1, S, T).
+at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                         const at::Tensor& mask, double scale) {
+  TORCH_CHECK(kAvx512, "torchchat::attention needs AVX-512");
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && mask.dim() == 4,
+              "torchchat::attention: 4-d q, k, v, mask");
+  TORCH_CHECK(k.sizes() == v.sizes() && k.strides() == v.strides(), "torchchat::attention: k, v");
+  TORCH_CHECK(q.size(0) == k.size(0) && q.size(3) == k.size(3) && q.size(1) % k.size(1) == 0,
+              "torchchat::attention: shapes ", q.sizes(), " ", k.sizes());
+  TORCH_CHECK(k.stride(3) == 1 && k.stride(2) == k.size(3) && q.stride(3) == 1,
+              "torchchat::attention: rows of k, v must be contiguous");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type(),
+              "torchchat::attention: dtypes differ");
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.size(2) == q.size(2) &&
+                  mask.size(3) == k.size(2) && mask.stride(3) == 1 &&
+                  (mask.size(0) == 1 || mask.size(0) == q.size(0)),
+              "torchchat::attention: mask ", mask.sizes());
+  auto out = at::empty(q.sizes(), q.options());
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+  switch (q.scalar_type()) {
+    case at::kFloat: attention_impl<float>(q, k, v, mask, scale, out); break;
+    case at::kBFloat16: attention_impl<c10::BFloat16>(q, k, v, mask, scale, out); break;
+    case at::kHalf: attention_impl<c10::Half>(q, k, v, mask, scale, out); break;
+    default: TORCH_CHECK(false, "torchchat::attention: unsupported dtype ", q.scalar_type());
+  }
+#endif
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(torchchat, m) {
+  m.def("simd_level() -> int", &simd_level);
+  m.def("linear(Tensor x, Tensor w) -> Tensor");
+  m.def("linear_int8(Tensor x, Tensor w, Tensor scales, int group) -> Tensor");
+  m.def("linear_int4(Tensor x, Tensor w, Tensor scales_and_zeros, int group) -> Tensor");
+  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(torchchat, CPU, m) {
+  m.impl("linear", &linear_cpu);
+  m.impl("linear_int8", &linear_int8_cpu);
+  m.impl("linear_int4", &linear_int4_cpu);
+  m.impl("attention", &attention_cpu);
+}
