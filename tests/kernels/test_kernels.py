@@ -79,6 +79,22 @@ def test_int4_linear_matches_dequantized_reference(m, k, n, groupsize):
 
 
 @needs_bf16
+@pytest.mark.parametrize("k,n", [(256, 128), (96, 80), (128, 176)])
+def test_int4_dequantized_transpose_matches_the_module(k, n):
+    torch.manual_seed(k + n)
+    q = Int4Linear.from_float(torch.nn.Linear(k, n, bias=False), 32)
+    wt = kernels.int4_dequantized_t(q.weight, q.scales_and_zeros, 32)
+    assert wt.dtype == torch.bfloat16 and wt.shape == (k, q.n)
+    assert torch.equal(wt.T[:n], q.dequantize().to(torch.bfloat16))
+
+
+def test_fp32_gemm_matches_f_linear():
+    torch.manual_seed(2)
+    x, w, b = torch.randn(2, 37, 300), torch.randn(500, 300), torch.randn(500)
+    assert max_rel(kernels.fp32_gemm(x, w, b), F.linear(x.double(), w.double(), b.double())) < 1e-6
+
+
+@needs_bf16
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_int4_module_with_and_without_kernel_agree(dynamic):
     torch.manual_seed(1)
@@ -170,10 +186,11 @@ def test_model_decode_on_kernels_matches_torch_ops(spec, tol):
     if spec and "bf16" in spec:
         model = model.to(torch.bfloat16)
         model.setup_caches(1, 32)
-    tokens = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(0))
-    fast = prefill_then_decode(model, tokens, 4)
+    # a prefill of 10 rows (the many-row paths: oneDNN fp32, bf16 GEMMs on int8/int4 weights)
+    tokens = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(0))
+    fast = prefill_then_decode(model, tokens, 10)
     with kernels.disabled():
-        slow = prefill_then_decode(model, tokens, 4)
+        slow = prefill_then_decode(model, tokens, 10)
     assert max_rel(fast, slow) < tol
 
 

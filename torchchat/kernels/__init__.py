@@ -105,6 +105,10 @@ def _register_fakes() -> None:
     def _(x, w, scales_and_zeros, group):
         return x.new_empty(x.shape[0], w.shape[0])
 
+    @torch.library.register_fake("torchchat::dequantize_int4_t")
+    def _(w, scales_and_zeros, group):
+        return w.new_empty(w.shape[1] * 2, w.shape[0], dtype=torch.bfloat16)
+
     @torch.library.register_fake("torchchat::attention")
     def _(q, k, v, mask, scale):
         return torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -198,3 +202,34 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor | None:
     if mask.stride(-1) != 1 or _rows(q, AVX512, (q.shape[0], q.shape[2])) is None:  # B x S
         return None
     return torch.ops.torchchat.attention(q, k, v, mask, q.shape[-1] ** -0.5)
+
+
+def int4_dequantized_t(packed: Tensor, scales_and_zeros: Tensor, groupsize: int) -> Tensor | None:
+    """int4 weights in torch's CPU pack layout as a bf16 (in, rows) matrix -- W transposed --,
+    or None."""
+    if packed.dtype != torch.uint8 or packed.device.type != "cpu" or not _enabled:
+        return None
+    if scales_and_zeros.dtype != torch.bfloat16 or not simd_level() & AVX512_BF16:
+        return None
+    return torch.ops.torchchat.dequantize_int4_t(packed, scales_and_zeros, groupsize)
+
+
+def prefill_ok(x: Tensor) -> bool:
+    """Whether the many-row (prefill) fast paths below apply: eager code on CPU, kernels on."""
+    return (
+        _enabled
+        and x.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and simd_level() & AVX512 != 0
+    )
+
+
+def fp32_gemm(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
+    """x @ weight.T + bias for fp32 through oneDNN, or None. torch's F.linear takes MKL's sgemm,
+    which ran at 120 GFLOP/s here (an AMD CPU: MKL picks its AVX2 code), oneDNN's at 2.3x that.
+    Eager only: inductor lowers this op only for frozen (constant) weights."""
+    if x.dtype != torch.float32 or weight.dtype != torch.float32 or not prefill_ok(x):
+        return None
+    if type(weight) not in (Tensor, torch.nn.Parameter) or not torch.backends.mkldnn.is_available():
+        return None
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")

@@ -63,9 +63,10 @@ class Linear(nn.Linear):
 
     def forward(self, x: Tensor) -> Tensor:
         y = kernels.float_linear(x, self.weight)
-        if y is None:
-            return F.linear(x, self.weight, self.bias)
-        return y if self.bias is None else y + self.bias
+        if y is not None:
+            return y if self.bias is None else y + self.bias
+        y = kernels.fp32_gemm(x, self.weight, self.bias)  # fp32 prefill on CPU
+        return F.linear(x, self.weight, self.bias) if y is None else y
 
 
 class RMSNorm(nn.Module):
@@ -228,13 +229,20 @@ class Transformer(nn.Module):
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
 
     def forward(
-        self, tokens: Tensor, input_pos: Tensor, slot: int = 0, span: int | None = None
+        self,
+        tokens: Tensor,
+        input_pos: Tensor,
+        slot: int = 0,
+        span: int | None = None,
+        last_only: bool = False,
     ) -> Tensor:
         """tokens (B, S) in cache rows slot..slot+B at positions input_pos -> fp32 logits
         (B, S, vocab). input_pos is (S,), the same for every row, or (B, S), one per row; a row
         sees the cache positions at or before its own (its causal mask and RoPE are its own).
         `span` limits attention to cache positions [0, span): less to read when every position
-        that matters is below it (rows at positions >= span get meaningless logits)."""
+        that matters is below it (rows at positions >= span get meaningless logits).
+        `last_only`: logits of the last position only, (B, 1, vocab) -- a prompt's prefill
+        needs no others, and the output layer is a large share of its work."""
         if input_pos.dim() == 1:
             mask = self.causal_mask[None, None, input_pos]
         else:
@@ -245,4 +253,6 @@ class Transformer(nn.Module):
         x = self.tok_embeddings(tokens)
         for layer in self.layers:
             x = layer(x, freqs, mask, input_pos, slot, span)
+        if last_only:
+            x = x[:, -1:]
         return self.output(self.norm(x)).float()

@@ -73,7 +73,7 @@ class EagerRuntime(ModelRuntime):
         return torch.arange(start_pos, start_pos + n, device=self.device)
 
     def _forward_last(self, tokens: Tensor, input_pos: Tensor, slot: int = 0) -> Tensor:
-        return self.model(tokens, input_pos, slot)[0, -1]
+        return self.model(tokens, input_pos, slot, last_only=True)[0, -1]
 
     def _forward_rows(self, tokens: Tensor, positions: Tensor, span: int) -> Tensor:
         return self.model(tokens, positions[:, None], span=span)[:, -1]
