@@ -2,7 +2,7 @@
 
     python bench/decode_profile.py [--shape stories110M] [--threads 2]
 
-For each precision: the eager decode step of a random-weight model of the shape, profiled with
+For each precision: the decode step (eager and compiled) of a random-weight model of the shape, profiled with
 torch.profiler (time per token in the weight kernels vs everything else), and the weight
 kernel alone on the model's largest matrix in a loop (GB/s it streams), next to the machine's
 read bandwidth from bench's probe. Run it on an otherwise idle machine.
@@ -35,8 +35,12 @@ PRECISIONS = {
     "int8": '{"precision": {"dtype": "bf16"}, "linear:int8": {"groupsize": 0}}',
     "int4 g32": '{"precision": {"dtype": "bf16"}, "linear:int4": {"groupsize": 32}}',
 }
-# The ops that read weights: float matmuls and the packed int8/int4 kernels.
+# The ops that read weights: torchchat's CPU kernels, and torch's float matmuls and packed
+# int8/int4 kernels where those run (TORCHCHAT_KERNELS=0, or no AVX-512).
 WEIGHT_OPS = (
+    "torchchat::linear",
+    "torchchat::linear_int8",
+    "torchchat::linear_int4",
     "aten::mm",
     "aten::addmm",
     "aten::_weight_int8pack_mm",
@@ -61,12 +65,16 @@ def profile_step(runtime, steps: int = 32) -> tuple[float, float]:
 
 @torch.inference_mode()
 def kernel_gbps(runtime) -> tuple[str, float]:
-    """Every layer's w1 in turn (together far larger than the caches), one token at a time:
-    bytes of weight per second of the kernel alone, with no other work around it."""
-    model = runtime.model
-    linears = [layer.feed_forward.w1 for layer in model.layers]
-    nbytes = sum(t.numel() * t.element_size() for lin in linears for t in lin.state_dict().values())
-    x = torch.randn(1, 1, model.args.dim).to(model.norm.weight.dtype)
+    """Copies of the first layer's w1, 256 MB of them (8x the largest last-level caches here),
+    one token at a time: bytes of weight per second of the kernel alone, from memory, with no
+    other work around it."""
+    import copy
+
+    w1 = runtime.model.layers[0].feed_forward.w1
+    each = sum(t.numel() * t.element_size() for t in w1.state_dict().values())
+    linears = [copy.deepcopy(w1) for _ in range(max(1, (256 << 20) // each))]
+    nbytes = each * len(linears)
+    x = torch.randn(1, 1, runtime.model.args.dim).to(runtime.model.norm.weight.dtype)
     for lin in linears:
         lin(x)
     n, t0 = 0, time.perf_counter()
@@ -88,26 +96,27 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     bw = read_bandwidth(a.threads)
     rows = [
-        "| precision | ms per token | in weight kernels | elsewhere | decode GB/s | w1 kernels alone: GB/s | % of probe |",
-        "|---|---|---|---|---|---|---|",
+        "| precision | compile | ms per token | in weight kernels | elsewhere | decode GB/s | w1 kernels alone: GB/s | % of probe |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, recipe in PRECISIONS.items():
-        rt = random_runtime(a.shape, ModelOptions(quantize=recipe), 64)
-        total, kernels = profile_step(rt)
-        _, gbps = kernel_gbps(rt)
-        rows.append(
-            f"| {name} | {total:.2f} | {kernels:.2f} ({100 * kernels / total:.0f}%) | {total - kernels:.2f} "
-            f"| {rt.weight_bytes / total / 1e6:.1f} | {gbps:.1f} | {100 * gbps / bw:.0f}% |"
-        )
-        print(rows[-1], file=sys.stderr, flush=True)
+        for compiled in (False, True):
+            rt = random_runtime(a.shape, ModelOptions(quantize=recipe, compile=compiled), 64)
+            total, kernels = profile_step(rt)
+            _, gbps = kernel_gbps(rt)
+            rows.append(
+                f"| {name} | {'yes' if compiled else 'no'} | {total:.2f} | {kernels:.2f} ({100 * kernels / total:.0f}%) "
+                f"| {total - kernels:.2f} | {rt.weight_bytes / total / 1e6:.1f} | {gbps:.1f} | {100 * gbps / bw:.0f}% |"
+            )  # fmt: skip
+            print(rows[-1], file=sys.stderr, flush=True)
     section = "\n".join([
         "## What bounds decode",
         "",
         f"`python bench/decode_profile.py --shape {a.shape} --threads {a.threads}` on {time.strftime('%Y-%m-%d')}: "
-        f"{platform.machine()}, torch {torch.__version__}, eager decode of random weights, read bandwidth "
+        f"{platform.machine()}, torch {torch.__version__}, decode of random weights (eager and --compile), read bandwidth "
         f"probe {bw:.1f} GB/s. `in weight kernels` is torch.profiler's self time of the ops that read "
-        f"weights ({', '.join(WEIGHT_OPS)}); `w1 kernels alone` runs every layer's w1 in turn on one token "
-        "(together far larger than the caches), so it is what the kernel streams with nothing else around it.",
+        f"weights ({', '.join(WEIGHT_OPS)}); `w1 kernels alone` runs 256 MB of copies of a layer's w1 in turn on one token "
+        "(8x the last-level cache), so it is what the kernel streams from memory with nothing else around it.",
         "",
         *rows,
     ])  # fmt: skip
