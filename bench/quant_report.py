@@ -190,7 +190,8 @@ def speed_section() -> str:
         f"Produced by `python bench/quant_report.py --only speed` on {time.strftime('%Y-%m-%d')}, "
         f"{platform.machine()}, {os.cpu_count()} cores (torch's default threads), otherwise idle. "
         'Quantized rows run with bf16 activations (`"precision": {"dtype": "bf16"}` added to '
-        "each recipe: the int8/int4 kernels compute in bf16 either way), so bf16 is their baseline. "
+        "each recipe), so bf16 is their baseline; decode runs on torchchat's CPU kernels "
+        "(torchchat/kernels) where the CPU has AVX-512. "
         "64-token prompt, 64 new "
         "tokens, median of 3.",
         "",
