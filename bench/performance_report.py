@@ -78,8 +78,13 @@ def configuration(shape: str, flags: list[str], threads: int, compiled: bool, co
 def versions(compare: bool) -> str:
     from importlib.metadata import version
 
+    from torchchat import kernels
+
     names = ["torch", "llama-cpp-python"] if compare else ["torch"]
-    return ", ".join(f"{n} {version(n)}" for n in names)
+    return (
+        ", ".join(f"{n} {version(n)}" for n in names)
+        + f", torchchat CPU kernels {kernels.describe()}"
+    )
 
 
 def _f(value, digits: int = 1) -> str:

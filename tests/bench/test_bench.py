@@ -10,7 +10,7 @@ import pytest
 import torch
 from support import random_args, run_torchchat
 
-from torchchat import cli
+from torchchat import cli, kernels
 from torchchat.bench import llamacpp
 from torchchat.bench.bandwidth import read_bandwidth
 from torchchat.bench.run import BenchReport, BenchResult, gguf_types, random_weights, write_ggufs
@@ -24,6 +24,8 @@ def test_bench_reports_bandwidth_fraction(tmp_path):
                       "--repeats", "2", "--threads", "1", "--json", tmp_path / "b.json")  # fmt: skip
     assert p.returncode == 0, p.stderr
     assert p.stdout.startswith("memory read bandwidth (probe, 1 threads): ")
+    header = p.stdout.splitlines()[0]
+    assert f"torchchat CPU kernels {kernels.describe()}" in header
     [row] = json.loads((tmp_path / "b.json").read_text())
     assert row["engine"] == "torchchat" and row["compile s"] is None
     assert row["probe GB/s"] > 0 and row["decode tok/s"] > 0

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from torchchat import kernels
 from torchchat.bench.bandwidth import read_bandwidth
 from torchchat.bench.gguf_writer import gguf_weight_bytes, write_gguf
 from torchchat.bench.llamacpp import LlamaCppWorker, llama_cpp_version, require_llama_cpp
@@ -243,7 +244,7 @@ def run_bench(mopts: ModelOptions, opts: BenchOptions, label: str) -> BenchRepor
     if opts.prompt_tokens < 1 or opts.new_tokens < 2 or opts.repeats < 1:
         raise TorchchatError("bench needs --prompt-tokens >= 1, --new-tokens >= 2, --repeats >= 1")
     file_types = _compared_gguf_types(mopts, opts)
-    versions = {"torch": torch.__version__}
+    versions = {"torch": torch.__version__, "torchchat CPU kernels": kernels.describe()}
     with tempfile.TemporaryDirectory(prefix="torchchat-bench-") as tmp:
         paths = {t: Path(tmp) / f"{opts.shape}-{t}.gguf" for t in file_types}
         runtime, setup = _build(mopts, opts, paths)

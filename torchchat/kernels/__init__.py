@@ -114,6 +114,14 @@ def _register_fakes() -> None:
         return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
+def describe() -> str:
+    """What runs the decode step's linears on this machine, for reports."""
+    level = simd_level()
+    if not level:
+        return "off (torch's kernels)"
+    return "AVX-512 + AVX512-BF16" if level & AVX512_BF16 else "AVX-512 (int4 on torch's kernel)"
+
+
 @contextlib.contextmanager
 def disabled() -> Iterator[None]:
     """Run (and trace) with torch's ops only, e.g. for torch.export."""
