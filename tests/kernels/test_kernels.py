@@ -55,11 +55,13 @@ def test_float_linear_takes_batched_rows_and_strided_weights():
 @pytest.mark.parametrize("groupsize", [0, 32, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_linear_matches_dequantized_reference(m, k, n, groupsize, dtype):
+    """Scales as saved (bf16) and as an fp32 model holds them after .to(float32)."""
     torch.manual_seed(n)
     lin = torch.nn.Linear(k, n, bias=False)
     q = Int8Linear.from_float(lin, groupsize)
     x = torch.randn(m, k).to(dtype)
     y = kernels.int8_linear(x, q.weight, q.scales, groupsize)
+    assert torch.equal(kernels.int8_linear(x, q.weight, q.scales.float(), groupsize), y)
     assert y.dtype == dtype
     tol = 2e-6 if dtype == torch.float32 else 8e-3
     assert max_rel(y, F.linear(x.float(), q.dequantize())) < tol

@@ -12,6 +12,7 @@ import torch
 from support import REPO, SHARED, STORIES_BIN, STORIES_TOK
 from torch import nn
 
+from torchchat import kernels
 from torchchat.builder import build_model
 from torchchat.errors import TorchchatError
 from torchchat.generate.generator import Generator, Result
@@ -276,6 +277,13 @@ def test_compile_of_packed_kernels_behind_fp32_is_a_clean_error(monkeypatch):
     spec = json.dumps({"linear:int4": {"groupsize": 32}})
     with pytest.raises(TorchchatError, match='"precision": {"dtype": "bf16"}'):
         build_model(ModelOptions(checkpoint_path=STORIES_BIN, quantize=spec, compile_prefill=True))
+    if kernels.simd_level() & kernels.AVX512_BF16:  # a compiled batch of more rows than ours take
+        runtime = build_model(
+            ModelOptions(checkpoint_path=STORIES_BIN, quantize=spec, compile=True)
+        ).runtime
+        with pytest.raises(TorchchatError, match="--max-batch 16"):
+            runtime.setup_batch(16)
+        runtime.setup_batch(kernels.MAX_ROWS)
     monkeypatch.setattr("torchchat.kernels._enabled", False)
     monkeypatch.setattr("torchchat.kernels.simd_level", lambda: 0)
     with pytest.raises(TorchchatError, match='"precision": {"dtype": "bf16"}'):

@@ -171,6 +171,10 @@ def int8_linear(x: Tensor, weight: Tensor, scales: Tensor, groupsize: int) -> Te
         return None  # the kernel takes per-row scales or power-of-two groups of 16 or more
     if weight.shape[1] % (groupsize or 16) or not x.is_floating_point():
         return None
+    if weight.dtype != torch.int8 or not scales.is_contiguous():
+        return None
+    if scales.dtype not in (torch.float32, torch.bfloat16):
+        return None
     rows = _rows(x, AVX512)
     if rows is None:
         return None

@@ -169,8 +169,8 @@ void float_linear(const T* x, int64_t M, int64_t K, const T* w, int64_t ldw, flo
 // whole row (group 0, applied after the sum) or scales[k >> log2(group)] (group a power of two
 // >= 16, applied to each 16 weights as they are converted). K is a multiple of 16; x is fp32,
 // zero-padded to K by the caller.
-template <int M>
-void int8_row(const float* x, int64_t K, const int8_t* w, const float* scales, int64_t group,
+template <int M, typename S>
+void int8_row(const float* x, int64_t K, const int8_t* w, const S* scales, int64_t group,
               float* out) {
   constexpr int U = M == 1 ? 4 : 2;
   const int shift = group ? __builtin_ctzll(group) : 0;
@@ -179,7 +179,7 @@ void int8_row(const float* x, int64_t K, const int8_t* w, const float* scales, i
     for (int u = 0; u < U; ++u) acc[m][u] = _mm512_setzero_ps();
   auto weights = [&](int64_t k) {
     const __m512 wv = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(w + k))));
-    return group ? _mm512_mul_ps(wv, _mm512_set1_ps(scales[k >> shift])) : wv;
+    return group ? _mm512_mul_ps(wv, _mm512_set1_ps((float)scales[k >> shift])) : wv;
   };
   int64_t k = 0;
   for (; k + 16 * U <= K; k += 16 * U)
@@ -197,34 +197,35 @@ void int8_row(const float* x, int64_t K, const int8_t* w, const float* scales, i
   for (int m = 0; m < M; ++m) {
     __m512 t = acc[m][0];
     for (int u = 1; u < U; ++u) t = _mm512_add_ps(t, acc[m][u]);
-    out[m] = _mm512_reduce_add_ps(t) * (group ? 1.0f : scales[0]);
+    out[m] = _mm512_reduce_add_ps(t) * (group ? 1.0f : (float)scales[0]);
   }
 }
 
-template <int M>
-void int8_linear_m(const float* x, int64_t K, const int8_t* w, int64_t ldw, const float* scales,
+template <int M, typename S>
+void int8_linear_m(const float* x, int64_t K, const int8_t* w, int64_t ldw, const S* scales,
                    int64_t group, float* y, int64_t N) {
   const int64_t G = group ? K / group : 1;
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     float out[M];
     for (int64_t n = n0; n < n1; ++n) {
-      int8_row<M>(x, K, w + n * ldw, scales + n * G, group, out);
+      int8_row<M, S>(x, K, w + n * ldw, scales + n * G, group, out);
       for (int m = 0; m < M; ++m) y[m * N + n] = out[m];
     }
   });
 }
 
+template <typename S>  // scales: fp32 or bf16, read as they are stored
 void int8_linear(const float* x, int64_t M, int64_t K, const int8_t* w, int64_t ldw,
-                 const float* scales, int64_t group, float* y, int64_t N) {
+                 const S* scales, int64_t group, float* y, int64_t N) {
   for (int64_t m = 0; m < M; m += 4) {
     const int64_t mm = std::min<int64_t>(4, M - m);
     const float* xm = x + m * K;
     float* ym = y + m * N;
     switch (mm) {
-      case 1: int8_linear_m<1>(xm, K, w, ldw, scales, group, ym, N); break;
-      case 2: int8_linear_m<2>(xm, K, w, ldw, scales, group, ym, N); break;
-      case 3: int8_linear_m<3>(xm, K, w, ldw, scales, group, ym, N); break;
-      default: int8_linear_m<4>(xm, K, w, ldw, scales, group, ym, N); break;
+      case 1: int8_linear_m<1, S>(xm, K, w, ldw, scales, group, ym, N); break;
+      case 2: int8_linear_m<2, S>(xm, K, w, ldw, scales, group, ym, N); break;
+      case 3: int8_linear_m<3, S>(xm, K, w, ldw, scales, group, ym, N); break;
+      default: int8_linear_m<4, S>(xm, K, w, ldw, scales, group, ym, N); break;
     }
   }
 }
@@ -602,13 +603,18 @@ at::Tensor linear_int8_cpu(const at::Tensor& x, const at::Tensor& w, const at::T
               "torchchat::linear_int8: group ", group, " must be 0 or a power of two >= 16 dividing ",
               Kw);
   TORCH_CHECK(Kw % 16 == 0, "torchchat::linear_int8: K ", Kw, " must be a multiple of 16");
-  TORCH_CHECK(scales.is_contiguous() && scales.numel() == N * (group ? Kw / group : 1),
-              "torchchat::linear_int8: scales ", scales.sizes());
-  std::vector<float> xf, sf, y(M * N);
+  TORCH_CHECK((scales.scalar_type() == at::kBFloat16 || scales.scalar_type() == at::kFloat) &&
+                  scales.is_contiguous() && scales.numel() == N * (group ? Kw / group : 1),
+              "torchchat::linear_int8: scales must be contiguous fp32 or bf16, ", scales.sizes());
+  std::vector<float> xf, y(M * N);
   rows_to(x, Kw, xf);
-  rows_to(scales.view({1, scales.numel()}), scales.numel(), sf);
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
-  int8_linear(xf.data(), M, Kw, w.data_ptr<int8_t>(), Kw, sf.data(), group, y.data(), N);
+  if (scales.scalar_type() == at::kFloat)
+    int8_linear(xf.data(), M, Kw, w.data_ptr<int8_t>(), Kw, scales.data_ptr<float>(), group,
+                y.data(), N);
+  else
+    int8_linear(xf.data(), M, Kw, w.data_ptr<int8_t>(), Kw, scales.data_ptr<c10::BFloat16>(),
+                group, y.data(), N);
 #endif
   return rows_from(y, M, N, x);
 }

@@ -139,13 +139,11 @@ class Attention(nn.Module):
         if span is not None:
             k, v = k[:, :, :span], v[:, :, :span]
         y = kernels.attention(q, k, v, mask)  # torchchat's CPU kernel for a few query rows
-        if y is not None:
-            pass
-        elif input_pos.dim() == 1:
+        if y is None and input_pos.dim() == 1:
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads
             )
-        else:
+        elif y is None:
             y = attend_rows(q, k, v, mask)
         return self.wo(y.transpose(1, 2).reshape(b, s, -1))
 

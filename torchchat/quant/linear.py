@@ -195,8 +195,8 @@ class Int4Linear(nn.Module):
         return wt.T[: self.out_features, : self.in_features]
 
     def forward(self, x: Tensor) -> Tensor:
+        xq = quantize_activations_per_token(x) if self.dynamic_activations else x
         if self.weight.device.type == "cpu":
-            xq = quantize_activations_per_token(x) if self.dynamic_activations else x
             y = kernels.int4_linear(xq, self.weight, self.scales_and_zeros, self.groupsize)
             if y is None and kernels.prefill_ok(x):  # prefill: bf16 GEMM, dequantized weights
                 wt = kernels.int4_dequantized_t(self.weight, self.scales_and_zeros, self.groupsize)
@@ -207,10 +207,7 @@ class Int4Linear(nn.Module):
                 y = y[..., : self.out_features] if self.n != self.out_features else y
                 return y if self.bias is None else y + self.bias
         dt = kernel_dtype(x)
-        x2 = x.reshape(-1, x.shape[-1])
-        if self.dynamic_activations:
-            x2 = quantize_activations_per_token(x2)
-        x2 = F.pad(x2.to(dt), (0, self.k - self.in_features))
+        x2 = F.pad(xq.reshape(-1, x.shape[-1]).to(dt), (0, self.k - self.in_features))
         sz = self.scales_and_zeros.to(dt)
         if self.weight.device.type == "cpu":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, self.groupsize, sz)

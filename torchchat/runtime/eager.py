@@ -103,6 +103,17 @@ class EagerRuntime(ModelRuntime):
             raise ValueError("max_batch must be at least 1")
         if max_batch == self.max_batch:
             return
+        if (
+            self.compile
+            and max_batch > kernels.MAX_ROWS
+            and _packed_kernels_behind_fp32(self.model)
+        ):
+            # more rows than torchchat's kernels take: aten's, which inductor cannot compile here
+            raise TorchchatError(
+                f"--compile with --max-batch {max_batch} (> {kernels.MAX_ROWS}) needs "
+                '"precision": {"dtype": "bf16"} in the --quantize recipe of int8/int4 linears, '
+                f"or --max-batch {kernels.MAX_ROWS} or less"
+            )
         self.model.setup_caches(max_batch, self.max_seq_len)
         self.max_batch, self.cached = max_batch, []
         if self.compile:
