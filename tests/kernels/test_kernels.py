@@ -81,13 +81,17 @@ def test_int4_linear_matches_dequantized_reference(m, k, n, groupsize):
 
 
 @needs_bf16
-@pytest.mark.parametrize("k,n", [(256, 128), (96, 80), (128, 176)])
-def test_int4_dequantized_transpose_matches_the_module(k, n):
+@pytest.mark.parametrize("m,k,n", [(9, 256, 128), (64, 96, 80), (17, 128, 176), (64, 2048, 640)])
+def test_int4_gemm_matches_dequantized_reference(m, k, n):
+    """Tiles of 256 rows, a last tile of fewer (640), a last block of fewer than 64 rows (80,
+    176): each output is the bf16 GEMM's on the dequantized weights, rounded once to bf16."""
     torch.manual_seed(k + n)
     q = Int4Linear.from_float(torch.nn.Linear(k, n, bias=False), 32)
-    wt = kernels.int4_dequantized_t(q.weight, q.scales_and_zeros, 32)
-    assert wt.dtype == torch.bfloat16 and wt.shape == (k, q.n)
-    assert torch.equal(wt.T[:n], q.dequantize().to(torch.bfloat16))
+    x = torch.randn(m, k)
+    y = kernels.int4_gemm(x, q.weight, q.scales_and_zeros, 32)
+    assert y.dtype == torch.bfloat16 and y.shape == (m, q.n)
+    reference = F.linear(x.bfloat16().float(), q.dequantize().bfloat16().float())
+    assert max_rel(y[:, :n].float(), reference) < 8e-3  # bf16 output: 2^-8 relative
 
 
 def test_fp32_gemm_matches_f_linear():

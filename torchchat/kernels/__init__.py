@@ -105,9 +105,9 @@ def _register_fakes() -> None:
     def _(x, w, scales_and_zeros, group):
         return x.new_empty(x.shape[0], w.shape[0])
 
-    @torch.library.register_fake("torchchat::dequantize_int4_t")
-    def _(w, scales_and_zeros, group):
-        return w.new_empty(w.shape[1] * 2, w.shape[0], dtype=torch.bfloat16)
+    @torch.library.register_fake("torchchat::gemm_int4")
+    def _(x, w, scales_and_zeros, group):
+        return x.new_empty(x.shape[0], w.shape[0])
 
     @torch.library.register_fake("torchchat::attention")
     def _(q, k, v, mask, scale):
@@ -216,14 +216,16 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor | None:
     return torch.ops.torchchat.attention(q, k, v, mask, q.shape[-1] ** -0.5)
 
 
-def int4_dequantized_t(packed: Tensor, scales_and_zeros: Tensor, groupsize: int) -> Tensor | None:
-    """int4 weights in torch's CPU pack layout as a bf16 (in, rows) matrix -- W transposed --,
-    or None."""
-    if packed.dtype != torch.uint8 or packed.device.type != "cpu" or not _enabled:
+def int4_gemm(x: Tensor, packed: Tensor, scales_and_zeros: Tensor, groupsize: int) -> Tensor | None:
+    """x @ W.T for many rows (prefill) of int4 weights in torch's CPU pack layout, as bf16 GEMMs
+    on tiles of W dequantized on the fly (bf16 activations and result), or None."""
+    if packed.dtype != torch.uint8 or scales_and_zeros.dtype != torch.bfloat16:
         return None
-    if scales_and_zeros.dtype != torch.bfloat16 or not simd_level() & AVX512_BF16:
+    if not prefill_ok(x) or not simd_level() & AVX512_BF16:
         return None
-    return torch.ops.torchchat.dequantize_int4_t(packed, scales_and_zeros, groupsize)
+    xb = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+    y = torch.ops.torchchat.gemm_int4(xb, packed, scales_and_zeros, groupsize)
+    return y.reshape(*x.shape[:-1], packed.shape[0])
 
 
 def prefill_ok(x: Tensor) -> bool:

@@ -198,11 +198,10 @@ class Int4Linear(nn.Module):
         xq = quantize_activations_per_token(x) if self.dynamic_activations else x
         if self.weight.device.type == "cpu":
             y = kernels.int4_linear(xq, self.weight, self.scales_and_zeros, self.groupsize)
-            if y is None and kernels.prefill_ok(x):  # prefill: bf16 GEMM, dequantized weights
-                wt = kernels.int4_dequantized_t(self.weight, self.scales_and_zeros, self.groupsize)
-                if wt is not None:
-                    xb = F.pad(xq.to(torch.bfloat16), (0, self.k - self.in_features))
-                    y = (xb @ wt).to(x.dtype)
+            if y is None:  # prefill: bf16 GEMMs on tiles of dequantized weights
+                xp = F.pad(xq, (0, self.k - self.in_features)) if self.k != self.in_features else xq
+                y = kernels.int4_gemm(xp, self.weight, self.scales_and_zeros, self.groupsize)
+                y = None if y is None else y.to(x.dtype)
             if y is not None:
                 y = y[..., : self.out_features] if self.n != self.out_features else y
                 return y if self.bias is None else y + self.bias
