@@ -94,6 +94,21 @@ def test_int4_gemm_matches_dequantized_reference(m, k, n):
     assert max_rel(y[:, :n].float(), reference) < 8e-3  # bf16 output: 2^-8 relative
 
 
+@needs_bf16
+@pytest.mark.parametrize("m,k,n", [(9, 4096, 1024), (64, 4000, 1100)])
+def test_int8_gemm_matches_scaled_bf16_gemm(m, k, n):
+    """Tiles of the codes (1100: a last tile of fewer rows; K = 4000: padded columns) give what a
+    bf16 GEMM on all the codes and the row scales give, within bf16 rounding."""
+    torch.manual_seed(k + n)
+    q = Int8Linear.from_float(torch.nn.Linear(k, n, bias=False), 0)
+    x = F.pad(torch.randn(m, k), (0, q.weight.shape[1] - k)).bfloat16()
+    y = kernels.int8_gemm(x, q.weight, q.scales)
+    assert kernels.int8_gemm(x[:, :256], q.weight[:, :256], q.scales) is None  # small: aten's
+    assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+    reference = F.linear(x.float(), q.weight.float()) * q.scales.bfloat16().float()
+    assert max_rel(y, reference) < 8e-3  # bf16 GEMM output, then the scaled product: 2 roundings
+
+
 def test_fp32_gemm_matches_f_linear():
     torch.manual_seed(2)
     x, w, b = torch.randn(2, 37, 300), torch.randn(500, 300), torch.randn(500)

@@ -109,6 +109,10 @@ def _register_fakes() -> None:
     def _(x, w, scales_and_zeros, group):
         return x.new_empty(x.shape[0], w.shape[0])
 
+    @torch.library.register_fake("torchchat::gemm_int8")
+    def _(x, w, scales):
+        return x.new_empty(x.shape[0], w.shape[0])
+
     @torch.library.register_fake("torchchat::attention")
     def _(q, k, v, mask, scale):
         return torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -226,6 +230,19 @@ def int4_gemm(x: Tensor, packed: Tensor, scales_and_zeros: Tensor, groupsize: in
     xb = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
     y = torch.ops.torchchat.gemm_int4(xb, packed, scales_and_zeros, groupsize)
     return y.reshape(*x.shape[:-1], packed.shape[0])
+
+
+def int8_gemm(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor | None:
+    """bf16 x @ W.T for many rows (prefill) of int8 weights with per-row scales, as bf16 GEMMs on
+    tiles of the codes, each output rounded as bf16(bf16(x @ codes.T) * bf16(scale)); or None."""
+    if x.dtype != torch.bfloat16 or weight.dtype != torch.int8 or weight.dim() != 2:
+        return None
+    if weight.numel() < 1 << 22:  # stories110M's 768 x 768, 768 x 2048: one GEMM on all was faster
+        return None
+    if not prefill_ok(x) or not simd_level() & AVX512_BF16:
+        return None
+    y = torch.ops.torchchat.gemm_int8(x.reshape(-1, x.shape[-1]), weight, scales)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def prefill_ok(x: Tensor) -> bool:

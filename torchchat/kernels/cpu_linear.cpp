@@ -423,38 +423,76 @@ void int4_dequantize_block_t(const uint8_t* w, const c10::BFloat16* sz, int64_t 
   }
 }
 
-// Prefill's many rows: x (M, K) bf16 @ the int4 matrix, as bf16 GEMMs (oneDNN, AVX512-BF16) on
-// tiles of the weights dequantized just before -- up to kTileRows output rows at a time, each
-// thread its own tiles (as many for each), so a tile (K x rows, bf16) goes from the dequantize
-// into the GEMM through the caches rather than through memory, and no matrix-sized buffer is
-// allocated per call. Here (2 threads, 64 rows) that took tinyllama-1.1b's w1 from 2.8 to 2.1 ms
-// and w2 (K = 5632) from 3.8 to 2.05 ms next to dequantizing the whole matrix first; 512 rows:
-// 14.1 -> 12.4 ms. Tiles of 128 and 512 rows ran about as fast as 256, of 64 slower.
+// Prefill's many rows (int4 and int8 weights): x (M, K) bf16 @ W.T as bf16 GEMMs (oneDNN,
+// AVX512-BF16) on tiles of W turned into bf16 just before -- up to kTileRows output rows at a
+// time, each thread its own tiles (as many for each), so a tile goes from the conversion into
+// the GEMM through the caches rather than through memory, and no matrix-sized buffer is
+// allocated per call. Here (int4, 2 threads, 64 rows) that took tinyllama-1.1b's w1 from 2.8 to
+// 2.1 ms and w2 (K = 5632) from 3.8 to 2.05 ms next to dequantizing the whole matrix first; 512
+// rows: 14.1 -> 12.4 ms. Tiles of 128 and 512 rows ran about as fast as 256, of 64 slower.
 constexpr int64_t kTileRows = 256;
 
-at::Tensor int4_gemm_tiled(const at::Tensor& xb, const uint8_t* w, const c10::BFloat16* sz,
-                           int64_t N, int64_t K, int64_t group) {
-  const int64_t M = xb.size(0);
+// fill(n0, tn, buf, ld) writes rows n0..n0 + tn of W as bf16 into buf: transposed (K x ld,
+// k_major) or not (ld x K). The result (M, N) bf16, each column times scale[n] if scale is given
+// (the product rounded once more to bf16).
+template <typename Fill>
+at::Tensor bf16_gemm_tiles(const at::Tensor& xb, int64_t N, int64_t K, bool k_major,
+                           const float* scale, Fill fill) {
+  const int64_t M = xb.size(0), threads = at::get_num_threads();
   auto y = at::empty({M, N}, xb.options());
   auto up64 = [](int64_t n) { return (n + 63) / 64 * 64; };
-  const int64_t per_thread = up64((N + at::get_num_threads() - 1) / at::get_num_threads());
-  const int64_t rows = up64((per_thread + (per_thread + kTileRows - 1) / kTileRows - 1) /
-                            ((per_thread + kTileRows - 1) / kTileRows));
+  const int64_t per_thread = up64((N + threads - 1) / threads);
+  const int64_t tiles_each = (per_thread + kTileRows - 1) / kTileRows;
+  const int64_t rows = up64((per_thread + tiles_each - 1) / tiles_each);
   at::parallel_for(0, (N + rows - 1) / rows, 1, [&](int64_t t0, int64_t t1) {
-    auto buf = at::empty({K, rows}, xb.options());
-    auto* bp = buf.data_ptr<c10::BFloat16>();
+    auto buf = k_major ? at::empty({K, rows}, xb.options()) : at::empty({rows, K}, xb.options());
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n0 = t * rows, tn = std::min<int64_t>(rows, N - n0);
-      for (int64_t r = 0; r < tn; r += 64)
-        int4_dequantize_block_t(w, sz, N, K, group, n0 + r, bp + r, rows);
-      const at::Tensor yt = at::mm(xb, buf.narrow(1, 0, tn));  // (M, tn) contiguous
+      fill(n0, tn, buf.data_ptr<c10::BFloat16>(), rows);
+      const at::Tensor yt = k_major ? at::mm(xb, buf.narrow(1, 0, tn))
+                                    : at::mm(xb, buf.narrow(0, 0, tn).t());  // (M, tn)
       const auto* src = yt.data_ptr<c10::BFloat16>();
       auto* dst = y.data_ptr<c10::BFloat16>();
-      for (int64_t m = 0; m < M; ++m)
-        std::memcpy(dst + m * N + n0, src + m * tn, tn * sizeof(c10::BFloat16));
+      for (int64_t m = 0; m < M; ++m) {
+        if (scale == nullptr) {
+          std::memcpy(dst + m * N + n0, src + m * tn, tn * sizeof(c10::BFloat16));
+        } else {
+          for (int64_t j = 0; j < tn; ++j)
+            dst[m * N + n0 + j] = c10::BFloat16((float)src[m * tn + j] * scale[n0 + j]);
+        }
+      }
     }
   });
   return y;
+}
+
+at::Tensor int4_gemm_tiled(const at::Tensor& xb, const uint8_t* w, const c10::BFloat16* sz,
+                           int64_t N, int64_t K, int64_t group) {
+  return bf16_gemm_tiles(xb, N, K, true, nullptr,
+                         [&](int64_t n0, int64_t tn, c10::BFloat16* buf, int64_t ld) {
+                           for (int64_t r = 0; r < tn; r += 64)
+                             int4_dequantize_block_t(w, sz, N, K, group, n0 + r, buf + r, ld);
+                         });
+}
+
+// int8 codes are exact in bf16: the tile is the codes, the row scales applied to the result.
+at::Tensor int8_gemm_tiled(const at::Tensor& xb, const int8_t* w, const float* scale, int64_t N,
+                           int64_t K) {
+  return bf16_gemm_tiles(xb, N, K, false, scale,
+                         [&](int64_t n0, int64_t tn, c10::BFloat16* buf, int64_t) {
+                           for (int64_t r = 0; r < tn; ++r) {
+                             const int8_t* src = w + (n0 + r) * K;
+                             c10::BFloat16* dst = buf + r * K;
+                             int64_t k = 0;
+                             for (; k + 16 <= K; k += 16) {
+                               const __m512 v = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+                                   _mm_loadu_si128((const __m128i*)(src + k))));
+                               _mm256_storeu_si256((__m256i*)(dst + k),
+                                                   (__m256i)_mm512_cvtneps_pbh(v));
+                             }
+                             for (; k < K; ++k) dst[k] = c10::BFloat16((float)src[k]);
+                           }
+                         });
 }
 
 // ---------------------------------------------------------------- attention
@@ -692,6 +730,25 @@ at::Tensor gemm_int4_cpu(const at::Tensor& x, const at::Tensor& w, const at::Ten
 #endif
 }
 
+// x (M, K) bf16 @ int8 weights (N, K) with per-row scales (N) -> bf16 (M, N), rounded as
+// bf16(bf16(x @ codes.T) * bf16(scale)): prefill's GEMM on tiles of the codes.
+at::Tensor gemm_int8_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales) {
+  TORCH_CHECK(kAvx512 && kInt4Fast, "torchchat::gemm_int8 needs AVX512-BF16");
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.scalar_type() == at::kChar,
+              "torchchat::gemm_int8: w must be contiguous int8 (N, K)");
+  const int64_t N = w.size(0), K = w.size(1);
+  TORCH_CHECK(scales.numel() == N, "torchchat::gemm_int8: scales must have N = ", N, " values");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K && x.scalar_type() == at::kBFloat16,
+              "torchchat::gemm_int8: x must be bf16 (M, ", K, "), got ", x.sizes());
+  // the scales as the GEMM's bf16 epilogue sees them: rounded to bf16
+  const auto s = scales.reshape({N}).to(at::kBFloat16).to(at::kFloat).contiguous();
+#if defined(__AVX512BF16__)
+  return int8_gemm_tiled(x.contiguous(), w.data_ptr<int8_t>(), s.data_ptr<float>(), N, K);
+#else
+  return at::Tensor();
+#endif
+}
+
 // softmax(q k^T * scale + mask) v: q (B, H, S, D); k, v (B, KVH, T, D) with H a multiple of KVH
 // (grouped-query attention) and unit stride along D, T rows D apart; mask bool (1 or B, 1, S, T).
 at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -731,6 +788,7 @@ TORCH_LIBRARY(torchchat, m) {
   m.def("linear_int4(Tensor x, Tensor w, Tensor scales_and_zeros, int group) -> Tensor");
   m.def("attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor");
   m.def("gemm_int4(Tensor x, Tensor w, Tensor scales_and_zeros, int group) -> Tensor");
+  m.def("gemm_int8(Tensor x, Tensor w, Tensor scales) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(torchchat, CPU, m) {
@@ -739,4 +797,5 @@ TORCH_LIBRARY_IMPL(torchchat, CPU, m) {
   m.impl("linear_int4", &linear_int4_cpu);
   m.impl("attention", &attention_cpu);
   m.impl("gemm_int4", &gemm_int4_cpu);
+  m.impl("gemm_int8", &gemm_int8_cpu);
 }

@@ -82,9 +82,12 @@ class Int8Linear(nn.Module):
         dt = kernel_dtype(x)
         if self.groupsize == 0 and x.dim() > 1 and kernels.prefill_ok(x):
             # prefill: a bf16 GEMM on the codes (exact in bf16), then the row scales; 1.6-2.5x
-            # aten's int8 GEMM here (5632x2048, 64-512 rows)
+            # aten's int8 GEMM here (5632x2048, 64-512 rows), more on tiles of the codes
             xb = F.pad(x.to(dt), (0, self.weight.shape[1] - self.in_features))
-            y = (F.linear(xb, self.weight.to(dt)) * self.scales.to(dt)).to(x.dtype)
+            y = kernels.int8_gemm(xb, self.weight, self.scales)
+            if y is None:
+                y = F.linear(xb, self.weight.to(dt)) * self.scales.to(dt)
+            y = y.to(x.dtype)
             return y if self.bias is None else y + self.bias
         if self.groupsize == 0:
             x2 = F.pad(
