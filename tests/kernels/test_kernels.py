@@ -14,6 +14,7 @@ from torchchat.model.transformer import Transformer, attend_rows
 from torchchat.quant.apply import quantize
 from torchchat.quant.config import load_quantize_spec
 from torchchat.quant.linear import Int4Linear, Int8Linear
+from torchchat.quant.primitives import quantize_per_token_int8
 
 pytestmark = pytest.mark.skipif(
     kernels.simd_level() == 0, reason="torchchat's CPU kernels need an x86 CPU with AVX-512"
@@ -115,6 +116,27 @@ def test_fp32_gemm_matches_f_linear():
     assert max_rel(kernels.fp32_gemm(x, w, b), F.linear(x.double(), w.double(), b.double())) < 1e-6
 
 
+needs_vnni = pytest.mark.skipif(
+    not kernels.simd_level() & kernels.AVX512_VNNI, reason="8da4w prefill needs AVX512-VNNI/VBMI"
+)
+
+
+@needs_vnni
+@pytest.mark.parametrize("m,k,n,group", [(9, 256, 128, 32), (13, 96, 80, 32), (64, 2048, 640, 64)])
+def test_8da4w_gemm_is_the_integer_product(m, k, n, group):
+    """sum_k (q_x - z_x) w_k in integers, scaled once: the float reference in fp64 on the same
+    codes agrees to fp32 rounding. 80 rows: a last block of 16; 640: ten blocks."""
+    torch.manual_seed(m + k)
+    w = Int4Linear.from_float_8da4w(torch.nn.Linear(k, n, bias=False), group)
+    x = torch.randn(m, k) * torch.rand(m, 1) * 4 + 0.3  # skewed rows: zero points far from 0
+    q, scale, zero = quantize_per_token_int8(x)
+    u = F.pad((q + 128).to(torch.uint8), (0, w.k - k))
+    y = kernels.gemm_8da4w(u, scale, zero, w.weight, w.scales_and_zeros, group)
+    assert y.dtype == torch.float32 and y.shape == (m, w.n)
+    reference = F.linear(((q - zero) * scale).double(), w.dequantize().double())
+    assert max_rel(y[:, :n], reference) < 1e-5
+
+
 @needs_bf16
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_int4_module_with_and_without_kernel_agree(dynamic):
@@ -197,17 +219,21 @@ def prefill_then_decode(model: Transformer, tokens: torch.Tensor, prompt: int) -
         ('{"linear:int8": {"groupsize": 0}}', 2e-2),  # torch's path rounds activations to bf16
         ('{"linear:int8": {"groupsize": 32}}', 2e-2),
         ('{"precision": {"dtype": "bf16"}, "linear:int4": {"groupsize": 32}}', 3e-2),
+        # exact integer products in prefill vs torch's bf16-rounded fake-quantized activations;
+        # a small difference flips some of the next layer's int8 codes
+        ('{"precision": {"dtype": "bf16"}, "linear:8da4w": {"groupsize": 32}}', 6e-2),
         ('{"precision": {"dtype": "bf16"}}', 3e-2),
     ],
 )
 def test_model_decode_on_kernels_matches_torch_ops(spec, tol):
-    if spec and "int4" in spec and not kernels.simd_level() & kernels.AVX512_BF16:
+    if spec and "4" in spec and not kernels.simd_level() & kernels.AVX512_BF16:
         pytest.skip("int4 kernel needs AVX512-BF16")
     model = small_model(spec)
     if spec and "bf16" in spec:
         model = model.to(torch.bfloat16)
         model.setup_caches(1, 32)
-    # a prefill of 10 rows (the many-row paths: oneDNN fp32, bf16 GEMMs on int8/int4 weights)
+    # a prefill of 10 rows (the many-row paths: oneDNN fp32, bf16 GEMMs on int8/int4 weights,
+    # 8da4w's integer GEMM)
     tokens = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(0))
     fast = prefill_then_decode(model, tokens, 10)
     with kernels.disabled():

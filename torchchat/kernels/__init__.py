@@ -33,6 +33,7 @@ MAX_ROWS = 8  # the C++ kMaxRows: more tokens at once is prefill, where torch's 
 
 AVX512 = 1  # simd_level bits, as cpu_linear.cpp sets them
 AVX512_BF16 = 2
+AVX512_VNNI = 4  # with AVX512-VBMI
 
 _enabled = True
 
@@ -112,6 +113,10 @@ def _register_fakes() -> None:
     @torch.library.register_fake("torchchat::gemm_int8")
     def _(x, w, scales):
         return x.new_empty(x.shape[0], w.shape[0])
+
+    @torch.library.register_fake("torchchat::gemm_8da4w")
+    def _(u, sa, za, w, scales_and_zeros, group):
+        return sa.new_empty(u.shape[0], w.shape[0])
 
     @torch.library.register_fake("torchchat::attention")
     def _(q, k, v, mask, scale):
@@ -243,6 +248,22 @@ def int8_gemm(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor | None:
         return None
     y = torch.ops.torchchat.gemm_int8(x.reshape(-1, x.shape[-1]), weight, scales)
     return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def gemm_8da4w(
+    codes: Tensor, scale: Tensor, zero: Tensor, packed: Tensor, scales_and_zeros: Tensor, groupsize: int
+) -> Tensor | None:
+    """8da4w's x @ W.T for many rows (prefill) in integers, or None: x given as its per-token
+    int8 codes (uint8, code + 128; (rows, in)), scale and zero point (fp32, one per row), int4
+    weights (zero points 0) in torch's CPU pack layout; products summed exactly with
+    AVX512-VNNI, scaled once in fp32. The result is fp32 (rows, packed rows)."""
+    if packed.dtype != torch.uint8 or scales_and_zeros.dtype != torch.bfloat16 or groupsize % 4:
+        return None
+    if not prefill_ok(codes) or not simd_level() & AVX512_VNNI:
+        return None
+    return torch.ops.torchchat.gemm_8da4w(
+        codes, scale.reshape(-1), zero.reshape(-1), packed, scales_and_zeros, groupsize
+    )
 
 
 def prefill_ok(x: Tensor) -> bool:

@@ -17,6 +17,10 @@
 //             OR and summed with vdpbf16ps against bf16 activations; per-group scale and zero folded
 //             in afterwards (w = (q - 8) * scale + zero, as aten::_weight_int4pack_mm_for_cpu).
 // Every kernel accumulates in fp32 and rounds once, like the aten ops it replaces.
+//
+// Prefill (many rows) of quantized weights, further down: int4 and int8 as bf16 GEMMs on tiles of
+// the weights converted just before (gemm_int4, gemm_int8), 8da4w as an integer GEMM on the
+// int8 activation codes (gemm_8da4w, AVX512-VNNI).
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -28,6 +32,7 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -495,6 +500,174 @@ at::Tensor int8_gemm_tiled(const at::Tensor& xb, const int8_t* w, const float* s
                          });
 }
 
+// ---------------------------------------------------------------- 8da4w prefill (VNNI)
+//
+// 8da4w's many-row GEMM in integers, as the format intends: activations quantized per token to
+// int8 (q, scale s_a, zero z_a), weights int4 symmetric per group (codes c = q_w + 8, scale s_w).
+// With u = q + 128 (unsigned) and w = c - 8 (signed), vpdpbusd sums 4 products u * w per 32-bit
+// lane -- twice the products per instruction of vdpbf16ps --, so per group g
+//   I_g = sum_k u_k w_k,   sum_k (q_k - z_a) w_k = I_g - (128 + z_a) W_g,   W_g = sum_k w_k
+//   y = s_a * (sum_g s_w,g I_g - (128 + z_a) R),   R = sum_g s_w,g W_g  (per output row).
+// The integer sums are exact; the float path (fake-quantized activations rounded to bf16, a bf16
+// GEMM) rounds twice more. Each 64-row block of torch's int4 pack layout is first unpacked into
+// a per-thread buffer in the operand layout (for every 4 k, 16 rows x 4 bytes per vector); a
+// group of it then stays in L1 while every token passes over it.
+
+#if defined(__AVX512VNNI__) && defined(__AVX512VBMI__)
+#define TORCHCHAT_VNNI 1
+constexpr bool kVnni = true;
+
+// Block rows n0..n0 + 64 (bs of them real) -> wbuf[K/4][4][64 bytes] (rows 16v + lane, k 4kq + t
+// at byte 4 lane + t), scales sbuf[G][64] fp32 and r[64] = sum_g s_w,g W_g.
+void unpack_8da4w_block(const uint8_t* w, const c10::BFloat16* sz, int64_t N, int64_t K,
+                        int64_t group, int64_t n0, int8_t* wbuf, float* sbuf, float* r) {
+  const int64_t bs = std::min<int64_t>(64, N - n0), G = K / group;
+  const uint8_t* blk = w + n0 * (K / 2);
+  if (bs < 64) {  // a short last block: byte d of each k holds rows 2d (low), 2d + 1 (high)
+    const int64_t half = bs / 2;
+    std::memset(wbuf, 0, K * 64);
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t i = 0; i < bs; ++i) {
+        const uint8_t byte = blk[k * half + i / 2];
+        wbuf[(k / 4) * 256 + (i / 16) * 64 + (i % 16) * 4 + k % 4] =
+            (int8_t)((i % 2 ? byte >> 4 : byte & 15) - 8);
+      }
+    for (int64_t i = 0; i < 64; ++i) {
+      float t = 0.0f;
+      for (int64_t g = 0; g < G; ++g) {
+        int32_t wsum = 0;
+        for (int64_t k = g * group; k < (g + 1) * group; ++k)
+          wsum += wbuf[(k / 4) * 256 + (i / 16) * 64 + (i % 16) * 4 + k % 4];
+        sbuf[g * 64 + i] = i < bs ? (float)sz[(g * N + n0 + i) * 2] : 0.0f;
+        t += sbuf[g * 64 + i] * (float)wsum;
+      }
+      r[i] = t;
+    }
+    return;
+  }
+  // lane j of p0: bytes j and 32 + j (rows j, j + 32 in low/high nibbles) at k, k + 1 (from a)
+  // and k + 2, k + 3 (from b); p1: rows 16 + j, 48 + j.
+  alignas(64) uint8_t idx[2][64];
+  for (int v = 0; v < 2; ++v)
+    for (int j = 0; j < 16; ++j) {
+      idx[v][4 * j] = (uint8_t)(16 * v + j);
+      idx[v][4 * j + 1] = (uint8_t)(32 + 16 * v + j);
+      idx[v][4 * j + 2] = (uint8_t)(64 + 16 * v + j);
+      idx[v][4 * j + 3] = (uint8_t)(96 + 16 * v + j);
+    }
+  const __m512i i0 = _mm512_load_si512((const void*)idx[0]);
+  const __m512i i1 = _mm512_load_si512((const void*)idx[1]);
+  const __m512i low4 = _mm512_set1_epi8(15), eight = _mm512_set1_epi8(8), ones = _mm512_set1_epi8(1);
+  __m512 rv[4];
+  for (int v = 0; v < 4; ++v) rv[v] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m512i wsum[4];  // W_g of rows 16v + lane
+    for (int v = 0; v < 4; ++v) wsum[v] = _mm512_setzero_si512();
+    for (int64_t kq = g * group / 4; kq < (g + 1) * group / 4; ++kq) {
+      const __m512i a = _mm512_loadu_si512((const void*)(blk + kq * 128));
+      const __m512i b = _mm512_loadu_si512((const void*)(blk + kq * 128 + 64));
+      const __m512i p0 = _mm512_permutex2var_epi8(a, i0, b);
+      const __m512i p1 = _mm512_permutex2var_epi8(a, i1, b);
+      const __m512i q[4] = {  // rows 0-15, 16-31, 32-47, 48-63
+          _mm512_sub_epi8(_mm512_and_si512(p0, low4), eight),
+          _mm512_sub_epi8(_mm512_and_si512(p1, low4), eight),
+          _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(p0, 4), low4), eight),
+          _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(p1, 4), low4), eight)};
+      for (int v = 0; v < 4; ++v) {
+        _mm512_store_si512(wbuf + kq * 256 + v * 64, q[v]);
+        wsum[v] = _mm512_dpbusd_epi32(wsum[v], ones, q[v]);
+      }
+    }
+    for (int v = 0; v < 4; ++v) {  // scales of rows 16v..: the low halves of (scale, zero) pairs
+      const __m512i sv = _mm512_loadu_si512((const void*)(sz + (g * N + n0 + 16 * v) * 2));
+      const __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(sv, 16));
+      _mm512_store_ps(sbuf + g * 64 + v * 16, sc);
+      rv[v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(wsum[v]), sc, rv[v]);
+    }
+  }
+  for (int v = 0; v < 4; ++v) _mm512_storeu_ps(r + v * 16, rv[v]);
+}
+
+// One group (kq0..kq0 + group/4) of MR tokens x the 64 rows of an unpacked block, added into
+// their fp32 sums f[m][0..64): 4 x MR integer sums in registers, the group's weights (2 KB for
+// group 32) read from L1 by every MR tokens in turn.
+template <int MR>
+inline void gemm_8da4w_group(const uint8_t* u, int64_t K, int64_t kq0, int64_t nkq,
+                             const int8_t* wbuf, const float* sw, float* f) {
+  __m512i acc[MR][4];
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+    for (int v = 0; v < 4; ++v) acc[m][v] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+  for (int64_t kq = kq0; kq < kq0 + nkq; ++kq) {
+    const int8_t* wq = wbuf + kq * 256;
+    const __m512i w0 = _mm512_load_si512(wq), w1 = _mm512_load_si512(wq + 64);
+    const __m512i w2 = _mm512_load_si512(wq + 128), w3 = _mm512_load_si512(wq + 192);
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) {
+      const __m512i a = _mm512_set1_epi32(*(const int32_t*)(u + m * K + kq * 4));
+      acc[m][0] = _mm512_dpbusd_epi32(acc[m][0], a, w0);
+      acc[m][1] = _mm512_dpbusd_epi32(acc[m][1], a, w1);
+      acc[m][2] = _mm512_dpbusd_epi32(acc[m][2], a, w2);
+      acc[m][3] = _mm512_dpbusd_epi32(acc[m][3], a, w3);
+    }
+  }
+#pragma GCC unroll 4
+  for (int v = 0; v < 4; ++v) {
+    const __m512 s = _mm512_loadu_ps(sw + v * 16);
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m)
+      _mm512_store_ps(f + m * 64 + v * 16,
+                      _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m][v]), s,
+                                      _mm512_load_ps(f + m * 64 + v * 16)));
+  }
+}
+
+void gemm_8da4w(const uint8_t* u, int64_t M, int64_t K, const float* sa, const float* za,
+                const uint8_t* w, const c10::BFloat16* sz, int64_t N, int64_t group, float* y) {
+  constexpr int MR = 4;
+  at::parallel_for(0, (N + 63) / 64, 1, [&](int64_t b0, int64_t b1) {
+    int8_t* wbuf = (int8_t*)std::aligned_alloc(64, K * 64);
+    float* f = (float*)std::aligned_alloc(64, M * 64 * sizeof(float));
+    float* sbuf = (float*)std::aligned_alloc(64, (K / group) * 64 * sizeof(float));
+    alignas(64) float r[64];
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n0 = b * 64, bs = std::min<int64_t>(64, N - n0);
+      unpack_8da4w_block(w, sz, N, K, group, n0, wbuf, sbuf, r);
+      std::memset(f, 0, M * 64 * sizeof(float));
+      for (int64_t g = 0; g < K / group; ++g) {
+        const int64_t kq0 = g * group / 4, nkq = group / 4;
+        const float* sw = sbuf + g * 64;
+        int64_t m = 0;
+        for (; m + MR <= M; m += MR)
+          gemm_8da4w_group<MR>(u + m * K, K, kq0, nkq, wbuf, sw, f + m * 64);
+        switch (M - m) {
+          case 3: gemm_8da4w_group<3>(u + m * K, K, kq0, nkq, wbuf, sw, f + m * 64); break;
+          case 2: gemm_8da4w_group<2>(u + m * K, K, kq0, nkq, wbuf, sw, f + m * 64); break;
+          case 1: gemm_8da4w_group<1>(u + m * K, K, kq0, nkq, wbuf, sw, f + m * 64); break;
+          default: break;
+        }
+      }
+      for (int64_t m = 0; m < M; ++m) {  // y = s_a * (f - (128 + z_a) * R)
+        const __m512 s = _mm512_set1_ps(sa[m]), c = _mm512_set1_ps(128.0f + za[m]);
+        for (int v = 0; v < 4 && v * 16 < bs; ++v) {
+          const __m512 out = _mm512_mul_ps(
+              s, _mm512_fnmadd_ps(c, _mm512_load_ps(r + v * 16),
+                                  _mm512_load_ps(f + m * 64 + v * 16)));
+          _mm512_mask_storeu_ps(y + m * N + n0 + v * 16, mask16(bs - v * 16), out);
+        }
+      }
+    }
+    std::free(wbuf);
+    std::free(f);
+    std::free(sbuf);
+  });
+}
+#else
+constexpr bool kVnni = false;
+#endif
+
 // ---------------------------------------------------------------- attention
 
 // Dot product of fp32 q (D) with one key row of type T.
@@ -580,6 +753,7 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 #else
 constexpr bool kAvx512 = false;
 constexpr bool kInt4Fast = false;
+constexpr bool kVnni = false;
 #endif  // AVX-512
 
 }  // namespace
@@ -588,8 +762,11 @@ constexpr bool kInt4Fast = false;
 
 namespace {
 
-// Bit 0: AVX-512 kernels built (fp32, bf16, fp16, int8); bit 1: AVX512-BF16 (int4, fast bf16).
-int64_t simd_level() { return (kAvx512 ? 1 : 0) | (kAvx512 && kInt4Fast ? 2 : 0); }
+// Bit 0: AVX-512 kernels built (fp32, bf16, fp16, int8); bit 1: AVX512-BF16 (int4, fast bf16);
+// bit 2: AVX512-VNNI and AVX512-VBMI (8da4w prefill).
+int64_t simd_level() {
+  return (kAvx512 ? 1 : 0) | (kAvx512 && kInt4Fast ? 2 : 0) | (kAvx512 && kVnni ? 4 : 0);
+}
 
 void check_rows(const at::Tensor& x, int64_t K) {
   TORCH_CHECK(x.dim() == 2 && x.size(0) <= kMaxRows, "torchchat: x must be (M <= ", kMaxRows,
@@ -749,6 +926,35 @@ at::Tensor gemm_int8_cpu(const at::Tensor& x, const at::Tensor& w, const at::Ten
 #endif
 }
 
+// 8da4w prefill: u (M, K) uint8 = per-token int8 codes + 128, scales (M) and zero points (M)
+// fp32 of the activations; int4 weights in torch's CPU pack layout with zero points 0 -> fp32
+// (M, N).
+at::Tensor gemm_8da4w_cpu(const at::Tensor& u, const at::Tensor& sa, const at::Tensor& za,
+                          const at::Tensor& w, const at::Tensor& sz, int64_t group) {
+  TORCH_CHECK(kAvx512 && kVnni, "torchchat::gemm_8da4w needs AVX512-VNNI and AVX512-VBMI");
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.scalar_type() == at::kByte,
+              "torchchat::gemm_8da4w: w must be contiguous uint8 (N, K/2)");
+  const int64_t N = w.size(0), K = w.size(1) * 2;
+  TORCH_CHECK(N % 16 == 0 && group > 0 && group % 4 == 0 && K % group == 0,
+              "torchchat::gemm_8da4w: N ", N, " K ", K, " group ", group);
+  TORCH_CHECK(sz.scalar_type() == at::kBFloat16 && sz.is_contiguous() &&
+                  sz.numel() == (K / group) * N * 2,
+              "torchchat::gemm_8da4w: scales_and_zeros must be contiguous bf16 (K/group, N, 2)");
+  TORCH_CHECK(u.dim() == 2 && u.size(1) == K && u.scalar_type() == at::kByte && u.is_contiguous(),
+              "torchchat::gemm_8da4w: u must be contiguous uint8 (M, ", K, ")");
+  const int64_t M = u.size(0);
+  TORCH_CHECK(sa.numel() == M && za.numel() == M && sa.scalar_type() == at::kFloat &&
+                  za.scalar_type() == at::kFloat,
+              "torchchat::gemm_8da4w: scales and zero points must be fp32 (M)");
+  auto y = at::empty({M, N}, u.options().dtype(at::kFloat));
+#if defined(TORCHCHAT_VNNI)
+  const auto sac = sa.contiguous(), zac = za.contiguous();
+  gemm_8da4w(u.data_ptr<uint8_t>(), M, K, sac.data_ptr<float>(), zac.data_ptr<float>(),
+             w.data_ptr<uint8_t>(), sz.data_ptr<c10::BFloat16>(), N, group, y.data_ptr<float>());
+#endif
+  return y;
+}
+
 // softmax(q k^T * scale + mask) v: q (B, H, S, D); k, v (B, KVH, T, D) with H a multiple of KVH
 // (grouped-query attention) and unit stride along D, T rows D apart; mask bool (1 or B, 1, S, T).
 at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -789,6 +995,7 @@ TORCH_LIBRARY(torchchat, m) {
   m.def("attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor");
   m.def("gemm_int4(Tensor x, Tensor w, Tensor scales_and_zeros, int group) -> Tensor");
   m.def("gemm_int8(Tensor x, Tensor w, Tensor scales) -> Tensor");
+  m.def("gemm_8da4w(Tensor u, Tensor sa, Tensor za, Tensor w, Tensor scales_and_zeros, int group) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(torchchat, CPU, m) {
@@ -798,4 +1005,5 @@ TORCH_LIBRARY_IMPL(torchchat, CPU, m) {
   m.impl("attention", &attention_cpu);
   m.impl("gemm_int4", &gemm_int4_cpu);
   m.impl("gemm_int8", &gemm_int8_cpu);
+  m.impl("gemm_8da4w", &gemm_8da4w_cpu);
 }

@@ -14,7 +14,7 @@ from torchchat import kernels
 from torchchat.quant.primitives import (
     dequantize_groups,
     pad_to,
-    quantize_activations_per_token,
+    quantize_per_token_int8,
     quantize_int4_asymmetric,
     quantize_symmetric,
 )
@@ -198,9 +198,20 @@ class Int4Linear(nn.Module):
         return wt.T[: self.out_features, : self.in_features]
 
     def forward(self, x: Tensor) -> Tensor:
-        xq = quantize_activations_per_token(x) if self.dynamic_activations else x
+        if self.dynamic_activations:
+            q, scale, zero = quantize_per_token_int8(x)
+            xq = ((q - zero) * scale).to(x.dtype)  # fake-quantized, for the float kernels
+        else:
+            xq = x
         if self.weight.device.type == "cpu":
             y = kernels.int4_linear(xq, self.weight, self.scales_and_zeros, self.groupsize)
+            if y is None and self.dynamic_activations:  # prefill: integer GEMM (AVX512-VNNI)
+                u = F.pad((q + 128).to(torch.uint8), (0, self.k - self.in_features))
+                y = kernels.gemm_8da4w(
+                    u.reshape(-1, self.k), scale, zero, self.weight, self.scales_and_zeros,
+                    self.groupsize,
+                )  # fmt: skip
+                y = None if y is None else y.reshape(*x.shape[:-1], self.n).to(x.dtype)
             if y is None:  # prefill: bf16 GEMMs on tiles of dequantized weights
                 xp = F.pad(xq, (0, self.k - self.in_features)) if self.k != self.in_features else xq
                 y = kernels.int4_gemm(xp, self.weight, self.scales_and_zeros, self.groupsize)

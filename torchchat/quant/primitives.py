@@ -69,12 +69,14 @@ def unpack_int4(packed: Tensor) -> Tensor:
     return torch.stack([high, packed - high * 16], dim=-1).reshape(packed.shape[0], -1)
 
 
-def quantize_activations_per_token(x: Tensor) -> Tensor:
-    """Fake-quantize activations to int8 per token, asymmetric (what 8da4w runs on device)."""
+def quantize_per_token_int8(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Activations -> int8 per token, asymmetric, as 8da4w defines it: (codes as fp32, scale,
+    zero point), the last two (..., 1); x ~ (codes - zero) * scale."""
     xf = x.float()
     lo = xf.amin(dim=-1, keepdim=True).clamp(max=0)
     hi = xf.amax(dim=-1, keepdim=True).clamp(min=0)
     scale = ((hi - lo) / 255).clamp(min=EPS)
     zero = torch.clamp(-128 - torch.round(lo / scale), -128, 127)
     q = torch.clamp(torch.round(xf / scale) + zero, -128, 127)
-    return ((q - zero) * scale).to(x.dtype)
+    return q, scale, zero
+
