@@ -122,17 +122,17 @@ needs_vnni = pytest.mark.skipif(
 
 
 @needs_vnni
-@pytest.mark.parametrize("m,k,n,group", [(9, 256, 128, 32), (13, 96, 80, 32), (64, 2048, 640, 64)])
+@pytest.mark.parametrize("m,k,n,group", [(9, 256, 128, 32), (13, 96, 80, 64), (64, 2048, 640, 64)])
 def test_8da4w_gemm_is_the_integer_product(m, k, n, group):
-    """sum_k (q_x - z_x) w_k in integers, scaled once: the float reference in fp64 on the same
-    codes agrees to fp32 rounding. 80 rows: a last block of 16; 640: ten blocks."""
+    """x quantized per token as quantize_per_token_int8 does, sum_k (q_x - z_x) w_k in integers,
+    scaled once: the fp64 reference on the same codes agrees to fp32 rounding (one code off would
+    not). 80 rows: a last block of 16; 640: ten blocks; K = 96 of 128: padded columns."""
     torch.manual_seed(m + k)
     w = Int4Linear.from_float_8da4w(torch.nn.Linear(k, n, bias=False), group)
     x = torch.randn(m, k) * torch.rand(m, 1) * 4 + 0.3  # skewed rows: zero points far from 0
-    q, scale, zero = quantize_per_token_int8(x)
-    u = F.pad((q + 128).to(torch.uint8), (0, w.k - k))
-    y = kernels.gemm_8da4w(u, scale, zero, w.weight, w.scales_and_zeros, group)
+    y = kernels.gemm_8da4w(x, w.weight, w.scales_and_zeros, group)
     assert y.dtype == torch.float32 and y.shape == (m, w.n)
+    q, scale, zero = quantize_per_token_int8(x)  # the codes the op must have found
     reference = F.linear(((q - zero) * scale).double(), w.dequantize().double())
     assert max_rel(y[:, :n], reference) < 1e-5
 

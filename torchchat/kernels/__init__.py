@@ -115,8 +115,8 @@ def _register_fakes() -> None:
         return x.new_empty(x.shape[0], w.shape[0])
 
     @torch.library.register_fake("torchchat::gemm_8da4w")
-    def _(u, sa, za, w, scales_and_zeros, group):
-        return sa.new_empty(u.shape[0], w.shape[0])
+    def _(x, w, scales_and_zeros, group):
+        return x.new_empty(x.shape[0], w.shape[0])
 
     @torch.library.register_fake("torchchat::attention")
     def _(q, k, v, mask, scale):
@@ -250,20 +250,19 @@ def int8_gemm(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor | None:
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
-def gemm_8da4w(
-    codes: Tensor, scale: Tensor, zero: Tensor, packed: Tensor, scales_and_zeros: Tensor, groupsize: int
-) -> Tensor | None:
-    """8da4w's x @ W.T for many rows (prefill) in integers, or None: x given as its per-token
-    int8 codes (uint8, code + 128; (rows, in)), scale and zero point (fp32, one per row), int4
-    weights (zero points 0) in torch's CPU pack layout; products summed exactly with
-    AVX512-VNNI, scaled once in fp32. The result is fp32 (rows, packed rows)."""
+def gemm_8da4w(x: Tensor, packed: Tensor, scales_and_zeros: Tensor, groupsize: int) -> Tensor | None:
+    """8da4w's x @ W.T for many rows (prefill) in integers, or None: x quantized per token to
+    int8 (as quant.primitives.quantize_per_token_int8), int4 weights (zero points 0) in torch's
+    CPU pack layout, products summed exactly with AVX512-VNNI and scaled once in fp32. The
+    result is (..., packed rows) in x's dtype."""
     if packed.dtype != torch.uint8 or scales_and_zeros.dtype != torch.bfloat16 or groupsize % 4:
         return None
-    if not prefill_ok(codes) or not simd_level() & AVX512_VNNI:
-        return None
-    return torch.ops.torchchat.gemm_8da4w(
-        codes, scale.reshape(-1), zero.reshape(-1), packed, scales_and_zeros, groupsize
+    if not prefill_ok(x) or not simd_level() & AVX512_VNNI or x.numel() <= MAX_ROWS * x.shape[-1]:
+        return None  # a few rows (decode): the int4 kernel on fake-quantized activations
+    y = torch.ops.torchchat.gemm_8da4w(
+        x.reshape(-1, x.shape[-1]), packed, scales_and_zeros, groupsize
     )
+    return y.reshape(*x.shape[:-1], packed.shape[0])
 
 
 def prefill_ok(x: Tensor) -> bool:

@@ -926,11 +926,12 @@ at::Tensor gemm_int8_cpu(const at::Tensor& x, const at::Tensor& w, const at::Ten
 #endif
 }
 
-// 8da4w prefill: u (M, K) uint8 = per-token int8 codes + 128, scales (M) and zero points (M)
-// fp32 of the activations; int4 weights in torch's CPU pack layout with zero points 0 -> fp32
-// (M, N).
-at::Tensor gemm_8da4w_cpu(const at::Tensor& u, const at::Tensor& sa, const at::Tensor& za,
-                          const at::Tensor& w, const at::Tensor& sz, int64_t group) {
+// 8da4w prefill: x (M, Kx <= K) of any float dtype, quantized here per token to int8 exactly as
+// torchchat.quant.primitives.quantize_per_token_int8 does (fp32 arithmetic, round half to even;
+// missing columns count as zeros); int4 weights in torch's CPU pack layout with zero points 0.
+// Returns (M, N) in x's dtype.
+at::Tensor gemm_8da4w_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sz,
+                          int64_t group) {
   TORCH_CHECK(kAvx512 && kVnni, "torchchat::gemm_8da4w needs AVX512-VNNI and AVX512-VBMI");
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.scalar_type() == at::kByte,
               "torchchat::gemm_8da4w: w must be contiguous uint8 (N, K/2)");
@@ -940,19 +941,38 @@ at::Tensor gemm_8da4w_cpu(const at::Tensor& u, const at::Tensor& sa, const at::T
   TORCH_CHECK(sz.scalar_type() == at::kBFloat16 && sz.is_contiguous() &&
                   sz.numel() == (K / group) * N * 2,
               "torchchat::gemm_8da4w: scales_and_zeros must be contiguous bf16 (K/group, N, 2)");
-  TORCH_CHECK(u.dim() == 2 && u.size(1) == K && u.scalar_type() == at::kByte && u.is_contiguous(),
-              "torchchat::gemm_8da4w: u must be contiguous uint8 (M, ", K, ")");
-  const int64_t M = u.size(0);
-  TORCH_CHECK(sa.numel() == M && za.numel() == M && sa.scalar_type() == at::kFloat &&
-                  za.scalar_type() == at::kFloat,
-              "torchchat::gemm_8da4w: scales and zero points must be fp32 (M)");
-  auto y = at::empty({M, N}, u.options().dtype(at::kFloat));
+  TORCH_CHECK(x.dim() == 2 && x.size(1) <= K && at::isFloatingType(x.scalar_type()),
+              "torchchat::gemm_8da4w: x must be float (M, <= ", K, "), got ", x.sizes());
+  const int64_t M = x.size(0), Kx = x.size(1);
+  const auto xf = x.to(at::kFloat).contiguous();
+  std::vector<uint8_t> u(M * K);
+  std::vector<float> sa(M), za(M);
+  const float* xp = xf.data_ptr<float>();
+  at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const float* row = xp + m * Kx;
+      float lo = 0.0f, hi = 0.0f;
+      for (int64_t k = 0; k < Kx; ++k) {
+        lo = std::min(lo, row[k]);
+        hi = std::max(hi, row[k]);
+      }
+      const float scale = std::max((hi - lo) / 255.0f, std::numeric_limits<float>::epsilon());
+      const float zero = std::clamp(-128.0f - std::nearbyint(lo / scale), -128.0f, 127.0f);
+      for (int64_t k = 0; k < K; ++k) {
+        const float q = k < Kx ? std::clamp(std::nearbyint(row[k] / scale) + zero, -128.0f, 127.0f)
+                               : zero;
+        u[m * K + k] = (uint8_t)(int)(q + 128.0f);
+      }
+      sa[m] = scale;
+      za[m] = zero;
+    }
+  });
+  auto y = at::empty({M, N}, x.options().dtype(at::kFloat));
 #if defined(TORCHCHAT_VNNI)
-  const auto sac = sa.contiguous(), zac = za.contiguous();
-  gemm_8da4w(u.data_ptr<uint8_t>(), M, K, sac.data_ptr<float>(), zac.data_ptr<float>(),
-             w.data_ptr<uint8_t>(), sz.data_ptr<c10::BFloat16>(), N, group, y.data_ptr<float>());
+  gemm_8da4w(u.data(), M, K, sa.data(), za.data(), w.data_ptr<uint8_t>(),
+             sz.data_ptr<c10::BFloat16>(), N, group, y.data_ptr<float>());
 #endif
-  return y;
+  return y.to(x.scalar_type());
 }
 
 // softmax(q k^T * scale + mask) v: q (B, H, S, D); k, v (B, KVH, T, D) with H a multiple of KVH
@@ -995,7 +1015,7 @@ TORCH_LIBRARY(torchchat, m) {
   m.def("attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor");
   m.def("gemm_int4(Tensor x, Tensor w, Tensor scales_and_zeros, int group) -> Tensor");
   m.def("gemm_int8(Tensor x, Tensor w, Tensor scales) -> Tensor");
-  m.def("gemm_8da4w(Tensor u, Tensor sa, Tensor za, Tensor w, Tensor scales_and_zeros, int group) -> Tensor");
+  m.def("gemm_8da4w(Tensor x, Tensor w, Tensor scales_and_zeros, int group) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(torchchat, CPU, m) {

@@ -14,7 +14,7 @@ from torchchat import kernels
 from torchchat.quant.primitives import (
     dequantize_groups,
     pad_to,
-    quantize_per_token_int8,
+    quantize_activations_per_token,
     quantize_int4_asymmetric,
     quantize_symmetric,
 )
@@ -198,27 +198,12 @@ class Int4Linear(nn.Module):
         return wt.T[: self.out_features, : self.in_features]
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.dynamic_activations:
-            q, scale, zero = quantize_per_token_int8(x)
-            xq = ((q - zero) * scale).to(x.dtype)  # fake-quantized, for the float kernels
-        else:
-            xq = x
         if self.weight.device.type == "cpu":
-            y = kernels.int4_linear(xq, self.weight, self.scales_and_zeros, self.groupsize)
-            if y is None and self.dynamic_activations:  # prefill: integer GEMM (AVX512-VNNI)
-                u = F.pad((q + 128).to(torch.uint8), (0, self.k - self.in_features))
-                y = kernels.gemm_8da4w(
-                    u.reshape(-1, self.k), scale, zero, self.weight, self.scales_and_zeros,
-                    self.groupsize,
-                )  # fmt: skip
-                y = None if y is None else y.reshape(*x.shape[:-1], self.n).to(x.dtype)
-            if y is None:  # prefill: bf16 GEMMs on tiles of dequantized weights
-                xp = F.pad(xq, (0, self.k - self.in_features)) if self.k != self.in_features else xq
-                y = kernels.int4_gemm(xp, self.weight, self.scales_and_zeros, self.groupsize)
-                y = None if y is None else y.to(x.dtype)
+            y = self._cpu_kernels(x)
             if y is not None:
                 y = y[..., : self.out_features] if self.n != self.out_features else y
                 return y if self.bias is None else y + self.bias
+        xq = quantize_activations_per_token(x) if self.dynamic_activations else x
         dt = kernel_dtype(x)
         x2 = F.pad(xq.reshape(-1, x.shape[-1]).to(dt), (0, self.k - self.in_features))
         sz = self.scales_and_zeros.to(dt)
@@ -228,6 +213,21 @@ class Int4Linear(nn.Module):
             y = torch.ops.aten._weight_int4pack_mm(x2, self.weight, self.groupsize, sz)
         y = y[:, : self.out_features].reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         return y if self.bias is None else y + self.bias
+
+    def _cpu_kernels(self, x: Tensor) -> Tensor | None:
+        """torchchat's CPU kernels: one-token rows (decode), 8da4w's integer GEMM or bf16 GEMMs
+        on tiles of dequantized weights (prefill); None where none applies."""
+        if self.dynamic_activations:
+            y = kernels.gemm_8da4w(x, self.weight, self.scales_and_zeros, self.groupsize)
+            if y is not None:
+                return y
+            x = quantize_activations_per_token(x)
+        y = kernels.int4_linear(x, self.weight, self.scales_and_zeros, self.groupsize)
+        if y is None:
+            xp = F.pad(x, (0, self.k - self.in_features)) if self.k != self.in_features else x
+            y = kernels.int4_gemm(xp, self.weight, self.scales_and_zeros, self.groupsize)
+            y = None if y is None else y.to(x.dtype)
+        return y
 
 
 def pack_for_device(codes: Tensor) -> Tensor:

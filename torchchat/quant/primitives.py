@@ -80,3 +80,8 @@ def quantize_per_token_int8(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     q = torch.clamp(torch.round(xf / scale) + zero, -128, 127)
     return q, scale, zero
 
+
+def quantize_activations_per_token(x: Tensor) -> Tensor:
+    """Fake-quantize activations to int8 per token, asymmetric (what 8da4w runs on device)."""
+    q, scale, zero = quantize_per_token_int8(x)
+    return ((q - zero) * scale).to(x.dtype)
