@@ -50,7 +50,9 @@ constexpr bool kAvx512 = true;
 
 inline __m512 load_f32(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
 
-inline __mmask16 mask16(int64_t n) { return n >= 16 ? 0xFFFF : (__mmask16)((1u << n) - 1); }
+inline __mmask16 mask16(int64_t n) {
+  return n >= 16 ? 0xFFFF : n <= 0 ? 0 : (__mmask16)((1u << n) - 1);
+}
 inline __mmask32 mask32(int64_t n) {
   return n >= 32 ? 0xFFFFFFFFu : (__mmask32)((1u << n) - 1);
 }
@@ -636,17 +638,21 @@ void gemm_8da4w(const uint8_t* u, int64_t M, int64_t K, const float* sa, const f
       const int64_t n0 = b * 64, bs = std::min<int64_t>(64, N - n0);
       unpack_8da4w_block(w, sz, N, K, group, n0, wbuf, sbuf, r);
       std::memset(f, 0, M * 64 * sizeof(float));
-      for (int64_t g = 0; g < K / group; ++g) {
-        const int64_t kq0 = g * group / 4, nkq = group / 4;
-        const float* sw = sbuf + g * 64;
-        int64_t m = 0;
-        for (; m + MR <= M; m += MR)
-          gemm_8da4w_group<MR>(u + m * K, K, kq0, nkq, wbuf, sw, f + m * 64);
-        switch (M - m) {
-          case 3: gemm_8da4w_group<3>(u + m * K, K, kq0, nkq, wbuf, sw, f + m * 64); break;
-          case 2: gemm_8da4w_group<2>(u + m * K, K, kq0, nkq, wbuf, sw, f + m * 64); break;
-          case 1: gemm_8da4w_group<1>(u + m * K, K, kq0, nkq, wbuf, sw, f + m * 64); break;
-          default: break;
+      // 64 tokens at a time: their fp32 sums (16 KB) stay in L1 across the groups
+      for (int64_t mb = 0; mb < M; mb += 64) {
+        const int64_t me = std::min<int64_t>(M, mb + 64);
+        for (int64_t g = 0; g < K / group; ++g) {
+          const int64_t kq0 = g * group / 4, nkq = group / 4;
+          const float* sw = sbuf + g * 64;
+          int64_t m = mb;
+          for (; m + MR <= me; m += MR)
+            gemm_8da4w_group<MR>(u + m * K, K, kq0, nkq, wbuf, sw, f + m * 64);
+          switch (me - m) {
+            case 3: gemm_8da4w_group<3>(u + m * K, K, kq0, nkq, wbuf, sw, f + m * 64); break;
+            case 2: gemm_8da4w_group<2>(u + m * K, K, kq0, nkq, wbuf, sw, f + m * 64); break;
+            case 1: gemm_8da4w_group<1>(u + m * K, K, kq0, nkq, wbuf, sw, f + m * 64); break;
+            default: break;
+          }
         }
       }
       for (int64_t m = 0; m < M; ++m) {  // y = s_a * (f - (128 + z_a) * R)
@@ -951,17 +957,27 @@ at::Tensor gemm_8da4w_cpu(const at::Tensor& x, const at::Tensor& w, const at::Te
   at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
     for (int64_t m = m0; m < m1; ++m) {
       const float* row = xp + m * Kx;
-      float lo = 0.0f, hi = 0.0f;
-      for (int64_t k = 0; k < Kx; ++k) {
-        lo = std::min(lo, row[k]);
-        hi = std::max(hi, row[k]);
+      __m512 lo16 = _mm512_setzero_ps(), hi16 = _mm512_setzero_ps();
+      for (int64_t k = 0; k < Kx; k += 16) {
+        const __m512 v = _mm512_maskz_loadu_ps(mask16(Kx - k), row + k);  // zeros past Kx
+        lo16 = _mm512_min_ps(lo16, v);
+        hi16 = _mm512_max_ps(hi16, v);
       }
+      const float lo = _mm512_reduce_min_ps(lo16), hi = _mm512_reduce_max_ps(hi16);
       const float scale = std::max((hi - lo) / 255.0f, std::numeric_limits<float>::epsilon());
       const float zero = std::clamp(-128.0f - std::nearbyint(lo / scale), -128.0f, 127.0f);
-      for (int64_t k = 0; k < K; ++k) {
-        const float q = k < Kx ? std::clamp(std::nearbyint(row[k] / scale) + zero, -128.0f, 127.0f)
-                               : zero;
-        u[m * K + k] = (uint8_t)(int)(q + 128.0f);
+      // IEEE division and round-half-even, as torch's ops on the same fp32 values
+      const __m512 sv = _mm512_set1_ps(scale), zv = _mm512_set1_ps(zero + 128.0f);
+      const __m512 qmin = _mm512_setzero_ps(), qmax = _mm512_set1_ps(255.0f);
+      for (int64_t k = 0; k < K; k += 16) {
+        const __mmask16 in = mask16(Kx - k);
+        const __m512 v = _mm512_maskz_loadu_ps(in, row + k);
+        const __m512 r = _mm512_roundscale_ps(_mm512_div_ps(v, sv),
+                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        // columns past Kx: the zero point itself (they meet zero weights)
+        const __m512 q = _mm512_mask_blend_ps(in, zv, _mm512_add_ps(r, zv));
+        const __m512i qi = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(q, qmin), qmax));
+        _mm_storeu_si128((__m128i*)(u.data() + m * K + k), _mm512_cvtepi32_epi8(qi));
       }
       sa[m] = scale;
       za[m] = zero;
