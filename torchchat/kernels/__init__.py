@@ -250,7 +250,9 @@ def int8_gemm(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor | None:
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
-def gemm_8da4w(x: Tensor, packed: Tensor, scales_and_zeros: Tensor, groupsize: int) -> Tensor | None:
+def gemm_8da4w(
+    x: Tensor, packed: Tensor, scales_and_zeros: Tensor, groupsize: int
+) -> Tensor | None:
     """8da4w's x @ W.T for many rows (prefill) in integers, or None: x quantized per token to
     int8 (as quant.primitives.quantize_per_token_int8), int4 weights (zero points 0) in torch's
     CPU pack layout, products summed exactly with AVX512-VNNI and scaled once in fp32. The
