@@ -137,6 +137,20 @@ def test_8da4w_gemm_is_the_integer_product(m, k, n, group):
     assert max_rel(y[:, :n], reference) < 1e-5
 
 
+@needs_vnni
+def test_prefill_ops_reject_mismatched_weights():
+    """One check for the int4 layout: a wrong scales tensor or group is a one-line error naming
+    the op and what is wrong, not a read past the end."""
+    w = Int4Linear.from_float_8da4w(torch.nn.Linear(64, 32, bias=False), 32)
+    x = torch.randn(12, 64)
+    with pytest.raises(RuntimeError, match="gemm_8da4w: scales_and_zeros must be"):
+        torch.ops.torchchat.gemm_8da4w(x, w.weight, w.scales_and_zeros[:1].contiguous(), 32)
+    with pytest.raises(
+        RuntimeError, match="gemm_int4: N 32 must be a multiple of 16, K 64 of group 48"
+    ):
+        torch.ops.torchchat.gemm_int4(x.bfloat16(), w.weight, w.scales_and_zeros, 48)
+
+
 @needs_bf16
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_int4_module_with_and_without_kernel_agree(dynamic):

@@ -128,7 +128,9 @@ def describe() -> str:
     level = simd_level()
     if not level:
         return "off (torch's kernels)"
-    return "AVX-512 + AVX512-BF16" if level & AVX512_BF16 else "AVX-512 (int4 on torch's kernel)"
+    if not level & AVX512_BF16:
+        return "AVX-512 (int4 on torch's kernel)"
+    return "AVX-512 + AVX512-BF16" + (" + VNNI (8da4w prefill)" if level & AVX512_VNNI else "")
 
 
 @contextlib.contextmanager

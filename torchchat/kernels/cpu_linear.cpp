@@ -32,7 +32,6 @@
 #include <immintrin.h>
 
 #include <cstdint>
-#include <cstdlib>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -387,6 +386,7 @@ void int4_linear(const c10::BFloat16* x, int64_t M, int64_t K, const uint8_t* w,
   });
 }
 
+#if defined(__AVX512BF16__)  // vcvtneps2bf16, and oneDNN's bf16 GEMM behind at::mm
 // One block of an int4 matrix (rows n0..n0 + bs), transposed, as bf16: out[k * ldo + r] =
 // (q - 8) * scale + zero of row n0 + r at k, rounded once. Transposed because torch's layout
 // stores each k's 64 rows side by side: every k of a block becomes 64 contiguous outputs.
@@ -501,6 +501,7 @@ at::Tensor int8_gemm_tiled(const at::Tensor& xb, const int8_t* w, const float* s
                            }
                          });
 }
+#endif  // __AVX512BF16__
 
 // ---------------------------------------------------------------- 8da4w prefill (VNNI)
 //
@@ -626,13 +627,50 @@ inline void gemm_8da4w_group(const uint8_t* u, int64_t K, int64_t kq0, int64_t n
   }
 }
 
+// x (M, Kx) fp32 -> u (M, K) = per-token int8 codes + 128 (columns past Kx: the zero point,
+// they meet zero weights), scales sa and zero points za, exactly as
+// torchchat.quant.primitives.quantize_per_token_int8: the same fp32 min/max, IEEE division and
+// round half to even.
+void quantize_rows_8da4w(const float* xp, int64_t M, int64_t Kx, int64_t K, uint8_t* u,
+                         float* sa, float* za) {
+  at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      const float* row = xp + m * Kx;
+      __m512 lo16 = _mm512_setzero_ps(), hi16 = _mm512_setzero_ps();
+      for (int64_t k = 0; k < Kx; k += 16) {
+        const __m512 v = _mm512_maskz_loadu_ps(mask16(Kx - k), row + k);  // zeros past Kx
+        lo16 = _mm512_min_ps(lo16, v);
+        hi16 = _mm512_max_ps(hi16, v);
+      }
+      const float lo = _mm512_reduce_min_ps(lo16), hi = _mm512_reduce_max_ps(hi16);
+      const float scale = std::max((hi - lo) / 255.0f, std::numeric_limits<float>::epsilon());
+      const float zero = std::clamp(-128.0f - std::nearbyint(lo / scale), -128.0f, 127.0f);
+      const __m512 sv = _mm512_set1_ps(scale), zv = _mm512_set1_ps(zero + 128.0f);
+      const __m512 qmin = _mm512_setzero_ps(), qmax = _mm512_set1_ps(255.0f);
+      for (int64_t k = 0; k < K; k += 16) {
+        const __mmask16 in = mask16(Kx - k);
+        const __m512 v = _mm512_maskz_loadu_ps(in, row + k);
+        const __m512 r = _mm512_roundscale_ps(_mm512_div_ps(v, sv),
+                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        const __m512 q = _mm512_mask_blend_ps(in, zv, _mm512_add_ps(r, zv));
+        const __m512i qi = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(q, qmin), qmax));
+        _mm_storeu_si128((__m128i*)(u + m * K + k), _mm512_cvtepi32_epi8(qi));
+      }
+      sa[m] = scale;
+      za[m] = zero;
+    }
+  });
+}
+
 void gemm_8da4w(const uint8_t* u, int64_t M, int64_t K, const float* sa, const float* za,
                 const uint8_t* w, const c10::BFloat16* sz, int64_t N, int64_t group, float* y) {
   constexpr int MR = 4;
   at::parallel_for(0, (N + 63) / 64, 1, [&](int64_t b0, int64_t b1) {
-    int8_t* wbuf = (int8_t*)std::aligned_alloc(64, K * 64);
-    float* f = (float*)std::aligned_alloc(64, M * 64 * sizeof(float));
-    float* sbuf = (float*)std::aligned_alloc(64, (K / group) * 64 * sizeof(float));
+    // torch's CPU allocator aligns to 64 bytes, as the aligned loads below need
+    const auto wt = at::empty({K * 64}, at::kChar), ft = at::empty({M * 64}, at::kFloat);
+    const auto st = at::empty({(K / group) * 64}, at::kFloat);
+    int8_t* wbuf = wt.data_ptr<int8_t>();
+    float *f = ft.data_ptr<float>(), *sbuf = st.data_ptr<float>();
     alignas(64) float r[64];
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * 64, bs = std::min<int64_t>(64, N - n0);
@@ -665,9 +703,6 @@ void gemm_8da4w(const uint8_t* u, int64_t M, int64_t K, const float* sa, const f
         }
       }
     }
-    std::free(wbuf);
-    std::free(f);
-    std::free(sbuf);
   });
 }
 #else
@@ -865,21 +900,30 @@ at::Tensor linear_int8_cpu(const at::Tensor& x, const at::Tensor& w, const at::T
   return rows_from(y, M, N, x);
 }
 
-// int4 weights in torch's CPU pack layout w (N, Kw/2), sz (Kw/group, N, 2) bf16; x (M, K <= Kw).
-// Activations are rounded to bf16 first, as the aten kernel's callers do.
+// int4 weights in torch's CPU pack layout: w (N, K/2) uint8, sz (K/group, N, 2) bf16 (scale,
+// zero), N a multiple of 16, group (a multiple of `step`) dividing K. Returns K.
+int64_t check_int4(const char* op, const at::Tensor& w, const at::Tensor& sz, int64_t group,
+                   int64_t step) {
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.scalar_type() == at::kByte, op,
+              ": w must be contiguous uint8 (N, K/2)");
+  const int64_t N = w.size(0), K = w.size(1) * 2;
+  TORCH_CHECK(N % 16 == 0 && group > 0 && group % step == 0 && K % group == 0, op, ": N ", N,
+              " must be a multiple of 16, K ", K, " of group ", group, " (a multiple of ", step,
+              ")");
+  TORCH_CHECK(sz.scalar_type() == at::kBFloat16 && sz.is_contiguous() &&
+                  sz.numel() == (K / group) * N * 2,
+              op, ": scales_and_zeros must be contiguous bf16 (K/group, N, 2)");
+  return K;
+}
+
+// int4 weights w (N, Kw/2), sz as check_int4; x (M, K <= Kw). Activations are rounded to bf16
+// first, as the aten kernel's callers do.
 at::Tensor linear_int4_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sz,
                            int64_t group) {
   TORCH_CHECK(kAvx512 && kInt4Fast, "torchchat::linear_int4 needs AVX512-BF16");
-  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.scalar_type() == at::kByte,
-              "torchchat::linear_int4: w must be contiguous uint8 (N, K/2)");
-  const int64_t M = x.size(0), N = w.size(0), Kw = w.size(1) * 2;
+  const int64_t Kw = check_int4("torchchat::linear_int4", w, sz, group, 2);
+  const int64_t M = x.size(0), N = w.size(0);
   check_rows(x, Kw);
-  TORCH_CHECK(N % 16 == 0 && group % 2 == 0 && Kw % group == 0,
-              "torchchat::linear_int4: N ", N, " must be a multiple of 16, K ", Kw, " of group ",
-              group);
-  TORCH_CHECK(sz.scalar_type() == at::kBFloat16 && sz.is_contiguous() &&
-                  sz.numel() == (Kw / group) * N * 2,
-              "torchchat::linear_int4: scales_and_zeros must be contiguous bf16 (K/group, N, 2)");
   std::vector<c10::BFloat16> xb;
   std::vector<float> y(M * N);
   rows_to(x, Kw, xb);
@@ -895,14 +939,7 @@ at::Tensor linear_int4_cpu(const at::Tensor& x, const at::Tensor& w, const at::T
 at::Tensor gemm_int4_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sz,
                          int64_t group) {
   TORCH_CHECK(kAvx512 && kInt4Fast, "torchchat::gemm_int4 needs AVX512-BF16");
-  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.scalar_type() == at::kByte,
-              "torchchat::gemm_int4: w must be contiguous uint8 (N, K/2)");
-  const int64_t N = w.size(0), K = w.size(1) * 2;
-  TORCH_CHECK(N % 16 == 0 && group > 0 && K % group == 0,
-              "torchchat::gemm_int4: N ", N, " K ", K, " group ", group);
-  TORCH_CHECK(sz.scalar_type() == at::kBFloat16 && sz.is_contiguous() &&
-                  sz.numel() == (K / group) * N * 2,
-              "torchchat::gemm_int4: scales_and_zeros must be contiguous bf16 (K/group, N, 2)");
+  const int64_t K = check_int4("torchchat::gemm_int4", w, sz, group, 1), N = w.size(0);
   TORCH_CHECK(x.dim() == 2 && x.size(1) == K && x.scalar_type() == at::kBFloat16,
               "torchchat::gemm_int4: x must be bf16 (M, ", K, "), got ", x.sizes());
 #if defined(__AVX512BF16__)
@@ -939,52 +976,17 @@ at::Tensor gemm_int8_cpu(const at::Tensor& x, const at::Tensor& w, const at::Ten
 at::Tensor gemm_8da4w_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sz,
                           int64_t group) {
   TORCH_CHECK(kAvx512 && kVnni, "torchchat::gemm_8da4w needs AVX512-VNNI and AVX512-VBMI");
-  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.scalar_type() == at::kByte,
-              "torchchat::gemm_8da4w: w must be contiguous uint8 (N, K/2)");
-  const int64_t N = w.size(0), K = w.size(1) * 2;
-  TORCH_CHECK(N % 16 == 0 && group > 0 && group % 4 == 0 && K % group == 0,
-              "torchchat::gemm_8da4w: N ", N, " K ", K, " group ", group);
-  TORCH_CHECK(sz.scalar_type() == at::kBFloat16 && sz.is_contiguous() &&
-                  sz.numel() == (K / group) * N * 2,
-              "torchchat::gemm_8da4w: scales_and_zeros must be contiguous bf16 (K/group, N, 2)");
+  const int64_t K = check_int4("torchchat::gemm_8da4w", w, sz, group, 4), N = w.size(0);
+  TORCH_CHECK(K % 16 == 0, "torchchat::gemm_8da4w: K ", K, " must be a multiple of 16");
   TORCH_CHECK(x.dim() == 2 && x.size(1) <= K && at::isFloatingType(x.scalar_type()),
               "torchchat::gemm_8da4w: x must be float (M, <= ", K, "), got ", x.sizes());
-  const int64_t M = x.size(0), Kx = x.size(1);
+  const int64_t M = x.size(0);
   const auto xf = x.to(at::kFloat).contiguous();
-  std::vector<uint8_t> u(M * K);
-  std::vector<float> sa(M), za(M);
-  const float* xp = xf.data_ptr<float>();
-  at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
-    for (int64_t m = m0; m < m1; ++m) {
-      const float* row = xp + m * Kx;
-      __m512 lo16 = _mm512_setzero_ps(), hi16 = _mm512_setzero_ps();
-      for (int64_t k = 0; k < Kx; k += 16) {
-        const __m512 v = _mm512_maskz_loadu_ps(mask16(Kx - k), row + k);  // zeros past Kx
-        lo16 = _mm512_min_ps(lo16, v);
-        hi16 = _mm512_max_ps(hi16, v);
-      }
-      const float lo = _mm512_reduce_min_ps(lo16), hi = _mm512_reduce_max_ps(hi16);
-      const float scale = std::max((hi - lo) / 255.0f, std::numeric_limits<float>::epsilon());
-      const float zero = std::clamp(-128.0f - std::nearbyint(lo / scale), -128.0f, 127.0f);
-      // IEEE division and round-half-even, as torch's ops on the same fp32 values
-      const __m512 sv = _mm512_set1_ps(scale), zv = _mm512_set1_ps(zero + 128.0f);
-      const __m512 qmin = _mm512_setzero_ps(), qmax = _mm512_set1_ps(255.0f);
-      for (int64_t k = 0; k < K; k += 16) {
-        const __mmask16 in = mask16(Kx - k);
-        const __m512 v = _mm512_maskz_loadu_ps(in, row + k);
-        const __m512 r = _mm512_roundscale_ps(_mm512_div_ps(v, sv),
-                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        // columns past Kx: the zero point itself (they meet zero weights)
-        const __m512 q = _mm512_mask_blend_ps(in, zv, _mm512_add_ps(r, zv));
-        const __m512i qi = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(q, qmin), qmax));
-        _mm_storeu_si128((__m128i*)(u.data() + m * K + k), _mm512_cvtepi32_epi8(qi));
-      }
-      sa[m] = scale;
-      za[m] = zero;
-    }
-  });
   auto y = at::empty({M, N}, x.options().dtype(at::kFloat));
 #if defined(TORCHCHAT_VNNI)
+  std::vector<uint8_t> u(M * K);
+  std::vector<float> sa(M), za(M);
+  quantize_rows_8da4w(xf.data_ptr<float>(), M, x.size(1), K, u.data(), sa.data(), za.data());
   gemm_8da4w(u.data(), M, K, sa.data(), za.data(), w.data_ptr<uint8_t>(),
              sz.data_ptr<c10::BFloat16>(), N, group, y.data_ptr<float>());
 #endif
