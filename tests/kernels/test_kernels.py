@@ -10,7 +10,7 @@ from support import STORIES_BIN, random_args, random_state_dict, run_torchchat
 
 from torchchat import kernels
 from torchchat.export.program import export_program
-from torchchat.model.transformer import Transformer, attend_rows
+from torchchat.model.transformer import Linear, Transformer, attend_rows, project
 from torchchat.quant.apply import quantize
 from torchchat.quant.config import load_quantize_spec
 from torchchat.quant.linear import Int4Linear, Int8Linear
@@ -79,6 +79,66 @@ def test_int4_linear_matches_dequantized_reference(m, k, n, groupsize):
     y = kernels.int4_linear(x, q.weight, q.scales_and_zeros, groupsize)[:, :n]
     reference = F.linear(x.bfloat16().float(), q.dequantize().float())  # bf16 activations
     assert max_rel(y, reference) < 1e-5
+
+
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("kind", ["fp32", "bf16", "int8", "int8 g32", "int4"])
+def test_a_grouped_call_equals_one_call_per_matrix(m, kind):
+    """q, k, v (or w1, w3) in one call: the same numbers, bit for bit, as three calls; widths
+    that end in a partial 64-row block and split unevenly over the threads."""
+    if kind == "int4" and not kernels.simd_level() & kernels.AVX512_BF16:
+        pytest.skip("int4 kernel needs AVX512-BF16")
+    torch.manual_seed(m)
+    linears = [torch.nn.Linear(96, n, bias=False) for n in (80, 48, 176)]
+    x = torch.randn(m, 96)
+    if kind in ("fp32", "bf16"):
+        dt = torch.float32 if kind == "fp32" else torch.bfloat16
+        x, ws = x.to(dt), [lin.weight.detach().to(dt) for lin in linears]
+        together, apart = kernels.float_linears(x, ws), [kernels.float_linear(x, w) for w in ws]
+    elif kind.startswith("int8"):
+        g = 32 if "g32" in kind else 0
+        qs = [Int8Linear.from_float(lin, g) for lin in linears]
+        ws, ss = [q.weight for q in qs], [q.scales for q in qs]
+        together = kernels.int8_linears(x, ws, ss, g)
+        apart = [kernels.int8_linear(x, w, s, g) for w, s in zip(ws, ss, strict=True)]
+    else:
+        qs = [Int4Linear.from_float(lin, 32) for lin in linears]
+        ws, szs = [q.weight for q in qs], [q.scales_and_zeros for q in qs]
+        together = kernels.int4_linears(x, ws, szs, 32)
+        apart = [kernels.int4_linear(x, w, sz, 32) for w, sz in zip(ws, szs, strict=True)]
+    assert [t.shape for t in together] == [(m, n) for n in (80, 48, 176)]
+    for t, a in zip(together, apart, strict=True):
+        assert torch.equal(t, a)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda lin: Int4Linear.from_float(lin, 32),
+        lambda lin: Int4Linear.from_float_8da4w(lin, 32),
+        lambda lin: Int8Linear.from_float(lin, 0),
+    ],
+    ids=["int4", "8da4w", "int8"],
+)
+def test_project_applies_each_linear_once_grouped_or_not(make):
+    """`project`: one kernel call for modules of one kind (biases, rows padded to 16), one
+    call each for a mix; both give what each module gives on its own."""
+    if not kernels.simd_level() & kernels.AVX512_BF16:
+        pytest.skip("int4 kernel needs AVX512-BF16")
+    torch.manual_seed(2)
+    mods = [make(torch.nn.Linear(64, n, bias=True)) for n in (70, 32)]
+    x = torch.randn(1, 2, 64)
+    alone = [m(x) for m in mods]
+    grouped = type(mods[0]).forward_many(x, mods)
+    assert grouped is not None
+    mixed = [mods[0], Linear(64, 24)]
+    with torch.inference_mode():
+        for got, want in zip(project(x, mods), alone, strict=True):
+            assert got.shape == want.shape and torch.equal(got, want)
+        for got, want in zip(grouped, alone, strict=True):
+            assert torch.equal(got, want)
+        got = project(x, mixed)
+        assert torch.equal(got[0], alone[0]) and torch.equal(got[1], mixed[1](x))
 
 
 @needs_bf16
@@ -168,7 +228,14 @@ def test_int4_module_with_and_without_kernel_agree(dynamic):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize(
-    "b,h,kv,s,t,d", [(1, 12, 12, 1, 128, 64), (2, 8, 2, 3, 50, 48), (1, 4, 4, 8, 20, 16)]
+    "b,h,kv,s,t,d",
+    [
+        (1, 12, 12, 1, 128, 64),
+        (2, 8, 2, 3, 50, 48),
+        (1, 4, 4, 8, 20, 16),
+        (1, 4, 2, 1, 300, 128),
+        (1, 2, 1, 2, 40, 200),  # head dims off the 16-lane chunks, up to 256
+    ],
 )
 def test_attention_matches_plain_matmuls(dtype, tol, b, h, kv, s, t, d):
     torch.manual_seed(t)
@@ -181,6 +248,27 @@ def test_attention_matches_plain_matmuls(dtype, tol, b, h, kv, s, t, d):
     reference = attend_rows(q.float(), k.float(), v.float(), mask)
     assert y.dtype == dtype
     assert (y.float() - reference).abs().max().item() < tol
+
+
+def test_attention_reads_only_open_positions_and_zeroes_closed_rows():
+    """A mask with holes (batched rows of other lengths, padding) and a cache mostly past the
+    last open position; a row with nothing open gives zeros."""
+    torch.manual_seed(5)
+    q = torch.randn(1, 4, 3, 64)
+    k, v = torch.randn(2, 1, 2, 1000, 64)
+    mask = torch.rand(1, 1, 3, 1000) < 0.3
+    mask[..., 37:] = False  # the rest of the cache is never read
+    mask[0, 0, 0, :5] = True
+    mask[0, 0, 2] = False
+    y = kernels.attention(q, k, v, mask)
+    reference = attend_rows(q, k, v, mask)
+    assert (y[:, :, :2] - reference[:, :, :2]).abs().max().item() < 1e-6
+    assert torch.equal(y[:, :, 2], torch.zeros(1, 4, 64))
+    closed = ~(mask[0, 0, 0] | mask[0, 0, 1])  # where no row looks
+    closed[37:] = True
+    k[..., closed, :] = float("nan")  # positions no row attends to: no effect
+    v[..., closed, :] = float("nan")
+    assert torch.equal(kernels.attention(q, k, v, mask), y)
 
 
 def test_ops_decline_what_they_do_not_cover():

@@ -19,7 +19,7 @@ import hashlib
 import os
 import platform
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -96,15 +96,15 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("torchchat::linear")
     def _(x, w):
-        return x.new_empty(x.shape[0], w.shape[0])
+        return x.new_empty(x.shape[0], sum(t.shape[0] for t in w))
 
     @torch.library.register_fake("torchchat::linear_int8")
     def _(x, w, scales, group):
-        return x.new_empty(x.shape[0], w.shape[0])
+        return x.new_empty(x.shape[0], sum(t.shape[0] for t in w))
 
     @torch.library.register_fake("torchchat::linear_int4")
     def _(x, w, scales_and_zeros, group):
-        return x.new_empty(x.shape[0], w.shape[0])
+        return x.new_empty(x.shape[0], sum(t.shape[0] for t in w))
 
     @torch.library.register_fake("torchchat::gemm_int4")
     def _(x, w, scales_and_zeros, group):
@@ -160,58 +160,98 @@ def _rows(x: Tensor, need: int, dims: tuple | None = None) -> int | None:
     return rows
 
 
-def float_linear(x: Tensor, weight: Tensor) -> Tensor | None:
-    """x @ weight.T for fp32/bf16/fp16 x and weight of the same dtype, or None."""
-    if x.dtype != weight.dtype or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        return None
-    if type(weight) not in (Tensor, torch.nn.Parameter):  # e.g. torchao's quantized tensors
-        return None
-    if weight.dim() != 2 or weight.stride(1) != 1 or weight.device.type != "cpu":
+def takes_rows(x: Tensor, need: int = AVX512) -> bool:
+    """Whether the few-row (decode) kernels built with the `need` level bit take x."""
+    return _rows(x, need) is not None
+
+
+def _split(x: Tensor, y: Tensor, weights: Sequence[Tensor]) -> list[Tensor]:
+    """The ops' (rows of x, all weights' rows) result -> one (..., rows) view per weight."""
+    y = y.reshape(*x.shape[:-1], y.shape[-1])
+    return [y] if len(weights) == 1 else list(y.split([w.shape[0] for w in weights], dim=-1))
+
+
+def float_linears(x: Tensor, weights: Sequence[Tensor]) -> list[Tensor] | None:
+    """[x @ w.T for w in weights] in one call (a layer's q, k, v: one pass over the threads for
+    all three), for fp32/bf16/fp16 x and row-major weights of x's dtype and width, or None."""
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return None
     rows = _rows(x, AVX512)
     if rows is None:
         return None
-    y = torch.ops.torchchat.linear(x.reshape(rows, x.shape[-1]), weight)
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    for w in weights:
+        if type(w) not in (Tensor, torch.nn.Parameter):  # e.g. torchao's quantized tensors
+            return None
+        if w.dtype != x.dtype or w.dim() != 2 or w.stride(1) != 1 or w.shape[1] != x.shape[-1]:
+            return None
+        if w.device.type != "cpu":
+            return None
+    y = torch.ops.torchchat.linear(x.reshape(rows, x.shape[-1]), weights)
+    return _split(x, y, weights)
+
+
+def float_linear(x: Tensor, weight: Tensor) -> Tensor | None:
+    """x @ weight.T for fp32/bf16/fp16 x and weight of the same dtype, or None."""
+    ys = float_linears(x, [weight])
+    return None if ys is None else ys[0]
+
+
+def int8_linears(
+    x: Tensor, weights: Sequence[Tensor], scales: Sequence[Tensor], groupsize: int
+) -> list[Tensor] | None:
+    """x @ (w x s).T for each int8 weight w (all of one width) and its scales s (all fp32 or all
+    bf16; per row for groupsize 0, else per group) in one call, or None. Results are
+    (..., rows of w) in x's dtype."""
+    if groupsize and (groupsize < 16 or groupsize & (groupsize - 1)):
+        return None  # the kernel takes per-row scales or power-of-two groups of 16 or more
+    if not x.is_floating_point():
+        return None
+    rows = _rows(x, AVX512)
+    if rows is None:
+        return None
+    cols, sdt = weights[0].shape[1], scales[0].dtype
+    if cols % (groupsize or 16) or sdt not in (torch.float32, torch.bfloat16):
+        return None
+    for w, s in zip(weights, scales, strict=True):
+        if w.dtype != torch.int8 or w.shape[1] != cols or s.dtype != sdt or not s.is_contiguous():
+            return None
+    y = torch.ops.torchchat.linear_int8(x.reshape(rows, x.shape[-1]), weights, scales, groupsize)
+    return _split(x, y, weights)
 
 
 def int8_linear(x: Tensor, weight: Tensor, scales: Tensor, groupsize: int) -> Tensor | None:
     """x @ (int8 weight x scales).T, per-row (groupsize 0) or per-group scales, or None. The
     result is (..., weight rows) in x's dtype."""
-    if groupsize and (groupsize < 16 or groupsize & (groupsize - 1)):
-        return None  # the kernel takes per-row scales or power-of-two groups of 16 or more
-    if weight.shape[1] % (groupsize or 16) or not x.is_floating_point():
+    ys = int8_linears(x, [weight], [scales], groupsize)
+    return None if ys is None else ys[0]
+
+
+def int4_linears(
+    x: Tensor, packed: Sequence[Tensor], scales_and_zeros: Sequence[Tensor], groupsize: int
+) -> list[Tensor] | None:
+    """x @ W.T for each int4 W (all of one width, in torch's CPU pack layout: W = (q - 8) *
+    scale + zero) in one call, or None. Activations are rounded to bf16 first, as with
+    aten::_weight_int4pack_mm_for_cpu. Results are (..., rows of W) in x's dtype."""
+    if not x.is_floating_point():
         return None
-    if weight.dtype != torch.int8 or not scales.is_contiguous():
-        return None
-    if scales.dtype not in (torch.float32, torch.bfloat16):
-        return None
-    rows = _rows(x, AVX512)
+    rows = _rows(x, AVX512_BF16)
     if rows is None:
         return None
-    y = torch.ops.torchchat.linear_int8(x.reshape(rows, x.shape[-1]), weight, scales, groupsize)
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    for w, sz in zip(packed, scales_and_zeros, strict=True):
+        if w.dtype != torch.uint8 or sz.dtype != torch.bfloat16:
+            return None
+    y = torch.ops.torchchat.linear_int4(
+        x.reshape(rows, x.shape[-1]), packed, scales_and_zeros, groupsize
+    )
+    return _split(x, y, packed)
 
 
 def int4_linear(
     x: Tensor, packed: Tensor, scales_and_zeros: Tensor, groupsize: int
 ) -> Tensor | None:
-    """x @ W.T for int4 weights in torch's CPU pack layout (W = (q - 8) * scale + zero), or None.
-    Activations are rounded to bf16 first, as with aten::_weight_int4pack_mm_for_cpu. The result
-    is (..., packed rows) in x's dtype."""
-    if (
-        packed.dtype != torch.uint8
-        or scales_and_zeros.dtype != torch.bfloat16
-        or not x.is_floating_point()
-    ):
-        return None
-    rows = _rows(x, AVX512_BF16)
-    if rows is None:
-        return None
-    y = torch.ops.torchchat.linear_int4(
-        x.reshape(rows, x.shape[-1]), packed, scales_and_zeros, groupsize
-    )
-    return y.reshape(*x.shape[:-1], packed.shape[0])
+    """x @ W.T for int4 weights in torch's CPU pack layout, or None (see int4_linears)."""
+    ys = int4_linears(x, [packed], [scales_and_zeros], groupsize)
+    return None if ys is None else ys[0]
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor | None:
@@ -219,6 +259,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor | None:
     k, v (B, KVH, T, D) (grouped-query when KVH < H); mask bool, (1 or B, 1, S, T). Each query
     row is computed on its own, so its result does not depend on the batch it is in."""
     if q.dtype != k.dtype or not q.is_floating_point() or mask.dtype != torch.bool:
+        return None
+    if q.shape[-1] > 256:  # the kernel keeps a row of q and of the output in registers
         return None
     if k.stride(-1) != 1 or k.stride(-2) != k.shape[-1] or v.stride() != k.stride():
         return None

@@ -6,6 +6,8 @@ torch.load(weights_only=True) and modules export with torch.export.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -69,6 +71,17 @@ class Int8Linear(nn.Module):
         if bias is not None:
             m.bias = nn.Parameter(bias.detach().clone())
         return m
+
+    @staticmethod
+    def forward_many(x: Tensor, linears: Sequence[Int8Linear]) -> list[Tensor] | None:
+        """Several Int8Linears of one width and group size on the same x in one kernel call
+        (decode on torchchat's CPU kernels), or None."""
+        if any(m.groupsize != linears[0].groupsize for m in linears):
+            return None
+        ys = kernels.int8_linears(
+            x, [m.weight for m in linears], [m.scales for m in linears], linears[0].groupsize
+        )
+        return None if ys is None else [_finish(y, m) for y, m in zip(ys, linears, strict=True)]
 
     def dequantize(self) -> Tensor:
         """The float weight (out, in) this module multiplies by."""
@@ -214,6 +227,30 @@ class Int4Linear(nn.Module):
         y = y[:, : self.out_features].reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         return y if self.bias is None else y + self.bias
 
+    @staticmethod
+    def forward_many(x: Tensor, linears: Sequence[Int4Linear]) -> list[Tensor] | None:
+        """Several Int4Linears of one width and scheme on the same x in one kernel call (decode
+        on torchchat's CPU kernels), or None."""
+        first = linears[0]
+        if any(
+            (m.groupsize, m.k, m.dynamic_activations)
+            != (first.groupsize, first.k, first.dynamic_activations)
+            for m in linears
+        ):
+            return None
+        if first.dynamic_activations and not kernels.takes_rows(x, kernels.AVX512_BF16):
+            return None  # not a decode step on the kernels: no quantization here
+        xq = quantize_activations_per_token(x) if first.dynamic_activations else x
+        ys = kernels.int4_linears(
+            xq,
+            [m.weight for m in linears],
+            [m.scales_and_zeros for m in linears],
+            first.groupsize,
+        )
+        if ys is None:
+            return None
+        return [_finish(y[..., : m.out_features], m) for y, m in zip(ys, linears, strict=True)]
+
     def _cpu_kernels(self, x: Tensor) -> Tensor | None:
         """torchchat's CPU kernels: one-token rows (decode), 8da4w's integer GEMM or bf16 GEMMs
         on tiles of dequantized weights (prefill); None where none applies."""
@@ -228,6 +265,10 @@ class Int4Linear(nn.Module):
             y = kernels.int4_gemm(xp, self.weight, self.scales_and_zeros, self.groupsize)
             y = None if y is None else y.to(x.dtype)
         return y
+
+
+def _finish(y: Tensor, m: nn.Module) -> Tensor:
+    return y if m.bias is None else y + m.bias
 
 
 def pack_for_device(codes: Tensor) -> Tensor:
