@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the checkout's torchchat, installed or not
 PRECISIONS = {
     "fp32": ["--dtype", "fp32"],
     "bf16": ["--dtype", "bf16"],
@@ -117,6 +118,7 @@ def main() -> None:
     if a.compare == "llama.cpp" and not has_llama_cpp:
         sys.exit('--compare llama.cpp: llama.cpp is not installed: pip install -e ".[llamacpp]"')
     compare = a.compare == "llama.cpp" or (a.compare == "auto" and has_llama_cpp)
+    header_versions = versions(compare)  # before the runs: a failure here must not cost them
 
     table = [
         "| shape | precision | compile | threads | decode tok/s | prefill tok/s | ttft ms | weights MB | GB/s | % of bw "
@@ -171,7 +173,7 @@ def main() -> None:
         "# Performance",
         "",
         f"`python bench/performance_report.py` on {time.strftime('%Y-%m-%d')}: {platform.machine()}, "
-        f"{os.cpu_count()} cores, {versions(compare)}, "
+        f"{os.cpu_count()} cores, {header_versions}, "
         "`torchchat bench --shape SHAPE ... --prompt-tokens 64 --new-tokens 64 --repeats 3`.",
         "Random N(0, 0.02) weights of each known shape; medians of 3 runs.",
         "",
