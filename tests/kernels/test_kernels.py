@@ -212,6 +212,26 @@ def test_prefill_ops_reject_mismatched_weights():
 
 
 @needs_bf16
+def test_grouped_ops_reject_mismatched_lists():
+    """A grouped call with no weights, too few scales or weights of another width is a one-line
+    error naming the op, not a read past a list's end."""
+    a = Int4Linear.from_float(torch.nn.Linear(64, 32, bias=False), 32)
+    b = Int4Linear.from_float(torch.nn.Linear(96, 32, bias=False), 32)
+    q = Int8Linear.from_float(torch.nn.Linear(64, 32, bias=False), 0)
+    x = torch.randn(1, 64)
+    with pytest.raises(RuntimeError, match="torchchat::linear: no weights"):
+        torch.ops.torchchat.linear(x, [])
+    with pytest.raises(RuntimeError, match="linear_int8: 2 weights but 1 scales tensors"):
+        torch.ops.torchchat.linear_int8(x, [q.weight, q.weight], [q.scales], 0)
+    with pytest.raises(RuntimeError, match="linear_int4: 1 weights but 0 scales tensors"):
+        torch.ops.torchchat.linear_int4(x, [a.weight], [], 32)
+    with pytest.raises(RuntimeError, match="linear_int4: K differs"):
+        torch.ops.torchchat.linear_int4(
+            x, [a.weight, b.weight], [a.scales_and_zeros, b.scales_and_zeros], 32
+        )
+
+
+@needs_bf16
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_int4_module_with_and_without_kernel_agree(dynamic):
     torch.manual_seed(1)

@@ -787,19 +787,16 @@ inline __m512 sum16(__m512 v[16]) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(s[0], s[1], 0x88), _mm512_shuffle_f32x4(s[0], s[1], 0xDD));
 }
 
-// softmax(q k^T * scale, masked) v for one query row: k, v rows (`ts` apart) at positions
-// 0..len, mask row m (len bools); fp32 throughout, rounded once into out. D <= 16 C: the row's
+// softmax(q k^T * scale, masked) v for one query row: k, v rows (`ts` apart), mask row m whose
+// open positions all lie in [lo, hi); fp32 throughout, rounded once into out. D <= 16 C: the row's
 // chunks of 16 lanes stay in registers (masks cut the last one short). Scores go 16 positions at
 // a time (one vector of products per key, the 16 reduced together) into p (len + 16 floats);
 // only the span the mask leaves open is read. A row with every position masked gets zeros (SDPA
 // would give NaN; such rows are never read).
 template <typename T, int C>
-void attend_row(const T* q, const T* k, const T* v, int64_t ts, const bool* m, int64_t len,
-                int64_t D, float scale, T* out, float* p) {
+void attend_row(const T* q, const T* k, const T* v, int64_t ts, const bool* m, int64_t lo,
+                int64_t hi, int64_t D, float scale, T* out, float* p) {
   const float inf = std::numeric_limits<float>::infinity();
-  int64_t lo = 0, hi = len;
-  while (hi > lo && !m[hi - 1]) --hi;
-  while (lo < hi && !m[lo]) ++lo;
   __mmask16 dm[C];
   __m512 qv[C], acc[C];
   for (int c = 0; c < C; ++c) {
@@ -866,6 +863,18 @@ void attention_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   // Tasks of at least ~64K multiply-adds: a one-token step over a short cache stays on one
   // thread (waking the others costs more than the work).
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, len * D));
+  // The span of each mask row holding its open positions, found once for all heads: a long
+  // cache a few positions in is mostly closed.
+  std::vector<int64_t> span(2 * B * S);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t s = 0; s < S; ++s) {
+      const bool* m = mp + b * mb + s * ms;
+      int64_t lo = 0, hi = len;
+      while (hi > lo && !m[hi - 1]) --hi;
+      while (lo < hi && !m[lo]) ++lo;
+      span[2 * (b * S + s)] = lo;
+      span[2 * (b * S + s) + 1] = hi;
+    }
   at::parallel_for(0, B * H * S, grain, [&](int64_t i0, int64_t i1) {
     std::vector<float> p(len + 16);
     for (int64_t i = i0; i < i1; ++i) {
@@ -873,7 +882,8 @@ void attention_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       const T* kb = kp + b * k.stride(0) + (h / group) * k.stride(1);
       const T* vb = vp + b * v.stride(0) + (h / group) * v.stride(1);
       attend_row<T, C>(qp + b * q.stride(0) + h * q.stride(1) + s * q.stride(2), kb, vb,
-                       k.stride(2), mp + b * mb + s * ms, len, D, (float)scale,
+                       k.stride(2), mp + b * mb + s * ms, span[2 * (b * S + s)],
+                       span[2 * (b * S + s) + 1], D, (float)scale,
                        op + ((b * H + h) * S + s) * D, p.data());
     }
   });
@@ -965,15 +975,17 @@ std::vector<Matrix> matrices(at::TensorList w, at::TensorList s, int64_t M,
   return mats;
 }
 
-void check_group(const char* op, at::TensorList w, at::TensorList s) {
-  TORCH_CHECK(!w.empty() && (s.empty() || s.size() == w.size()), op,
-              ": one or more weights, each with its scales");
+// A grouped call's lists: one or more weights, and as many scales tensors where the op takes them.
+void check_group(const char* op, at::TensorList w, at::TensorList s, bool scaled) {
+  TORCH_CHECK(!w.empty(), op, ": no weights");
+  TORCH_CHECK(!scaled || s.size() == w.size(), op, ": ", w.size(), " weights but ", s.size(),
+              " scales tensors");
 }
 
 // x (M, K) @ w[i] (N_i, K).T for fp32, bf16 or fp16 x and weights of the same dtype.
 at::Tensor linear_cpu(const at::Tensor& x, at::TensorList ws) {
   TORCH_CHECK(kAvx512, "torchchat::linear needs AVX-512");
-  check_group("torchchat::linear", ws, {});
+  check_group("torchchat::linear", ws, {}, false);
   const int64_t M = x.size(0), K = x.size(1);
   for (const auto& w : ws) {
     TORCH_CHECK(w.dim() == 2 && w.stride(1) == 1, "torchchat::linear: w must be (N, K) row-major");
@@ -997,10 +1009,10 @@ at::Tensor linear_cpu(const at::Tensor& x, at::TensorList ws) {
 
 // int8 weights w[i] (N_i, Kw) with scales (N_i,) or (N_i, Kw / group), all of one dtype;
 // x (M, K <= Kw) of any float dtype.
-at::Tensor linear_int8_cpu(const at::Tensor& x, at::TensorList ws,
-                                        at::TensorList scales, int64_t group) {
+at::Tensor linear_int8_cpu(const at::Tensor& x, at::TensorList ws, at::TensorList scales,
+                           int64_t group) {
   TORCH_CHECK(kAvx512, "torchchat::linear_int8 needs AVX-512");
-  check_group("torchchat::linear_int8", ws, scales);
+  check_group("torchchat::linear_int8", ws, scales, true);
   const int64_t M = x.size(0), Kw = ws[0].size(1);
   check_rows(x, Kw);
   TORCH_CHECK(group == 0 || (group >= 16 && (group & (group - 1)) == 0 && Kw % group == 0),
@@ -1049,9 +1061,9 @@ int64_t check_int4(const char* op, const at::Tensor& w, const at::Tensor& sz, in
 // int4 weights w[i] (N_i, Kw/2), sz[i] as check_int4; x (M, K <= Kw). Activations are rounded
 // to bf16 first, as the aten kernel's callers do.
 at::Tensor linear_int4_cpu(const at::Tensor& x, at::TensorList ws, at::TensorList sz,
-                                        int64_t group) {
+                           int64_t group) {
   TORCH_CHECK(kAvx512 && kInt4Fast, "torchchat::linear_int4 needs AVX512-BF16");
-  check_group("torchchat::linear_int4", ws, sz);
+  check_group("torchchat::linear_int4", ws, sz, true);
   const int64_t Kw = check_int4("torchchat::linear_int4", ws[0], sz[0], group, 2);
   for (size_t i = 1; i < ws.size(); ++i)
     TORCH_CHECK(check_int4("torchchat::linear_int4", ws[i], sz[i], group, 2) == Kw,
