@@ -2,10 +2,11 @@
 
     python bench/decode_profile.py [--shape stories110M] [--threads 2]
 
-For each precision: the decode step (eager and compiled) of a random-weight model of the shape, profiled with
-torch.profiler (time per token in the weight kernels vs everything else), and the weight
-kernel alone on the model's largest matrix in a loop (GB/s it streams), next to the machine's
-read bandwidth from bench's probe. Run it on an otherwise idle machine.
+For each precision: the decode step of a random-weight model of the shape through the model's
+modules (eager and compiled) profiled with torch.profiler (time per token in the weight kernels
+vs everything else), the weight kernel alone on copies of a layer's w1 (GB/s it streams from
+memory), and the fused step (torchchat::decode_layers: every layer in one call, the default),
+next to the machine's read bandwidth from bench's probe. Run it on an otherwise idle machine.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ WEIGHT_OPS = (
     "aten::_weight_int8pack_mm",
     "aten::_weight_int4pack_mm_for_cpu",
 )
+FUSED_OPS = ("torchchat::decode_layers",)  # the fused step: all layers, one op
 
 
 @torch.inference_mode()
@@ -59,7 +61,8 @@ def profile_step(runtime, steps: int = 32) -> tuple[float, float]:
         for pos in range(16, 16 + steps):
             runtime.decode(torch.tensor([[1]]), pos)
         total = (time.perf_counter() - t0) / steps * 1e3
-    kernels = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in WEIGHT_OPS)
+    ops = FUSED_OPS if runtime.fused_decode else WEIGHT_OPS
+    kernels = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in ops)
     return total, kernels / steps / 1e3
 
 
@@ -99,9 +102,14 @@ def main() -> None:
         "| precision | compile | ms per token | in weight kernels | elsewhere | decode GB/s | w1 kernels alone: GB/s | % of probe |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    fused = [
+        "| precision | ms per token | in decode_layers | elsewhere | decode GB/s | % of probe | x compiled modules |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, recipe in PRECISIONS.items():
         for compiled in (False, True):
-            rt = random_runtime(a.shape, ModelOptions(quantize=recipe, compile=compiled), 64)
+            opts = ModelOptions(quantize=recipe, compile=compiled, fused_decode=False)
+            rt = random_runtime(a.shape, opts, 64)
             total, kernels = profile_step(rt)
             _, gbps = kernel_gbps(rt)
             rows.append(
@@ -109,16 +117,36 @@ def main() -> None:
                 f"| {total - kernels:.2f} | {rt.weight_bytes / total / 1e6:.1f} | {gbps:.1f} | {100 * gbps / bw:.0f}% |"
             )  # fmt: skip
             print(rows[-1], file=sys.stderr, flush=True)
+        compiled_ms = total
+        rt = random_runtime(a.shape, ModelOptions(quantize=recipe), 64)
+        assert rt.fused_decode, f"{name}: the fused step does not apply"
+        total, layers = profile_step(rt)
+        gbps = rt.weight_bytes / total / 1e6
+        fused.append(
+            f"| {name} | {total:.2f} | {layers:.2f} ({100 * layers / total:.0f}%) | {total - layers:.2f} "
+            f"| {gbps:.1f} | {100 * gbps / bw:.0f}% | {compiled_ms / total:.2f} |"
+        )  # fmt: skip
+        print(fused[-1], file=sys.stderr, flush=True)
     section = "\n".join([
         "## What bounds decode",
         "",
         f"`python bench/decode_profile.py --shape {a.shape} --threads {a.threads}` on {time.strftime('%Y-%m-%d')}: "
-        f"{platform.machine()}, torch {torch.__version__}, decode of random weights (eager and --compile), read bandwidth "
-        f"probe {bw:.1f} GB/s. `in weight kernels` is torch.profiler's self time of the ops that read "
-        f"weights ({', '.join(WEIGHT_OPS)}); `w1 kernels alone` runs 256 MB of copies of a layer's w1 in turn on one token "
-        "(8x the last-level cache), so it is what the kernel streams from memory with nothing else around it.",
+        f"{platform.machine()}, torch {torch.__version__}, decode of random weights, read bandwidth probe "
+        f"{bw:.1f} GB/s (all in one process).",
+        "",
+        "Through the model's modules (`--no-fused-decode`), eager and `--compile`: `in weight kernels` is "
+        f"torch.profiler's self time of the ops that read weights ({', '.join(WEIGHT_OPS)}); `w1 kernels alone` "
+        "runs 256 MB of copies of a layer's w1 in turn on one token (8x the last-level cache), so it is what "
+        "the kernel streams from memory with nothing else around it.",
         "",
         *rows,
+        "",
+        "The fused step (the default): `in decode_layers` is the one op that runs every layer (norms, "
+        "projections, RoPE, cache writes, attention, gates, residuals); `elsewhere` is the embedding, the "
+        "final norm, the output layer and Python. `x compiled modules` is the compiled step's ms per token "
+        "over the fused step's.",
+        "",
+        *fused,
     ])  # fmt: skip
     write_section(a.output, "decode_profile", section)
     print(f"wrote {a.output}", file=sys.stderr)

@@ -1,11 +1,12 @@
-"""Decode/prefill speed per shape, precision, compile and threads -> docs/performance.md.
+"""Decode/prefill speed per shape, precision, decode path and threads -> docs/performance.md.
 
     python bench/performance_report.py [--shapes stories15M stories110M tinyllama-1.1b] [--threads 1 2]
         [--precisions fp32 bf16 int8 "int4 g32" "8da4w g32"] [--compare auto|llama.cpp|none]
 
 Each configuration runs `torchchat bench --shape SHAPE` in its own process (random weights, so no
-files are needed), 64-token prompt, 64 new tokens, median of 3. A compiled configuration runs
-twice against a fresh compile cache: the first process compiles, the second finds the cache, and
+files are needed), 64-token prompt, 64 new tokens, median of 3. Decode runs on torchchat's fused
+step (the default) or through the model's modules compiled (`--compile --no-fused-decode`); a
+compiled configuration runs twice against a fresh compile cache: the first process compiles, the second finds the cache, and
 both compile times are reported. With llama.cpp installed (`pip install -e ".[llamacpp]"`) the
 same weights run in llama.cpp too (eager and cached-compile runs), alternating with torchchat,
 and the ratios torchchat/llama.cpp are reported. Run it on an otherwise idle machine: it refuses
@@ -50,7 +51,7 @@ def bench(
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         cmd = [sys.executable, "-m", "torchchat", "bench", "--shape", shape, *flags, "--threads", str(threads),
                "--prompt-tokens", "64", "--new-tokens", "64", "--repeats", "3", "--json", f.name]  # fmt: skip
-        cmd += ["--compile"] if compiled else []
+        cmd += ["--compile", "--no-fused-decode"] if compiled else []
         cmd += ["--compare", "llama.cpp"] if compare else []
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache_dir}
         p = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env)
@@ -121,7 +122,7 @@ def main() -> None:
     header_versions = versions(compare)  # before the runs: a failure here must not cost them
 
     table = [
-        "| shape | precision | compile | threads | decode tok/s | prefill tok/s | ttft ms | weights MB | GB/s | % of bw "
+        "| shape | precision | decode | threads | decode tok/s | prefill tok/s | ttft ms | weights MB | GB/s | % of bw "
         "| peak RSS MB | setup s | compile s first | compile s cached | decode x llama.cpp |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -138,7 +139,9 @@ def main() -> None:
             for compiled in (False, True):
                 for threads in shape_threads:
                     rows = configuration(shape, PRECISIONS[name], threads, compiled, compare)
-                    tag = f"| {shape} | {name} | {'yes' if compiled else 'no'} | {threads} |"
+                    tag = (
+                        f"| {shape} | {name} | {'compiled' if compiled else 'fused'} | {threads} |"
+                    )
                     ours = rows[0]
                     if "error" in ours:
                         table.append(f"{tag} error: {ours['error']} |" + " |" * 10)
@@ -180,6 +183,9 @@ def main() -> None:
         f"Memory read bandwidth (torchchat bench's probe: the faster of summing a 384 MB fp32 tensor whole "
         f"or as 8 rows along dim 0, median pass over 0.5 s): {probe_text or '-'}. "
         "`% of bw` is the decode GB/s (weights read per token x tokens/s) as a share of it.",
+        "`decode`: `fused` is torchchat's default, every layer of a step in one kernel call "
+        "(`torchchat::decode_layers`); `compiled` runs the model's modules as one torch.compile'd graph "
+        "(`--compile --no-fused-decode`). "
         "Compiled configurations run twice on a fresh compile cache: `compile s first` is the first call "
         "(compile + run) of a process that compiles, `compile s cached` of a second process that finds its cache.",
         "",
@@ -193,7 +199,7 @@ def main() -> None:
             "The same random weights written as GGUF (fp32 -> F32, bf16 -> BF16 and F16, int8 -> Q8_0, int4 and 8da4w -> Q4_0; "
             "token embedding and output in the same type), run by llama.cpp (llama-cpp-python) with the same threads, "
             "prompt ids and token counts, one batch for the prompt, greedy decode; runs alternate torchchat / llama.cpp. "
-            "`x` columns are torchchat / llama.cpp (eager torchchat).",
+            "`x` columns are torchchat / llama.cpp (torchchat's default, fused decode).",
             "",
             *versus,
         ]

@@ -350,7 +350,11 @@ def build_model(opts: ModelOptions, verbose: bool = False) -> BuiltModel:
         runtime = tensor_parallel_runtime(model, max_seq, opts)
     else:
         runtime = EagerRuntime(
-            model, max_seq, compile=opts.compile, compile_prefill=opts.compile_prefill
+            model,
+            max_seq,
+            compile=opts.compile,
+            compile_prefill=opts.compile_prefill,
+            fused_decode=opts.fused_decode,
         )
     return BuiltModel(runtime, tokenizer, model.args, build_speculator(opts, runtime, verbose))
 
@@ -386,6 +390,7 @@ def build_speculator(opts: ModelOptions, target: ModelRuntime, verbose: bool) ->
         f"speculative decoding with a draft of {draft.args.weight_count() / 1e6:.1f}M parameters, k={opts.speculate_k}",
         verbose,
     )
-    return Speculator(
-        target, EagerRuntime(draft, target.max_seq_len, compile=opts.compile), opts.speculate_k
+    draft_runtime = EagerRuntime(
+        draft, target.max_seq_len, compile=opts.compile, fused_decode=opts.fused_decode
     )
+    return Speculator(target, draft_runtime, opts.speculate_k)

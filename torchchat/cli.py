@@ -39,6 +39,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     p.add_argument("--compile-prefill", action="store_true", help="torch.compile prefill too")
     p.add_argument(
+        "--no-fused-decode",
+        dest="fused_decode",
+        action="store_false",
+        help="decode through the model's modules (compiled with --compile) instead of "
+        "torchchat's fused CPU step",
+    )
+    p.add_argument(
         "--tp",
         type=int,
         default=1,
@@ -224,6 +231,7 @@ def model_options(a: argparse.Namespace) -> ModelOptions:
         max_seq_length=a.max_seq_length,
         compile=a.compile,
         compile_prefill=a.compile_prefill,
+        fused_decode=a.fused_decode,
         tp=a.tp,
         model_directory=a.model_directory,
         quantize=a.quantize,
@@ -377,6 +385,7 @@ def run_bench(a: argparse.Namespace) -> None:
     parts = [a.shape or str(source), a.dtype or "default"]
     parts += [a.quantize] if a.quantize else []
     parts += ["compile"] if a.compile else []
+    parts += [] if a.fused_decode else ["unfused"]
     report = run_bench(model_options(a), opts, " ".join(parts))
     versions = ", ".join(f"{k} {v}" for k, v in report.versions.items())
     print(f"memory read bandwidth (probe, {report.threads} threads): {report.probe_gbps:.1f} GB/s; "

@@ -24,6 +24,7 @@ class ModelOptions:
     max_seq_length: int | None = None
     compile: bool = False
     compile_prefill: bool = False
+    fused_decode: bool = True  # one-token steps on the fused kernel step where it applies
     tp: int = 1  # tensor-parallel ranks: `torchrun --nproc-per-node N -m torchchat ... --tp N`
     model_directory: Path | None = None  # where downloaded models live (None: the default)
     quantize: str | None = None  # JSON recipe, a file holding one, or a profile name

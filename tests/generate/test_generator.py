@@ -76,6 +76,7 @@ def test_compiled_decode_gives_identical_greedy_tokens(stories):
             tokenizer_path=STORIES_TOK,
             compile=True,
             compile_prefill=True,
+            fused_decode=False,  # the compiled graph, not the fused kernel step
         )
     )
     _, eager = greedy_text(stories, "Once upon a time", 120)

@@ -160,7 +160,11 @@ def random_runtime(
         quantize(model, schemes)
         model = model.to(dtype=dtype)
     return EagerRuntime(
-        model, max_seq_len, compile=mopts.compile, compile_prefill=mopts.compile_prefill
+        model,
+        max_seq_len,
+        compile=mopts.compile,
+        compile_prefill=mopts.compile_prefill,
+        fused_decode=mopts.fused_decode,
     )
 
 

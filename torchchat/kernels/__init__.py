@@ -122,6 +122,10 @@ def _register_fakes() -> None:
     def _(q, k, v, mask, scale):
         return torch.empty_like(q, memory_format=torch.contiguous_format)
 
+    @torch.library.register_fake("torchchat::decode_layers")
+    def _(x, norms, eps, freqs, mask, pos, k_caches, v_caches, w, scales, kind, group, n_heads):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
 
 def describe() -> str:
     """What runs the decode step's linears on this machine, for reports."""
@@ -158,6 +162,11 @@ def _rows(x: Tensor, need: int, dims: tuple | None = None) -> int | None:
     if rows > MAX_ROWS or not simd_level() & need:
         return None
     return rows
+
+
+def available(need: int = AVX512) -> bool:
+    """Whether the kernels built with the `need` level bit are on (built, loaded, not disabled)."""
+    return _enabled and simd_level() & need != 0
 
 
 def takes_rows(x: Tensor, need: int = AVX512) -> bool:
@@ -267,6 +276,50 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor | None:
     if mask.stride(-1) != 1 or _rows(q, AVX512, (q.shape[0], q.shape[2])) is None:  # B x S
         return None
     return torch.ops.torchchat.attention(q, k, v, mask, q.shape[-1] ** -0.5)
+
+
+def int4_blocked_scales(scales_and_zeros: Tensor) -> Tensor:
+    """int4 (scale, zero) pairs from torch's layout (groups, N, 2) to the one decode_layers reads:
+    each 64-row block's pairs together, group after group (cpu_linear.cpp, int4_scale_offset)."""
+    groups, n, _ = scales_and_zeros.shape
+    full = n // 64 * 64
+    blocks = scales_and_zeros[:, :full].reshape(groups, n // 64, 64, 2).transpose(0, 1)
+    tail = scales_and_zeros[:, full:]  # the last block's bs < 64 rows, also group after group
+    return torch.cat([blocks.reshape(-1), tail.reshape(-1)]).view(groups, n, 2)
+
+
+# decode_layers' kinds of weights (cpu_linear.cpp's WeightKind)
+FLOAT_WEIGHTS, INT8_WEIGHTS, INT4_WEIGHTS, INT4_WEIGHTS_INT8_ACTIVATIONS = 0, 1, 2, 3
+
+
+def decode_layers(
+    x: Tensor,
+    norms: Sequence[Tensor],
+    eps: float,
+    freqs: Tensor,
+    mask: Tensor,
+    pos: Tensor,
+    k_caches: Sequence[Tensor],
+    v_caches: Sequence[Tensor],
+    weights: Sequence[Tensor],
+    scales: Sequence[Tensor],
+    kind: int,
+    groupsize: int,
+    n_heads: int,
+) -> Tensor | None:
+    """One token's embedding x (1, 1, dim) through all of a model's layers in one call, or None
+    when the kernels are off: each layer's RMSNorm, q/k/v, RoPE, cache write at `pos`,
+    attention, wo, residual, RMSNorm, w1/w3, SiLU gate, w2 and residual, rounded where the eager
+    modules round. `weights` holds 7 a layer (wq, wk, wv, wo, w1, w3, w2), all of one `kind`,
+    `scales` theirs (none for float weights; int4's as `int4_blocked_scales` lays them out); the
+    caches are written in place."""
+    need = AVX512_BF16 if kind >= INT4_WEIGHTS else AVX512
+    if _rows(x, need) is None or torch.compiler.is_compiling():
+        return None
+    return torch.ops.torchchat.decode_layers(
+        x, norms, eps, freqs, mask, pos, k_caches, v_caches, weights, scales, kind, groupsize,
+        n_heads,
+    )  # fmt: skip
 
 
 def int4_gemm(x: Tensor, packed: Tensor, scales_and_zeros: Tensor, groupsize: int) -> Tensor | None:

@@ -63,6 +63,7 @@ struct Matrix {
   int64_t N;      // output rows
   float* y;       // fp32 results: y[m * ldy + n] for activation row m, output row n
   int64_t ldy;
+  bool blocked = false;  // int4: (scale, zero) pairs by 64-row block (int4_scale_offset)
 };
 
 // f(matrix, u0, u1) for each run [u0, u1) of one matrix's units (rows, or `per`-row blocks) in a
@@ -78,6 +79,21 @@ void for_units(const std::vector<Matrix>& mats, int64_t per, int64_t grain, cons
     }
   });
 }
+
+// torchchat::decode_layers: the kinds of weights a step runs on, its projections and shapes.
+enum WeightKind : int64_t { kFloatW = 0, kInt8W = 1, kInt4W = 2, kInt4DynW = 3 };
+
+// One grouped projection of a layer: matrices of one kind that multiply the same activations.
+struct Projection {
+  std::vector<Matrix> mats;
+  int64_t K;  // columns the kernel reads (int8 and int4 weights may be zero-padded past x's)
+};
+
+struct StepArgs {
+  int64_t L, D, H, KVH, Dh, F, len, pos, kind, group;
+  bool bf16_scales;
+  float eps;
+};
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
     defined(__AVX512DQ__)
@@ -293,8 +309,19 @@ constexpr bool kInt4Fast = true;
 constexpr bool kInt4Fast = false;
 #endif
 
+// Where group g's (scale, zero) pair of the rows from n0 (a block of bs rows) starts: torch's
+// layout [G][N][2], or blocked: each block's pairs together, group after group ([G][bs][2] at
+// n0 * G * 2). Blocked, a 64-row block's scales are one run of G * 256 bytes instead of G runs of
+// 256 bytes N * 4 apart: from memory, 1.1x (one thread) to 1.2x (two) the int4 stream
+// (2048 x 768 matrices, 80 MB).
+template <bool Blocked>
+inline int64_t int4_scale_offset(int64_t g, int64_t G, int64_t N, int64_t n0, int64_t bs) {
+  return Blocked ? (n0 * G + g * bs) * 2 : (g * N + n0) * 2;
+}
+
 // One full 64-row block for one activation row. xb: bf16 activations (K), xsum: per-group sums
-// of them; sz: [G][N][2] bf16 (scale, zero). Writes the block's 64 outputs in row order.
+// of them; sz: (scale, zero) bf16 pairs as int4_scale_offset. Writes the 64 outputs in row order.
+template <bool Blocked>
 void int4_block64(const uint8_t* blk, const c10::BFloat16* xb, const float* xsum, int64_t K,
                   int64_t group, const c10::BFloat16* sz, int64_t N, int64_t n0, float* out) {
 #if defined(__AVX512BF16__)
@@ -313,9 +340,10 @@ void int4_block64(const uint8_t* blk, const c10::BFloat16* xb, const float* xsum
     __m512 acc[4];
     for (int i = 0; i < 4; ++i) acc[i] = _mm512_setzero_ps();
     const int64_t kend = (g + 1) * group;
-    if (g + 2 < G)  // scales of later groups: 256 bytes N * 4 bytes apart, no stream to follow
+    if (g + 2 < G)  // scales of later groups (torch's layout: N * 4 bytes apart, no stream)
       for (int q = 0; q < 4; ++q)
-        _mm_prefetch((const char*)(sz + ((g + 2) * N + n0) * 2 + q * 32), _MM_HINT_T0);
+        _mm_prefetch((const char*)(sz + int4_scale_offset<Blocked>(g + 2, G, N, n0, 64) + q * 32),
+                     _MM_HINT_T0);
     for (int64_t k = g * group; k < kend; k += 2) {
       const uint8_t* a = blk + k * 32;
       _mm_prefetch((const char*)(a + kPrefetch), _MM_HINT_T0);
@@ -341,7 +369,7 @@ void int4_block64(const uint8_t* blk, const c10::BFloat16* xb, const float* xsum
     // total += scale * acc + (zero - 136 * scale) * xsum  (128 from the bf16 trick, 8 from the
     // codes' offset). (scale, zero) pairs of 16 rows fill one vector: scale in the low half of
     // each 32-bit lane, zero in the high half.
-    const c10::BFloat16* szg = sz + (g * N + n0) * 2;
+    const c10::BFloat16* szg = sz + int4_scale_offset<Blocked>(g, G, N, n0, 64);
     __m512 s[4], c[4];
     for (int q = 0; q < 4; ++q) {
       const __m512i v = _mm512_loadu_si512((const void*)(szg + q * 32));
@@ -374,6 +402,7 @@ void int4_block64(const uint8_t* blk, const c10::BFloat16* xb, const float* xsum
 
 // A block of bs < 64 rows (the last one): bs/2 bytes per k, byte d = rows 2d (low), 2d+1 (high).
 // Plain loops: only small layers whose row count is not a multiple of 64 have one.
+template <bool Blocked>
 void int4_block_tail(const uint8_t* blk, int64_t bs, const c10::BFloat16* xb, const float* xsum,
                      int64_t K, int64_t group, const c10::BFloat16* sz, int64_t N, int64_t n0,
                      float* out) {
@@ -390,14 +419,16 @@ void int4_block_tail(const uint8_t* blk, int64_t bs, const c10::BFloat16* xb, co
         acc[2 * d + 1] += (float)(row[d] >> 4) * xk;
       }
     }
+    const c10::BFloat16* szg = sz + int4_scale_offset<Blocked>(g, G, N, n0, bs);
     for (int64_t r = 0; r < bs; ++r) {
-      const float s = (float)sz[(g * N + n0 + r) * 2], z = (float)sz[(g * N + n0 + r) * 2 + 1];
+      const float s = (float)szg[2 * r], z = (float)szg[2 * r + 1];
       out[r] += s * acc[r] + (z - 8.0f * s) * xsum[g];
     }
   }
 }
 
-// x: M x K bf16 (K a multiple of group); each matrix: w [N, K/2] packed, s: sz [K/group, N, 2].
+// x: M x K bf16 (K a multiple of group); each matrix: w [N, K/2] packed, s: (scale, zero) bf16
+// pairs in torch's layout [K/group, N, 2] or blocked (Matrix::blocked).
 void int4_linear(const c10::BFloat16* x, int64_t M, int64_t K, int64_t group,
                  const std::vector<Matrix>& mats) {
   const int64_t G = K / group;
@@ -413,16 +444,21 @@ void int4_linear(const c10::BFloat16* x, int64_t M, int64_t K, int64_t group,
     const uint8_t* w = static_cast<const uint8_t*>(a.w);
     const c10::BFloat16* sz = static_cast<const c10::BFloat16*>(a.s);
     const int64_t N = a.N, ldy = a.ldy;
+    const bool blocked = a.blocked;
     float* y = a.y;
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * 64, bs = std::min<int64_t>(64, N - n0);
       const uint8_t* blk = w + n0 * (K / 2);
       for (int64_t m = 0; m < M; ++m) {
         alignas(64) float out[64];
-        if (bs == 64)
-          int4_block64(blk, x + m * K, xs + m * G, K, group, sz, N, n0, out);
+        if (bs == 64 && blocked)
+          int4_block64<true>(blk, x + m * K, xs + m * G, K, group, sz, N, n0, out);
+        else if (bs == 64)
+          int4_block64<false>(blk, x + m * K, xs + m * G, K, group, sz, N, n0, out);
+        else if (blocked)
+          int4_block_tail<true>(blk, bs, x + m * K, xs + m * G, K, group, sz, N, n0, out);
         else
-          int4_block_tail(blk, bs, x + m * K, xs + m * G, K, group, sz, N, n0, out);
+          int4_block_tail<false>(blk, bs, x + m * K, xs + m * G, K, group, sz, N, n0, out);
         std::memcpy(y + m * ldy + n0, out, bs * sizeof(float));
       }
     }
@@ -901,6 +937,149 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
     attention_rows<T, 16>(q, k, v, mask, scale, out);
 }
 
+// ---------------------------------------------------------------- a whole decode step
+//
+// One token through all of a model's layers in one call (torchchat::decode_layers): RMSNorm,
+// q/k/v, RoPE, the cache write, attention, wo and the residual, RMSNorm, w1/w3, SiLU gate, w2 and
+// the residual, layer after layer, on the kernels above. Measured on stories110M int4 (2
+// threads) the same step as ~130 ops and kernels of a compiled graph behind Dynamo spent ~0.7
+// ms a token outside the weight kernels; here it is what the kernels themselves cost. The
+// arithmetic is the eager modules': every value rounded to the activation dtype where they round
+// it (after each linear, norm, RoPE, gate and residual add).
+
+
+// Activations rounded to T and kept as float, as the eager modules hand them on.
+template <typename T>
+inline float round_to(float v) {
+  return (float)T(v);
+}
+
+// 8da4w's activations: int8 per token, asymmetric, back to floats (quantize_per_token_int8).
+template <typename T>
+void fake_quantize_row(float* x, int64_t n) {
+  float lo = 0.0f, hi = 0.0f;
+  for (int64_t i = 0; i < n; ++i) {
+    lo = std::min(lo, x[i]);
+    hi = std::max(hi, x[i]);
+  }
+  const float scale = std::max((hi - lo) / 255.0f, std::numeric_limits<float>::epsilon());
+  const float zero = std::min(127.0f, std::max(-128.0f, -128.0f - std::nearbyint(lo / scale)));
+  for (int64_t i = 0; i < n; ++i) {
+    const float q = std::min(127.0f, std::max(-128.0f, std::nearbyint(x[i] / scale) + zero));
+    x[i] = round_to<T>((q - zero) * scale);
+  }
+}
+
+struct StepScratch {
+  std::vector<float> xf;
+  std::vector<c10::BFloat16> xb;
+  std::vector<float> y;
+};
+
+// y = x @ W.T for the projection's matrices (results in their Matrix.y); x has K0 values.
+template <typename T>
+void project_row(int64_t kind, int64_t group, bool bf16_scales, const Projection& p,
+                 const float* x, int64_t K0, StepScratch& sc) {
+  if (kind == kFloatW) {
+    std::vector<T> xt(x, x + K0);  // T from float: exact (values are already T's)
+    float_linear<T>(xt.data(), 1, K0, p.mats);
+  } else if (kind == kInt8W) {
+    sc.xf.assign(p.K, 0.0f);
+    std::copy(x, x + K0, sc.xf.begin());
+    if (bf16_scales)
+      int8_linear<c10::BFloat16>(sc.xf.data(), 1, p.K, group, p.mats);
+    else
+      int8_linear<float>(sc.xf.data(), 1, p.K, group, p.mats);
+  } else {
+    sc.xb.assign(p.K, c10::BFloat16(0.0f));
+    for (int64_t k = 0; k < K0; ++k) sc.xb[k] = c10::BFloat16(x[k]);
+    int4_linear(sc.xb.data(), 1, p.K, group, p.mats);
+  }
+}
+
+// x <- RMSNorm(x) * w as the eager module: fp32 mean of squares, normalized value rounded to T,
+// times the weight, rounded to T.
+template <typename T>
+void rms_norm_row(const float* x, const T* w, int64_t D, float eps, float* out) {
+  float ss = 0.0f;
+  for (int64_t d = 0; d < D; ++d) ss += x[d] * x[d];
+  const float r = 1.0f / std::sqrt(ss / (float)D + eps);
+  for (int64_t d = 0; d < D; ++d) out[d] = round_to<T>(round_to<T>(x[d] * r) * (float)w[d]);
+}
+
+// Rotates the interleaved pairs of n heads of D values by one position's (cos, sin) table.
+template <typename T>
+void rope_row(float* x, int64_t heads, int64_t D, const float* f) {
+  for (int64_t h = 0; h < heads; ++h)
+    for (int64_t i = 0; i < D / 2; ++i) {
+      float* p = x + h * D + 2 * i;
+      const float a = p[0], b = p[1], c = f[2 * i], s = f[2 * i + 1];
+      p[0] = round_to<T>(a * c - b * s);
+      p[1] = round_to<T>(b * c + a * s);
+    }
+}
+
+
+template <typename T, int C>
+void decode_layers_impl(const StepArgs& a, float* h, at::TensorList norms, const float* freqs,
+                        const bool* mrow, at::TensorList kc, at::TensorList vc,
+                        const std::vector<Projection>& proj, std::vector<float>& qkv,
+                        std::vector<float>& o, std::vector<float>& g, std::vector<float>& y2) {
+  const int64_t D = a.D, H = a.H, KVH = a.KVH, Dh = a.Dh, F = a.F;
+  const int64_t Nq = H * Dh, Nkv = KVH * Dh, group = H / KVH;
+  const bool dyn = a.kind == kInt4DynW;
+  int64_t lo = 0, hi = a.len;
+  while (hi > lo && !mrow[hi - 1]) --hi;
+  while (lo < hi && !mrow[lo]) ++lo;
+  const float scale = 1.0f / std::sqrt((float)Dh);
+  std::vector<float> xn(std::max(D, F)), att(Nq), act(F);
+  std::vector<T> qt(Nq), yt(Nq);
+  StepScratch sc;
+  for (int64_t l = 0; l < a.L; ++l) {
+    const Projection* p = proj.data() + 4 * l;
+    // attention
+    rms_norm_row<T>(h, norms[2 * l].data_ptr<T>(), D, a.eps, xn.data());
+    if (dyn) fake_quantize_row<T>(xn.data(), D);
+    project_row<T>(a.kind, a.group, a.bf16_scales, p[0], xn.data(), D, sc);
+    for (auto& v : qkv) v = round_to<T>(v);
+    rope_row<T>(qkv.data(), H + KVH, Dh, freqs);  // q and k heads: one run of rows
+    T* kp = kc[l].data_ptr<T>();
+    T* vp = vc[l].data_ptr<T>();
+    for (int64_t j = 0; j < KVH; ++j)
+      for (int64_t d = 0; d < Dh; ++d) {
+        kp[(j * a.len + a.pos) * Dh + d] = T(qkv[Nq + j * Dh + d]);
+        vp[(j * a.len + a.pos) * Dh + d] = T(qkv[Nq + Nkv + j * Dh + d]);
+      }
+    for (int64_t i = 0; i < Nq; ++i) qt[i] = T(qkv[i]);
+    const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, (hi - lo) * Dh));
+    const T* q0 = qt.data();
+    T* y0 = yt.data();
+    at::parallel_for(0, H, grain, [=](int64_t h0, int64_t h1) {
+      std::vector<float> pbuf(hi - lo + 16);
+      for (int64_t hh = h0; hh < h1; ++hh) {
+        const int64_t j = hh / group;
+        attend_row<T, C>(q0 + hh * Dh, kp + j * a.len * Dh, vp + j * a.len * Dh, Dh, mrow, lo, hi,
+                         Dh, scale, y0 + hh * Dh, pbuf.data());
+      }
+    });
+    for (int64_t i = 0; i < Nq; ++i) att[i] = (float)yt[i];
+    if (dyn) fake_quantize_row<T>(att.data(), Nq);
+    project_row<T>(a.kind, a.group, a.bf16_scales, p[1], att.data(), Nq, sc);
+    for (int64_t d = 0; d < D; ++d) h[d] = round_to<T>(h[d] + round_to<T>(o[d]));
+    // feed-forward
+    rms_norm_row<T>(h, norms[2 * l + 1].data_ptr<T>(), D, a.eps, xn.data());
+    if (dyn) fake_quantize_row<T>(xn.data(), D);
+    project_row<T>(a.kind, a.group, a.bf16_scales, p[2], xn.data(), D, sc);
+    for (int64_t i = 0; i < F; ++i) {
+      const float g1 = round_to<T>(g[i]), g3 = round_to<T>(g[F + i]);
+      act[i] = round_to<T>(round_to<T>(g1 / (1.0f + std::exp(-g1))) * g3);
+    }
+    if (dyn) fake_quantize_row<T>(act.data(), F);
+    project_row<T>(a.kind, a.group, a.bf16_scales, p[3], act.data(), F, sc);
+    for (int64_t d = 0; d < D; ++d) h[d] = round_to<T>(h[d] + round_to<T>(y2[d]));
+  }
+}
+
 #else
 constexpr bool kAvx512 = false;
 constexpr bool kInt4Fast = false;
@@ -1170,6 +1349,132 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Ten
   return out;
 }
 
+// One token through L layers (decode_layers_impl): x (1, 1, D), the token's embedding; norms 2L
+// weights (attention, feed-forward) of x's dtype; freqs (len, Dh/2, 2) fp32; mask (len, len)
+// bool; pos (1,) int64; caches (1, KVH, len, Dh) of x's dtype, written at pos; w 7 weights a
+// layer (wq, wk, wv, wo, w1, w3, w2) of one kind, s their scales (none for float weights; int4's
+// blocked, see int4_scale_offset).
+at::Tensor decode_layers_cpu(const at::Tensor& x, at::TensorList norms, double eps,
+                             const at::Tensor& freqs, const at::Tensor& mask,
+                             const at::Tensor& pos, at::TensorList kc, at::TensorList vc,
+                             at::TensorList w, at::TensorList s, int64_t kind, int64_t group,
+                             int64_t n_heads) {
+  const char* op = "torchchat::decode_layers";
+  TORCH_CHECK(kind >= kFloatW && kind <= kInt4DynW, op, ": unknown weight kind ", kind);
+  TORCH_CHECK(kAvx512 && (kind < kInt4W || kInt4Fast), op, " needs AVX-512",
+              kind >= kInt4W ? " and AVX512-BF16" : "");
+  const int64_t L = kc.size();
+  TORCH_CHECK(L > 0 && (int64_t)vc.size() == L && (int64_t)norms.size() == 2 * L &&
+                  (int64_t)w.size() == 7 * L &&
+                  (int64_t)s.size() == (kind == kFloatW ? 0 : 7 * L),
+              op, ": ", L, " layers need ", L, " v caches, ", 2 * L, " norms, ", 7 * L,
+              " weights and ", kind == kFloatW ? 0 : 7 * L, " scales tensors");
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, op,
+              ": unsupported dtype ", dt);
+  const int64_t D = x.size(-1);
+  TORCH_CHECK(x.numel() == D && x.is_contiguous(), op, ": x must be one row, got ", x.sizes());
+  const auto& k0 = kc[0];
+  TORCH_CHECK(k0.dim() == 4 && k0.size(0) == 1, op, ": caches must be (1, KVH, len, Dh)");
+  const int64_t KVH = k0.size(1), len = k0.size(2), Dh = k0.size(3);
+  for (int64_t l = 0; l < L; ++l)
+    TORCH_CHECK(kc[l].sizes() == k0.sizes() && vc[l].sizes() == k0.sizes() &&
+                    kc[l].is_contiguous() && vc[l].is_contiguous() &&
+                    kc[l].scalar_type() == dt && vc[l].scalar_type() == dt,
+                op, ": caches must all be contiguous ", k0.sizes(), " of x's dtype");
+  for (const auto& n : norms)
+    TORCH_CHECK(n.numel() == D && n.is_contiguous() && n.scalar_type() == dt, op,
+                ": norm weights must be (", D, ") of x's dtype");
+  TORCH_CHECK(Dh <= 256 && Dh % 2 == 0 && n_heads > 0 && n_heads % KVH == 0, op, ": ", n_heads,
+              " heads over ", KVH, " kv heads of ", Dh);
+  TORCH_CHECK(pos.numel() == 1 && pos.scalar_type() == at::kLong, op, ": pos must be one int64");
+  const int64_t p = pos.data_ptr<int64_t>()[0];
+  TORCH_CHECK(p >= 0 && p < len, op, ": position ", p, " is outside the cache (", len, ")");
+  TORCH_CHECK(freqs.scalar_type() == at::kFloat && freqs.is_contiguous() && freqs.dim() == 3 &&
+                  freqs.size(0) >= len && freqs.size(1) == Dh / 2 && freqs.size(2) == 2,
+              op, ": freqs must be fp32 (", len, ", ", Dh / 2, ", 2)");
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 2 && mask.size(0) >= len &&
+                  mask.size(1) == len && mask.stride(1) == 1,
+              op, ": mask must be bool (", len, ", ", len, ")");
+  const int64_t Nq = n_heads * Dh, Nkv = KVH * Dh, F = w[4].size(0);
+  const bool bf16_scales = kind != kFloatW && s[0].scalar_type() == at::kBFloat16;
+  // Each weight's shape (out N, in K0) and kind; returns the columns its kernel reads.
+  auto check = [&](int64_t i, int64_t N, int64_t K0) -> int64_t {
+    const auto& m = w[i];
+    if (kind == kFloatW) {
+      TORCH_CHECK(m.dim() == 2 && m.scalar_type() == dt && m.stride(1) == 1 && m.size(0) == N &&
+                      m.size(1) == K0,
+                  op, ": weight ", i, " must be (", N, ", ", K0, ") of x's dtype, got ", m.sizes());
+      return K0;
+    }
+    if (kind == kInt8W) {
+      const int64_t Kw = m.size(1);
+      TORCH_CHECK(m.dim() == 2 && m.is_contiguous() && m.scalar_type() == at::kChar &&
+                      m.size(0) == N && Kw >= K0 && Kw % 16 == 0 &&
+                      (group == 0 || (group >= 16 && (group & (group - 1)) == 0 && Kw % group == 0)),
+                  op, ": int8 weight ", i, " must be contiguous (", N, ", >= ", K0, "), got ",
+                  m.sizes());
+      TORCH_CHECK(s[i].is_contiguous() && s[i].numel() == N * (group ? Kw / group : 1) &&
+                      s[i].scalar_type() == (bf16_scales ? at::kBFloat16 : at::kFloat),
+                  op, ": scales ", i, " do not match their weight");
+      return Kw;
+    }
+    const int64_t Kw = check_int4(op, m, s[i], group, 2);
+    TORCH_CHECK(m.size(0) == N && Kw >= K0, op, ": int4 weight ", i, " must be (", N, ", >= ",
+                K0, " / 2), got ", m.sizes());
+    return Kw;
+  };
+  std::vector<float> qkv(Nq + 2 * Nkv), o(D), g(2 * F), y2(D);
+  std::vector<Projection> proj;
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t b = 7 * l;
+    auto mat = [&](int64_t i, int64_t N, float* y, int64_t ldy) {
+      return Matrix{w[i].data_ptr(), w[i].stride(0), kind == kFloatW ? nullptr : s[i].data_ptr(),
+                    N, y, ldy, kind >= kInt4W};
+    };
+    const int64_t Kq = check(b, Nq, D);
+    TORCH_CHECK(check(b + 1, Nkv, D) == Kq && check(b + 2, Nkv, D) == Kq, op,
+                ": q, k, v weights differ in width");
+    const int64_t Ko = check(b + 3, D, Nq);
+    const int64_t K1 = check(b + 4, F, D);
+    TORCH_CHECK(check(b + 5, F, D) == K1, op, ": w1, w3 differ in width");
+    const int64_t K2 = check(b + 6, D, F);
+    const int64_t ldq = Nq + 2 * Nkv;
+    proj.push_back({{mat(b, Nq, qkv.data(), ldq), mat(b + 1, Nkv, qkv.data() + Nq, ldq),
+                     mat(b + 2, Nkv, qkv.data() + Nq + Nkv, ldq)}, Kq});
+    proj.push_back({{mat(b + 3, D, o.data(), D)}, Ko});
+    proj.push_back({{mat(b + 4, F, g.data(), 2 * F), mat(b + 5, F, g.data() + F, 2 * F)}, K1});
+    proj.push_back({{mat(b + 6, D, y2.data(), D)}, K2});
+  }
+  const StepArgs a{L, D, n_heads, KVH, Dh, F, len, p, kind, group, bf16_scales, (float)eps};
+  const float* fr = freqs.data_ptr<float>() + p * Dh;
+  const bool* mrow = mask.data_ptr<bool>() + p * mask.stride(0);
+  std::vector<float> h(D);
+  auto out = at::empty(x.sizes(), x.options());
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+  auto run = [&](auto zero) {
+    using T = decltype(zero);
+    const T* xp = x.data_ptr<T>();
+    for (int64_t d = 0; d < D; ++d) h[d] = (float)xp[d];
+    if (Dh <= 64)
+      decode_layers_impl<T, 4>(a, h.data(), norms, fr, mrow, kc, vc, proj, qkv, o, g, y2);
+    else if (Dh <= 128)
+      decode_layers_impl<T, 8>(a, h.data(), norms, fr, mrow, kc, vc, proj, qkv, o, g, y2);
+    else
+      decode_layers_impl<T, 16>(a, h.data(), norms, fr, mrow, kc, vc, proj, qkv, o, g, y2);
+    T* dst = out.data_ptr<T>();
+    for (int64_t d = 0; d < D; ++d) dst[d] = T(h[d]);
+  };
+  if (dt == at::kFloat)
+    run(0.0f);
+  else if (dt == at::kBFloat16)
+    run(c10::BFloat16(0.0f));
+  else
+    run(c10::Half(0.0f));
+#endif
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(torchchat, m) {
@@ -1179,6 +1484,10 @@ TORCH_LIBRARY(torchchat, m) {
   m.def("linear_int8(Tensor x, Tensor[] w, Tensor[] scales, int group) -> Tensor");
   m.def("linear_int4(Tensor x, Tensor[] w, Tensor[] scales_and_zeros, int group) -> Tensor");
   m.def("attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor");
+  m.def(
+      "decode_layers(Tensor x, Tensor[] norms, float eps, Tensor freqs, Tensor mask, Tensor pos, "
+      "Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor[] w, Tensor[] scales, int kind, "
+      "int group, int n_heads) -> Tensor");
   m.def("gemm_int4(Tensor x, Tensor w, Tensor scales_and_zeros, int group) -> Tensor");
   m.def("gemm_int8(Tensor x, Tensor w, Tensor scales) -> Tensor");
   m.def("gemm_8da4w(Tensor x, Tensor w, Tensor scales_and_zeros, int group) -> Tensor");
@@ -1189,6 +1498,7 @@ TORCH_LIBRARY_IMPL(torchchat, CPU, m) {
   m.impl("linear_int8", &linear_int8_cpu);
   m.impl("linear_int4", &linear_int4_cpu);
   m.impl("attention", &attention_cpu);
+  m.impl("decode_layers", &decode_layers_cpu);
   m.impl("gemm_int4", &gemm_int4_cpu);
   m.impl("gemm_int8", &gemm_int8_cpu);
   m.impl("gemm_8da4w", &gemm_8da4w_cpu);
