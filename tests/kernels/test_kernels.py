@@ -558,3 +558,38 @@ def test_two_compiled_runtimes_keep_their_own_graphs():
             rt.model(torch.tensor([[1, 2, 3]]), torch.arange(3))
             ref = rt.model(torch.tensor([[4]]), torch.tensor([3]))[0, -1]
         assert max_rel(got, ref) < 2e-2
+
+
+def test_fused_decode_follows_dtype_changes_and_loaded_weights(monkeypatch):
+    """The plan holds references to weights (and a copy of int4 scales): .to() and
+    load_state_dict renew it, so the fused step never runs on stale tensors."""
+    calls = []
+    real = kernels.decode_layers
+    monkeypatch.setattr(kernels, "decode_layers", lambda *a: calls.append(1) or real(*a))
+    tokens = torch.randint(0, 128, (1, 14), generator=torch.Generator().manual_seed(4))
+
+    def fused_then_modules(model):  # the plan as it stands, then the modules on fresh caches
+        fused = prefill_then_decode(model, tokens, 10)
+        assert len(calls) == 4
+        calls.clear()
+        model.fuse_decode(False)
+        model.setup_caches(1, 40)
+        return fused, prefill_then_decode(model, tokens, 10)
+
+    model = fused_model(None, None)
+    assert model.fuse_decode()
+    model = model.to(torch.bfloat16)
+    model.setup_caches(1, 40)
+    fused, modules = fused_then_modules(model)
+    assert fused.dtype == torch.float32 and max_rel(fused, modules) < 2e-2
+    if not kernels.simd_level() & kernels.AVX512_BF16:
+        return
+    spec = '{"linear:int4": {"groupsize": 32}}'
+    model = fused_model(spec, torch.bfloat16)
+    other = Transformer(model.args)
+    other.load_state_dict(random_state_dict(model.args, seed=9))
+    quantize(other, load_quantize_spec(spec))
+    assert model.fuse_decode()
+    model.load_state_dict(other.to(torch.bfloat16).state_dict(), strict=False)
+    fused, modules = fused_then_modules(model)
+    assert max_rel(fused, modules) < 2e-2

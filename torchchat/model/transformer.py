@@ -233,6 +233,17 @@ class Transformer(nn.Module):
         self.max_batch = self.max_seq_len = 0
         self._fuse = False
         self._decode_plan: DecodePlan | None = None
+        # the plan holds references to weights and a copy of int4 scales: renew it when they change
+        self.register_load_state_dict_post_hook(lambda module, _: module._renew_plan())
+
+    def _apply(self, fn, recurse=True):  # .to(), .half(), ...: new buffers, other dtypes
+        out = super()._apply(fn, recurse)
+        self._renew_plan()
+        return out
+
+    def _renew_plan(self) -> None:
+        if self._fuse and self.max_batch:
+            self._decode_plan = decode_plan(self)
 
     def fuse_decode(self, on: bool = True) -> bool:
         """Run one-token steps of one sequence (cache slot 0, eager, no grad) through torchchat's
@@ -241,7 +252,9 @@ class Transformer(nn.Module):
         compiled). True if it applies: CPU kernels, caches for one sequence, plain Llama layers
         whose seven linears are all of one kind it runs (float weights of the activation dtype,
         int8, int4, 8da4w), no biases, no hooks. Call it once the model is quantized; each
-        `setup_caches` renews it (caches for several sequences turn it off until then)."""
+        `setup_caches`, `.to()` and `load_state_dict` renews it (caches for several sequences
+        turn it off until then); after writing weights in place, call it again (it keeps a copy
+        of int4 scales)."""
         self._fuse = on
         self._decode_plan = decode_plan(self) if on else None
         return self._decode_plan is not None
@@ -264,8 +277,7 @@ class Transformer(nn.Module):
         causal = torch.tril(torch.ones(max_seq_len, max_seq_len, dtype=torch.bool, device=device))
         self.register_buffer("causal_mask", causal, persistent=False)
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
-        if self._fuse:
-            self._decode_plan = decode_plan(self)
+        self._renew_plan()
 
     def forward(
         self,
@@ -308,6 +320,8 @@ class Transformer(nn.Module):
         if torch.compiler.is_compiling() or p is None or torch.is_grad_enabled():
             return None
         if tokens.shape != (1, 1) or input_pos.shape != (1,) or slot != 0 or span is not None:
+            return None
+        if input_pos.dtype != torch.long or self.freqs.dtype != torch.float32:
             return None
         return kernels.decode_layers(
             self.tok_embeddings(tokens), p.norms, self.args.norm_eps, self.freqs,
