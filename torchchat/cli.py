@@ -36,7 +36,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-seq-length", type=int, help="KV cache positions (default: min(context, 4096))"
     )
-    p.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the decode step (where the fused CPU step does not run)",
+    )
     p.add_argument("--compile-prefill", action="store_true", help="torch.compile prefill too")
     p.add_argument(
         "--no-fused-decode",

@@ -92,6 +92,7 @@ struct Projection {
 struct StepArgs {
   int64_t L, D, H, KVH, Dh, F, len, pos, kind, group;
   bool bf16_scales;
+  bool bf16_out;  // int4 behind fp32 activations: outputs rounded to bf16, as aten's kernel does
   float eps;
 };
 
@@ -1032,6 +1033,10 @@ void decode_layers_impl(const StepArgs& a, float* h, at::TensorList norms, const
   while (hi > lo && !mrow[hi - 1]) --hi;
   while (lo < hi && !mrow[lo]) ++lo;
   const float scale = 1.0f / std::sqrt((float)Dh);
+  const bool bf16_out = a.bf16_out;
+  auto out = [bf16_out](float v) {  // a projection's output as the modules hand it on
+    return round_to<T>(bf16_out ? round_to<c10::BFloat16>(v) : v);
+  };
   std::vector<float> xn(std::max(D, F)), att(Nq), act(F);
   std::vector<T> qt(Nq), yt(Nq);
   StepScratch sc;
@@ -1041,7 +1046,7 @@ void decode_layers_impl(const StepArgs& a, float* h, at::TensorList norms, const
     rms_norm_row<T>(h, norms[2 * l].data_ptr<T>(), D, a.eps, xn.data());
     if (dyn) fake_quantize_row<T>(xn.data(), D);
     project_row<T>(a.kind, a.group, a.bf16_scales, p[0], xn.data(), D, sc);
-    for (auto& v : qkv) v = round_to<T>(v);
+    for (auto& v : qkv) v = out(v);
     rope_row<T>(qkv.data(), H + KVH, Dh, freqs);  // q and k heads: one run of rows
     T* kp = kc[l].data_ptr<T>();
     T* vp = vc[l].data_ptr<T>();
@@ -1065,18 +1070,18 @@ void decode_layers_impl(const StepArgs& a, float* h, at::TensorList norms, const
     for (int64_t i = 0; i < Nq; ++i) att[i] = (float)yt[i];
     if (dyn) fake_quantize_row<T>(att.data(), Nq);
     project_row<T>(a.kind, a.group, a.bf16_scales, p[1], att.data(), Nq, sc);
-    for (int64_t d = 0; d < D; ++d) h[d] = round_to<T>(h[d] + round_to<T>(o[d]));
+    for (int64_t d = 0; d < D; ++d) h[d] = round_to<T>(h[d] + out(o[d]));
     // feed-forward
     rms_norm_row<T>(h, norms[2 * l + 1].data_ptr<T>(), D, a.eps, xn.data());
     if (dyn) fake_quantize_row<T>(xn.data(), D);
     project_row<T>(a.kind, a.group, a.bf16_scales, p[2], xn.data(), D, sc);
     for (int64_t i = 0; i < F; ++i) {
-      const float g1 = round_to<T>(g[i]), g3 = round_to<T>(g[F + i]);
+      const float g1 = out(g[i]), g3 = out(g[F + i]);
       act[i] = round_to<T>(round_to<T>(g1 / (1.0f + std::exp(-g1))) * g3);
     }
     if (dyn) fake_quantize_row<T>(act.data(), F);
     project_row<T>(a.kind, a.group, a.bf16_scales, p[3], act.data(), F, sc);
-    for (int64_t d = 0; d < D; ++d) h[d] = round_to<T>(h[d] + round_to<T>(y2[d]));
+    for (int64_t d = 0; d < D; ++d) h[d] = round_to<T>(h[d] + out(y2[d]));
   }
 }
 
@@ -1446,7 +1451,9 @@ at::Tensor decode_layers_cpu(const at::Tensor& x, at::TensorList norms, double e
     proj.push_back({{mat(b + 4, F, g.data(), 2 * F), mat(b + 5, F, g.data() + F, 2 * F)}, K1});
     proj.push_back({{mat(b + 6, D, y2.data(), D)}, K2});
   }
-  const StepArgs a{L, D, n_heads, KVH, Dh, F, len, p, kind, group, bf16_scales, (float)eps};
+  const bool bf16_out = kind >= kInt4W && dt == at::kFloat;
+  const StepArgs a{L, D, n_heads, KVH, Dh, F, len, p, kind, group, bf16_scales, bf16_out,
+                   (float)eps};
   const float* fr = freqs.data_ptr<float>() + p * Dh;
   const bool* mrow = mask.data_ptr<bool>() + p * mask.stride(0);
   std::vector<float> h(D);

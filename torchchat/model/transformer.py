@@ -343,6 +343,15 @@ class DecodePlan:
     groupsize: int
 
 
+def _bf16_exactly(t: Tensor) -> Tensor | None:
+    """t as bf16 if that changes no value (int4 scales, made in bf16, cast to an fp32 model's
+    dtype with it), else None."""
+    if t.dtype == torch.bfloat16:
+        return t
+    b = t.to(torch.bfloat16)
+    return b if torch.equal(b.to(t.dtype), t) else None
+
+
 def decode_plan(model: Transformer) -> DecodePlan | None:
     """What `Transformer.fuse_decode` runs on, or None where the fused step does not apply."""
     from torchchat.quant.linear import Int4Linear, Int8Linear
@@ -390,13 +399,14 @@ def decode_plan(model: Transformer) -> DecodePlan | None:
                 padded = m.n != m.out_features and m not in (f.w1, f.w3)
                 if m.weight.dtype != torch.uint8 or padded or m.groupsize % 2:
                     return None
-                if m.scales_and_zeros.dtype != torch.bfloat16:  # the kernel's layout
+                sz = _bf16_exactly(m.scales_and_zeros)  # the kernel reads bf16 pairs
+                if sz is None:
                     return None
                 dynamic = m.dynamic_activations
                 kind = kernels.INT4_WEIGHTS_INT8_ACTIVATIONS if dynamic else kernels.INT4_WEIGHTS
                 kinds.add((kind, m.groupsize, None))
                 # a copy in the step's own layout (+20% of the weights' bytes: 1.1-1.2x its speed)
-                scales.append(kernels.int4_blocked_scales(m.scales_and_zeros))
+                scales.append(kernels.int4_blocked_scales(sz))
             else:
                 return None
             weights.append(m.weight)
