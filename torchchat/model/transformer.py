@@ -70,6 +70,15 @@ class Linear(nn.Linear):
         y = kernels.fp32_gemm(x, self.weight, self.bias)  # fp32 prefill on CPU
         return F.linear(x, self.weight, self.bias) if y is None else y
 
+    def fused_weights(self, dtype: torch.dtype, may_pad: bool = False):
+        """(kind, weight, scales) for `kernels.decode_layers`, or None: float weights of the
+        activation dtype, no bias."""
+        if self.bias is not None or self.weight.dtype != dtype:
+            return None
+        if type(self.weight) not in (Tensor, nn.Parameter):  # e.g. torchao's quantized tensors
+            return None
+        return (kernels.FLOAT_WEIGHTS, 0, None), self.weight, None
+
     @staticmethod
     def forward_many(x: Tensor, linears: Sequence[Linear]) -> list[Tensor] | None:
         """Several Linears of one width on the same x in one kernel call, or None."""
@@ -343,19 +352,8 @@ class DecodePlan:
     groupsize: int
 
 
-def _bf16_exactly(t: Tensor) -> Tensor | None:
-    """t as bf16 if that changes no value (int4 scales, made in bf16, cast to an fp32 model's
-    dtype with it), else None."""
-    if t.dtype == torch.bfloat16:
-        return t
-    b = t.to(torch.bfloat16)
-    return b if torch.equal(b.to(t.dtype), t) else None
-
-
 def decode_plan(model: Transformer) -> DecodePlan | None:
     """What `Transformer.fuse_decode` runs on, or None where the fused step does not apply."""
-    from torchchat.quant.linear import Int4Linear, Int8Linear
-
     dtype, device = model.norm.weight.dtype, model.norm.weight.device
     if model.max_batch != 1 or device.type != "cpu" or model.args.head_dim > 256:
         return None
@@ -380,36 +378,17 @@ def decode_plan(model: Transformer) -> DecodePlan | None:
         k_caches.append(a.kv_cache.k)
         v_caches.append(a.kv_cache.v)
         for m in linears:
-            if getattr(m, "bias", None) is not None:
+            # each kind the step runs says so itself (defined on its own class: a subclass
+            # may compute something else)
+            fused = type(m).__dict__.get("fused_weights")
+            got = None if fused is None else fused(m, dtype, may_pad=m in (f.w1, f.w3))
+            if got is None:
                 return None
-            if type(m) is Linear and type(m.weight) in (Tensor, nn.Parameter):
-                if m.weight.dtype != dtype:
-                    return None
-                kinds.add((kernels.FLOAT_WEIGHTS, 0, None))
-            elif type(m) is Int8Linear:
-                g = m.groupsize
-                if (g and (g < 16 or g & (g - 1))) or m.scales.dtype not in (
-                    torch.float32, torch.bfloat16,
-                ):  # fmt: skip
-                    return None
-                kinds.add((kernels.INT8_WEIGHTS, g, m.scales.dtype))
-                scales.append(m.scales)
-            elif type(m) is Int4Linear:
-                # Padded output rows (multiples of 16) come out 0: only w1/w3's may be run.
-                padded = m.n != m.out_features and m not in (f.w1, f.w3)
-                if m.weight.dtype != torch.uint8 or padded or m.groupsize % 2:
-                    return None
-                sz = _bf16_exactly(m.scales_and_zeros)  # the kernel reads bf16 pairs
-                if sz is None:
-                    return None
-                dynamic = m.dynamic_activations
-                kind = kernels.INT4_WEIGHTS_INT8_ACTIVATIONS if dynamic else kernels.INT4_WEIGHTS
-                kinds.add((kind, m.groupsize, None))
-                # a copy in the step's own layout (+20% of the weights' bytes: 1.1-1.2x its speed)
-                scales.append(kernels.int4_blocked_scales(sz))
-            else:
-                return None
-            weights.append(m.weight)
+            key, weight, scale = got
+            kinds.add(key)
+            weights.append(weight)
+            if scale is not None:
+                scales.append(scale)
     if len(kinds) != 1:
         return None
     kind, groupsize, _ = kinds.pop()

@@ -72,6 +72,16 @@ class Int8Linear(nn.Module):
             m.bias = nn.Parameter(bias.detach().clone())
         return m
 
+    def fused_weights(self, dtype: torch.dtype, may_pad: bool = False):
+        """(kind, weight, scales) for `kernels.decode_layers`, or None: per-row scales or
+        power-of-two groups of 16 or more, fp32 or bf16 scales, no bias."""
+        g = self.groupsize
+        if self.bias is not None or (g and (g < 16 or g & (g - 1))):
+            return None
+        if self.scales.dtype not in (torch.float32, torch.bfloat16):
+            return None
+        return (kernels.INT8_WEIGHTS, g, self.scales.dtype), self.weight, self.scales
+
     @staticmethod
     def forward_many(x: Tensor, linears: Sequence[Int8Linear]) -> list[Tensor] | None:
         """Several Int8Linears of one width and group size on the same x in one kernel call
@@ -227,6 +237,26 @@ class Int4Linear(nn.Module):
         y = y[:, : self.out_features].reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         return y if self.bias is None else y + self.bias
 
+    def fused_weights(self, dtype: torch.dtype, may_pad: bool = False):
+        """(kind, weight, scales) for `kernels.decode_layers`, or None: CPU-packed codes, bf16
+        scales (or an fp32 model's copy of them), no bias. Padded output rows (to 16) come out
+        0, which only a layer's w1/w3 may have (`may_pad`). The scales are a copy laid out by
+        64-row block (+20% of the weights' bytes; 1.1-1.2x the step's int4 read rate)."""
+        padded = self.n != self.out_features and not may_pad
+        if (
+            self.bias is not None
+            or self.weight.dtype != torch.uint8
+            or padded
+            or self.groupsize % 2
+        ):
+            return None
+        sz = _bf16_exactly(self.scales_and_zeros)
+        if sz is None:
+            return None
+        dynamic = self.dynamic_activations
+        kind = kernels.INT4_WEIGHTS_INT8_ACTIVATIONS if dynamic else kernels.INT4_WEIGHTS
+        return (kind, self.groupsize, None), self.weight, kernels.int4_blocked_scales(sz)
+
     @staticmethod
     def forward_many(x: Tensor, linears: Sequence[Int4Linear]) -> list[Tensor] | None:
         """Several Int4Linears of one width and scheme on the same x in one kernel call (decode
@@ -265,6 +295,15 @@ class Int4Linear(nn.Module):
             y = kernels.int4_gemm(xp, self.weight, self.scales_and_zeros, self.groupsize)
             y = None if y is None else y.to(x.dtype)
         return y
+
+
+def _bf16_exactly(t: Tensor) -> Tensor | None:
+    """t as bf16 if that changes no value (int4 scales, made in bf16, cast to an fp32 model's
+    dtype with it), else None."""
+    if t.dtype == torch.bfloat16:
+        return t
+    b = t.to(torch.bfloat16)
+    return b if torch.equal(b.to(t.dtype), t) else None
 
 
 def _finish(y: Tensor, m: nn.Module) -> Tensor:
