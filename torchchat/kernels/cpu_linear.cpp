@@ -42,6 +42,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -824,6 +825,15 @@ inline __m512 sum16(__m512 v[16]) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(s[0], s[1], 0x88), _mm512_shuffle_f32x4(s[0], s[1], 0xDD));
 }
 
+// [lo, hi): the span of a mask row of len positions that holds all its open ones (a long cache a
+// few positions in is mostly closed: attention reads only this span).
+inline std::pair<int64_t, int64_t> open_span(const bool* m, int64_t len) {
+  int64_t lo = 0, hi = len;
+  while (hi > lo && !m[hi - 1]) --hi;
+  while (lo < hi && !m[lo]) ++lo;
+  return {lo, hi};
+}
+
 // softmax(q k^T * scale, masked) v for one query row: k, v rows (`ts` apart), mask row m whose
 // open positions all lie in [lo, hi); fp32 throughout, rounded once into out. D <= 16 C: the row's
 // chunks of 16 lanes stay in registers (masks cut the last one short). Scores go 16 positions at
@@ -900,18 +910,10 @@ void attention_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   // Tasks of at least ~64K multiply-adds: a one-token step over a short cache stays on one
   // thread (waking the others costs more than the work).
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, len * D));
-  // The span of each mask row holding its open positions, found once for all heads: a long
-  // cache a few positions in is mostly closed.
-  std::vector<int64_t> span(2 * B * S);
+  // Each mask row's open span, found once for all heads.
+  std::vector<std::pair<int64_t, int64_t>> span(B * S);
   for (int64_t b = 0; b < B; ++b)
-    for (int64_t s = 0; s < S; ++s) {
-      const bool* m = mp + b * mb + s * ms;
-      int64_t lo = 0, hi = len;
-      while (hi > lo && !m[hi - 1]) --hi;
-      while (lo < hi && !m[lo]) ++lo;
-      span[2 * (b * S + s)] = lo;
-      span[2 * (b * S + s) + 1] = hi;
-    }
+    for (int64_t s = 0; s < S; ++s) span[b * S + s] = open_span(mp + b * mb + s * ms, len);
   at::parallel_for(0, B * H * S, grain, [&](int64_t i0, int64_t i1) {
     std::vector<float> p(len + 16);
     for (int64_t i = i0; i < i1; ++i) {
@@ -919,8 +921,8 @@ void attention_rows(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       const T* kb = kp + b * k.stride(0) + (h / group) * k.stride(1);
       const T* vb = vp + b * v.stride(0) + (h / group) * v.stride(1);
       attend_row<T, C>(qp + b * q.stride(0) + h * q.stride(1) + s * q.stride(2), kb, vb,
-                       k.stride(2), mp + b * mb + s * ms, span[2 * (b * S + s)],
-                       span[2 * (b * S + s) + 1], D, (float)scale,
+                       k.stride(2), mp + b * mb + s * ms, span[b * S + s].first,
+                       span[b * S + s].second, D, (float)scale,
                        op + ((b * H + h) * S + s) * D, p.data());
     }
   });
@@ -942,11 +944,11 @@ void attention_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 //
 // One token through all of a model's layers in one call (torchchat::decode_layers): RMSNorm,
 // q/k/v, RoPE, the cache write, attention, wo and the residual, RMSNorm, w1/w3, SiLU gate, w2 and
-// the residual, layer after layer, on the kernels above. The same step as ~130 ops and kernels
-// of a compiled graph behind Dynamo spent ~0.7 ms a token outside the weight kernels on
-// stories110M int4 (2 threads); one call runs 1.36x as fast there (int8 1.25x, bf16 1.06x). The
-// arithmetic is the eager modules': every value rounded to the activation dtype where they round
-// it (after each linear, norm, RoPE, gate and residual add).
+// the residual, layer after layer, on the kernels above. Eager modules spend ~2-3 ms a token of
+// Python and dispatch on stories110M int4 (2 threads: 3.6-4.5 ms against this step's 1.6); the
+// compiled graph of ~130 kernels measured 0-34% slower than this step on the same weights, after
+// 25-90 s of compiling. The arithmetic is the eager modules': every value rounded to the
+// activation dtype where they round it (after each linear, norm, RoPE, gate and residual add).
 
 // Activations rounded to T and kept as float, as the eager modules hand them on.
 template <typename T>
@@ -979,7 +981,9 @@ struct StepScratch {  // a projection's input as its kernel takes it
 template <typename T>
 void project_row(int64_t kind, int64_t group, bool bf16_scales, const Projection& p,
                  const float* x, int64_t K0, StepScratch& sc) {
-  if (kind == kFloatW) {
+  if (kind == kFloatW && std::is_same_v<T, float>) {
+    float_linear<T>(reinterpret_cast<const T*>(x), 1, K0, p.mats);
+  } else if (kind == kFloatW) {
     std::vector<T> xt(x, x + K0);  // T from float: exact (values are already T's)
     float_linear<T>(xt.data(), 1, K0, p.mats);
   } else if (kind == kInt8W) {
@@ -1018,7 +1022,6 @@ void rope_row(float* x, int64_t heads, int64_t D, const float* f) {
     }
 }
 
-
 template <typename T, int C>
 void decode_layers_impl(const StepArgs& a, float* h, at::TensorList norms, const float* freqs,
                         const bool* mrow, at::TensorList kc, at::TensorList vc,
@@ -1027,9 +1030,8 @@ void decode_layers_impl(const StepArgs& a, float* h, at::TensorList norms, const
   const int64_t D = a.D, H = a.H, KVH = a.KVH, Dh = a.Dh, F = a.F;
   const int64_t Nq = H * Dh, Nkv = KVH * Dh, group = H / KVH;
   const bool dyn = a.kind == kInt4DynW;
-  int64_t lo = 0, hi = a.len;
-  while (hi > lo && !mrow[hi - 1]) --hi;
-  while (lo < hi && !mrow[lo]) ++lo;
+  const auto span = open_span(mrow, a.len);
+  const int64_t lo = span.first, hi = span.second;  // not a structured binding: lambdas take them
   const float scale = 1.0f / std::sqrt((float)Dh);
   const bool bf16_out = a.bf16_out;
   auto out = [bf16_out](float v) {  // a projection's output as the modules hand it on
@@ -1450,10 +1452,10 @@ at::Tensor decode_layers_cpu(const at::Tensor& x, at::TensorList norms, double e
     proj.push_back({{mat(b + 6, D, y2.data(), D)}, K2});
   }
   const bool bf16_out = kind >= kInt4W && dt == at::kFloat;
-  const StepArgs a{L, D, n_heads, KVH, Dh, F, len, p, kind, group, bf16_scales, bf16_out,
+  [[maybe_unused]] const StepArgs a{L, D, n_heads, KVH, Dh, F, len, p, kind, group, bf16_scales, bf16_out,
                    (float)eps};
-  const float* fr = freqs.data_ptr<float>() + p * Dh;
-  const bool* mrow = mask.data_ptr<bool>() + p * mask.stride(0);
+  [[maybe_unused]] const float* fr = freqs.data_ptr<float>() + p * Dh;
+  [[maybe_unused]] const bool* mrow = mask.data_ptr<bool>() + p * mask.stride(0);
   std::vector<float> h(D);
   auto out = at::empty(x.sizes(), x.options());
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)

@@ -70,9 +70,9 @@ class EagerRuntime(ModelRuntime):
                 "kernels run in bf16 either way), or drop --compile"
             )
         model.setup_caches(1, max_seq_len)
-        # One sequence's decode steps on the fused kernel step where it applies: compiling them
-        # measured slower (stories110M, 2 threads: int4 2.3 -> 1.85 ms a token, int8 3.2 -> 2.6,
-        # bf16 5.3 -> 4.9), so --compile is left for the steps it does not take.
+        # One sequence's decode steps on the fused kernel step where it applies: the compiled graph
+        # measured no faster (stories110M, 2 threads, same weights: 0-34% slower, bench/
+        # decode_profile.py) after 25-90 s of compiling, so --compile keeps the steps it does not take.
         self.fused_decode = model.fuse_decode(fused_decode)
         self.compile = compile
         self._decode_fn = self._forward_last
