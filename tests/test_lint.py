@@ -1,17 +1,30 @@
-"""The code stays ruff-clean (lint and format), as STYLE.md asks."""
+"""The code stays ruff-clean (lint and format), as STYLE.md asks, and the test folders can never
+stand in for a library of the same name."""
 
-import shutil
 import subprocess
+import sys
 
 import pytest
-from support import REPO
+
+from tests.support import REPO
 
 
 @pytest.mark.parametrize(
     "cmd", [["check", "."], ["format", "--check", "."]], ids=["lint", "format"]
 )
 def test_ruff(cmd):
-    ruff = shutil.which("ruff")
-    assert ruff, "ruff is part of the [test] extra: pip install -e '.[all]'"
-    p = subprocess.run([ruff, *cmd], cwd=REPO, capture_output=True, text=True)
+    # The environment's own ruff, found through this interpreter, never through PATH.
+    p = subprocess.run(
+        [sys.executable, "-m", "ruff", *cmd], cwd=REPO, capture_output=True, text=True
+    )
     assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_test_folders_cannot_shadow_libraries(pytestconfig):
+    # Every test folder is a package below `tests` (tests.kernels, never a top-level `kernels`
+    # that transformers would import instead of Hugging Face's package), and pytest puts no
+    # test folder itself on sys.path.
+    folders = {p.parent for p in (REPO / "tests").rglob("*.py")}
+    missing = sorted(str(f.relative_to(REPO)) for f in folders if not (f / "__init__.py").exists())
+    assert not missing, f"test folders without __init__.py: {missing}"
+    assert pytestconfig.getini("pythonpath") == []

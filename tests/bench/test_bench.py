@@ -8,8 +8,8 @@ import os
 
 import pytest
 import torch
-from support import random_args, run_torchchat
 
+from tests.support import random_args, run_torchchat
 from torchchat import cli, kernels
 from torchchat.bench import llamacpp
 from torchchat.bench.bandwidth import read_bandwidth

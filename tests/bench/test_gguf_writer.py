@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support import random_args, run_torchchat
 
+from tests.support import random_args, run_torchchat
 from torchchat.bench.gguf_writer import (
     FILE_TYPES,
     gguf_tensor_name,

@@ -7,9 +7,9 @@ import struct
 
 import pytest
 import torch
-from formats import write_hf, write_llama2c_bin, write_llama2c_versioned, write_meta
-from support import STORIES_BIN, PickleBomb, random_args, random_state_dict
 
+from tests.formats import write_hf, write_llama2c_bin, write_llama2c_versioned, write_meta
+from tests.support import STORIES_BIN, PickleBomb, random_args, random_state_dict
 from torchchat.builder import build_transformer
 from torchchat.checkpoint import load_checkpoint
 from torchchat.checkpoint.native import save_native

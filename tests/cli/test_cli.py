@@ -6,9 +6,9 @@ import re
 
 import pytest
 import torch
-from generate.test_generator import LLAMA2C_STORIES260K
-from support import STORIES_BIN, STORIES_TOK, PickleBomb, one_line_error, run_torchchat
 
+from tests.generate.test_generator import LLAMA2C_STORIES260K
+from tests.support import STORIES_BIN, STORIES_TOK, PickleBomb, one_line_error, run_torchchat
 from torchchat.tokenizer import load_tokenizer
 
 

@@ -8,9 +8,9 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-from support import STORIES_BIN, STORIES_TOK, random_args, random_state_dict
 
-from distributed.ranks import one_thread, spawn
+from tests.distributed.ranks import one_thread, spawn
+from tests.support import STORIES_BIN, STORIES_TOK, random_args, random_state_dict
 from torchchat.builder import build_transformer, model_from_checkpoint
 from torchchat.distributed.runtime import TensorParallelRuntime, follow
 from torchchat.distributed.sharding import (

@@ -6,8 +6,8 @@ import os
 
 import pytest
 import torch
-from support import STORIES_BIN, one_line_error, random_args, random_state_dict, run_torchchat
 
+from tests.support import STORIES_BIN, one_line_error, random_args, random_state_dict, run_torchchat
 from torchchat.bench.run import random_weights
 from torchchat.builder import build_transformer
 from torchchat.distributed.bench import random_shard

@@ -10,7 +10,9 @@ import sys
 import time
 
 import pytest
-from support import (
+
+from tests.distributed.ranks import one_thread
+from tests.support import (
     REPO,
     STORIES_BIN,
     STORIES_TOK,
@@ -18,8 +20,6 @@ from support import (
     random_state_dict,
     run_torchchat,
 )
-
-from distributed.ranks import one_thread
 from torchchat.builder import build_model
 from torchchat.checkpoint.native import save_native
 from torchchat.generate.generator import Generator

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from support import STORIES_TOK, random_args, random_state_dict
 
+from tests.support import STORIES_TOK, random_args, random_state_dict
 from torchchat.builder import build_transformer
 from torchchat.model.transformer import Transformer
 from torchchat.runtime.eager import EagerRuntime

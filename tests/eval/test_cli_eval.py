@@ -7,7 +7,7 @@ import math
 import subprocess
 import sys
 
-from support import REPO, STORIES_BIN, STORIES_TOK, one_line_error, shared_path
+from tests.support import REPO, STORIES_BIN, STORIES_TOK, one_line_error, shared_path
 
 from .test_lm_eval_adapter import tiny_choice_task
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import lm_eval.tasks
 import pytest
 import torch
-from support import STORIES_TOK, shared_path
 
+from tests.support import STORIES_TOK, shared_path
 from torchchat.cli import main
 from torchchat.eval.lm_eval_adapter import hub_offline, load_tasks
 from torchchat.eval.wikitext import read_documents

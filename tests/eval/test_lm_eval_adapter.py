@@ -12,8 +12,8 @@ import pytest
 import sentencepiece as spm
 from lm_eval.api.instance import Instance
 from lm_eval.api.model import LM
-from support import STORIES_TOK, shared_path
 
+from tests.support import STORIES_TOK, shared_path
 from torchchat.errors import TorchchatError
 from torchchat.eval.lm_eval_adapter import TorchchatLM, hub_offline, load_tasks, run_lm_eval
 from torchchat.eval.perplexity import wikitext_perplexity

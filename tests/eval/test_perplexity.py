@@ -10,8 +10,8 @@ import sentencepiece as spm
 import torch
 from lm_eval.tasks.wikitext.preprocess_wikitext import wikitext_detokenizer
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
-from support import STORIES_TOK
 
+from tests.support import STORIES_TOK
 from torchchat.eval.perplexity import (
     rolling_loglikelihood,
     rolling_windows,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 from lm_eval.tasks.wikitext.preprocess_wikitext import process_results, wikitext_detokenizer
-from support import shared_path
 
+from tests.support import shared_path
 from torchchat.errors import TorchchatError
 from torchchat.eval.wikitext import (
     count_bytes,

@@ -9,8 +9,8 @@ from dataclasses import replace
 
 import pytest
 import torch
-from support import REPO, STORIES_BIN, STORIES_TOK, random_args, random_state_dict
 
+from tests.support import REPO, STORIES_BIN, STORIES_TOK, random_args, random_state_dict
 from torchchat import kernels
 from torchchat.builder import build_model
 from torchchat.checkpoint.native import save_native
@@ -99,7 +99,7 @@ def test_prompt_prefill_is_one_call_and_logits_match(exported, kind):
 
 
 def test_cli_generate_from_artifacts_prints_the_same_text(exported):
-    from generate.test_generator import LLAMA2C_STORIES260K
+    from tests.generate.test_generator import LLAMA2C_STORIES260K
 
     mopts, out = exported
 

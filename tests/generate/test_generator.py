@@ -6,8 +6,8 @@ import json
 
 import pytest
 import torch
-from support import STORIES_BIN, STORIES_TOK, random_args, random_state_dict, shared_path
 
+from tests.support import STORIES_BIN, STORIES_TOK, random_args, random_state_dict, shared_path
 from torchchat.builder import build_model, build_transformer
 from torchchat.generate.generator import Generator, Result, _split_stop
 from torchchat.generate.sampling import SamplingOptions, sample

@@ -10,7 +10,8 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from gguf_files import (
+
+from tests.gguf.gguf_files import (
     F32,
     QUANT_NAMES,
     QUANTS,
@@ -27,7 +28,6 @@ from gguf_files import (
     tiny_kv_table,
     tiny_tensors,
 )
-
 from torchchat.builder import build_model
 from torchchat.checkpoint import load_checkpoint
 from torchchat.checkpoint.gguf import SUPPORTED_TYPES, llama3_rope_factors, validate_gguf

@@ -17,10 +17,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from gguf_files import QUANTS, STORIES_GGUF, VOCAB_SPM_GGUF, header_fields, tiny_bpe_vocab_gguf
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.gguf.gguf_files import (
+    QUANTS,
+    STORIES_GGUF,
+    VOCAB_SPM_GGUF,
+    header_fields,
+    tiny_bpe_vocab_gguf,
+)
 from torchchat.builder import build_transformer
 from torchchat.checkpoint import load_checkpoint
 from torchchat.checkpoint.gguf import validate_gguf

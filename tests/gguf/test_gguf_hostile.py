@@ -6,7 +6,8 @@ import struct
 
 import numpy as np
 import pytest
-from gguf_files import (
+
+from tests.gguf.gguf_files import (
     ARR,
     F32,
     I32,
@@ -21,7 +22,6 @@ from gguf_files import (
     tiny_kv_table,
     tiny_tensors,
 )
-
 from torchchat.checkpoint import load_checkpoint
 from torchchat.checkpoint.gguf import validate_gguf
 from torchchat.errors import TorchchatError

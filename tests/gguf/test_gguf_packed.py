@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from gguf_files import QUANTS
 
+from tests.gguf.gguf_files import QUANTS
 from torchchat.builder import build_model, model_from_checkpoint
 from torchchat.errors import TorchchatError
 from torchchat.options import ModelOptions
@@ -45,7 +45,7 @@ def test_packed_logits_close_to_dequantized(kind):
 
 
 def test_packed_is_refused_where_it_cannot_apply(tmp_path):
-    from support import STORIES_BIN
+    from tests.support import STORIES_BIN
 
     with pytest.raises(TorchchatError, match="GGUF files only"):
         model_from_checkpoint(ModelOptions(checkpoint_path=STORIES_BIN, gguf_packed=True))

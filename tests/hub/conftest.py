@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from support import (
+
+from tests.hub.fake_hub import FakeHub, FakeRepo
+from tests.support import (
     STORIES_BIN,
     STORIES_TOK,
     random_args,
@@ -17,8 +19,6 @@ from support import (
     run_torchchat,
     shared_path,
 )
-
-from hub.fake_hub import FakeHub, FakeRepo
 
 LLAMA2_TOK = shared_path("models", "llama2c-tokenizer", "tokenizer.model")
 TINY_HF = shared_path("models", "tiny-random-llama-hf")

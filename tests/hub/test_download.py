@@ -9,10 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from generate.test_generator import LLAMA2C_STORIES260K, greedy_text
-from support import REPO
 
-from hub.conftest import GATE_TOKEN, LLAMA2_TOK, TINY_HF, hub_env
+from tests.generate.test_generator import LLAMA2C_STORIES260K, greedy_text
+from tests.hub.conftest import GATE_TOKEN, LLAMA2_TOK, TINY_HF, hub_env
+from tests.support import REPO
 from torchchat.builder import build_model
 from torchchat.cli import main
 from torchchat.hub.store import disk_size

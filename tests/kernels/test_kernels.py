@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from support import STORIES_BIN, random_args, random_state_dict, run_torchchat
 
+from tests.support import STORIES_BIN, random_args, random_state_dict, run_torchchat
 from torchchat import kernels
 from torchchat.export.program import export_program
 from torchchat.model.transformer import Linear, Transformer, attend_rows, project

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support import random_args, random_state_dict
 
+from tests.support import random_args, random_state_dict
 from torchchat.builder import build_transformer
 from torchchat.runtime.eager import EagerRuntime
 

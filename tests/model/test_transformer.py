@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from formats import native_to_hf
-from support import random_args, random_state_dict
 
+from tests.formats import native_to_hf
+from tests.support import random_args, random_state_dict
 from torchchat.builder import build_transformer
 from torchchat.model.config import RopeScaling
 
@@ -30,7 +30,7 @@ VARIANTS = {
 
 
 def hf_model(args, sd):
-    from formats import hf_config
+    from tests.formats import hf_config
 
     cfg = transformers.LlamaConfig(
         **{k: v for k, v in hf_config(args).items() if k not in ("architectures", "torch_dtype")}

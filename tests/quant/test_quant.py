@@ -9,9 +9,9 @@ import sys
 
 import pytest
 import torch
-from support import REPO, SHARED, STORIES_BIN, STORIES_TOK
 from torch import nn
 
+from tests.support import REPO, SHARED, STORIES_BIN, STORIES_TOK
 from torchchat import kernels
 from torchchat.builder import build_model
 from torchchat.errors import TorchchatError
@@ -243,8 +243,7 @@ def test_gptq_beats_round_to_nearest_on_stories260k_perplexity(tmp_path, groupsi
 
 
 def test_calibration_text_from_local_lm_eval_task(tmp_path):
-    from eval.test_lm_eval_adapter import tiny_choice_task
-
+    from tests.eval.test_lm_eval_adapter import tiny_choice_task
     from torchchat.quant.gptq import calibration_text
 
     text = calibration_text(None, "tiny_choice", tiny_choice_task(tmp_path / "tasks"), limit=2)
@@ -253,7 +252,7 @@ def test_calibration_text_from_local_lm_eval_task(tmp_path):
 
 
 def test_gptq_calibrated_on_tasks_from_the_cli(tmp_path):
-    from eval.test_lm_eval_adapter import tiny_choice_task
+    from tests.eval.test_lm_eval_adapter import tiny_choice_task
 
     tasks = tiny_choice_task(tmp_path / "tasks")
     spec = {

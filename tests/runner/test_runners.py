@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from support import REPO, SHARED, STORIES_BIN, STORIES_TOK, run_torchchat
+
+from tests.support import REPO, SHARED, STORIES_BIN, STORIES_TOK, run_torchchat
 
 pytestmark = pytest.mark.slow
 

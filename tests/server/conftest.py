@@ -14,8 +14,8 @@ import openai
 import pytest
 import torch
 import uvicorn
-from support import STORIES_BIN, STORIES_TOK
 
+from tests.support import STORIES_BIN, STORIES_TOK
 from torchchat.builder import BuiltModel, build_model
 from torchchat.options import ModelOptions
 from torchchat.runtime.base import ModelRuntime

@@ -13,7 +13,13 @@ from dataclasses import replace
 import httpx
 import pytest
 
-from server.conftest import MODEL_ID, SlowBatchRuntime, SlowRuntime, build_stories, live_server
+from tests.server.conftest import (
+    MODEL_ID,
+    SlowBatchRuntime,
+    SlowRuntime,
+    build_stories,
+    live_server,
+)
 from torchchat.cli import build_parser
 from torchchat.errors import TorchchatError
 from torchchat.generate.sampling import SamplingOptions

@@ -11,7 +11,7 @@ import httpx
 import pytest
 from playwright import sync_api
 
-from server.conftest import API_KEY, MODEL_ID, live_server
+from tests.server.conftest import API_KEY, MODEL_ID, live_server
 from torchchat.server.config import ServerOptions
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"

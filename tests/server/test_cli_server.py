@@ -11,8 +11,8 @@ import time
 
 import httpx
 import pytest
-from support import REPO, STORIES_BIN, run_torchchat
 
+from tests.support import REPO, STORIES_BIN, run_torchchat
 from torchchat.cli import main
 
 

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from server.conftest import MODEL_ID, SlowRuntime, build_stories, live_server
+from tests.server.conftest import MODEL_ID, SlowRuntime, build_stories, live_server
 from torchchat.server.config import ServerOptions
 
 ANIMALS = ["cat", "dog", "bird", "fish", "frog", "bear", "lion", "duck"]

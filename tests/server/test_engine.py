@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from server.conftest import SlowRuntime, build_stories
+from tests.server.conftest import SlowRuntime, build_stories
 from torchchat.generate.generator import Generator, Result
 from torchchat.generate.sampling import SamplingOptions
 from torchchat.server.engine import GONE, SHUTDOWN, Choice, End, Engine, Finish, Job, Piece

@@ -8,7 +8,7 @@ import math
 import openai
 import pytest
 
-from server.conftest import MODEL_ID, build_stories
+from tests.server.conftest import MODEL_ID, build_stories
 from torchchat.chat.templates import Llama2Template
 from torchchat.generate.generator import Generator
 from torchchat.generate.sampling import SamplingOptions

@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from server.conftest import API_KEY, MODEL_ID, LiveServer, build_stories, live_server
+from tests.server.conftest import API_KEY, MODEL_ID, LiveServer, build_stories, live_server
 from torchchat.server.config import ServerOptions
 from torchchat.server.run import warn_if_exposed
 from torchchat.server.security import allowed_host_names, host_name

@@ -12,7 +12,7 @@ import re
 
 import pytest
 
-from server.conftest import MODEL_ID, ScriptedRuntime, build_stories, live_server
+from tests.server.conftest import MODEL_ID, ScriptedRuntime, build_stories, live_server
 from torchchat.server.config import ServerOptions
 
 SCRIPT = [403, 407, 261, 378, 198, 172, 383, 286, 2]

@@ -3,8 +3,7 @@ only the chat template's own markers become control tokens."""
 
 from __future__ import annotations
 
-from support import STORIES_TOK
-
+from tests.support import STORIES_TOK
 from torchchat.tokenizer import load_tokenizer
 
 
