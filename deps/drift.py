@@ -132,7 +132,9 @@ def main() -> int:
         )
         print("drift: running the suite", file=sys.stderr)
         start = log.stat().st_size
-        rc = run([py, "-m", "pytest", "-q", "-rf", "-p", "no:cacheprovider", *a.pytest_args], env, log)
+        rc = run(
+            [py, "-m", "pytest", "-q", "-rf", "-p", "no:cacheprovider", *a.pytest_args], env, log
+        )
         out = log.read_text()[start:]
         summary = [line for line in out.splitlines() if re.search(r"\d+ (passed|failed)", line)]
         info.update(
