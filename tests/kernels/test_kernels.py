@@ -10,11 +10,13 @@ import torch.nn.functional as F
 from tests.support import STORIES_BIN, random_args, random_state_dict, run_torchchat
 from torchchat import kernels
 from torchchat.export.program import export_program
-from torchchat.model.transformer import Linear, Transformer, attend_rows, project
+from torchchat.model.transformer import Transformer, attend_rows
 from torchchat.quant.apply import quantize
 from torchchat.quant.config import load_quantize_spec
 from torchchat.quant.linear import Int4Linear, Int8Linear
 from torchchat.quant.primitives import quantize_per_token_int8
+from torchchat.runtime.eager import EagerRuntime
+from torchchat.runtime.kernel_modules import KernelLinear, project, use_kernels
 
 pytestmark = pytest.mark.skipif(
     kernels.simd_level() == 0, reason="torchchat's CPU kernels need an x86 CPU with AVX-512"
@@ -29,6 +31,12 @@ SHAPES = [(1, 768, 768), (3, 100, 37), (8, 288, 1000), (1, 17, 5), (5, 64, 176)]
 
 def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def on_kernels(module: torch.nn.Module) -> torch.nn.Module:
+    """The module with its kernel-backed classes, as a runtime swaps them in."""
+    assert use_kernels(module)
+    return module
 
 
 @pytest.mark.parametrize("m,k,n", SHAPES)
@@ -126,12 +134,12 @@ def test_project_applies_each_linear_once_grouped_or_not(make):
     if not kernels.simd_level() & kernels.AVX512_BF16:
         pytest.skip("int4 kernel needs AVX512-BF16")
     torch.manual_seed(2)
-    mods = [make(torch.nn.Linear(64, n, bias=True)) for n in (70, 32)]
+    mods = [on_kernels(make(torch.nn.Linear(64, n, bias=True))) for n in (70, 32)]
     x = torch.randn(1, 2, 64)
     alone = [m(x) for m in mods]
     grouped = type(mods[0]).forward_many(x, mods)
     assert grouped is not None
-    mixed = [mods[0], Linear(64, 24)]
+    mixed = [mods[0], KernelLinear(64, 24)]
     with torch.inference_mode():
         for got, want in zip(project(x, mods), alone, strict=True):
             assert got.shape == want.shape and torch.equal(got, want)
@@ -237,7 +245,7 @@ def test_int4_module_with_and_without_kernel_agree(dynamic):
     torch.manual_seed(1)
     lin = torch.nn.Linear(96, 80, bias=True)
     make = Int4Linear.from_float_8da4w if dynamic else Int4Linear.from_float
-    q = make(lin, 32)
+    q = on_kernels(make(lin, 32))
     x = torch.randn(1, 2, 96)
     fast = q(x)
     with kernels.disabled():
@@ -316,12 +324,14 @@ def test_a_failed_build_falls_back_with_one_line(monkeypatch, capsys, tmp_path):
     assert kernels._build_and_load.__wrapped__() == 0
 
 
-def small_model(quantize_spec: str | None = None) -> Transformer:
+def small_model(quantize_spec: str | None = None, kernels_on: bool = True) -> Transformer:
     args = random_args(dim=64, n_heads=4, n_kv_heads=2, hidden_dim=176, vocab_size=128)
     model = Transformer(args)
     model.load_state_dict(random_state_dict(args, seed=3))
     if quantize_spec:
         quantize(model, load_quantize_spec(quantize_spec))
+    if kernels_on:
+        on_kernels(model)
     model.setup_caches(1, 32)
     return model.eval()
 
@@ -377,7 +387,8 @@ def test_compiled_decode_on_kernels_matches_eager():
 
 
 def test_exported_program_holds_only_torch_ops():
-    model = small_model('{"linear:int8": {"groupsize": 0}}')
+    # export takes the plain model the builder makes: no kernel-backed modules, no global flag
+    model = small_model('{"linear:int8": {"groupsize": 0}}', kernels_on=False)
     program = export_program(model, 32)
     targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
     assert not [t for t in targets if "torchchat" in t]
@@ -419,6 +430,14 @@ FUSED_SPECS = [
 ]
 
 
+@torch.inference_mode()
+def runtime_prefill_then_decode(runtime, tokens: torch.Tensor, prompt: int) -> torch.Tensor:
+    """prefill_then_decode through a runtime: its decode steps are the ones it may fuse."""
+    out = [runtime.prefill(tokens[:, :prompt], 0)]
+    out += [runtime.decode(tokens[:, p : p + 1], p) for p in range(prompt, tokens.shape[1])]
+    return torch.stack(out)
+
+
 def fused_model(spec, dtype, **shape) -> Transformer:
     args = random_args(**{"dim": 64, "n_heads": 4, "n_kv_heads": 2, "hidden_dim": 176,
                           "vocab_size": 128, **shape})  # fmt: skip
@@ -437,9 +456,10 @@ def teacher_forced(model: Transformer, fused: bool, monkeypatch) -> tuple[torch.
     calls = []
     real = kernels.decode_layers
     monkeypatch.setattr(kernels, "decode_layers", lambda *a: calls.append(1) or real(*a))
-    assert model.fuse_decode(fused) is fused
+    runtime = EagerRuntime(model, 40, fused_decode=fused)
+    assert runtime.fused_decode is fused
     tokens = torch.randint(0, 128, (1, 18), generator=torch.Generator().manual_seed(2))
-    logits = prefill_then_decode(model, tokens, 10)
+    logits = runtime_prefill_then_decode(runtime, tokens, 10)
     assert len(calls) == (8 if fused else 0)
     caches = [t.clone() for layer in model.layers for t in (layer.attention.kv_cache.k,
                                                             layer.attention.kv_cache.v)]  # fmt: skip
@@ -479,27 +499,27 @@ def test_int4_blocked_scales_put_each_blocks_pairs_together():
 
 def test_fused_decode_applies_only_where_it_runs_the_same_model():
     model = fused_model(None, None)
-    assert model.fuse_decode()
-    model.setup_caches(2, 40)  # two sequences: the fused step is for one
-    assert model._decode_plan is None
-    model.setup_caches(1, 40)
-    assert model._decode_plan is not None
+    runtime = EagerRuntime(model, 40)
+    assert runtime.fused_decode
+    runtime.setup_batch(2)  # two sequences: the fused step is for one
+    assert runtime._plan is None
     handle = model.layers[1].feed_forward.w2.register_forward_hook(lambda *a: None)
-    assert not model.fuse_decode()  # a hook must see its module run
+    assert not EagerRuntime(model, 40).fused_decode  # a hook must see its module run
     handle.remove()
     model.layers[0].attention.wo = Int8Linear.from_float(model.layers[0].attention.wo, 0)
-    assert not model.fuse_decode()  # mixed kinds of linears
-    assert not fused_model(None, None, attention_bias=True).fuse_decode()
+    assert not EagerRuntime(model, 40).fused_decode  # mixed kinds of linears
+    assert not EagerRuntime(fused_model(None, None, attention_bias=True), 40).fused_decode
     if kernels.simd_level() & kernels.AVX512_BF16:  # int4 scales that are not bf16 values
         model = fused_model('{"linear:int4": {"groupsize": 32}}', None)
         model.layers[0].attention.wq.scales_and_zeros[0, 0, 0] += 1e-6
-        assert not model.fuse_decode()
+        assert not EagerRuntime(model, 40).fused_decode
 
 
 def test_decode_layers_rejects_inconsistent_arguments():
     model = fused_model(None, None)
-    assert model.fuse_decode()
-    p, x = model._decode_plan, torch.zeros(1, 1, 64)
+    runtime = EagerRuntime(model, 40)
+    assert runtime.fused_decode
+    p, x = runtime._plan, torch.zeros(1, 1, 64)
 
     def call(pos=3, weights=None, k_caches=None):
         return torch.ops.torchchat.decode_layers(
@@ -535,7 +555,7 @@ def test_fused_decode_gives_the_modules_greedy_tokens_on_stories260k():
         assert built.runtime.fused_decode
         tokens = []
         for fused in (True, False):
-            built.runtime.model.fuse_decode(fused)
+            built.runtime.fuse_decode(fused)
             res = Result()
             prompt = built.tokenizer.encode("Once upon a time", bos=True)
             gen = Generator(built.runtime, built.tokenizer)
@@ -566,26 +586,27 @@ def test_two_compiled_runtimes_keep_their_own_graphs():
 
 
 def test_fused_decode_follows_dtype_changes_and_loaded_weights(monkeypatch):
-    """The plan holds references to weights (and a copy of int4 scales): .to() and
-    load_state_dict renew it, so the fused step never runs on stale tensors."""
+    """The runtime's plan holds references to weights and caches (and a copy of int4 scales):
+    after .to(), new caches or load_state_dict it is renewed, so the fused step never runs on
+    stale tensors."""
     calls = []
     real = kernels.decode_layers
     monkeypatch.setattr(kernels, "decode_layers", lambda *a: calls.append(1) or real(*a))
     tokens = torch.randint(0, 128, (1, 14), generator=torch.Generator().manual_seed(4))
 
-    def fused_then_modules(model):  # the plan as it stands, then the modules on fresh caches
-        fused = prefill_then_decode(model, tokens, 10)
+    def fused_then_modules(runtime):  # the plan as it stands, then the modules on fresh caches
+        fused = runtime_prefill_then_decode(runtime, tokens, 10)
         assert len(calls) == 4
         calls.clear()
-        model.fuse_decode(False)
-        model.setup_caches(1, 40)
-        return fused, prefill_then_decode(model, tokens, 10)
+        runtime.fuse_decode(False)
+        runtime.model.setup_caches(1, 40)
+        return fused, runtime_prefill_then_decode(runtime, tokens, 10)
 
-    model = fused_model(None, None)
-    assert model.fuse_decode()
-    model = model.to(torch.bfloat16)
-    model.setup_caches(1, 40)
-    fused, modules = fused_then_modules(model)
+    runtime = EagerRuntime(fused_model(None, None), 40)
+    assert runtime.fused_decode
+    runtime.model.to(torch.bfloat16)
+    runtime.model.setup_caches(1, 40)
+    fused, modules = fused_then_modules(runtime)
     assert fused.dtype == torch.float32 and max_rel(fused, modules) < 2e-2
     if not kernels.simd_level() & kernels.AVX512_BF16:
         return
@@ -594,7 +615,8 @@ def test_fused_decode_follows_dtype_changes_and_loaded_weights(monkeypatch):
     other = Transformer(model.args)
     other.load_state_dict(random_state_dict(model.args, seed=9))
     quantize(other, load_quantize_spec(spec))
-    assert model.fuse_decode()
+    runtime = EagerRuntime(model, 40)
+    assert runtime.fused_decode
     model.load_state_dict(other.to(torch.bfloat16).state_dict(), strict=False)
-    fused, modules = fused_then_modules(model)
+    fused, modules = fused_then_modules(runtime)
     assert max_rel(fused, modules) < 2e-2

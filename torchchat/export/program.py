@@ -8,7 +8,7 @@ import json
 import torch
 from torch.export import Dim, ExportedProgram, export
 
-from torchchat import __version__, kernels
+from torchchat import __version__
 from torchchat.model.transformer import Transformer
 
 METADATA_VERSION = "1"
@@ -19,8 +19,9 @@ def export_program(model: Transformer, max_seq_len: int) -> ExportedProgram:
     model.setup_caches(1, max_seq_len)
     seq = Dim("seq", min=1, max=max_seq_len - 1)
     example = (torch.zeros(1, 2, dtype=torch.long), torch.arange(2))
-    # Only torch's own ops in the program: AOTI and ExecuTorch runtimes know nothing of ours.
-    with torch.no_grad(), kernels.disabled():
+    # The plain model (no runtime swapped torchchat's kernels in): only torch's own ops in the
+    # program, which is all AOTI and ExecuTorch runtimes know.
+    with torch.no_grad():
         return export(model, example, dynamic_shapes=({1: seq}, {0: seq}), strict=False)
 
 

@@ -6,13 +6,10 @@ torch.load(weights_only=True) and modules export with torch.export.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from torchchat import kernels
 from torchchat.quant.primitives import (
     dequantize_groups,
     pad_to,
@@ -72,46 +69,13 @@ class Int8Linear(nn.Module):
             m.bias = nn.Parameter(bias.detach().clone())
         return m
 
-    def fused_weights(self, dtype: torch.dtype, may_pad: bool = False):
-        """(kind, weight, scales) for `kernels.decode_layers`, or None: per-row scales or
-        power-of-two groups of 16 or more, fp32 or bf16 scales, no bias."""
-        g = self.groupsize
-        if self.bias is not None or (g and (g < 16 or g & (g - 1))):
-            return None
-        if self.scales.dtype not in (torch.float32, torch.bfloat16):
-            return None
-        return (kernels.INT8_WEIGHTS, g, self.scales.dtype), self.weight, self.scales
-
-    @staticmethod
-    def forward_many(x: Tensor, linears: Sequence[Int8Linear]) -> list[Tensor] | None:
-        """Several Int8Linears of one width and group size on the same x in one kernel call
-        (decode on torchchat's CPU kernels), or None."""
-        if any(m.groupsize != linears[0].groupsize for m in linears):
-            return None
-        ys = kernels.int8_linears(
-            x, [m.weight for m in linears], [m.scales for m in linears], linears[0].groupsize
-        )
-        return None if ys is None else [_finish(y, m) for y, m in zip(ys, linears, strict=True)]
-
     def dequantize(self) -> Tensor:
         """The float weight (out, in) this module multiplies by."""
         scales = self.scales.float() if self.groupsize else self.scales.float()[:, None]
         return dequantize_groups(self.weight, scales)[:, : self.in_features]
 
     def forward(self, x: Tensor) -> Tensor:
-        y = kernels.int8_linear(x, self.weight, self.scales, self.groupsize)
-        if y is not None:  # torchchat's CPU kernel, on x in its own dtype
-            return y if self.bias is None else y + self.bias
         dt = kernel_dtype(x)
-        if self.groupsize == 0 and x.dim() > 1 and kernels.prefill_ok(x):
-            # prefill: a bf16 GEMM on the codes (exact in bf16), then the row scales; 1.6-2.5x
-            # aten's int8 GEMM here (5632x2048, 64-512 rows), more on tiles of the codes
-            xb = F.pad(x.to(dt), (0, self.weight.shape[1] - self.in_features))
-            y = kernels.int8_gemm(xb, self.weight, self.scales)
-            if y is None:
-                y = F.linear(xb, self.weight.to(dt)) * self.scales.to(dt)
-            y = y.to(x.dtype)
-            return y if self.bias is None else y + self.bias
         if self.groupsize == 0:
             x2 = F.pad(
                 x.to(dt).reshape(-1, x.shape[-1]), (0, self.weight.shape[1] - self.in_features)
@@ -221,11 +185,6 @@ class Int4Linear(nn.Module):
         return wt.T[: self.out_features, : self.in_features]
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.weight.device.type == "cpu":
-            y = self._cpu_kernels(x)
-            if y is not None:
-                y = y[..., : self.out_features] if self.n != self.out_features else y
-                return y if self.bias is None else y + self.bias
         xq = quantize_activations_per_token(x) if self.dynamic_activations else x
         dt = kernel_dtype(x)
         x2 = F.pad(xq.reshape(-1, x.shape[-1]).to(dt), (0, self.k - self.in_features))
@@ -236,78 +195,6 @@ class Int4Linear(nn.Module):
             y = torch.ops.aten._weight_int4pack_mm(x2, self.weight, self.groupsize, sz)
         y = y[:, : self.out_features].reshape(*x.shape[:-1], self.out_features).to(x.dtype)
         return y if self.bias is None else y + self.bias
-
-    def fused_weights(self, dtype: torch.dtype, may_pad: bool = False):
-        """(kind, weight, scales) for `kernels.decode_layers`, or None: CPU-packed codes, bf16
-        scales (or an fp32 model's copy of them), no bias. Padded output rows (to 16) come out
-        0, which only a layer's w1/w3 may have (`may_pad`). The scales are a copy laid out by
-        64-row block (+20% of the weights' bytes; 1.1-1.2x the step's int4 read rate)."""
-        padded = self.n != self.out_features and not may_pad
-        if (
-            self.bias is not None
-            or self.weight.dtype != torch.uint8
-            or padded
-            or self.groupsize % 2
-        ):
-            return None
-        sz = _bf16_exactly(self.scales_and_zeros)
-        if sz is None:
-            return None
-        dynamic = self.dynamic_activations
-        kind = kernels.INT4_WEIGHTS_INT8_ACTIVATIONS if dynamic else kernels.INT4_WEIGHTS
-        return (kind, self.groupsize, None), self.weight, kernels.int4_blocked_scales(sz)
-
-    @staticmethod
-    def forward_many(x: Tensor, linears: Sequence[Int4Linear]) -> list[Tensor] | None:
-        """Several Int4Linears of one width and scheme on the same x in one kernel call (decode
-        on torchchat's CPU kernels), or None."""
-        first = linears[0]
-        if any(
-            (m.groupsize, m.k, m.dynamic_activations)
-            != (first.groupsize, first.k, first.dynamic_activations)
-            for m in linears
-        ):
-            return None
-        if first.dynamic_activations and not kernels.takes_rows(x, kernels.AVX512_BF16):
-            return None  # not a decode step on the kernels: no quantization here
-        xq = quantize_activations_per_token(x) if first.dynamic_activations else x
-        ys = kernels.int4_linears(
-            xq,
-            [m.weight for m in linears],
-            [m.scales_and_zeros for m in linears],
-            first.groupsize,
-        )
-        if ys is None:
-            return None
-        return [_finish(y[..., : m.out_features], m) for y, m in zip(ys, linears, strict=True)]
-
-    def _cpu_kernels(self, x: Tensor) -> Tensor | None:
-        """torchchat's CPU kernels: one-token rows (decode), 8da4w's integer GEMM or bf16 GEMMs
-        on tiles of dequantized weights (prefill); None where none applies."""
-        if self.dynamic_activations:
-            y = kernels.gemm_8da4w(x, self.weight, self.scales_and_zeros, self.groupsize)
-            if y is not None:
-                return y
-            x = quantize_activations_per_token(x)
-        y = kernels.int4_linear(x, self.weight, self.scales_and_zeros, self.groupsize)
-        if y is None:
-            xp = F.pad(x, (0, self.k - self.in_features)) if self.k != self.in_features else x
-            y = kernels.int4_gemm(xp, self.weight, self.scales_and_zeros, self.groupsize)
-            y = None if y is None else y.to(x.dtype)
-        return y
-
-
-def _bf16_exactly(t: Tensor) -> Tensor | None:
-    """t as bf16 if that changes no value (int4 scales, made in bf16, cast to an fp32 model's
-    dtype with it), else None."""
-    if t.dtype == torch.bfloat16:
-        return t
-    b = t.to(torch.bfloat16)
-    return b if torch.equal(b.to(t.dtype), t) else None
-
-
-def _finish(y: Tensor, m: nn.Module) -> Tensor:
-    return y if m.bias is None else y + m.bias
 
 
 def pack_for_device(codes: Tensor) -> Tensor:

@@ -1,0 +1,263 @@
+"""torchchat's CPU kernels swapped into a plain model when a runtime is built.
+
+The model (torchchat/model) and the quantized linears (torchchat/quant) compute with torch's ops
+only; `use_kernels` gives their modules subclasses that first try torchchat's kernels
+(torchchat/kernels) and fall back to the plain computation wherever a kernel does not apply
+(too many rows, a dtype it does not cover, another device). Parameters, buffers and state-dict
+names stay the same: only the class changes, as quantization swaps modules.
+
+`decode_plan` asks each linear what it gives the fused one-token step (`fused`, defined on the
+exact class: a subclass may compute something else) and gathers a model's tensors for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from torchchat import kernels
+from torchchat.kernels.fused import DecodePlan, FusedLinear, WeightKind
+from torchchat.model.transformer import (
+    Attention,
+    FeedForward,
+    KVCache,
+    RMSNorm,
+    Transformer,
+    TransformerBlock,
+)
+from torchchat.quant.linear import Int4Linear, Int8Linear, kernel_dtype
+from torchchat.quant.primitives import quantize_activations_per_token
+
+
+def _finish(y: Tensor, m: nn.Module) -> Tensor:
+    return y if m.bias is None else y + m.bias
+
+
+class KernelLinear(nn.Linear):
+    """Float weights: torchchat's GEMV for a few rows, oneDNN's fp32 GEMM for prefill."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = kernels.float_linear(x, self.weight)
+        if y is not None:
+            return _finish(y, self)
+        y = kernels.fp32_gemm(x, self.weight, self.bias)  # fp32 prefill on CPU
+        return super().forward(x) if y is None else y
+
+    @staticmethod
+    def forward_many(x: Tensor, linears: Sequence[KernelLinear]) -> list[Tensor] | None:
+        """Several of one width on the same x in one kernel call, or None."""
+        ys = kernels.float_linears(x, [m.weight for m in linears])
+        return None if ys is None else [_finish(y, m) for y, m in zip(ys, linears, strict=True)]
+
+    def fused(self, dtype: torch.dtype, may_pad: bool = False) -> FusedLinear | None:
+        """Float weights of the activation dtype, no bias."""
+        if self.bias is not None or self.weight.dtype != dtype:
+            return None
+        if type(self.weight) not in (Tensor, nn.Parameter):  # e.g. torchao's quantized tensors
+            return None
+        return FusedLinear(WeightKind.FLOAT, 0, self.weight)
+
+
+class KernelInt8Linear(Int8Linear):
+    """int8 weights: torchchat's GEMV on x in its own dtype for a few rows; for prefill with
+    per-channel scales, bf16 GEMMs on the codes (exact in bf16) and then the scales."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = kernels.int8_linear(x, self.weight, self.scales, self.groupsize)
+        if y is not None:
+            return _finish(y, self)
+        if self.groupsize or x.dim() < 2 or not kernels.prefill_ok(x):
+            return super().forward(x)
+        # 1.6-2.5x aten's int8 GEMM here (5632 x 2048, 64-512 rows), more on tiles of the codes
+        dt = kernel_dtype(x)
+        xb = F.pad(x.to(dt), (0, self.weight.shape[1] - self.in_features))
+        y = kernels.int8_gemm(xb, self.weight, self.scales)
+        if y is None:
+            y = F.linear(xb, self.weight.to(dt)) * self.scales.to(dt)
+        return _finish(y.to(x.dtype), self)
+
+    @staticmethod
+    def forward_many(x: Tensor, linears: Sequence[KernelInt8Linear]) -> list[Tensor] | None:
+        """Several of one width and group size on the same x in one kernel call, or None."""
+        if any(m.groupsize != linears[0].groupsize for m in linears):
+            return None
+        ys = kernels.int8_linears(
+            x, [m.weight for m in linears], [m.scales for m in linears], linears[0].groupsize
+        )
+        return None if ys is None else [_finish(y, m) for y, m in zip(ys, linears, strict=True)]
+
+    def fused(self, dtype: torch.dtype, may_pad: bool = False) -> FusedLinear | None:
+        """Per-row scales or power-of-two groups of 16 or more, fp32 or bf16 scales, no bias."""
+        g = self.groupsize
+        if self.bias is not None or (g and (g < 16 or g & (g - 1))):
+            return None
+        if self.scales.dtype not in (torch.float32, torch.bfloat16):
+            return None
+        return FusedLinear(WeightKind.INT8, g, self.weight, self.scales)
+
+
+class KernelInt4Linear(Int4Linear):
+    """int4 weights in torch's CPU pack layout: torchchat's GEMV for a few rows; for prefill,
+    8da4w's integer GEMM or bf16 GEMMs on tiles of dequantized weights."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self._cpu_kernels(x) if self.weight.device.type == "cpu" else None
+        if y is None:
+            return super().forward(x)
+        return _finish(y[..., : self.out_features] if self.n != self.out_features else y, self)
+
+    def _cpu_kernels(self, x: Tensor) -> Tensor | None:
+        if self.dynamic_activations:
+            y = kernels.gemm_8da4w(x, self.weight, self.scales_and_zeros, self.groupsize)
+            if y is not None:
+                return y
+            x = quantize_activations_per_token(x)
+        y = kernels.int4_linear(x, self.weight, self.scales_and_zeros, self.groupsize)
+        if y is None:
+            xp = F.pad(x, (0, self.k - self.in_features)) if self.k != self.in_features else x
+            y = kernels.int4_gemm(xp, self.weight, self.scales_and_zeros, self.groupsize)
+            y = None if y is None else y.to(x.dtype)
+        return y
+
+    @staticmethod
+    def forward_many(x: Tensor, linears: Sequence[KernelInt4Linear]) -> list[Tensor] | None:
+        """Several of one width and scheme on the same x in one kernel call, or None."""
+        first = linears[0]
+        scheme = (first.groupsize, first.k, first.dynamic_activations)
+        if any((m.groupsize, m.k, m.dynamic_activations) != scheme for m in linears):
+            return None
+        if first.dynamic_activations and not kernels.takes_rows(x, kernels.AVX512_BF16):
+            return None  # not a decode step on the kernels: no quantization here
+        xq = quantize_activations_per_token(x) if first.dynamic_activations else x
+        ys = kernels.int4_linears(
+            xq, [m.weight for m in linears], [m.scales_and_zeros for m in linears], first.groupsize
+        )
+        if ys is None:
+            return None
+        return [_finish(y[..., : m.out_features], m) for y, m in zip(ys, linears, strict=True)]
+
+    def fused(self, dtype: torch.dtype, may_pad: bool = False) -> FusedLinear | None:
+        """CPU-packed codes, bf16 scales (or an fp32 model's copy of them), no bias. Padded
+        output rows (to 16) come out 0, which only a layer's w1/w3 may have (`may_pad`). The
+        scales are a copy laid out by 64-row block (+20% of the weights' bytes; 1.1-1.2x the
+        step's int4 read rate)."""
+        padded = self.n != self.out_features and not may_pad
+        if (
+            self.bias is not None
+            or self.weight.dtype != torch.uint8
+            or padded
+            or self.groupsize % 2
+        ):
+            return None
+        sz = _bf16_exactly(self.scales_and_zeros)
+        if sz is None:
+            return None
+        kind = WeightKind.INT4_INT8_ACTIVATIONS if self.dynamic_activations else WeightKind.INT4
+        return FusedLinear(kind, self.groupsize, self.weight, kernels.int4_blocked_scales(sz))
+
+
+def _bf16_exactly(t: Tensor) -> Tensor | None:
+    """t as bf16 if that changes no value (int4 scales, made in bf16, cast to an fp32 model's
+    dtype with it), else None."""
+    if t.dtype == torch.bfloat16:
+        return t
+    b = t.to(torch.bfloat16)
+    return b if torch.equal(b.to(t.dtype), t) else None
+
+
+def project(x: Tensor, linears: Sequence[nn.Module]) -> list[Tensor]:
+    """Each of `linears` applied to x: in one kernel call when they are of one kind whose class
+    can (`forward_many`: a layer's q, k, v or w1, w3 at decode, ~3 us saved a matrix), else one
+    by one."""
+    kind = type(linears[0])
+    hooked = any(m._forward_pre_hooks or m._forward_hooks for m in linears)  # e.g. GPTQ's
+    if hasattr(kind, "forward_many") and all(type(m) is kind for m in linears) and not hooked:
+        ys = kind.forward_many(x, linears)
+        if ys is not None:
+            return ys
+    return [m(x) for m in linears]
+
+
+class KernelAttention(Attention):
+    """q, k, v in one kernel call; attention of a few query rows on torchchat's kernel, which
+    reads only the span of the cache the mask leaves open."""
+
+    def project(self, x: Tensor) -> list[Tensor]:
+        return project(x, (self.wq, self.wk, self.wv))
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, per_row: bool) -> Tensor:
+        y = kernels.attention(q, k, v, mask)  # each row on its own: batch-invariant too
+        return super().attend(q, k, v, mask, per_row) if y is None else y
+
+
+class KernelFeedForward(FeedForward):
+    """w1 and w3 in one kernel call."""
+
+    def project(self, x: Tensor) -> list[Tensor]:
+        return project(x, (self.w1, self.w3))
+
+
+SWAPS: dict[type, type] = {
+    nn.Linear: KernelLinear,
+    Int8Linear: KernelInt8Linear,
+    Int4Linear: KernelInt4Linear,
+    Attention: KernelAttention,
+    FeedForward: KernelFeedForward,
+}
+
+
+def use_kernels(model: nn.Module) -> bool:
+    """Give the model's modules their kernel-backed classes (in place, same tensors); True if
+    the kernels run on this machine and the model is on the CPU, else the model is untouched."""
+    if not kernels.simd_level() or any(t.device.type != "cpu" for t in model.parameters()):
+        return False
+    for m in model.modules():
+        swap = SWAPS.get(type(m))  # exact classes only: a subclass computes something else
+        if swap is not None:
+            m.__class__ = swap
+    return True
+
+
+def _computes_as(m: nn.Module, cls: type) -> bool:
+    """m is a cls whose forward is cls's own (a kernel-backed class computes the same)."""
+    return isinstance(m, cls) and type(m).forward is cls.forward
+
+
+def decode_plan(model: Transformer) -> DecodePlan | None:
+    """What the fused one-token step runs on for this model, or None where it does not apply:
+    caches for one sequence on the CPU, plain Llama layers (no biases, no hooks) whose seven
+    linears are all of one kind the step runs, and the kernels for that kind on this CPU."""
+    dtype, device = model.norm.weight.dtype, model.norm.weight.device
+    if model.max_batch != 1 or device.type != "cpu" or model.args.head_dim > 256:
+        return None
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return None
+    norms, linears, k_caches, v_caches = [], [], [], []
+    for layer in model.layers:
+        a, f = layer.attention, layer.feed_forward
+        blocks = (layer, a, f, layer.attention_norm, layer.ffn_norm, a.kv_cache)
+        classes = (TransformerBlock, Attention, FeedForward, RMSNorm, RMSNorm, KVCache)
+        if not all(map(_computes_as, blocks, classes)):
+            return None
+        layer_linears = (a.wq, a.wk, a.wv, a.wo, f.w1, f.w3, f.w2)
+        if any(m._forward_hooks or m._forward_pre_hooks for m in (*blocks, *layer_linears)):
+            return None
+        for n in (layer.attention_norm, layer.ffn_norm):
+            if n.eps != model.args.norm_eps or n.weight.dtype != dtype:
+                return None
+            norms.append(n.weight)
+        k_caches.append(a.kv_cache.k)
+        v_caches.append(a.kv_cache.v)
+        for m in layer_linears:
+            fused = type(m).__dict__.get("fused")
+            got = None if fused is None else fused(m, dtype, may_pad=m in (f.w1, f.w3))
+            if got is None:
+                return None
+            linears.append(got)
+    if len({f.key for f in linears}) != 1:
+        return None
+    plan = DecodePlan(norms, k_caches, v_caches, linears, model.args.norm_eps, model.args.n_heads)
+    return plan if kernels.available(plan.needs()) else None
