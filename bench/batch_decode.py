@@ -31,8 +31,7 @@ from pathlib import Path
 import torch
 
 from torchchat.bench.run import random_runtime
-from torchchat.generate.sampling import SamplingOptions
-from torchchat.options import ModelOptions
+from torchchat.options import ModelOptions, SamplingOptions
 from torchchat.runtime.base import ModelRuntime
 from torchchat.server.engine import Choice, End, Engine, Failed, Finish, Job
 from torchchat.tokenizer import load_tokenizer

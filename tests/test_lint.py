@@ -1,5 +1,6 @@
-"""The code stays ruff-clean (lint and format), as STYLE.md asks, and the test folders can never
-stand in for a library of the same name."""
+"""The code stays ruff-clean (lint and format), as STYLE.md asks; imports point one way (the
+layer contract in pyproject.toml); the test folders can never stand in for a library of the same
+name."""
 
 import subprocess
 import sys
@@ -17,6 +18,14 @@ def test_ruff(cmd):
     p = subprocess.run(
         [sys.executable, "-m", "ruff", *cmd], cwd=REPO, capture_output=True, text=True
     )
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+def test_imports_follow_the_layer_contract():
+    # import-linter's lint-imports, through this interpreter (its console script is not on PATH
+    # when the environment is not activated).
+    code = "import sys; from importlinter.cli import lint_imports; sys.exit(lint_imports())"
+    p = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert p.returncode == 0, p.stdout + p.stderr
 
 

@@ -170,7 +170,7 @@ def model_from_checkpoint(
             dtype_name = scheme.args["dtype"]
         elif scheme.name == "executor":
             device_name = scheme.args["accelerator"]
-    path = opts.checkpoint_path or opts.gguf_path or _model_path(opts.model, opts.model_directory)
+    path = opts.checkpoint_path or opts.gguf_path or _model_path(opts.model)
     ckpt = load_checkpoint(path)
     args = resolve_args(opts, ckpt, verbose)
     device = resolve_device(device_name)
@@ -258,18 +258,16 @@ def tensor_parallel_runtime(model: Transformer, max_seq: int, opts: ModelOptions
 # ---------------------------------------------------------------------------------------------
 
 
-def _model_path(model: str | None, model_directory: Path | None = None) -> Path:
-    """The positional MODEL: an existing path, else an alias or downloaded model name."""
-    from torchchat.hub import store
-
+def _model_path(model: str | None) -> Path:
+    """The positional MODEL, a path (the CLI has looked model names up in the model directory)."""
     if model is None:
         raise TorchchatError(
             "no model given: pass a checkpoint path, a model name, --checkpoint-path or --gguf-path"
         )
     path = Path(model).expanduser()
-    if path.exists():
-        return path
-    return store.find_downloaded(model, store.model_directory(model_directory))
+    if not path.exists():
+        raise TorchchatError(f"model not found: {model} (no such file or folder)")
+    return path
 
 
 def _packed_gguf_model(args, ckpt, schemes, dtype, device, verbose) -> Transformer:

@@ -11,8 +11,7 @@ from pathlib import Path
 import torch
 
 from torchchat.errors import TorchchatError
-from torchchat.generate.sampling import SamplingOptions
-from torchchat.options import ChatOptions, GenerateOptions, ModelOptions
+from torchchat.options import ChatOptions, GenerateOptions, ModelOptions, SamplingOptions
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -221,9 +220,19 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
 
 
+def resolve_model(model: str | None, model_directory: Path | None) -> str | None:
+    """The positional MODEL as a path: an existing path, else an alias or a downloaded model's
+    name, looked up in the model directory (torchchat/hub)."""
+    if model is None or Path(model).expanduser().exists():
+        return model
+    from torchchat.hub import store
+
+    return str(store.find_downloaded(model, store.model_directory(model_directory)))
+
+
 def model_options(a: argparse.Namespace) -> ModelOptions:
     return ModelOptions(
-        model=a.model,
+        model=resolve_model(a.model, a.model_directory),
         checkpoint_path=a.checkpoint_path,
         gguf_path=a.gguf_path,
         gguf_packed=a.gguf_packed,
@@ -237,7 +246,6 @@ def model_options(a: argparse.Namespace) -> ModelOptions:
         compile_prefill=a.compile_prefill,
         fused_decode=a.fused_decode,
         tp=a.tp,
-        model_directory=a.model_directory,
         quantize=a.quantize,
         calibration_file=a.calibration_file,
         calibration_tasks=a.calibration_tasks,
@@ -376,7 +384,7 @@ def run_bench(a: argparse.Namespace) -> None:
     from torchchat.bench.run import BenchOptions, print_table, run_bench, write_json
 
     if a.tp > 1:  # rank 0 of --tp: same measurements, every rank's memory
-        from torchchat.distributed.bench import run_bench
+        from torchchat.bench.tensor_parallel import run_bench
 
     if not (
         a.shape or a.model or a.checkpoint_path or a.gguf_path or a.aoti_package_path or a.pte_path
@@ -448,8 +456,9 @@ def run_remove(a: argparse.Namespace) -> None:
 
 def run_eval(a: argparse.Namespace) -> None:
     from torchchat.builder import build_model
-    from torchchat.eval.runner import EvalOptions, evaluate, format_table, parse_tasks, prepare
+    from torchchat.eval.runner import EvalOptions, evaluate, format_table, prepare
     from torchchat.eval.runner import write_json as write_eval_json
+    from torchchat.tasks import parse_tasks
 
     opts = EvalOptions(
         tasks=parse_tasks(a.tasks),
@@ -589,7 +598,7 @@ def _follow_rank0(a: argparse.Namespace, group) -> None:
 
     opts = model_options(a)
     if a.verb == "bench" and a.shape:
-        from torchchat.distributed.bench import random_model
+        from torchchat.bench.tensor_parallel import random_model
 
         model = random_model(a.shape, opts)
     else:

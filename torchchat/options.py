@@ -5,14 +5,30 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from torchchat.generate.sampling import SamplingOptions
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """How to pick each token. temperature 0 means greedy (argmax)."""
+
+    temperature: float = 0.8
+    top_k: int | None = 200
+    top_p: float | None = None
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0:
+            raise ValueError("temperature must be >= 0")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError("top_k must be >= 1")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError("top_p must be in (0, 1]")
 
 
 @dataclass(frozen=True)
 class ModelOptions:
     """Where the model comes from and how to run it."""
 
-    model: str | None = None  # a path, or a known model name
+    model: str | None = None  # a path (the CLI turns model names into their folder)
     checkpoint_path: Path | None = None
     gguf_path: Path | None = None
     gguf_packed: bool = False  # run Q4_0/Q8_0 GGUF linears on int4/int8 kernels, not dequantized
@@ -26,7 +42,6 @@ class ModelOptions:
     compile_prefill: bool = False
     fused_decode: bool = True  # one-token steps on the fused kernel step where it applies
     tp: int = 1  # tensor-parallel ranks: `torchrun --nproc-per-node N -m torchchat ... --tp N`
-    model_directory: Path | None = None  # where downloaded models live (None: the default)
     quantize: str | None = None  # JSON recipe, a file holding one, or a profile name
     calibration_file: Path | None = None  # text for GPTQ calibration
     calibration_tasks: str | None = None  # ... and/or lm-eval tasks' documents (comma list)

@@ -18,8 +18,8 @@ from torchchat.builder import build_transformer
 from torchchat.checkpoint.gguf import _LAYER_NAME, _LAYER_TENSORS, _TOP_TENSORS, load_gguf
 from torchchat.errors import TorchchatError
 from torchchat.generate.generator import Generator, Result
-from torchchat.generate.sampling import SamplingOptions
 from torchchat.model.config import RopeScaling
+from torchchat.options import SamplingOptions
 from torchchat.runtime.eager import EagerRuntime
 from torchchat.tokenizer.gguf import gguf_tokenizer
 

@@ -9,8 +9,8 @@ import torch
 
 from tests.support import STORIES_BIN, one_line_error, random_args, random_state_dict, run_torchchat
 from torchchat.bench.run import random_weights
+from torchchat.bench.tensor_parallel import random_shard
 from torchchat.builder import build_transformer
-from torchchat.distributed.bench import random_shard
 from torchchat.distributed.sharding import Sharding
 from torchchat.errors import TorchchatError
 from torchchat.model.transformer import Transformer

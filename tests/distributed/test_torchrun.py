@@ -23,8 +23,7 @@ from tests.support import (
 from torchchat.builder import build_model
 from torchchat.checkpoint.native import save_native
 from torchchat.generate.generator import Generator
-from torchchat.generate.sampling import SamplingOptions
-from torchchat.options import ModelOptions
+from torchchat.options import ModelOptions, SamplingOptions
 
 pytestmark = pytest.mark.slow  # each launch starts three Pythons (~10 s)
 

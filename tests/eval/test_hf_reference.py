@@ -13,8 +13,8 @@ import torch
 
 from tests.support import STORIES_TOK, shared_path
 from torchchat.cli import main
-from torchchat.eval.lm_eval_adapter import hub_offline, load_tasks
 from torchchat.eval.wikitext import read_documents
+from torchchat.tasks import hub_offline, load_tasks
 
 pytest.importorskip("accelerate")  # HFLM needs it (lm-eval[hf])
 transformers = pytest.importorskip("transformers")

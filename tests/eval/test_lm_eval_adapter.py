@@ -15,11 +15,12 @@ from lm_eval.api.model import LM
 
 from tests.support import STORIES_TOK, shared_path
 from torchchat.errors import TorchchatError
-from torchchat.eval.lm_eval_adapter import TorchchatLM, hub_offline, load_tasks, run_lm_eval
+from torchchat.eval.lm_eval_adapter import TorchchatLM, run_lm_eval
 from torchchat.eval.perplexity import wikitext_perplexity
 from torchchat.eval.wikitext import read_documents
 from torchchat.generate.generator import Generator, Result
-from torchchat.generate.sampling import SamplingOptions
+from torchchat.options import SamplingOptions
+from torchchat.tasks import hub_offline, load_tasks
 
 from .conftest import make_tiny
 

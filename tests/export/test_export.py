@@ -17,9 +17,8 @@ from torchchat.checkpoint.native import save_native
 from torchchat.errors import TorchchatError
 from torchchat.export.run import ExportOptions, run_export
 from torchchat.generate.generator import Generator, Result
-from torchchat.generate.sampling import SamplingOptions
 from torchchat.model.config import RopeScaling
-from torchchat.options import ModelOptions
+from torchchat.options import ModelOptions, SamplingOptions
 
 pytestmark = pytest.mark.slow
 GREEDY = SamplingOptions(temperature=0)

@@ -10,8 +10,8 @@ import torch
 from tests.support import STORIES_BIN, STORIES_TOK, random_args, random_state_dict, shared_path
 from torchchat.builder import build_model, build_transformer
 from torchchat.generate.generator import Generator, Result, _split_stop
-from torchchat.generate.sampling import SamplingOptions, sample
-from torchchat.options import ModelOptions
+from torchchat.generate.sampling import sample
+from torchchat.options import ModelOptions, SamplingOptions
 from torchchat.runtime.eager import EagerRuntime
 from torchchat.tokenizer import load_tokenizer
 

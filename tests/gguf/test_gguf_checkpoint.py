@@ -33,10 +33,9 @@ from torchchat.checkpoint import load_checkpoint
 from torchchat.checkpoint.gguf import SUPPORTED_TYPES, llama3_rope_factors, validate_gguf
 from torchchat.errors import TorchchatError
 from torchchat.generate.generator import Generator, Result
-from torchchat.generate.sampling import SamplingOptions
 from torchchat.model.config import RopeScaling
 from torchchat.model.transformer import rope_frequencies
-from torchchat.options import ModelOptions
+from torchchat.options import ModelOptions, SamplingOptions
 
 GREEDY = SamplingOptions(temperature=0)
 LLAMA2C_STORIES260K = llama2c_stories260k()

@@ -544,8 +544,7 @@ def test_fused_decode_gives_the_modules_greedy_tokens_on_stories260k():
     bf16 with int4 weights."""
     from torchchat.builder import build_model
     from torchchat.generate.generator import Generator, Result
-    from torchchat.generate.sampling import SamplingOptions
-    from torchchat.options import ModelOptions
+    from torchchat.options import ModelOptions, SamplingOptions
 
     specs = [None, '{"linear:int8": {"groupsize": 0}}']
     if kernels.simd_level() & kernels.AVX512_BF16:

@@ -16,8 +16,7 @@ from torchchat import kernels
 from torchchat.builder import build_model
 from torchchat.errors import TorchchatError
 from torchchat.generate.generator import Generator, Result
-from torchchat.generate.sampling import SamplingOptions
-from torchchat.options import ModelOptions
+from torchchat.options import ModelOptions, SamplingOptions
 from torchchat.quant.config import load_quantize_spec
 from torchchat.quant.embedding import QuantizedEmbedding
 from torchchat.quant.gptq import _collect_hessians, quantize_linear_gptq

@@ -22,7 +22,7 @@ from tests.server.conftest import (
 )
 from torchchat.cli import build_parser
 from torchchat.errors import TorchchatError
-from torchchat.generate.sampling import SamplingOptions
+from torchchat.options import SamplingOptions
 from torchchat.server.config import ServerOptions
 from torchchat.server.engine import GONE, Choice, End, Engine, Failed, Finish, Job, Piece
 

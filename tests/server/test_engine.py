@@ -10,7 +10,7 @@ import torch
 
 from tests.server.conftest import SlowRuntime, build_stories
 from torchchat.generate.generator import Generator, Result
-from torchchat.generate.sampling import SamplingOptions
+from torchchat.options import SamplingOptions
 from torchchat.server.engine import GONE, SHUTDOWN, Choice, End, Engine, Finish, Job, Piece
 
 GREEDY = SamplingOptions(temperature=0)

@@ -11,7 +11,7 @@ import pytest
 from tests.server.conftest import MODEL_ID, build_stories
 from torchchat.chat.templates import Llama2Template
 from torchchat.generate.generator import Generator
-from torchchat.generate.sampling import SamplingOptions
+from torchchat.options import SamplingOptions
 
 HI = [{"role": "user", "content": "Tell me a story about a cat."}]
 

@@ -16,8 +16,8 @@ from typing import Any
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from torchchat.errors import TorchchatError
-from torchchat.tokenizer.base import Tokenizer, one_line
+from torchchat.errors import TorchchatError, one_line
+from torchchat.tokenizer.base import Tokenizer
 
 Message = dict[str, str]
 Span = tuple[int, int]  # [start, end) of a message's text in a rendered prompt

@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import logging
-import os
-import sys
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -24,16 +19,12 @@ from torchchat.eval.perplexity import (
     rolling_loglikelihood,
 )
 from torchchat.generate.generator import Generator
-from torchchat.generate.sampling import SamplingOptions
+from torchchat.options import SamplingOptions
 from torchchat.runtime.base import ModelRuntime
-from torchchat.tokenizer import Tokenizer, one_line
+from torchchat.tasks import hub_offline
+from torchchat.tokenizer import Tokenizer
 
 DEFAULT_MAX_GEN_TOKS = 256  # as lm-eval's HFLM
-OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
-OFFLINE_FLAGS = {
-    "huggingface_hub.constants": ("HF_HUB_OFFLINE",),
-    "datasets.config": ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"),
-}
 # Few-shot examples and sampled generations repeat from run to run, as with lm-eval's fixed seeds.
 FEWSHOT_SEED = SAMPLING_SEED = 1234
 
@@ -172,72 +163,6 @@ class TorchchatLM(TemplateLM):
             seed=SAMPLING_SEED,
         )
         return until, max_new, sampling
-
-
-@contextmanager
-def hub_offline() -> Iterator[None]:
-    """Inside the block the Hugging Face hub, datasets and evaluate use local files and caches only."""
-    env = {name: os.environ.get(name) for name in OFFLINE_ENV}
-    # The libraries read the variables once at import: set their flags too if they are loaded.
-    flags = [
-        (module, attr)
-        for module, attrs in OFFLINE_FLAGS.items()
-        if module in sys.modules
-        for attr in attrs
-        if hasattr(sys.modules[module], attr)
-    ]
-    saved = [getattr(sys.modules[module], attr) for module, attr in flags]
-    os.environ.update(dict.fromkeys(OFFLINE_ENV, "1"))
-    for module, attr in flags:
-        setattr(sys.modules[module], attr, True)
-    try:
-        yield
-    finally:
-        for name, value in env.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        for (module, attr), value in zip(flags, saved, strict=True):
-            setattr(sys.modules[module], attr, value)
-
-
-def load_tasks(
-    names: Sequence[str], tasks_path: str | Path | None = None, verbose: bool = False
-) -> dict[str, Any]:
-    """Find and load lm-eval tasks with their data, offline: local task folder first, then lm-eval's."""
-    with hub_offline():
-        return _load_tasks(names, tasks_path, verbose)
-
-
-def _load_tasks(
-    names: Sequence[str], tasks_path: str | Path | None, verbose: bool
-) -> dict[str, Any]:
-    from lm_eval.tasks import TaskManager
-
-    logging.getLogger("lm_eval").setLevel(logging.INFO if verbose else logging.WARNING)
-    manager = None
-    if tasks_path is not None:
-        if not Path(tasks_path).is_dir():
-            raise TorchchatError(f"--tasks-path {tasks_path} is not a folder")
-        manager = TaskManager(include_path=str(tasks_path), include_defaults=False)
-    # Indexing lm-eval's thousands of built-in tasks takes seconds: only when needed.
-    if manager is None or not all(name in manager.all_tasks for name in names):
-        manager = TaskManager(include_path=str(tasks_path) if tasks_path is not None else None)
-    unknown = [name for name in names if name not in manager.all_tasks]
-    if unknown:
-        raise TorchchatError(
-            f"unknown task {unknown[0]!r}: not wikitext, not an lm-eval task"
-            + ("" if tasks_path else " (local task YAMLs go in --tasks-path DIR)")
-        )
-    try:
-        return manager.load(list(names))
-    except Exception as e:  # lm-eval and datasets raise many types; any is a task/data problem
-        raise TorchchatError(
-            f"cannot load task(s) {', '.join(names)}: {one_line(e)} -- torchchat eval downloads "
-            "nothing: give the task local data (a YAML in --tasks-path with dataset_path: json and "
-            "dataset_kwargs.data_files) or have the dataset in the Hugging Face cache"
-        ) from e
 
 
 def run_lm_eval(

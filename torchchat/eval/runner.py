@@ -11,6 +11,7 @@ from torchchat.errors import TorchchatError
 from torchchat.eval.perplexity import PerplexityResult, wikitext_perplexity
 from torchchat.eval.wikitext import read_documents
 from torchchat.runtime.base import ModelRuntime
+from torchchat.tasks import load_tasks
 from torchchat.tokenizer import Tokenizer
 
 WIKITEXT = "wikitext"  # computed here, on a local raw file; every other name goes to lm-eval
@@ -48,14 +49,6 @@ class EvalReport:
     wikitext: PerplexityResult | None = None
 
 
-def parse_tasks(text: str) -> tuple[str, ...]:
-    """'wikitext, hellaswag' -> ('wikitext', 'hellaswag'); duplicates dropped."""
-    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
-    if not names:
-        raise TorchchatError("--tasks is empty: name at least one task (e.g. wikitext)")
-    return names
-
-
 def prepare(opts: EvalOptions) -> EvalPlan:
     """Fail fast on bad tasks or data, before the model is built."""
     if opts.limit is not None and opts.limit < 1:
@@ -70,13 +63,6 @@ def prepare(opts: EvalOptions) -> EvalPlan:
         plan.pages = read_documents(opts.dataset_path, opts.limit)
     plan.lm_eval_tasks = tuple(t for t in opts.tasks if t != WIKITEXT)
     if plan.lm_eval_tasks:
-        try:
-            from torchchat.eval.lm_eval_adapter import load_tasks
-        except ImportError:
-            raise TorchchatError(
-                f"task {plan.lm_eval_tasks[0]!r} needs lm-evaluation-harness: "
-                "pip install 'torchchat[eval]'"
-            ) from None
         plan.loaded_tasks = load_tasks(plan.lm_eval_tasks, opts.tasks_path, opts.verbose)
     return plan
 

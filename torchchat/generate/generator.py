@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 import torch
 
 from torchchat.errors import TorchchatError
-from torchchat.generate.sampling import SamplingOptions, make_generator, sample
+from torchchat.generate.sampling import make_generator, sample
 from torchchat.generate.speculative import Speculator
+from torchchat.options import SamplingOptions
 from torchchat.runtime.base import ModelRuntime
 from torchchat.tokenizer import StreamDecoder, Tokenizer
 

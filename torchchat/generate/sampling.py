@@ -2,28 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
-
-@dataclass(frozen=True)
-class SamplingOptions:
-    """How to pick each token. temperature 0 means greedy (argmax)."""
-
-    temperature: float = 0.8
-    top_k: int | None = 200
-    top_p: float | None = None
-    seed: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise ValueError("temperature must be >= 0")
-        if self.top_k is not None and self.top_k < 1:
-            raise ValueError("top_k must be >= 1")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
-            raise ValueError("top_p must be in (0, 1]")
+from torchchat.options import SamplingOptions
 
 
 def make_generator(seed: int | None, device: str = "cpu") -> torch.Generator:

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from torchchat.generate.sampling import SamplingOptions, probabilities, sample
+from torchchat.generate.sampling import probabilities, sample
+from torchchat.options import SamplingOptions
 from torchchat.runtime.base import ModelRuntime
 
 

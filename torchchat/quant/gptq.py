@@ -19,6 +19,7 @@ from torchchat.errors import TorchchatError
 from torchchat.model.transformer import Transformer
 from torchchat.quant.linear import Int4Linear
 from torchchat.quant.primitives import EPS, pad_to
+from torchchat.tasks import task_documents
 
 
 class _Stop(Exception):
@@ -48,26 +49,6 @@ def calibration_text(
     if tasks:
         parts += task_documents(tasks, tasks_path, limit)
     return "\n\n".join(parts)
-
-
-def task_documents(tasks: str, tasks_path: str | Path | None, limit: int | None) -> list[str]:
-    """Each evaluation document of the named lm-eval tasks as plain text: the context followed by
-    its reference answer (for multiple choice, the correct choice)."""
-    from torchchat.eval.lm_eval_adapter import load_tasks
-    from torchchat.eval.runner import parse_tasks
-
-    texts = []
-    for task in load_tasks(parse_tasks(tasks), tasks_path)["tasks"].values():
-        for i, doc in enumerate(task.eval_docs):
-            if limit is not None and i >= limit:
-                break
-            context, target = task.doc_to_text(doc), task.doc_to_target(doc)
-            if task.OUTPUT_TYPE == "multiple_choice":
-                choices = task.doc_to_choice(doc)
-                target = choices[target] if isinstance(target, int) else target
-            sep = task.config.target_delimiter if context else ""
-            texts.append(f"{context}{sep}{target}")
-    return texts
 
 
 def calibration_batches(tokenizer, text: str, seq_len: int, samples: int) -> list[Tensor]:

@@ -25,8 +25,9 @@ import torch
 
 from torchchat.errors import TorchchatError
 from torchchat.generate.generator import Generator, Result, TextStream
-from torchchat.generate.sampling import SamplingOptions, make_generator, sample
+from torchchat.generate.sampling import make_generator, sample
 from torchchat.generate.speculative import Speculator
+from torchchat.options import SamplingOptions
 from torchchat.runtime.base import ModelRuntime
 from torchchat.tokenizer import Tokenizer
 

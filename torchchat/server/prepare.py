@@ -8,7 +8,7 @@ from pydantic import BaseModel
 
 from torchchat.chat.templates import ChatTemplate, render_spans
 from torchchat.errors import TorchchatError
-from torchchat.generate.sampling import SamplingOptions
+from torchchat.options import SamplingOptions
 from torchchat.server.config import ServerOptions
 from torchchat.server.engine import Choice, Engine, Job
 from torchchat.server.errors import ApiError

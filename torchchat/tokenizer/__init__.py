@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from torchchat.errors import TorchchatError
-from torchchat.tokenizer.base import Tokenizer, one_line
+from torchchat.errors import TorchchatError, one_line
+from torchchat.tokenizer.base import Tokenizer
 from torchchat.tokenizer.hf import HFTokenizer
 from torchchat.tokenizer.sentencepiece import SentencePieceTokenizer
 from torchchat.tokenizer.stream import StreamDecoder

@@ -104,8 +104,3 @@ def split_on_specials(text: str, pattern: re.Pattern[str] | None) -> list[str]:
     """Split text around special-token strings, keeping them as items; drops empty pieces."""
     parts = pattern.split(text) if pattern is not None else [text]
     return [part for part in parts if part]
-
-
-def one_line(error: BaseException) -> str:
-    """An exception's message squeezed onto one line, for TorchchatError texts."""
-    return " ".join(str(error).split()) or type(error).__name__

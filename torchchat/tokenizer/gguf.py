@@ -8,8 +8,8 @@ from typing import Any, NoReturn
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as HFLibTokenizer
 
-from torchchat.errors import TorchchatError
-from torchchat.tokenizer.base import Tokenizer, one_line
+from torchchat.errors import TorchchatError, one_line
+from torchchat.tokenizer.base import Tokenizer
 from torchchat.tokenizer.hf import HFTokenizer
 from torchchat.tokenizer.sentencepiece import SentencePieceTokenizer
 

@@ -12,8 +12,8 @@ from typing import Any
 
 from tokenizers import Tokenizer as HFLibTokenizer
 
-from torchchat.errors import TorchchatError
-from torchchat.tokenizer.base import Tokenizer, join_token_bytes, one_line, stop_ids_for
+from torchchat.errors import TorchchatError, one_line
+from torchchat.tokenizer.base import Tokenizer, join_token_bytes, stop_ids_for
 
 # Fallback names when there is no tokenizer_config.json to say which tokens are BOS/EOS.
 BOS_NAMES = ("<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>")

@@ -10,10 +10,9 @@ from pathlib import Path
 
 import tiktoken
 
-from torchchat.errors import TorchchatError
+from torchchat.errors import TorchchatError, one_line
 from torchchat.tokenizer.base import (
     Tokenizer,
-    one_line,
     specials_pattern,
     split_on_specials,
     stop_ids_for,

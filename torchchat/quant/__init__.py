@@ -1,0 +1,1 @@
+"""Quantization from one JSON recipe: schemes, quantized linears and embeddings, GPTQ."""

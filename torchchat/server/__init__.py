@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server: app (routes), schemas, engine (owns the model), protocol."""
