@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 from pathlib import Path
 
-import torch
-
 from torchchat.errors import TorchchatError
+from torchchat.generate.generator import format_metrics
 from torchchat.options import ChatOptions, GenerateOptions, ModelOptions, SamplingOptions
 
 
@@ -266,29 +264,10 @@ def sampling_options(a: argparse.Namespace) -> SamplingOptions:
         raise TorchchatError(str(e)) from None
 
 
-def peak_memory_mb(device: str) -> float:
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
 def report(metrics, runtime, quiet: bool, cached: int = 0) -> None:
-    """Metrics line on stderr."""
-    if quiet:
-        return
-    gbps = runtime.weight_bytes * metrics.decode_tps / 1e9
-    cache_note = f" (+{cached} reused from cache)" if cached else ""
-    spec_note = ""
-    if metrics.draft_proposed:
-        rate = metrics.draft_accepted / metrics.draft_proposed
-        spec_note = f"; draft acceptance {100 * rate:.0f}% ({metrics.draft_accepted}/{metrics.draft_proposed})"
-    print(
-        f"prompt {metrics.prompt_tokens} tokens{cache_note}, generated {metrics.new_tokens}; "
-        f"time to first token {metrics.ttft_s:.3f} s; prefill {metrics.prefill_tps:.1f} tok/s; "
-        f"decode {metrics.decode_tps:.1f} tok/s; {gbps:.2f} GB/s; "
-        f"peak memory {peak_memory_mb(runtime.device):.0f} MB{spec_note}",
-        file=sys.stderr,
-    )
+    """The metrics line, on stderr."""
+    if not quiet:
+        print(format_metrics(metrics, runtime, cached), file=sys.stderr)
 
 
 def run_generate(a: argparse.Namespace) -> None:
@@ -512,36 +491,13 @@ def run_server(a: argparse.Namespace, open_browser: bool = False) -> None:
 def run_tokenizer_export(a: argparse.Namespace) -> None:
     from torchchat.files import atomic_file
     from torchchat.tokenizer import load_tokenizer
+    from torchchat.tokenizer.runner_format import runner_tokenizer_bytes
 
     tok = load_tokenizer(a.tokenizer)
     data = runner_tokenizer_bytes(tok)
     with atomic_file(a.output) as tmp:
         tmp.write_bytes(data)
     print(f"wrote {a.output} ({tok.kind}, {tok.vocab_size} tokens)", file=sys.stderr)
-
-
-def runner_tokenizer_bytes(tok) -> bytes:
-    """The file runner/ reads: llama2.c's tokenizer.bin for sentencepiece (byte-identical to
-    llama2.c's tokenizer.py output), the `<base64> <rank>` file for tiktoken."""
-    import base64
-    import struct
-
-    if tok.kind == "sentencepiece":
-        sp = tok._sp  # scores are only on the sentencepiece processor
-        pieces = []
-        for i in range(tok.vocab_size):
-            text = {tok.bos_id: "\n<s>\n", tok.eos_id: "\n</s>\n"}.get(i, sp.id_to_piece(i))
-            pieces.append((sp.get_score(i), text.replace("\u2581", " ").encode()))
-        out = [struct.pack("<i", max(len(b) for _, b in pieces))]
-        out += [struct.pack("<fi", score, len(b)) + b for score, b in pieces]
-        return b"".join(out)
-    if tok.kind == "tiktoken":
-        # The ranks are the ids below the first special token (the runner re-adds the 256).
-        n_ranks = tok.special_token_id("<|begin_of_text|>")
-        return b"".join(base64.b64encode(tok.token_bytes(i)) + b" %d\n" % i for i in range(n_ranks))
-    raise TorchchatError(
-        f"the C++ runners read sentencepiece and tiktoken tokenizers, not {tok.kind}"
-    )
 
 
 VERBS = {
@@ -567,43 +523,27 @@ TENSOR_PARALLEL_VERBS = ("generate", "chat", "eval", "bench", "server", "browser
 
 
 def run_tensor_parallel(a: argparse.Namespace) -> None:
-    """Every rank builds its share of the model; rank 0 runs the verb (all input and output is
-    its), the others repeat its forward calls until it finishes or fails; then all leave."""
-    from torchchat.builder import resolve_device
-    from torchchat.distributed.group import init_from_env, quiet_unless_failing, shutdown
+    """Every rank builds its share of the model; rank 0 runs the verb, the others follow it."""
+    from torchchat.builder import model_from_checkpoint, resolve_device
+    from torchchat.distributed.group import run_ranks
+    from torchchat.distributed.runtime import follow
 
     if a.verb not in TENSOR_PARALLEL_VERBS:
         raise TorchchatError(f"--tp applies to {', '.join(TENSOR_PARALLEL_VERBS)}, not {a.verb}")
     if a.aoti_package_path or a.pte_path:
         raise TorchchatError("--tp shards a checkpoint, not an exported program")
-    group = init_from_env(a.tp, resolve_device(a.device))
-    try:
-        if group.rank == 0:
-            VERBS[a.verb](a)
+
+    def follow_rank0(group) -> None:  # this rank's share of the model rank 0 builds
+        opts = model_options(a)
+        if a.verb == "bench" and a.shape:
+            from torchchat.bench.tensor_parallel import random_model
+
+            model = random_model(a.shape, opts)
         else:
-            with quiet_unless_failing():
-                _follow_rank0(a, group)
-    except TorchchatError as e:
-        if group.rank == 0:
-            raise
-        raise TorchchatError(f"rank {group.rank}: {e}") from None
-    finally:
-        shutdown()
+            model, _, _ = model_from_checkpoint(opts)
+        follow(model, group, compile=opts.compile, compile_prefill=opts.compile_prefill)
 
-
-def _follow_rank0(a: argparse.Namespace, group) -> None:
-    """Ranks > 0: build this rank's share of the model rank 0 builds, then run its calls."""
-    from torchchat.builder import model_from_checkpoint
-    from torchchat.distributed.runtime import follow
-
-    opts = model_options(a)
-    if a.verb == "bench" and a.shape:
-        from torchchat.bench.tensor_parallel import random_model
-
-        model = random_model(a.shape, opts)
-    else:
-        model, _, _ = model_from_checkpoint(opts)
-    follow(model, group, compile=opts.compile, compile_prefill=opts.compile_prefill)
+    run_ranks(a.tp, resolve_device(a.device), lambda: VERBS[a.verb](a), follow_rank0)
 
 
 # -------------------------------------------------------------------------------------------

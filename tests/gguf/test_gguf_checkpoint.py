@@ -30,7 +30,8 @@ from tests.gguf.gguf_files import (
 )
 from torchchat.builder import build_model
 from torchchat.checkpoint import load_checkpoint
-from torchchat.checkpoint.gguf import SUPPORTED_TYPES, llama3_rope_factors, validate_gguf
+from torchchat.checkpoint.gguf import llama3_rope_factors
+from torchchat.checkpoint.gguf_header import SUPPORTED_TYPES, validate_gguf
 from torchchat.errors import TorchchatError
 from torchchat.generate.generator import Generator, Result
 from torchchat.model.config import RopeScaling

@@ -29,7 +29,7 @@ from tests.gguf.gguf_files import (
 )
 from torchchat.builder import build_transformer
 from torchchat.checkpoint import load_checkpoint
-from torchchat.checkpoint.gguf import validate_gguf
+from torchchat.checkpoint.gguf_header import validate_gguf
 from torchchat.errors import TorchchatError
 from torchchat.tokenizer.gguf import gguf_tokenizer
 

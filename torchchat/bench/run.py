@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import multiprocessing
-import resource
 import statistics
 import sys
 import tempfile
@@ -32,7 +31,7 @@ from torchchat.model.config import ModelArgs, known_model_args, known_model_name
 from torchchat.options import ModelOptions
 from torchchat.quant.apply import quantize, structural
 from torchchat.quant.config import load_quantize_spec
-from torchchat.runtime.base import ModelRuntime
+from torchchat.runtime.base import ModelRuntime, peak_rss_mb
 from torchchat.runtime.eager import EagerRuntime
 
 COMPARE_ENGINES = ("llama.cpp",)
@@ -276,7 +275,7 @@ def run_bench(mopts: ModelOptions, opts: BenchOptions, label: str) -> BenchRepor
                 if i >= opts.warmup:
                     for r, (prefill_s, decode_s) in zip(results, times, strict=True):
                         r.record(prefill_s, decode_s, opts)
-            ours.peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            ours.peak_rss_mb = peak_rss_mb()
             for r, w in zip(results[1:], workers, strict=True):
                 r.peak_rss_mb = w.close()
         finally:

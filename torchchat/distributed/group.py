@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import resource
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -15,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from torchchat.errors import TorchchatError
+from torchchat.runtime.base import peak_rss_mb
 
 # A collective that waits this long means a rank is stuck: fail instead of hanging.
 COLLECTIVE_TIMEOUT = timedelta(minutes=10)
@@ -156,9 +156,25 @@ def quiet_unless_failing() -> Iterator[None]:
             os.close(copy)
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident memory in MB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def run_ranks(
+    tp: int, device: str, lead: Callable[[], None], follow: Callable[[TensorParallelGroup], None]
+) -> None:
+    """A `--tp N` run, in every rank: rank 0 runs `lead` (the verb: all input and output is
+    its), the others `follow` it (build their share of the model, repeat its forward calls)
+    until it finishes or fails; then all leave. A follower's error names its rank."""
+    group = init_from_env(tp, device)
+    try:
+        if group.rank == 0:
+            lead()
+        else:
+            with quiet_unless_failing():
+                follow(group)
+    except TorchchatError as e:
+        if group.rank == 0:
+            raise
+        raise TorchchatError(f"rank {group.rank}: {e}") from None
+    finally:
+        shutdown()
 
 
 def _first_line(e: BaseException) -> str:

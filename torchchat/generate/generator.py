@@ -13,7 +13,7 @@ from torchchat.errors import TorchchatError
 from torchchat.generate.sampling import make_generator, sample
 from torchchat.generate.speculative import Speculator
 from torchchat.options import SamplingOptions
-from torchchat.runtime.base import ModelRuntime
+from torchchat.runtime.base import ModelRuntime, peak_memory_mb
 from torchchat.tokenizer import StreamDecoder, Tokenizer
 
 
@@ -38,6 +38,23 @@ class Metrics:
     def decode_tps(self) -> float:
         steps = self.new_tokens - 1
         return steps / self.decode_s if self.decode_s > 0 and steps > 0 else 0.0
+
+
+def format_metrics(metrics: Metrics, runtime: ModelRuntime, cached: int = 0) -> str:
+    """One line: tokens, time to first token, prefill and decode speed, GB/s, peak memory and
+    the draft's acceptance; `cached` prompt tokens were reused from the KV cache."""
+    gbps = runtime.weight_bytes * metrics.decode_tps / 1e9
+    cache_note = f" (+{cached} reused from cache)" if cached else ""
+    spec_note = ""
+    if metrics.draft_proposed:
+        rate = metrics.draft_accepted / metrics.draft_proposed
+        spec_note = f"; draft acceptance {100 * rate:.0f}% ({metrics.draft_accepted}/{metrics.draft_proposed})"
+    return (
+        f"prompt {metrics.prompt_tokens} tokens{cache_note}, generated {metrics.new_tokens}; "
+        f"time to first token {metrics.ttft_s:.3f} s; prefill {metrics.prefill_tps:.1f} tok/s; "
+        f"decode {metrics.decode_tps:.1f} tok/s; {gbps:.2f} GB/s; "
+        f"peak memory {peak_memory_mb(runtime.device):.0f} MB{spec_note}"
+    )
 
 
 @dataclass

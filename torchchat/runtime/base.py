@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import resource
 from abc import ABC, abstractmethod
 
+import torch
 from torch import Tensor
 
 from torchchat.model.config import ModelArgs
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_memory_mb(device: str) -> float:
+    """Peak memory of a model's device: CUDA's allocator, else this process's peak RSS."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return peak_rss_mb()
 
 
 class ModelRuntime(ABC):

@@ -116,6 +116,10 @@ class SentencePieceTokenizer(Tokenizer):
     def special_strings(self) -> list[str]:
         return list(self._specials)
 
+    def piece(self, token_id: int) -> tuple[str, float]:
+        """The vocabulary entry of an id as the model stores it: piece ('▁' for space), score."""
+        return self._sp.id_to_piece(token_id), self._sp.get_score(token_id)
+
     def special_token_id(self, text: str) -> int | None:
         """Id of a control piece such as '<s>'."""
         return self._specials.get(text)
