@@ -1,7 +1,10 @@
-"""Test helpers shared across the suite: paths to ../shared assets and tiny random models."""
+"""Test helpers shared across the suite: paths to ../shared assets, tiny random models, greedy
+generation, llama.cpp's tokenizer cases, a free port, waiting for a condition."""
 
 from __future__ import annotations
 
+import socket
+import time
 from pathlib import Path
 
 import torch
@@ -81,3 +84,48 @@ def one_line_error(p) -> str:
     assert len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
     assert p.stdout == ""
     return lines[0]
+
+
+def greedy(built, prompt: str | list[int] = "", n: int = 40):
+    """Greedy generation of up to n tokens through the Generator, as the CLI runs it: (text,
+    Result). A text prompt is encoded with BOS; a list of ids is fed as it is."""
+    from torchchat.generate.generator import Generator, Result
+    from torchchat.options import SamplingOptions
+
+    if isinstance(prompt, str):
+        prompt = built.tokenizer.encode(prompt, bos=True)
+    res = Result()
+    gen = Generator(built.runtime, built.tokenizer)
+    text = "".join(gen.stream(prompt, max_new_tokens=n, sampling=SamplingOptions(0), result=res))
+    return text, res
+
+
+def ggml_cases(folder: str, stem: str) -> list[tuple[str, list[int]]]:
+    """llama.cpp tokenizer test cases in ../shared/models/FOLDER: (text, expected ids without
+    BOS)."""
+    base = SHARED / "models" / folder / stem
+    # newline="" keeps "\r" and "\r\n" inside cases exactly as written.
+    with open(f"{base}.inp", encoding="utf-8", newline="") as f:
+        texts = f.read().split("\n__ggml_vocab_test__\n")
+    with open(f"{base}.out", encoding="utf-8", newline="") as f:
+        lines = f.read().split("\n")
+    # Both files end with a terminator, leaving one empty item after the last case.
+    assert texts[-1] == "" and lines[-1] == ""
+    texts, lines = texts[:-1], lines[:-1]
+    assert len(texts) == len(lines)
+    return [(text, [int(t) for t in line.split()]) for text, line in zip(texts, lines, strict=True)]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(condition, timeout: float = 10.0) -> None:
+    """Poll `condition()` until it is true; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)

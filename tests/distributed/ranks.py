@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -14,13 +13,8 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
+from tests.support import free_port
 from torchchat.distributed.group import init_from_env, shutdown
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_main(rank: int, world: int, port: int, job: Callable, job_args: tuple, out: str) -> None:

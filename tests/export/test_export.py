@@ -10,13 +10,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-from tests.support import REPO, STORIES_BIN, STORIES_TOK, random_args, random_state_dict
+from tests.support import REPO, STORIES_BIN, STORIES_TOK, greedy, random_args, random_state_dict
 from torchchat import kernels
 from torchchat.builder import build_model
 from torchchat.checkpoint.native import save_native
 from torchchat.errors import TorchchatError
 from torchchat.export.run import ExportOptions, run_export
-from torchchat.generate.generator import Generator, Result
 from torchchat.model.config import RopeScaling
 from torchchat.options import ModelOptions, SamplingOptions
 
@@ -24,15 +23,8 @@ pytestmark = pytest.mark.slow
 GREEDY = SamplingOptions(temperature=0)
 
 
-def greedy(built, prompt_text="Once upon a time", n=60):
-    res = Result()
-    prompt = built.tokenizer.encode(prompt_text, bos=True)
-    list(
-        Generator(built.runtime, built.tokenizer).stream(
-            prompt, max_new_tokens=n, sampling=GREEDY, result=res
-        )
-    )
-    return res
+def greedy_result(built, prompt_text="Once upon a time", n=60):
+    return greedy(built, prompt_text, n)[1]
 
 
 @pytest.fixture(scope="module", params=["stories260K", "gqa-llama31-rope"])
@@ -59,11 +51,11 @@ def exported(request, tmp_path_factory):
 
 def test_greedy_tokens_identical_across_runtimes(exported):
     mopts, out = exported
-    eager = greedy(build_model(mopts))
-    compiled = greedy(build_model(replace(mopts, compile=True, fused_decode=False)))
+    eager = greedy_result(build_model(mopts))
+    compiled = greedy_result(build_model(replace(mopts, compile=True, fused_decode=False)))
     assert compiled.tokens == eager.tokens
-    aoti = greedy(build_model(ModelOptions(aoti_package_path=out / "m.pt2")))
-    pte = greedy(build_model(ModelOptions(pte_path=out / "m.pte")))
+    aoti = greedy_result(build_model(ModelOptions(aoti_package_path=out / "m.pt2")))
+    pte = greedy_result(build_model(ModelOptions(pte_path=out / "m.pte")))
     assert aoti.tokens == eager.tokens
     assert pte.tokens == eager.tokens
     assert aoti.text == eager.text == pte.text
@@ -189,8 +181,8 @@ def test_quantized_aoti_package_gives_the_eager_quantized_tokens(tmp_path):
     )
     run_export(mopts, ExportOptions(aoti_package_path=tmp_path / "q.pt2"))
     with kernels.disabled():
-        eager = greedy(build_model(mopts), n=40)
-    aoti = greedy(
+        eager = greedy_result(build_model(mopts), n=40)
+    aoti = greedy_result(
         build_model(ModelOptions(aoti_package_path=tmp_path / "q.pt2", tokenizer_path=STORIES_TOK)),
         n=40,
     )

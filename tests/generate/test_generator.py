@@ -7,7 +7,14 @@ import json
 import pytest
 import torch
 
-from tests.support import STORIES_BIN, STORIES_TOK, random_args, random_state_dict, shared_path
+from tests.support import (
+    STORIES_BIN,
+    STORIES_TOK,
+    greedy,
+    random_args,
+    random_state_dict,
+    shared_path,
+)
 from torchchat.builder import build_model, build_transformer
 from torchchat.generate.generator import Generator, Result, _split_stop
 from torchchat.generate.sampling import sample
@@ -35,19 +42,8 @@ def stories():
     )
 
 
-def greedy_text(built, prompt: str, n: int) -> tuple[str, Result]:
-    gen = Generator(built.runtime, built.tokenizer)
-    res = Result()
-    text = "".join(
-        gen.stream(
-            built.tokenizer.encode(prompt, bos=True), max_new_tokens=n, sampling=GREEDY, result=res
-        )
-    )
-    return text, res
-
-
 def test_stories260k_matches_llama2c(stories):
-    text, res = greedy_text(stories, "", 200)
+    text, res = greedy(stories, "", 200)
     assert text == LLAMA2C_STORIES260K
     assert len(res.tokens) == 200 and res.finish_reason == "length"
 
@@ -79,8 +75,8 @@ def test_compiled_decode_gives_identical_greedy_tokens(stories):
             fused_decode=False,  # the compiled graph, not the fused kernel step
         )
     )
-    _, eager = greedy_text(stories, "Once upon a time", 120)
-    _, comp = greedy_text(compiled, "Once upon a time", 120)
+    _, eager = greedy(stories, "Once upon a time", 120)
+    _, comp = greedy(compiled, "Once upon a time", 120)
     assert comp.tokens == eager.tokens
 
 

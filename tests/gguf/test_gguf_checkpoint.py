@@ -28,12 +28,12 @@ from tests.gguf.gguf_files import (
     tiny_kv_table,
     tiny_tensors,
 )
+from tests.support import greedy
 from torchchat.builder import build_model
 from torchchat.checkpoint import load_checkpoint
 from torchchat.checkpoint.gguf import llama3_rope_factors
 from torchchat.checkpoint.gguf_header import SUPPORTED_TYPES, validate_gguf
 from torchchat.errors import TorchchatError
-from torchchat.generate.generator import Generator, Result
 from torchchat.model.config import RopeScaling
 from torchchat.model.transformer import rope_frequencies
 from torchchat.options import ModelOptions, SamplingOptions
@@ -45,9 +45,7 @@ LLAMA2C_STORIES260K = llama2c_stories260k()
 def greedy_tokens(built, prompt: list[int], n: int, stops: bool = True) -> list[int]:
     if not stops:  # random weights: keep going past EOS to compare a full n tokens
         built.tokenizer.stop_ids = frozenset()
-    res = Result()
-    list(Generator(built.runtime, built.tokenizer).stream(prompt, max_new_tokens=n, sampling=GREEDY, result=res))  # fmt: skip
-    return res.tokens
+    return greedy(built, prompt, n)[1].tokens
 
 
 def test_stories_config_equals_the_bins():

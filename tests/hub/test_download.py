@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.generate.test_generator import LLAMA2C_STORIES260K, greedy_text
+from tests.generate.test_generator import LLAMA2C_STORIES260K
 from tests.hub.conftest import GATE_TOKEN, LLAMA2_TOK, TINY_HF, hub_env
 from tests.support import REPO
+from tests.support import greedy as support_greedy
 from torchchat.builder import build_model
 from torchchat.cli import main
 from torchchat.hub.store import disk_size
@@ -36,7 +37,7 @@ def assert_nothing_left(model_dir: Path) -> None:
 def greedy(checkpoint: Path, tokenizer: Path, prompt: str, n: int) -> str:
     """Greedy text from the original files, in-process: what the downloaded copy must reproduce."""
     built = build_model(ModelOptions(checkpoint_path=checkpoint, tokenizer_path=tokenizer))
-    return greedy_text(built, prompt, n)[0]
+    return support_greedy(built, prompt, n)[0]
 
 
 def cli(capsys, *args: str | Path) -> tuple[int, str, str]:

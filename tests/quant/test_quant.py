@@ -11,12 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-from tests.support import REPO, SHARED, STORIES_BIN, STORIES_TOK
+from tests.support import REPO, SHARED, STORIES_BIN, STORIES_TOK, greedy
 from torchchat import kernels
 from torchchat.builder import build_model
 from torchchat.errors import TorchchatError
-from torchchat.generate.generator import Generator, Result
-from torchchat.options import ModelOptions, SamplingOptions
+from torchchat.options import ModelOptions
 from torchchat.quant.config import load_quantize_spec
 from torchchat.quant.embedding import QuantizedEmbedding
 from torchchat.quant.gptq import _collect_hessians, quantize_linear_gptq
@@ -35,6 +34,10 @@ SCHEMES = {
         "linear:gptq": {"groupsize": 32, "calibration_file": str(WIKI), "calibration_samples": 4}
     },
 }
+
+
+def greedy_tokens(built, n=40):
+    return greedy(built, "Once upon a time", n)[1].tokens
 
 
 def weights(rows, cols, seed=0):
@@ -123,20 +126,9 @@ def test_gptq_beats_round_to_nearest_on_layer_output():
     assert err_gptq < 0.7 * err_rtn
 
 
-def greedy(built, n=40):
-    res = Result()
-    prompt = built.tokenizer.encode("Once upon a time", bos=True)
-    list(
-        Generator(built.runtime, built.tokenizer).stream(
-            prompt, max_new_tokens=n, sampling=SamplingOptions(0), result=res
-        )
-    )
-    return res.tokens
-
-
 @pytest.fixture(scope="module")
 def fp32_tokens():
-    return greedy(
+    return greedy_tokens(
         build_model(ModelOptions(checkpoint_path=STORIES_BIN, tokenizer_path=STORIES_TOK))
     )
 
@@ -146,7 +138,7 @@ def test_every_scheme_generates(name, fp32_tokens):
     built = build_model(
         ModelOptions(checkpoint_path=STORIES_BIN, quantize=json.dumps(SCHEMES[name]))
     )
-    tokens = greedy(built)
+    tokens = greedy_tokens(built)
     assert len(tokens) == 40
     if name in ("int8", "emb8"):  # 8-bit is close enough to keep the greedy story on stories260K
         assert tokens[:20] == fp32_tokens[:20]
@@ -159,7 +151,7 @@ def test_quantize_verb_saves_checkpoint_that_reloads_identically(tmp_path, name)
         if name != "emb4-g32"
         else SCHEMES[name]
     )
-    direct = greedy(build_model(ModelOptions(checkpoint_path=STORIES_BIN, quantize=spec)))
+    direct = greedy_tokens(build_model(ModelOptions(checkpoint_path=STORIES_BIN, quantize=spec)))
     out = tmp_path / "q"
     p = subprocess.run(
         [sys.executable, "-m", "torchchat", "quantize", str(STORIES_BIN), "--quantize", spec, "--output", str(out)],
@@ -169,7 +161,7 @@ def test_quantize_verb_saves_checkpoint_that_reloads_identically(tmp_path, name)
     if name != "emb4-g32":  # (tied model: quantizing only the table keeps a float output matrix)
         assert (out / "model.pth").stat().st_size < 0.6 * STORIES_BIN.stat().st_size
     reloaded = build_model(ModelOptions(checkpoint_path=out))
-    assert greedy(reloaded) == direct
+    assert greedy_tokens(reloaded) == direct
     with pytest.raises(TorchchatError, match="already quantized"):
         build_model(ModelOptions(checkpoint_path=out, quantize=spec))
 

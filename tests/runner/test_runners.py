@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import REPO, SHARED, STORIES_BIN, STORIES_TOK, run_torchchat
+from tests.support import REPO, SHARED, STORIES_BIN, STORIES_TOK, ggml_cases, run_torchchat
 
 pytestmark = pytest.mark.slow
 
@@ -180,17 +180,6 @@ def _cpp_encode(
     lines = p.stdout.decode().split("\n")[:-1]
     assert len(lines) == len(texts)
     return [[int(t) for t in line.split()] for line in lines]
-
-
-def ggml_cases(folder: str, stem: str) -> list[tuple[str, list[int]]]:
-    """llama.cpp tokenizer test cases (text, ids without BOS); as tests/tokenizer reads them."""
-    base = SHARED / "models" / folder / stem
-    with open(f"{base}.inp", encoding="utf-8", newline="") as f:
-        texts = f.read().split("\n__ggml_vocab_test__\n")[:-1]
-    with open(f"{base}.out", encoding="utf-8", newline="") as f:
-        lines = f.read().split("\n")[:-1]
-    assert len(texts) == len(lines)
-    return [(text, [int(t) for t in line.split()]) for text, line in zip(texts, lines, strict=True)]
 
 
 def _random_texts(n: int) -> list[str]:

@@ -20,6 +20,7 @@ from tests.server.conftest import (
     build_stories,
     live_server,
 )
+from tests.support import wait_for
 from torchchat.cli import build_parser
 from torchchat.errors import TorchchatError
 from torchchat.options import SamplingOptions
@@ -205,13 +206,6 @@ def test_serial_when_batching_is_off_or_unsupported(built):
 def stream(http: httpx.Client, max_tokens: int) -> httpx.Response:
     body = {"prompt": "Once upon a time", "max_tokens": max_tokens, "stream": True}
     return http.send(http.build_request("POST", "/v1/completions", json=body), stream=True)
-
-
-def wait_for(condition, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.005)
 
 
 def test_full_queue_is_503_when_every_slot_is_busy():

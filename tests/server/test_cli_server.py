@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -12,14 +11,8 @@ import time
 import httpx
 import pytest
 
-from tests.support import REPO, STORIES_BIN, run_torchchat
+from tests.support import REPO, STORIES_BIN, free_port, run_torchchat
 from torchchat.cli import main
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_server_verb_serves_and_stops_on_ctrl_c():

@@ -11,6 +11,7 @@ import httpx
 import pytest
 
 from tests.server.conftest import MODEL_ID, SlowRuntime, build_stories, live_server
+from tests.support import wait_for
 from torchchat.server.config import ServerOptions
 
 ANIMALS = ["cat", "dog", "bird", "fish", "frog", "bear", "lion", "duck"]
@@ -57,13 +58,6 @@ def open_stream(http: httpx.Client, max_tokens: int = 400) -> httpx.Response:
     body = {"prompt": "Once upon a time", "max_tokens": max_tokens, "stream": True}
     request = http.build_request("POST", "/v1/completions", json=body)
     return http.send(request, stream=True)
-
-
-def wait_for(condition, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.005)
 
 
 def test_disconnect_stops_generation_within_one_step(slow):

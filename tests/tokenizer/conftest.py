@@ -11,6 +11,7 @@ from tokenizers import AddedToken, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFLib
 from tokenizers.trainers import BpeTrainer
 
+from tests.support import ggml_cases
 from torchchat.tokenizer import load_tokenizer
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "models"
@@ -129,21 +130,6 @@ def hf_bytelevel_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def hf_bytelevel(hf_bytelevel_dir):
     return load_tokenizer(hf_bytelevel_dir)
-
-
-def ggml_cases(folder: str, stem: str) -> list[tuple[str, list[int]]]:
-    """llama.cpp tokenizer test cases: (text, expected ids without BOS)."""
-    base = SHARED / folder / stem
-    # newline="" keeps "\r" and "\r\n" inside cases exactly as written.
-    with open(f"{base}.inp", encoding="utf-8", newline="") as f:
-        texts = f.read().split("\n__ggml_vocab_test__\n")
-    with open(f"{base}.out", encoding="utf-8", newline="") as f:
-        lines = f.read().split("\n")
-    # Both files end with a terminator, leaving one empty item after the last case.
-    assert texts[-1] == "" and lines[-1] == ""
-    texts, lines = texts[:-1], lines[:-1]
-    assert len(texts) == len(lines)
-    return [(text, [int(t) for t in line.split()]) for text, line in zip(texts, lines, strict=True)]
 
 
 @pytest.fixture(scope="session")
