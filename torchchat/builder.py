@@ -163,17 +163,10 @@ def model_from_checkpoint(
 ) -> tuple[Transformer, Checkpoint, list[Scheme]]:
     """Load weights and config, quantize if asked, build the Transformer in the requested
     dtype/device. Returns the model, its checkpoint and the quantization it now carries."""
-    schemes = load_quantize_spec(opts.quantize) if opts.quantize else []
-    dtype_name, device_name = opts.dtype, opts.device
-    for scheme in schemes:  # the recipe may choose precision and device
-        if scheme.name == "precision":
-            dtype_name = scheme.args["dtype"]
-        elif scheme.name == "executor":
-            device_name = scheme.args["accelerator"]
+    schemes, dtype_name, device = recipe_settings(opts)
     path = opts.checkpoint_path or opts.gguf_path or _model_path(opts.model)
     ckpt = load_checkpoint(path)
     args = resolve_args(opts, ckpt, verbose)
-    device = resolve_device(device_name)
     saved = [Scheme(s["name"], s["args"]) for s in ckpt.extra.get("quantization", [])]
     if saved and structural(schemes):
         raise TorchchatError(
@@ -194,8 +187,6 @@ def model_from_checkpoint(
         return _packed_gguf_model(args, ckpt, schemes, dtype, device, verbose), ckpt, []
     if not structural(schemes):
         return build_transformer(args, sd, dtype, device, saved, sharding), ckpt, saved
-    # Quantize from the checkpoint's own precision (after sharding), then move to the run dtype.
-    model = build_transformer(args, sd, float_dtype, device, sharding=sharding)
     calibration = None
     if any(s.name == "linear:gptq" for s in schemes):
         from torchchat.quant.gptq import calibration_batches, calibration_text
@@ -213,8 +204,54 @@ def model_from_checkpoint(
             gptq["calibration_seq_length"],
             gptq["calibration_samples"],
         )
+    model = quantized_model(args, sd, schemes, dtype, device, float_dtype, sharding, calibration)
+    return model, ckpt, structural(schemes)
+
+
+def recipe_settings(opts: ModelOptions) -> tuple[list[Scheme], str | None, str]:
+    """The --quantize recipe's schemes, and the dtype name and device to run in: the recipe's
+    `precision` and `executor` override --dtype and --device."""
+    schemes = load_quantize_spec(opts.quantize) if opts.quantize else []
+    dtype_name, device_name = opts.dtype, opts.device
+    for scheme in schemes:
+        if scheme.name == "precision":
+            dtype_name = scheme.args["dtype"]
+        elif scheme.name == "executor":
+            device_name = scheme.args["accelerator"]
+    return schemes, dtype_name, resolve_device(device_name)
+
+
+def quantized_model(
+    args: ModelArgs,
+    sd: dict[str, torch.Tensor],
+    schemes: list[Scheme],
+    dtype: torch.dtype,
+    device: str,
+    float_dtype: torch.dtype = torch.float32,
+    sharding: Sharding | None = None,
+    calibration: list[torch.Tensor] | None = None,
+) -> Transformer:
+    """The Transformer of `sd` (float weights, this rank's share under --tp) quantized as the
+    recipe's schemes ask: quantized from the weights' own precision, then cast to `dtype`."""
+    if not structural(schemes):  # nothing to quantize: cast while building, no float copy
+        return build_transformer(args, sd, dtype, device, sharding=sharding)
+    model = build_transformer(args, sd, float_dtype, device, sharding=sharding)
     quantize(model, schemes, calibration)
-    return model.to(dtype=dtype), ckpt, structural(schemes)
+    return model.to(dtype=dtype)
+
+
+def make_runtime(model: Transformer, max_seq: int, opts: ModelOptions) -> ModelRuntime:
+    """The runtime for a built model: one process (eager, compiled or fused decode, on
+    torchchat's kernels where they run), or rank 0 of --tp N."""
+    if opts.tp > 1:
+        return tensor_parallel_runtime(model, max_seq, opts)
+    return EagerRuntime(
+        model,
+        max_seq,
+        compile=opts.compile,
+        compile_prefill=opts.compile_prefill,
+        fused_decode=opts.fused_decode,
+    )
 
 
 # --- tensor parallelism (--tp N under torchrun): torchchat/distributed ---------------------
@@ -344,16 +381,7 @@ def build_model(opts: ModelOptions, verbose: bool = False) -> BuiltModel:
         raise TorchchatError(
             f"--max-seq-length {max_seq} is outside 2..{model.args.max_seq_len} (the model's context)"
         )
-    if opts.tp > 1:
-        runtime = tensor_parallel_runtime(model, max_seq, opts)
-    else:
-        runtime = EagerRuntime(
-            model,
-            max_seq,
-            compile=opts.compile,
-            compile_prefill=opts.compile_prefill,
-            fused_decode=opts.fused_decode,
-        )
+    runtime = make_runtime(model, max_seq, opts)
     return BuiltModel(runtime, tokenizer, model.args, build_speculator(opts, runtime, verbose))
 
 
@@ -388,7 +416,5 @@ def build_speculator(opts: ModelOptions, target: ModelRuntime, verbose: bool) ->
         f"speculative decoding with a draft of {draft.args.weight_count() / 1e6:.1f}M parameters, k={opts.speculate_k}",
         verbose,
     )
-    draft_runtime = EagerRuntime(
-        draft, target.max_seq_len, compile=opts.compile, fused_decode=opts.fused_decode
-    )
+    draft_runtime = make_runtime(draft, target.max_seq_len, replace(draft_opts, tp=1))
     return Speculator(target, draft_runtime, opts.speculate_k)

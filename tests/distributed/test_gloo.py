@@ -72,10 +72,11 @@ def tensor_parallel_job(group, recipe, steps):
         return None
     runtime = TensorParallelRuntime(model, ARGS["max_seq_len"], group)
     layer = runtime.local.model.layers[0]
+    # class names with their bases: the runtime gives linears kernel-backed subclasses
     kinds = {
-        "wq": type(layer.attention.wq).__name__,
+        "wq": [c.__name__ for c in type(layer.attention.wq).__mro__],
         "wo": type(layer.attention.wo).__name__,
-        "wo.linear": type(layer.attention.wo.linear).__name__,
+        "wo.linear": [c.__name__ for c in type(layer.attention.wo.linear).__mro__],
         "kv_cache": tuple(layer.attention.kv_cache.k.shape),
     }
     tokens, logits = greedy(runtime, steps=steps)
@@ -101,8 +102,8 @@ def test_two_ranks_match_one_process(recipe, steps, quantized, wrapper):
         assert torch.allclose(logits, ref_logits, atol=1e-4, rtol=1e-4)
     else:  # whole rows, the same kernel and scales: the same bits
         assert torch.equal(logits, ref_logits)
-    assert kinds["wq"] == quantized and kinds["wo"] == wrapper.__name__
-    assert kinds["wo.linear"] == quantized
+    assert quantized in kinds["wq"] and kinds["wo"] == wrapper.__name__
+    assert quantized in kinds["wo.linear"]
     assert kinds["kv_cache"] == (1, 1, ARGS["max_seq_len"], 8)  # this rank's 1 of 2 kv heads
     assert len(rss) == 2 and all(mb > 50 for mb in rss)
 

@@ -25,14 +25,18 @@ from torchchat import kernels
 from torchchat.bench.bandwidth import read_bandwidth
 from torchchat.bench.gguf_writer import gguf_weight_bytes, write_gguf
 from torchchat.bench.llamacpp import LlamaCppWorker, llama_cpp_version, require_llama_cpp
-from torchchat.builder import build_model, build_transformer, resolve_device, resolve_dtype
+from torchchat.builder import (
+    build_model,
+    make_runtime,
+    quantized_model,
+    recipe_settings,
+    resolve_dtype,
+)
 from torchchat.errors import TorchchatError
 from torchchat.model.config import ModelArgs, known_model_args, known_model_names
 from torchchat.options import ModelOptions
-from torchchat.quant.apply import quantize, structural
 from torchchat.quant.config import load_quantize_spec
 from torchchat.runtime.base import ModelRuntime, peak_rss_mb
-from torchchat.runtime.eager import EagerRuntime
 
 COMPARE_ENGINES = ("llama.cpp",)
 # Metrics whose torchchat/llama.cpp ratio is reported (setup is not comparable: ours includes
@@ -50,6 +54,12 @@ class BenchOptions:
     warmup: int = 1
     threads: int | None = None
     compare: str | None = None  # "llama.cpp": run the same weights there too
+
+    def __post_init__(self) -> None:
+        if self.compare is not None and self.compare not in COMPARE_ENGINES:
+            raise TorchchatError(f"--compare: unknown engine {self.compare!r} (known: llama.cpp)")
+        if self.compare and not self.shape:
+            raise TorchchatError("--compare llama.cpp needs --shape (random weights of a shape)")
 
 
 @dataclass
@@ -148,23 +158,13 @@ def random_runtime(
 ) -> ModelRuntime:
     """A model of a known shape with random weights (`random_weights` unless sd is given),
     quantized as asked."""
-    args = shape_args(shape)
-    device = resolve_device(mopts.device)
-    schemes = load_quantize_spec(mopts.quantize) if mopts.quantize else []
-    dtype_name = next((s.args["dtype"] for s in schemes if s.name == "precision"), mopts.dtype)
+    schemes, dtype_name, device = recipe_settings(mopts)
     dtype = resolve_dtype(dtype_name, device, torch.float32)
-    sd = random_weights(args) if sd is None else sd
-    model = build_transformer(args, sd, torch.float32 if structural(schemes) else dtype, device)
-    if structural(schemes):
-        quantize(model, schemes)
-        model = model.to(dtype=dtype)
-    return EagerRuntime(
-        model,
-        max_seq_len,
-        compile=mopts.compile,
-        compile_prefill=mopts.compile_prefill,
-        fused_decode=mopts.fused_decode,
+    args = shape_args(shape)
+    model = quantized_model(
+        args, random_weights(args) if sd is None else sd, schemes, dtype, device
     )
+    return make_runtime(model, max_seq_len, mopts)
 
 
 def gguf_types(mopts: ModelOptions) -> list[str]:
@@ -292,10 +292,6 @@ def _compared_gguf_types(mopts: ModelOptions, opts: BenchOptions) -> list[str]:
     """The GGUF types llama.cpp runs for --compare (none without it)."""
     if not opts.compare:
         return []
-    if opts.compare not in COMPARE_ENGINES:
-        raise TorchchatError(f"--compare: unknown engine {opts.compare!r} (known: llama.cpp)")
-    if not opts.shape:
-        raise TorchchatError("--compare llama.cpp needs --shape (random weights of a shape)")
     require_llama_cpp()
     return gguf_types(mopts)
 

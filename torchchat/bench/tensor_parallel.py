@@ -22,10 +22,10 @@ from torchchat.bench.run import (
 )
 from torchchat.builder import (
     build_model,
-    build_transformer,
-    resolve_device,
+    make_runtime,
+    quantized_model,
+    recipe_settings,
     resolve_dtype,
-    tensor_parallel_runtime,
     tensor_parallel_sharding,
 )
 from torchchat.distributed.sharding import Sharding
@@ -33,8 +33,6 @@ from torchchat.errors import TorchchatError
 from torchchat.model.config import ModelArgs
 from torchchat.model.transformer import Transformer
 from torchchat.options import ModelOptions
-from torchchat.quant.apply import quantize, structural
-from torchchat.quant.config import load_quantize_spec
 
 
 @dataclass
@@ -55,18 +53,13 @@ def random_shard(args: ModelArgs, sharding: Sharding, seed: int = 0) -> dict[str
 
 def random_model(shape: str, mopts: ModelOptions) -> Transformer:
     """This rank's share of `bench --shape` random weights, quantized as asked (all ranks)."""
-    args = shape_args(shape)
-    device = resolve_device(mopts.device)
-    schemes = load_quantize_spec(mopts.quantize) if mopts.quantize else []
-    dtype_name = next((s.args["dtype"] for s in schemes if s.name == "precision"), mopts.dtype)
+    schemes, dtype_name, device = recipe_settings(mopts)
     dtype = resolve_dtype(dtype_name, device, torch.float32)
+    args = shape_args(shape)
     sharding = tensor_parallel_sharding(mopts, args, device, schemes, [])
-    sd = random_shard(args, sharding)
-    build_dtype = torch.float32 if structural(schemes) else dtype
-    model = build_transformer(args, sd, build_dtype, device, sharding=sharding)
-    if structural(schemes):
-        quantize(model, schemes)
-    return model.to(dtype=dtype)
+    return quantized_model(
+        args, random_shard(args, sharding), schemes, dtype, device, sharding=sharding
+    )
 
 
 def run_bench(mopts: ModelOptions, opts: BenchOptions, label: str) -> BenchReport:
@@ -83,7 +76,7 @@ def run_bench(mopts: ModelOptions, opts: BenchOptions, label: str) -> BenchRepor
     max_seq = opts.prompt_tokens + opts.new_tokens
     t0 = time.perf_counter()
     if opts.shape:
-        runtime = tensor_parallel_runtime(random_model(opts.shape, mopts), max_seq, mopts)
+        runtime = make_runtime(random_model(opts.shape, mopts), max_seq, mopts)
     else:
         runtime = build_model(replace(mopts, max_seq_length=max_seq)).runtime
     setup = time.perf_counter() - t0
