@@ -48,7 +48,8 @@ def compare(freeze: list[dict]) -> dict:
     moved, added = [], []
     for pkg in freeze:
         name, version = canonicalize_name(pkg["name"]), pkg["version"]
-        if name in ("torchchat", "torch"):  # the project itself; torch is pinned exactly
+        if name in ("torchchat", "torch", "pip", "setuptools", "wheel"):  # the project, torch
+            # (pinned exactly) and the environment's own installers
             continue
         if name not in pins:
             added.append((name, version))
@@ -135,8 +136,9 @@ def main() -> int:
         rc = run(
             [py, "-m", "pytest", "-q", "-rf", "-p", "no:cacheprovider", *a.pytest_args], env, log
         )
-        out = log.read_text()[start:]
+        out = log.read_bytes()[start:].decode(errors="replace")
         summary = [line for line in out.splitlines() if re.search(r"\d+ (passed|failed)", line)]
+        (REPO / "deps" / ".drift-last.log").write_text(out)  # the whole run, for a closer look
         info.update(
             date=datetime.date.today().isoformat(),
             python=f"Python {platform.python_version()}",
