@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from tests.support import STORIES_BIN, random_args, random_state_dict, run_torchchat
 from torchchat import kernels
+from torchchat.errors import TorchchatError
 from torchchat.export.program import export_program
 from torchchat.model.transformer import Linear, Transformer, attend_rows, project
 from torchchat.quant.apply import quantize
@@ -301,19 +302,34 @@ def test_ops_decline_what_they_do_not_cover():
         assert kernels.float_linear(torch.randn(1, 16), torch.randn(4, 16)) is None
 
 
-def test_a_failed_build_falls_back_with_one_line(monkeypatch, capsys, tmp_path):
-    import torch.utils.cpp_extension as ext
+def test_a_missing_library_falls_back_and_a_forced_level_fails_in_one_line(monkeypatch, capsys):
+    """pip builds the kernels; without them (no compiler at install) torch's ops run, with a
+    status line for -v and nothing on stderr. A level forced by TORCHCHAT_ISA that this machine
+    does not run is one TorchchatError naming it and the levels it has."""
+    from torchchat.kernels import library
 
-    def broken(**_):
-        raise RuntimeError("Error building extension 'torchchat_cpu_linear'\nninja: build stopped")
-
-    monkeypatch.setattr(ext, "load", broken)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert kernels._build_and_load.__wrapped__() == 0
-    err = capsys.readouterr().err
-    assert "CPU kernels unavailable (ninja: build stopped)" in err
+    monkeypatch.delenv(library.ENV_ISA, raising=False)
+    monkeypatch.setenv(library.ENV, "1")
+    real = library._load_library
+    monkeypatch.setattr(library, "_load_library", lambda: "not built (no compiler)")
+    state = library._initial()
+    assert (state.level, state.bits, state.available) == ("off", 0, ("off",))
+    assert "CPU kernels off (not built (no compiler))" in state.status
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv(library.ENV_ISA, "avx512")
+    with pytest.raises(TorchchatError, match=r"^TORCHCHAT_ISA=avx512: CPU kernels not built"):
+        library._initial()
+    monkeypatch.setattr(library, "_load_library", real)
+    monkeypatch.setenv(library.ENV_ISA, "avx2")  # not built yet on any machine
+    with pytest.raises(TorchchatError, match=r"^TORCHCHAT_ISA=avx2: not available on this "
+                       r"machine; available: .*scalar, off$"):  # fmt: skip
+        library._initial()
+    monkeypatch.setenv(library.ENV_ISA, "sse9")
+    with pytest.raises(TorchchatError, match="unknown level"):
+        library._initial()
+    monkeypatch.delenv(library.ENV_ISA)
     monkeypatch.setenv(kernels.ENV, "0")
-    assert kernels._build_and_load.__wrapped__() == 0
+    assert library._initial().level == "off"
 
 
 def small_model(quantize_spec: str | None = None) -> Transformer:
