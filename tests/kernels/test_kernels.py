@@ -24,6 +24,19 @@ needs_bf16 = pytest.mark.skipif(
     not kernels.simd_level() & kernels.AVX512_BF16, reason="int4 kernel needs AVX512-BF16"
 )
 
+
+@pytest.fixture(params=["avx512", "scalar"])
+def isa(request):
+    """Run the test on each instruction-set level's kernels this machine runs (the scalar level:
+    the reference kernels, on any CPU)."""
+    if request.param not in kernels.available_isas():
+        pytest.skip(f"this machine does not run the {request.param} kernels")
+    before = kernels.isa()
+    kernels.select_isa(request.param)
+    yield request.param
+    kernels.select_isa(before)
+
+
 # (rows, in, out): one token, a few, the most the kernels take; dims off every vector width.
 SHAPES = [(1, 768, 768), (3, 100, 37), (8, 288, 1000), (1, 17, 5), (5, 64, 176)]
 
@@ -37,6 +50,7 @@ def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
     "dtype,tol",
     [(torch.float32, 2e-6), (torch.bfloat16, 8e-3), (torch.float16, 1e-3)],  # output rounding
 )
+@pytest.mark.usefixtures("isa")
 def test_float_linear_matches_fp32_reference(m, k, n, dtype, tol):
     torch.manual_seed(m * k + n)
     x, w = torch.randn(m, k).to(dtype), torch.randn(n, k).to(dtype)
@@ -45,6 +59,7 @@ def test_float_linear_matches_fp32_reference(m, k, n, dtype, tol):
     assert max_rel(y, F.linear(x.float(), w.float())) < tol
 
 
+@pytest.mark.usefixtures("isa")
 def test_float_linear_takes_batched_rows_and_strided_weights():
     torch.manual_seed(0)
     x = torch.randn(2, 3, 40)
@@ -56,6 +71,7 @@ def test_float_linear_takes_batched_rows_and_strided_weights():
 @pytest.mark.parametrize("m,k,n", SHAPES)
 @pytest.mark.parametrize("groupsize", [0, 32, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.usefixtures("isa")
 def test_int8_linear_matches_dequantized_reference(m, k, n, groupsize, dtype):
     """Scales as saved (bf16) and as an fp32 model holds them after .to(float32)."""
     torch.manual_seed(n)
@@ -72,6 +88,7 @@ def test_int8_linear_matches_dequantized_reference(m, k, n, groupsize, dtype):
 @needs_bf16
 @pytest.mark.parametrize("m,k,n", [(1, 768, 768), (2, 256, 80), (8, 384, 1000), (4, 128, 176)])
 @pytest.mark.parametrize("groupsize", [32, 64, 128])
+@pytest.mark.usefixtures("isa")
 def test_int4_linear_matches_dequantized_reference(m, k, n, groupsize):
     """Rows in blocks of 64 and a last block of 16 or 48 rows (torch's pack layout differs)."""
     torch.manual_seed(n)
@@ -84,6 +101,7 @@ def test_int4_linear_matches_dequantized_reference(m, k, n, groupsize):
 
 @pytest.mark.parametrize("m", [1, 3, 8])
 @pytest.mark.parametrize("kind", ["fp32", "bf16", "int8", "int8 g32", "int4"])
+@pytest.mark.usefixtures("isa")
 def test_a_grouped_call_equals_one_call_per_matrix(m, kind):
     """q, k, v (or w1, w3) in one call: the same numbers, bit for bit, as three calls; widths
     that end in a partial 64-row block and split unevenly over the threads."""
@@ -121,6 +139,7 @@ def test_a_grouped_call_equals_one_call_per_matrix(m, kind):
     ],
     ids=["int4", "8da4w", "int8"],
 )
+@pytest.mark.usefixtures("isa")
 def test_project_applies_each_linear_once_grouped_or_not(make):
     """`project`: one kernel call for modules of one kind (biases, rows padded to 16), one
     call each for a mix; both give what each module gives on its own."""
@@ -144,6 +163,7 @@ def test_project_applies_each_linear_once_grouped_or_not(make):
 
 @needs_bf16
 @pytest.mark.parametrize("m,k,n", [(9, 256, 128), (64, 96, 80), (17, 128, 176), (64, 2048, 640)])
+@pytest.mark.usefixtures("isa")
 def test_int4_gemm_matches_dequantized_reference(m, k, n):
     """Tiles of 256 rows, a last tile of fewer (640), a last block of fewer than 64 rows (80,
     176): each output is the bf16 GEMM's on the dequantized weights, rounded once to bf16."""
@@ -158,6 +178,7 @@ def test_int4_gemm_matches_dequantized_reference(m, k, n):
 
 @needs_bf16
 @pytest.mark.parametrize("m,k,n", [(9, 4096, 1024), (64, 4000, 1100)])
+@pytest.mark.usefixtures("isa")
 def test_int8_gemm_matches_scaled_bf16_gemm(m, k, n):
     """Tiles of the codes (1100: a last tile of fewer rows; K = 4000: padded columns) give what a
     bf16 GEMM on all the codes and the row scales give, within bf16 rounding."""
@@ -184,6 +205,7 @@ needs_vnni = pytest.mark.skipif(
 
 @needs_vnni
 @pytest.mark.parametrize("m,k,n,group", [(9, 256, 128, 32), (13, 96, 80, 64), (64, 2048, 640, 64)])
+@pytest.mark.usefixtures("isa")
 def test_8da4w_gemm_is_the_integer_product(m, k, n, group):
     """x quantized per token as quantize_per_token_int8 does, sum_k (q_x - z_x) w_k in integers,
     scaled once: the fp64 reference on the same codes agrees to fp32 rounding (one code off would
@@ -199,6 +221,7 @@ def test_8da4w_gemm_is_the_integer_product(m, k, n, group):
 
 
 @needs_vnni
+@pytest.mark.usefixtures("isa")
 def test_prefill_ops_reject_mismatched_weights():
     """One check for the int4 layout: a wrong scales tensor or group is a one-line error naming
     the op and what is wrong, not a read past the end."""
@@ -213,6 +236,7 @@ def test_prefill_ops_reject_mismatched_weights():
 
 
 @needs_bf16
+@pytest.mark.usefixtures("isa")
 def test_grouped_ops_reject_mismatched_lists():
     """A grouped call with no weights, too few scales or weights of another width is a one-line
     error naming the op, not a read past a list's end."""
@@ -234,6 +258,7 @@ def test_grouped_ops_reject_mismatched_lists():
 
 @needs_bf16
 @pytest.mark.parametrize("dynamic", [False, True])
+@pytest.mark.usefixtures("isa")
 def test_int4_module_with_and_without_kernel_agree(dynamic):
     torch.manual_seed(1)
     lin = torch.nn.Linear(96, 80, bias=True)
@@ -258,6 +283,7 @@ def test_int4_module_with_and_without_kernel_agree(dynamic):
         (1, 2, 1, 2, 40, 200),  # head dims off the 16-lane chunks, up to 256
     ],
 )
+@pytest.mark.usefixtures("isa")
 def test_attention_matches_plain_matmuls(dtype, tol, b, h, kv, s, t, d):
     torch.manual_seed(t)
     q = torch.randn(b, h, s, d).to(dtype)
@@ -271,6 +297,7 @@ def test_attention_matches_plain_matmuls(dtype, tol, b, h, kv, s, t, d):
     assert (y.float() - reference).abs().max().item() < tol
 
 
+@pytest.mark.usefixtures("isa")
 def test_attention_reads_only_open_positions_and_zeroes_closed_rows():
     """A mask with holes (batched rows of other lengths, padding) and a cache mostly past the
     last open position; a row with nothing open gives zeros."""
@@ -292,6 +319,7 @@ def test_attention_reads_only_open_positions_and_zeroes_closed_rows():
     assert torch.equal(kernels.attention(q, k, v, mask), y)
 
 
+@pytest.mark.usefixtures("isa")
 def test_ops_decline_what_they_do_not_cover():
     x = torch.randn(9, 16)  # more rows than a decode step
     assert kernels.float_linear(x, torch.randn(4, 16)) is None
@@ -363,6 +391,7 @@ def prefill_then_decode(model: Transformer, tokens: torch.Tensor, prompt: int) -
         ('{"precision": {"dtype": "bf16"}}', 3e-2),
     ],
 )
+@pytest.mark.usefixtures("isa")
 def test_model_decode_on_kernels_matches_torch_ops(spec, tol):
     if spec and "4" in spec and not kernels.simd_level() & kernels.AVX512_BF16:
         pytest.skip("int4 kernel needs AVX512-BF16")
@@ -403,7 +432,7 @@ def test_exported_program_holds_only_torch_ops():
 @pytest.mark.slow
 def test_greedy_tokens_match_with_kernels_off():
     """stories260K, fp32, 64 greedy tokens: the same text on the fused step (the default), on
-    torchchat's kernels through the modules, and on torch's ops."""
+    torchchat's kernels through the modules, on torch's ops and on the scalar reference level."""
     import os
 
     cmd = ["generate", STORIES_BIN, "--prompt", "Once upon a time", "--temperature", "0",
@@ -411,8 +440,10 @@ def test_greedy_tokens_match_with_kernels_off():
     fused = run_torchchat(*cmd)
     on = run_torchchat(*cmd, "--no-fused-decode")
     off = run_torchchat(*cmd, env={**os.environ, kernels.ENV: "0"})
+    scalar = run_torchchat(*cmd, env={**os.environ, kernels.ENV_ISA: "scalar"})
     assert fused.returncode == on.returncode == off.returncode == 0, on.stderr + off.stderr
     assert fused.stdout == on.stdout == off.stdout and len(on.stdout.split()) > 20
+    assert scalar.returncode == 0 and scalar.stdout == fused.stdout, scalar.stderr
 
 
 # ---------------------------------------------------------------- the fused decode step
@@ -469,6 +500,7 @@ def teacher_forced(model: Transformer, fused: bool, monkeypatch) -> tuple[torch.
     [{}, {"dim": 256, "n_heads": 2, "n_kv_heads": 1}, {"dim": 400, "n_heads": 2, "n_kv_heads": 2}],
     ids=["gqa-hd16", "hd128", "hd200"],
 )
+@pytest.mark.usefixtures("isa")
 def test_fused_decode_matches_the_modules(spec, dtype, tol, shape, monkeypatch):
     """Every layer of a decode step in one kernel call: the same logits and cache rows as the
     modules, step after step (fp32 to rounding, 16-bit to a rounding flip)."""
@@ -512,6 +544,7 @@ def test_fused_decode_applies_only_where_it_runs_the_same_model():
         assert not model.fuse_decode()
 
 
+@pytest.mark.usefixtures("isa")
 def test_decode_layers_rejects_inconsistent_arguments():
     model = fused_model(None, None)
     assert model.fuse_decode()
