@@ -32,7 +32,8 @@ class BuildKernels(BuildExtension):
             ext.extra_objects = self.core_objects()
             super().build_extensions()
         except Exception as e:  # no compiler, a failed build: torch's ops run instead
-            warn(f"CPU kernels not built ({type(e).__name__}: {e}); torchchat will use torch's ops")
+            reason = str(e).strip().splitlines()[-1][-200:] if str(e).strip() else ""
+            warn(f"CPU kernels not built ({type(e).__name__}: {reason}); using torch's ops")
             self.extensions = []
 
     def compile_folder(self, files: list[Path], flags: list[str], defines: list) -> list[str]:
@@ -55,7 +56,7 @@ class BuildKernels(BuildExtension):
                     extra = conf["features"].get(feature, []) if "_" in f.stem else []
                     objects += self.compile_folder([f], conf["flags"] + extra, [])
             except Exception as e:  # an old compiler without these flags: that level is left out
-                warn(f"{isa} kernels not built ({e})")
+                warn(f"{isa} kernels not built ({str(e)[-200:]})")
                 objects = [o for o in objects if f"/{isa}/" not in o]
         return objects
 
