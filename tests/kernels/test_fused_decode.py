@@ -91,7 +91,7 @@ def test_int4_blocked_scales_put_each_blocks_pairs_together():
     for g, row in [(0, 0), (2, 63), (1, 64), (2, 100), (0, 128), (1, 150), (2, 175)]:
         n0 = row // 64 * 64
         bs = min(64, n - n0)
-        at = (n0 * groups + g * bs + row - n0) * 2  # cpu_linear.cpp's int4_scale_offset + row
+        at = (n0 * groups + g * bs + row - n0) * 2  # kernels.h's int4_scale_offset + row
         assert torch.equal(flat[at : at + 2], sz[g, row])
 
 

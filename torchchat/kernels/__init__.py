@@ -68,8 +68,9 @@ def describe() -> str:
     if isa() == "scalar":
         return "scalar (reference kernels, slow)"
     if not level & AVX512_BF16:
-        return "AVX-512 (int4 on torch's kernel)"
-    return "AVX-512 + AVX512-BF16" + (" + VNNI (8da4w prefill)" if level & AVX512_VNNI else "")
+        return f"{isa()}: AVX-512 (int4 on torch's kernel)"
+    vnni = " + VNNI (8da4w prefill)" if level & AVX512_VNNI else ""
+    return f"{isa()}: AVX-512 + AVX512-BF16{vnni}"
 
 
 @contextlib.contextmanager
@@ -215,7 +216,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor | None:
 
 def int4_blocked_scales(scales_and_zeros: Tensor) -> Tensor:
     """int4 (scale, zero) pairs from torch's layout (groups, N, 2) to the one decode_layers reads:
-    each 64-row block's pairs together, group after group (cpu_linear.cpp, int4_scale_offset)."""
+    each 64-row block's pairs together, group after group (cpu/common/kernels.h, int4_scale_offset)."""
     groups, n, _ = scales_and_zeros.shape
     full = n // 64 * 64
     blocks = scales_and_zeros[:, :full].reshape(groups, n // 64, 64, 2).transpose(0, 1)
@@ -223,7 +224,7 @@ def int4_blocked_scales(scales_and_zeros: Tensor) -> Tensor:
     return torch.cat([blocks.reshape(-1), tail.reshape(-1)]).view(groups, n, 2)
 
 
-# decode_layers' kinds of weights (cpu_linear.cpp's WeightKind)
+# decode_layers' kinds of weights (cpu/common/step.h's WeightKind)
 FLOAT_WEIGHTS, INT8_WEIGHTS, INT4_WEIGHTS, INT4_WEIGHTS_INT8_ACTIVATIONS = 0, 1, 2, 3
 
 

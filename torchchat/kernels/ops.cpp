@@ -28,8 +28,9 @@ void parallel(int64_t n, int64_t grain, const std::function<void(int64_t, int64_
 
 // The table, if it has the feature bits `need`.
 const cpu::Kernels& kernels(const char* op, int64_t need) {
-  TORCH_CHECK(table != nullptr && (table->features & need) == need, op,
-              ": no kernels selected for it (torchchat.kernels.select_isa)");
+  TORCH_CHECK(table != nullptr, op, ": no kernel level selected (torchchat.kernels.select_isa)");
+  TORCH_CHECK((table->features & need) == need, op, ": not among the ", table->name,
+              " kernels on this CPU (its feature bits ", table->features, ", needed ", need, ")");
   return *table;
 }
 
