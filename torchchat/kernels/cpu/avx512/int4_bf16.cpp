@@ -14,7 +14,6 @@
 // The interleave works within 128-bit lanes, so accumulator lane i holds block row kPerm[i].
 #include <algorithm>
 #include <cstring>
-#include <vector>
 
 #include "vec.h"
 
@@ -107,9 +106,9 @@ void int4_block_tail(const uint8_t* blk, int64_t bs, const bf16_t* xb, const flo
                      int64_t n0, float* out) {
   const int64_t G = K / group, half = bs / 2;
   for (int64_t r = 0; r < bs; ++r) out[r] = 0.0f;
-  std::vector<float> acc(bs);
+  float acc[64];  // bs < 64
   for (int64_t g = 0; g < G; ++g) {
-    std::fill(acc.begin(), acc.end(), 0.0f);
+    std::fill(acc, acc + bs, 0.0f);
     for (int64_t k = g * group; k < (g + 1) * group; ++k) {
       const float xk = (float)xb[k];
       const uint8_t* row = blk + k * half;

@@ -1,6 +1,8 @@
 // Helpers of the AVX-512 kernels: masks, loads of 16 fp32/fp16/bf16 values as fp32. Everything
 // here has internal linkage: files of this folder are compiled with different sub-feature flags
-// (AVX512-BF16, -VNNI), and one instantiation must never stand in for another's.
+// (AVX512-BF16, -VNNI), and one instantiation must never stand in for another's. For the same
+// reason the kernels use no library templates that could be emitted out of line (std::vector):
+// the linker could keep an AVX-512 copy for the portable code.
 #pragma once
 
 #include <immintrin.h>
