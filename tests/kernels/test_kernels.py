@@ -9,13 +9,13 @@ import torch.nn.functional as F
 
 from tests.support import STORIES_BIN, random_args, random_state_dict, run_torchchat
 from torchchat import kernels
+from torchchat.errors import TorchchatError
 from torchchat.export.program import export_program
 from torchchat.model.transformer import Transformer, attend_rows
 from torchchat.quant.apply import quantize
 from torchchat.quant.config import load_quantize_spec
 from torchchat.quant.linear import Int4Linear, Int8Linear
 from torchchat.quant.primitives import quantize_per_token_int8
-from torchchat.runtime.eager import EagerRuntime
 from torchchat.runtime.kernel_modules import KernelLinear, project, use_kernels
 
 pytestmark = pytest.mark.skipif(
@@ -24,6 +24,7 @@ pytestmark = pytest.mark.skipif(
 needs_bf16 = pytest.mark.skipif(
     not kernels.simd_level() & kernels.AVX512_BF16, reason="int4 kernel needs AVX512-BF16"
 )
+
 
 # (rows, in, out): one token, a few, the most the kernels take; dims off every vector width.
 SHAPES = [(1, 768, 768), (3, 100, 37), (8, 288, 1000), (1, 17, 5), (5, 64, 176)]
@@ -44,6 +45,7 @@ def on_kernels(module: torch.nn.Module) -> torch.nn.Module:
     "dtype,tol",
     [(torch.float32, 2e-6), (torch.bfloat16, 8e-3), (torch.float16, 1e-3)],  # output rounding
 )
+@pytest.mark.usefixtures("isa")
 def test_float_linear_matches_fp32_reference(m, k, n, dtype, tol):
     torch.manual_seed(m * k + n)
     x, w = torch.randn(m, k).to(dtype), torch.randn(n, k).to(dtype)
@@ -52,6 +54,7 @@ def test_float_linear_matches_fp32_reference(m, k, n, dtype, tol):
     assert max_rel(y, F.linear(x.float(), w.float())) < tol
 
 
+@pytest.mark.usefixtures("isa")
 def test_float_linear_takes_batched_rows_and_strided_weights():
     torch.manual_seed(0)
     x = torch.randn(2, 3, 40)
@@ -63,6 +66,7 @@ def test_float_linear_takes_batched_rows_and_strided_weights():
 @pytest.mark.parametrize("m,k,n", SHAPES)
 @pytest.mark.parametrize("groupsize", [0, 32, 64])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.usefixtures("isa")
 def test_int8_linear_matches_dequantized_reference(m, k, n, groupsize, dtype):
     """Scales as saved (bf16) and as an fp32 model holds them after .to(float32)."""
     torch.manual_seed(n)
@@ -79,6 +83,7 @@ def test_int8_linear_matches_dequantized_reference(m, k, n, groupsize, dtype):
 @needs_bf16
 @pytest.mark.parametrize("m,k,n", [(1, 768, 768), (2, 256, 80), (8, 384, 1000), (4, 128, 176)])
 @pytest.mark.parametrize("groupsize", [32, 64, 128])
+@pytest.mark.usefixtures("isa")
 def test_int4_linear_matches_dequantized_reference(m, k, n, groupsize):
     """Rows in blocks of 64 and a last block of 16 or 48 rows (torch's pack layout differs)."""
     torch.manual_seed(n)
@@ -91,6 +96,7 @@ def test_int4_linear_matches_dequantized_reference(m, k, n, groupsize):
 
 @pytest.mark.parametrize("m", [1, 3, 8])
 @pytest.mark.parametrize("kind", ["fp32", "bf16", "int8", "int8 g32", "int4"])
+@pytest.mark.usefixtures("isa")
 def test_a_grouped_call_equals_one_call_per_matrix(m, kind):
     """q, k, v (or w1, w3) in one call: the same numbers, bit for bit, as three calls; widths
     that end in a partial 64-row block and split unevenly over the threads."""
@@ -128,6 +134,7 @@ def test_a_grouped_call_equals_one_call_per_matrix(m, kind):
     ],
     ids=["int4", "8da4w", "int8"],
 )
+@pytest.mark.usefixtures("isa")
 def test_project_applies_each_linear_once_grouped_or_not(make):
     """`project`: one kernel call for modules of one kind (biases, rows padded to 16), one
     call each for a mix; both give what each module gives on its own."""
@@ -151,6 +158,7 @@ def test_project_applies_each_linear_once_grouped_or_not(make):
 
 @needs_bf16
 @pytest.mark.parametrize("m,k,n", [(9, 256, 128), (64, 96, 80), (17, 128, 176), (64, 2048, 640)])
+@pytest.mark.usefixtures("isa")
 def test_int4_gemm_matches_dequantized_reference(m, k, n):
     """Tiles of 256 rows, a last tile of fewer (640), a last block of fewer than 64 rows (80,
     176): each output is the bf16 GEMM's on the dequantized weights, rounded once to bf16."""
@@ -165,6 +173,7 @@ def test_int4_gemm_matches_dequantized_reference(m, k, n):
 
 @needs_bf16
 @pytest.mark.parametrize("m,k,n", [(9, 4096, 1024), (64, 4000, 1100)])
+@pytest.mark.usefixtures("isa")
 def test_int8_gemm_matches_scaled_bf16_gemm(m, k, n):
     """Tiles of the codes (1100: a last tile of fewer rows; K = 4000: padded columns) give what a
     bf16 GEMM on all the codes and the row scales give, within bf16 rounding."""
@@ -191,6 +200,7 @@ needs_vnni = pytest.mark.skipif(
 
 @needs_vnni
 @pytest.mark.parametrize("m,k,n,group", [(9, 256, 128, 32), (13, 96, 80, 64), (64, 2048, 640, 64)])
+@pytest.mark.usefixtures("isa")
 def test_8da4w_gemm_is_the_integer_product(m, k, n, group):
     """x quantized per token as quantize_per_token_int8 does, sum_k (q_x - z_x) w_k in integers,
     scaled once: the fp64 reference on the same codes agrees to fp32 rounding (one code off would
@@ -206,6 +216,7 @@ def test_8da4w_gemm_is_the_integer_product(m, k, n, group):
 
 
 @needs_vnni
+@pytest.mark.usefixtures("isa")
 def test_prefill_ops_reject_mismatched_weights():
     """One check for the int4 layout: a wrong scales tensor or group is a one-line error naming
     the op and what is wrong, not a read past the end."""
@@ -220,6 +231,7 @@ def test_prefill_ops_reject_mismatched_weights():
 
 
 @needs_bf16
+@pytest.mark.usefixtures("isa")
 def test_grouped_ops_reject_mismatched_lists():
     """A grouped call with no weights, too few scales or weights of another width is a one-line
     error naming the op, not a read past a list's end."""
@@ -241,6 +253,7 @@ def test_grouped_ops_reject_mismatched_lists():
 
 @needs_bf16
 @pytest.mark.parametrize("dynamic", [False, True])
+@pytest.mark.usefixtures("isa")
 def test_int4_module_with_and_without_kernel_agree(dynamic):
     torch.manual_seed(1)
     lin = torch.nn.Linear(96, 80, bias=True)
@@ -265,6 +278,7 @@ def test_int4_module_with_and_without_kernel_agree(dynamic):
         (1, 2, 1, 2, 40, 200),  # head dims off the 16-lane chunks, up to 256
     ],
 )
+@pytest.mark.usefixtures("isa")
 def test_attention_matches_plain_matmuls(dtype, tol, b, h, kv, s, t, d):
     torch.manual_seed(t)
     q = torch.randn(b, h, s, d).to(dtype)
@@ -278,6 +292,7 @@ def test_attention_matches_plain_matmuls(dtype, tol, b, h, kv, s, t, d):
     assert (y.float() - reference).abs().max().item() < tol
 
 
+@pytest.mark.usefixtures("isa")
 def test_attention_reads_only_open_positions_and_zeroes_closed_rows():
     """A mask with holes (batched rows of other lengths, padding) and a cache mostly past the
     last open position; a row with nothing open gives zeros."""
@@ -299,6 +314,7 @@ def test_attention_reads_only_open_positions_and_zeroes_closed_rows():
     assert torch.equal(kernels.attention(q, k, v, mask), y)
 
 
+@pytest.mark.usefixtures("isa")
 def test_ops_decline_what_they_do_not_cover():
     x = torch.randn(9, 16)  # more rows than a decode step
     assert kernels.float_linear(x, torch.randn(4, 16)) is None
@@ -309,19 +325,34 @@ def test_ops_decline_what_they_do_not_cover():
         assert kernels.float_linear(torch.randn(1, 16), torch.randn(4, 16)) is None
 
 
-def test_a_failed_build_falls_back_with_one_line(monkeypatch, capsys, tmp_path):
-    import torch.utils.cpp_extension as ext
+def test_a_missing_library_falls_back_and_a_forced_level_fails_in_one_line(monkeypatch, capsys):
+    """pip builds the kernels; without them (no compiler at install) torch's ops run, with a
+    status line for -v and nothing on stderr. A level forced by TORCHCHAT_ISA that this machine
+    does not run is one TorchchatError naming it and the levels it has."""
+    from torchchat.kernels import library
 
-    def broken(**_):
-        raise RuntimeError("Error building extension 'torchchat_cpu_linear'\nninja: build stopped")
-
-    monkeypatch.setattr(ext, "load", broken)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert kernels._build_and_load.__wrapped__() == 0
-    err = capsys.readouterr().err
-    assert "CPU kernels unavailable (ninja: build stopped)" in err
+    monkeypatch.delenv(library.ENV_ISA, raising=False)
+    monkeypatch.setenv(library.ENV, "1")
+    real = library._load_library
+    monkeypatch.setattr(library, "_load_library", lambda: "not built (no compiler)")
+    state = library._initial()
+    assert (state.level, state.bits, state.available) == ("off", 0, ("off",))
+    assert "CPU kernels off (not built (no compiler))" in state.status
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv(library.ENV_ISA, "avx512")
+    with pytest.raises(TorchchatError, match=r"^TORCHCHAT_ISA=avx512: CPU kernels not built"):
+        library._initial()
+    monkeypatch.setattr(library, "_load_library", real)
+    monkeypatch.setenv(library.ENV_ISA, "avx2")  # not built yet on any machine
+    with pytest.raises(TorchchatError, match=r"^TORCHCHAT_ISA=avx2: not available on this "
+                       r"machine; available: .*scalar, off$"):  # fmt: skip
+        library._initial()
+    monkeypatch.setenv(library.ENV_ISA, "sse9")
+    with pytest.raises(TorchchatError, match="unknown level"):
+        library._initial()
+    monkeypatch.delenv(library.ENV_ISA)
     monkeypatch.setenv(kernels.ENV, "0")
-    assert kernels._build_and_load.__wrapped__() == 0
+    assert library._initial().level == "off"
 
 
 def small_model(quantize_spec: str | None = None, kernels_on: bool = True) -> Transformer:
@@ -357,6 +388,7 @@ def prefill_then_decode(model: Transformer, tokens: torch.Tensor, prompt: int) -
         ('{"precision": {"dtype": "bf16"}}', 3e-2),
     ],
 )
+@pytest.mark.usefixtures("isa")
 def test_model_decode_on_kernels_matches_torch_ops(spec, tol):
     if spec and "4" in spec and not kernels.simd_level() & kernels.AVX512_BF16:
         pytest.skip("int4 kernel needs AVX512-BF16")
@@ -398,7 +430,7 @@ def test_exported_program_holds_only_torch_ops():
 @pytest.mark.slow
 def test_greedy_tokens_match_with_kernels_off():
     """stories260K, fp32, 64 greedy tokens: the same text on the fused step (the default), on
-    torchchat's kernels through the modules, and on torch's ops."""
+    torchchat's kernels through the modules, on torch's ops and on the scalar reference level."""
     import os
 
     cmd = ["generate", STORIES_BIN, "--prompt", "Once upon a time", "--temperature", "0",
@@ -406,216 +438,7 @@ def test_greedy_tokens_match_with_kernels_off():
     fused = run_torchchat(*cmd)
     on = run_torchchat(*cmd, "--no-fused-decode")
     off = run_torchchat(*cmd, env={**os.environ, kernels.ENV: "0"})
+    scalar = run_torchchat(*cmd, env={**os.environ, kernels.ENV_ISA: "scalar"})
     assert fused.returncode == on.returncode == off.returncode == 0, on.stderr + off.stderr
     assert fused.stdout == on.stdout == off.stdout and len(on.stdout.split()) > 20
-
-
-# ---------------------------------------------------------------- the fused decode step
-
-FUSED_SPECS = [
-    (None, None, 1e-5),
-    (
-        None,
-        torch.bfloat16,
-        2e-2,
-    ),  # a 1-ulp bf16 rounding flip (sums in another order) moves a logit
-    (None, torch.float16, 2e-3),
-    ('{"linear:int8": {"groupsize": 0}}', torch.bfloat16, 2e-2),
-    ('{"linear:int8": {"groupsize": 32}}', None, 1e-5),
-    ('{"linear:int4": {"groupsize": 32}}', torch.bfloat16, 2e-2),
-    # an fp32 model: its modules run aten's int4 kernel (scales cast to fp32), whose outputs
-    # the fused step rounds to bf16 as aten does (sums in another order: a flip here and there)
-    ('{"linear:int4": {"groupsize": 32}}', None, 2e-2),
-    ('{"linear:8da4w": {"groupsize": 32}}', torch.bfloat16, 2e-2),
-]
-
-
-@torch.inference_mode()
-def runtime_prefill_then_decode(runtime, tokens: torch.Tensor, prompt: int) -> torch.Tensor:
-    """prefill_then_decode through a runtime: its decode steps are the ones it may fuse."""
-    out = [runtime.prefill(tokens[:, :prompt], 0)]
-    out += [runtime.decode(tokens[:, p : p + 1], p) for p in range(prompt, tokens.shape[1])]
-    return torch.stack(out)
-
-
-def fused_model(spec, dtype, **shape) -> Transformer:
-    args = random_args(**{"dim": 64, "n_heads": 4, "n_kv_heads": 2, "hidden_dim": 176,
-                          "vocab_size": 128, **shape})  # fmt: skip
-    model = Transformer(args)
-    model.load_state_dict(random_state_dict(args, seed=5))
-    if spec:
-        quantize(model, load_quantize_spec(spec))
-    model = model.to(dtype or torch.float32).eval()
-    model.setup_caches(1, 40)
-    return model
-
-
-def teacher_forced(model: Transformer, fused: bool, monkeypatch) -> tuple[torch.Tensor, list]:
-    """Logits of a 10-token prefill and 8 decode steps on fixed tokens, with the fused step on
-    or off (counting its calls), and the KV caches after."""
-    calls = []
-    real = kernels.decode_layers
-    monkeypatch.setattr(kernels, "decode_layers", lambda *a: calls.append(1) or real(*a))
-    runtime = EagerRuntime(model, 40, fused_decode=fused)
-    assert runtime.fused_decode is fused
-    tokens = torch.randint(0, 128, (1, 18), generator=torch.Generator().manual_seed(2))
-    logits = runtime_prefill_then_decode(runtime, tokens, 10)
-    assert len(calls) == (8 if fused else 0)
-    caches = [t.clone() for layer in model.layers for t in (layer.attention.kv_cache.k,
-                                                            layer.attention.kv_cache.v)]  # fmt: skip
-    model.setup_caches(1, 40)  # fresh caches for the next run
-    return logits, caches
-
-
-@pytest.mark.parametrize("spec,dtype,tol", FUSED_SPECS)
-@pytest.mark.parametrize(
-    "shape",
-    [{}, {"dim": 256, "n_heads": 2, "n_kv_heads": 1}, {"dim": 400, "n_heads": 2, "n_kv_heads": 2}],
-    ids=["gqa-hd16", "hd128", "hd200"],
-)
-def test_fused_decode_matches_the_modules(spec, dtype, tol, shape, monkeypatch):
-    """Every layer of a decode step in one kernel call: the same logits and cache rows as the
-    modules, step after step (fp32 to rounding, 16-bit to a rounding flip)."""
-    if spec and "4" in spec and not kernels.simd_level() & kernels.AVX512_BF16:
-        pytest.skip("int4 kernel needs AVX512-BF16")
-    model = fused_model(spec, dtype, **shape)
-    ref, ref_caches = teacher_forced(model, False, monkeypatch)
-    got, got_caches = teacher_forced(model, True, monkeypatch)
-    assert max_rel(got, ref) < tol
-    for a, b in zip(got_caches, ref_caches, strict=True):
-        assert max_rel(a, b) < tol
-
-
-def test_int4_blocked_scales_put_each_blocks_pairs_together():
-    groups, n = 3, 64 * 2 + 48  # two full blocks and a tail of 48 rows
-    sz = torch.arange(groups * n * 2, dtype=torch.float32).view(groups, n, 2).to(torch.bfloat16)
-    flat = kernels.int4_blocked_scales(sz).reshape(-1)
-    for g, row in [(0, 0), (2, 63), (1, 64), (2, 100), (0, 128), (1, 150), (2, 175)]:
-        n0 = row // 64 * 64
-        bs = min(64, n - n0)
-        at = (n0 * groups + g * bs + row - n0) * 2  # cpu_linear.cpp's int4_scale_offset + row
-        assert torch.equal(flat[at : at + 2], sz[g, row])
-
-
-def test_fused_decode_applies_only_where_it_runs_the_same_model():
-    model = fused_model(None, None)
-    runtime = EagerRuntime(model, 40)
-    assert runtime.fused_decode
-    runtime.setup_batch(2)  # two sequences: the fused step is for one
-    assert runtime._plan is None
-    handle = model.layers[1].feed_forward.w2.register_forward_hook(lambda *a: None)
-    assert not EagerRuntime(model, 40).fused_decode  # a hook must see its module run
-    handle.remove()
-    model.layers[0].attention.wo = Int8Linear.from_float(model.layers[0].attention.wo, 0)
-    assert not EagerRuntime(model, 40).fused_decode  # mixed kinds of linears
-    assert not EagerRuntime(fused_model(None, None, attention_bias=True), 40).fused_decode
-    if kernels.simd_level() & kernels.AVX512_BF16:  # int4 scales that are not bf16 values
-        model = fused_model('{"linear:int4": {"groupsize": 32}}', None)
-        model.layers[0].attention.wq.scales_and_zeros[0, 0, 0] += 1e-6
-        assert not EagerRuntime(model, 40).fused_decode
-
-
-def test_decode_layers_rejects_inconsistent_arguments():
-    model = fused_model(None, None)
-    runtime = EagerRuntime(model, 40)
-    assert runtime.fused_decode
-    p, x = runtime._plan, torch.zeros(1, 1, 64)
-
-    def call(pos=3, weights=None, k_caches=None):
-        return torch.ops.torchchat.decode_layers(
-            x, p.norms, 1e-5, model.freqs, model.causal_mask, torch.tensor([pos]),
-            k_caches or p.k_caches, p.v_caches, weights or p.weights, [], 0, 0, 4,
-        )  # fmt: skip
-
-    with pytest.raises(RuntimeError, match="2 layers need 2 v caches, 4 norms, 14 weights"):
-        call(weights=p.weights[:7])
-    with pytest.raises(RuntimeError, match="position 40 is outside the cache"):
-        call(pos=40)
-    with pytest.raises(RuntimeError, match="caches must all be contiguous"):
-        call(k_caches=[p.k_caches[0], p.k_caches[1].transpose(2, 3)])
-    swapped = list(p.weights)
-    swapped[3], swapped[6] = swapped[6], swapped[3]  # wo and w2
-    with pytest.raises(RuntimeError, match="weight 3 must be"):
-        call(weights=swapped)
-
-
-def test_fused_decode_gives_the_modules_greedy_tokens_on_stories260k():
-    """The real checkpoint, 200 greedy tokens: fp32 (llama2.c's tokens, test_generator), int8,
-    bf16 with int4 weights."""
-    from torchchat.builder import build_model
-    from torchchat.generate.generator import Generator, Result
-    from torchchat.options import ModelOptions, SamplingOptions
-
-    specs = [None, '{"linear:int8": {"groupsize": 0}}']
-    if kernels.simd_level() & kernels.AVX512_BF16:
-        specs.append('{"precision": {"dtype": "bf16"}, "linear:int4": {"groupsize": 32}}')
-    for spec in specs:
-        built = build_model(ModelOptions(checkpoint_path=STORIES_BIN, quantize=spec))
-        assert built.runtime.fused_decode
-        tokens = []
-        for fused in (True, False):
-            built.runtime.fuse_decode(fused)
-            res = Result()
-            prompt = built.tokenizer.encode("Once upon a time", bos=True)
-            gen = Generator(built.runtime, built.tokenizer)
-            list(gen.stream(prompt, max_new_tokens=200, sampling=SamplingOptions(0), result=res))
-            tokens.append(res.tokens)
-        assert tokens[0] == tokens[1] and len(tokens[0]) == 200, spec
-
-
-@pytest.mark.slow
-def test_two_compiled_runtimes_keep_their_own_graphs():
-    """Two models of one shape but other weights compiled in one process (a draft and its
-    target): each decodes as its own modules do, not through the other's graph."""
-    from torchchat.runtime.eager import EagerRuntime
-
-    specs = [None, '{"linear:int8": {"groupsize": 0}}']
-    runtimes = [
-        EagerRuntime(fused_model(s, torch.bfloat16), 40, compile=True, fused_decode=False)
-        for s in specs
-    ]
-    for rt in runtimes:
-        rt.prefill(torch.tensor([[1, 2, 3]]), 0)
-        got = rt.decode(torch.tensor([[4]]), 3)
-        rt.model.setup_caches(1, 40)
-        with torch.inference_mode():
-            rt.model(torch.tensor([[1, 2, 3]]), torch.arange(3))
-            ref = rt.model(torch.tensor([[4]]), torch.tensor([3]))[0, -1]
-        assert max_rel(got, ref) < 2e-2
-
-
-def test_fused_decode_follows_dtype_changes_and_loaded_weights(monkeypatch):
-    """The runtime's plan holds references to weights and caches (and a copy of int4 scales):
-    after .to(), new caches or load_state_dict it is renewed, so the fused step never runs on
-    stale tensors."""
-    calls = []
-    real = kernels.decode_layers
-    monkeypatch.setattr(kernels, "decode_layers", lambda *a: calls.append(1) or real(*a))
-    tokens = torch.randint(0, 128, (1, 14), generator=torch.Generator().manual_seed(4))
-
-    def fused_then_modules(runtime):  # the plan as it stands, then the modules on fresh caches
-        fused = runtime_prefill_then_decode(runtime, tokens, 10)
-        assert len(calls) == 4
-        calls.clear()
-        runtime.fuse_decode(False)
-        runtime.model.setup_caches(1, 40)
-        return fused, runtime_prefill_then_decode(runtime, tokens, 10)
-
-    runtime = EagerRuntime(fused_model(None, None), 40)
-    assert runtime.fused_decode
-    runtime.model.to(torch.bfloat16)
-    runtime.model.setup_caches(1, 40)
-    fused, modules = fused_then_modules(runtime)
-    assert fused.dtype == torch.float32 and max_rel(fused, modules) < 2e-2
-    if not kernels.simd_level() & kernels.AVX512_BF16:
-        return
-    spec = '{"linear:int4": {"groupsize": 32}}'
-    model = fused_model(spec, torch.bfloat16)
-    other = Transformer(model.args)
-    other.load_state_dict(random_state_dict(model.args, seed=9))
-    quantize(other, load_quantize_spec(spec))
-    runtime = EagerRuntime(model, 40)
-    assert runtime.fused_decode
-    model.load_state_dict(other.to(torch.bfloat16).state_dict(), strict=False)
-    fused, modules = fused_then_modules(runtime)
-    assert max_rel(fused, modules) < 2e-2
+    assert scalar.returncode == 0 and scalar.stdout == fused.stdout, scalar.stderr

@@ -1,130 +1,64 @@
-"""torchchat's own CPU kernels for the decode step (cpu_linear.cpp), as torch custom ops.
+"""torchchat's own CPU kernels for the decode step and prefill, as torch custom ops.
 
-The C++ is compiled on first use for the machine at hand (`-march=native`, through
-torch.utils.cpp_extension and ninja) into ~/.cache/torchchat/kernels/<key>, keyed by the source,
-torch's version and the CPU's flags, so later processes only load it (~0.1 s). The first build
-takes about a minute and says so on stderr.
+pip builds them at install time (setup.py: ops.cpp over the torch-free core in cpu/, one folder
+per instruction set); library.py loads them and picks the instruction-set level once
+(`TORCHCHAT_ISA=avx512|avx2|neon|scalar|off`, `TORCHCHAT_KERNELS=0` = off). `isa()` names the
+level in use, `status()` says in one line what runs and why (for -v).
 
 Models call them through `float_linear`, `int8_linear` and `int4_linear`, which return None when
-the kernels do not apply (not an x86 CPU with AVX-512, too many rows, a dtype they do not cover,
-TORCHCHAT_KERNELS=0, or inside `disabled()`); the caller then runs torch's op. Export runs inside
-`disabled()`: an exported program must only hold ops its runtime knows.
+the kernels do not apply (no kernels for this CPU, too many rows, a dtype they do not cover,
+the level `off`, or inside `disabled()`); the caller then runs torch's op. Runtimes swap
+kernel-backed modules into a plain model (torchchat/runtime/kernel_modules.py); export takes the
+plain model, so its programs hold only torch's ops.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import hashlib
-import os
-import platform
-import sys
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from torchchat.compile_cache import torchchat_cache_dir
+from torchchat.kernels import library
+from torchchat.kernels.library import ENV, ENV_ISA  # noqa: F401  (re-exported)
 
-SOURCE = Path(__file__).with_name("cpu_linear.cpp")
-ENV = "TORCHCHAT_KERNELS"  # "0": never build or use them
 MAX_ROWS = 8  # the C++ kMaxRows: more tokens at once is prefill, where torch's GEMM wins
 
-AVX512 = 1  # simd_level bits, as cpu_linear.cpp sets them
-AVX512_BF16 = 2
-AVX512_VNNI = 4  # with AVX512-VBMI
+# simd_level bits: the families of kernels the selected table runs (cpu/common/kernels.h). The
+# names say which AVX-512 feature gives them; the scalar level has all three.
+AVX512 = 1  # float and int8 linears, attention, the fused decode step
+AVX512_BF16 = 2  # int4 linears, bf16 GEMMs on int4/int8 tiles
+AVX512_VNNI = 4  # 8da4w's integer prefill GEMM (with AVX512-VBMI)
 
 _enabled = True
 
 
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
-@torch.compiler.assume_constant_result  # torch.compile: call it, do not trace the build
+@torch.compiler.assume_constant_result  # torch.compile: call it, do not trace the loading
 def simd_level() -> int:
-    """Build (once per machine) and load the kernels; their SIMD level bits, 0 if unavailable."""
-    return _build_and_load()
+    """Load the kernels (once); the selected level's feature bits, 0 if the kernels are off."""
+    return library.current().bits
 
 
-@functools.cache
-def _build_and_load() -> int:
-    if os.environ.get(ENV, "1") == "0" or platform.machine().lower() not in ("x86_64", "amd64"):
-        return 0
-    flags = _cpu_flags()
-    if "avx512f" not in flags.split():
-        return 0
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(source + torch.__version__.encode() + flags.encode()).hexdigest()[:16]
-    build = torchchat_cache_dir() / "kernels" / key
-    name = "torchchat_cpu_linear"
-    try:
-        from torch.utils.cpp_extension import load
-
-        build.mkdir(parents=True, exist_ok=True)
-        if not (build / f"{name}.so").exists():
-            print(f"torchchat: building CPU kernels into {build} (once) ...", file=sys.stderr)
-        load(
-            name=name,
-            sources=[str(SOURCE)],
-            extra_cflags=["-O3", "-march=native", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            build_directory=str(build),
-            is_python_module=False,
-            verbose=False,
-        )
-    except Exception as e:  # no compiler, no ninja, read-only cache: torch's kernels still work
-        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        print(
-            f"torchchat: CPU kernels unavailable ({reason}); using torch's (slower decode)",
-            file=sys.stderr,
-        )
-        return 0
-    _register_fakes()
-    return int(torch.ops.torchchat.simd_level())
+def isa() -> str:
+    """The instruction-set level the kernels run: "avx512", "scalar", ... or "off"."""
+    return library.current().level
 
 
-def _register_fakes() -> None:
-    """Output shapes for torch.compile / FakeTensor tracing."""
+def status() -> str:
+    """One line on what runs the kernels and why (the CLI prints it under -v)."""
+    return library.current().status
 
-    @torch.library.register_fake("torchchat::linear")
-    def _(x, w):
-        return x.new_empty(x.shape[0], sum(t.shape[0] for t in w))
 
-    @torch.library.register_fake("torchchat::linear_int8")
-    def _(x, w, scales, group):
-        return x.new_empty(x.shape[0], sum(t.shape[0] for t in w))
+def select_isa(level: str) -> None:
+    """Run the ops on `level`'s kernels ("off": torch's ops) from now on; a TorchchatError if
+    this machine does not run it. Tests use it to run every level in one process."""
+    library.use(level)
 
-    @torch.library.register_fake("torchchat::linear_int4")
-    def _(x, w, scales_and_zeros, group):
-        return x.new_empty(x.shape[0], sum(t.shape[0] for t in w))
 
-    @torch.library.register_fake("torchchat::gemm_int4")
-    def _(x, w, scales_and_zeros, group):
-        return x.new_empty(x.shape[0], w.shape[0])
-
-    @torch.library.register_fake("torchchat::gemm_int8")
-    def _(x, w, scales):
-        return x.new_empty(x.shape[0], w.shape[0])
-
-    @torch.library.register_fake("torchchat::gemm_8da4w")
-    def _(x, w, scales_and_zeros, group):
-        return x.new_empty(x.shape[0], w.shape[0])
-
-    @torch.library.register_fake("torchchat::attention")
-    def _(q, k, v, mask, scale):
-        return torch.empty_like(q, memory_format=torch.contiguous_format)
-
-    @torch.library.register_fake("torchchat::decode_layers")
-    def _(x, norms, eps, freqs, mask, pos, k_caches, v_caches, w, scales, kind, group, n_heads):
-        return torch.empty_like(x, memory_format=torch.contiguous_format)
+def available_isas() -> tuple[str, ...]:
+    """The levels this machine runs, fastest first, "off" last."""
+    return library.current().available
 
 
 def describe() -> str:
@@ -132,9 +66,12 @@ def describe() -> str:
     level = simd_level()
     if not level:
         return "off (torch's kernels)"
+    if isa() == "scalar":
+        return "scalar (reference kernels, slow)"
     if not level & AVX512_BF16:
-        return "AVX-512 (int4 on torch's kernel)"
-    return "AVX-512 + AVX512-BF16" + (" + VNNI (8da4w prefill)" if level & AVX512_VNNI else "")
+        return f"{isa()}: AVX-512 (int4 on torch's kernel)"
+    vnni = " + VNNI (8da4w prefill)" if level & AVX512_VNNI else ""
+    return f"{isa()}: AVX-512 + AVX512-BF16{vnni}"
 
 
 @contextlib.contextmanager
@@ -280,7 +217,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor | None:
 
 def int4_blocked_scales(scales_and_zeros: Tensor) -> Tensor:
     """int4 (scale, zero) pairs from torch's layout (groups, N, 2) to the one decode_layers reads:
-    each 64-row block's pairs together, group after group (cpu_linear.cpp, int4_scale_offset)."""
+    each 64-row block's pairs together, group after group (cpu/common/kernels.h, int4_scale_offset)."""
     groups, n, _ = scales_and_zeros.shape
     full = n // 64 * 64
     blocks = scales_and_zeros[:, :full].reshape(groups, n // 64, 64, 2).transpose(0, 1)
@@ -288,7 +225,7 @@ def int4_blocked_scales(scales_and_zeros: Tensor) -> Tensor:
     return torch.cat([blocks.reshape(-1), tail.reshape(-1)]).view(groups, n, 2)
 
 
-# decode_layers' kinds of weights (cpu_linear.cpp's WeightKind)
+# decode_layers' kinds of weights (cpu/common/step.h's WeightKind)
 FLOAT_WEIGHTS, INT8_WEIGHTS, INT4_WEIGHTS, INT4_WEIGHTS_INT8_ACTIVATIONS = 0, 1, 2, 3
 
 

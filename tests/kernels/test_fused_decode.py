@@ -1,0 +1,223 @@
+"""The fused one-token decode step (torchchat::decode_layers) against the model's modules, on
+every kernel level this machine runs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.kernels.test_kernels import max_rel
+from tests.support import STORIES_BIN, greedy, random_args, random_state_dict
+from torchchat import kernels
+from torchchat.model.transformer import Transformer
+from torchchat.quant.apply import quantize
+from torchchat.quant.config import load_quantize_spec
+from torchchat.quant.linear import Int8Linear
+from torchchat.runtime.eager import EagerRuntime
+
+pytestmark = pytest.mark.skipif(
+    kernels.simd_level() == 0, reason="torchchat's CPU kernels are off on this machine"
+)
+
+FUSED_SPECS = [
+    (None, None, 1e-5),
+    (
+        None,
+        torch.bfloat16,
+        2e-2,
+    ),  # a 1-ulp bf16 rounding flip (sums in another order) moves a logit
+    (None, torch.float16, 2e-3),
+    ('{"linear:int8": {"groupsize": 0}}', torch.bfloat16, 2e-2),
+    ('{"linear:int8": {"groupsize": 32}}', None, 1e-5),
+    ('{"linear:int4": {"groupsize": 32}}', torch.bfloat16, 2e-2),
+    # an fp32 model: its modules run aten's int4 kernel (scales cast to fp32), whose outputs
+    # the fused step rounds to bf16 as aten does (sums in another order: a flip here and there)
+    ('{"linear:int4": {"groupsize": 32}}', None, 2e-2),
+    ('{"linear:8da4w": {"groupsize": 32}}', torch.bfloat16, 2e-2),
+]
+
+
+@torch.inference_mode()
+def runtime_prefill_then_decode(runtime, tokens: torch.Tensor, prompt: int) -> torch.Tensor:
+    """prefill_then_decode through a runtime: its decode steps are the ones it may fuse."""
+    out = [runtime.prefill(tokens[:, :prompt], 0)]
+    out += [runtime.decode(tokens[:, p : p + 1], p) for p in range(prompt, tokens.shape[1])]
+    return torch.stack(out)
+
+
+def fused_model(spec, dtype, **shape) -> Transformer:
+    args = random_args(**{"dim": 64, "n_heads": 4, "n_kv_heads": 2, "hidden_dim": 176,
+                          "vocab_size": 128, **shape})  # fmt: skip
+    model = Transformer(args)
+    model.load_state_dict(random_state_dict(args, seed=5))
+    if spec:
+        quantize(model, load_quantize_spec(spec))
+    model = model.to(dtype or torch.float32).eval()
+    model.setup_caches(1, 40)
+    return model
+
+
+def teacher_forced(model: Transformer, fused: bool, monkeypatch) -> tuple[torch.Tensor, list]:
+    """Logits of a 10-token prefill and 8 decode steps on fixed tokens, with the fused step on
+    or off (counting its calls), and the KV caches after."""
+    calls = []
+    real = kernels.decode_layers
+    monkeypatch.setattr(kernels, "decode_layers", lambda *a: calls.append(1) or real(*a))
+    runtime = EagerRuntime(model, 40, fused_decode=fused)
+    assert runtime.fused_decode is fused
+    tokens = torch.randint(0, 128, (1, 18), generator=torch.Generator().manual_seed(2))
+    logits = runtime_prefill_then_decode(runtime, tokens, 10)
+    assert len(calls) == (8 if fused else 0)
+    caches = [t.clone() for layer in model.layers for t in (layer.attention.kv_cache.k,
+                                                            layer.attention.kv_cache.v)]  # fmt: skip
+    model.setup_caches(1, 40)  # fresh caches for the next run
+    return logits, caches
+
+
+@pytest.mark.parametrize("spec,dtype,tol", FUSED_SPECS)
+@pytest.mark.parametrize(
+    "shape",
+    [{}, {"dim": 256, "n_heads": 2, "n_kv_heads": 1}, {"dim": 400, "n_heads": 2, "n_kv_heads": 2}],
+    ids=["gqa-hd16", "hd128", "hd200"],
+)
+@pytest.mark.usefixtures("isa")
+def test_fused_decode_matches_the_modules(spec, dtype, tol, shape, monkeypatch):
+    """Every layer of a decode step in one kernel call: the same logits and cache rows as the
+    modules, step after step (fp32 to rounding, 16-bit to a rounding flip)."""
+    if spec and "4" in spec and not kernels.simd_level() & kernels.AVX512_BF16:
+        pytest.skip("int4 kernel needs AVX512-BF16")
+    model = fused_model(spec, dtype, **shape)
+    ref, ref_caches = teacher_forced(model, False, monkeypatch)
+    got, got_caches = teacher_forced(model, True, monkeypatch)
+    assert max_rel(got, ref) < tol
+    for a, b in zip(got_caches, ref_caches, strict=True):
+        assert max_rel(a, b) < tol
+
+
+def test_int4_blocked_scales_put_each_blocks_pairs_together():
+    groups, n = 3, 64 * 2 + 48  # two full blocks and a tail of 48 rows
+    sz = torch.arange(groups * n * 2, dtype=torch.float32).view(groups, n, 2).to(torch.bfloat16)
+    flat = kernels.int4_blocked_scales(sz).reshape(-1)
+    for g, row in [(0, 0), (2, 63), (1, 64), (2, 100), (0, 128), (1, 150), (2, 175)]:
+        n0 = row // 64 * 64
+        bs = min(64, n - n0)
+        at = (n0 * groups + g * bs + row - n0) * 2  # kernels.h's int4_scale_offset + row
+        assert torch.equal(flat[at : at + 2], sz[g, row])
+
+
+def test_fused_decode_applies_only_where_it_runs_the_same_model():
+    model = fused_model(None, None)
+    runtime = EagerRuntime(model, 40)
+    assert runtime.fused_decode
+    runtime.setup_batch(2)  # two sequences: the fused step is for one
+    assert runtime._plan is None
+    handle = model.layers[1].feed_forward.w2.register_forward_hook(lambda *a: None)
+    assert not EagerRuntime(model, 40).fused_decode  # a hook must see its module run
+    handle.remove()
+    model.layers[0].attention.wo = Int8Linear.from_float(model.layers[0].attention.wo, 0)
+    assert not EagerRuntime(model, 40).fused_decode  # mixed kinds of linears
+    assert not EagerRuntime(fused_model(None, None, attention_bias=True), 40).fused_decode
+    if kernels.simd_level() & kernels.AVX512_BF16:  # int4 scales that are not bf16 values
+        model = fused_model('{"linear:int4": {"groupsize": 32}}', None)
+        model.layers[0].attention.wq.scales_and_zeros[0, 0, 0] += 1e-6
+        assert not EagerRuntime(model, 40).fused_decode
+
+
+@pytest.mark.usefixtures("isa")
+def test_decode_layers_rejects_inconsistent_arguments():
+    model = fused_model(None, None)
+    runtime = EagerRuntime(model, 40)
+    assert runtime.fused_decode
+    p, x = runtime._plan, torch.zeros(1, 1, 64)
+
+    def call(pos=3, weights=None, k_caches=None):
+        return torch.ops.torchchat.decode_layers(
+            x, p.norms, 1e-5, model.freqs, model.causal_mask, torch.tensor([pos]),
+            k_caches or p.k_caches, p.v_caches, weights or p.weights, [], 0, 0, 4,
+        )  # fmt: skip
+
+    with pytest.raises(RuntimeError, match="2 layers need 2 v caches, 4 norms, 14 weights"):
+        call(weights=p.weights[:7])
+    with pytest.raises(RuntimeError, match="position 40 is outside the cache"):
+        call(pos=40)
+    with pytest.raises(RuntimeError, match="caches must all be contiguous"):
+        call(k_caches=[p.k_caches[0], p.k_caches[1].transpose(2, 3)])
+    swapped = list(p.weights)
+    swapped[3], swapped[6] = swapped[6], swapped[3]  # wo and w2
+    with pytest.raises(RuntimeError, match="weight 3 must be"):
+        call(weights=swapped)
+
+
+def test_fused_decode_gives_the_modules_greedy_tokens_on_stories260k():
+    """The real checkpoint, 200 greedy tokens: fp32 (llama2.c's tokens, test_generator), int8,
+    bf16 with int4 weights."""
+    from torchchat.builder import build_model
+    from torchchat.options import ModelOptions
+
+    specs = [None, '{"linear:int8": {"groupsize": 0}}']
+    if kernels.simd_level() & kernels.AVX512_BF16:
+        specs.append('{"precision": {"dtype": "bf16"}, "linear:int4": {"groupsize": 32}}')
+    for spec in specs:
+        built = build_model(ModelOptions(checkpoint_path=STORIES_BIN, quantize=spec))
+        assert built.runtime.fused_decode
+        tokens = []
+        for fused in (True, False):
+            built.runtime.fuse_decode(fused)
+            tokens.append(greedy(built, "Once upon a time", 200)[1].tokens)
+        assert tokens[0] == tokens[1] and len(tokens[0]) == 200, spec
+
+
+@pytest.mark.slow
+def test_two_compiled_runtimes_keep_their_own_graphs():
+    """Two models of one shape but other weights compiled in one process (a draft and its
+    target): each decodes as its own modules do, not through the other's graph."""
+    specs = [None, '{"linear:int8": {"groupsize": 0}}']
+    runtimes = [
+        EagerRuntime(fused_model(s, torch.bfloat16), 40, compile=True, fused_decode=False)
+        for s in specs
+    ]
+    for rt in runtimes:
+        rt.prefill(torch.tensor([[1, 2, 3]]), 0)
+        got = rt.decode(torch.tensor([[4]]), 3)
+        rt.model.setup_caches(1, 40)
+        with torch.inference_mode():
+            rt.model(torch.tensor([[1, 2, 3]]), torch.arange(3))
+            ref = rt.model(torch.tensor([[4]]), torch.tensor([3]))[0, -1]
+        assert max_rel(got, ref) < 2e-2
+
+
+def test_fused_decode_follows_dtype_changes_and_loaded_weights(monkeypatch):
+    """The runtime's plan holds references to weights and caches (and a copy of int4 scales):
+    after .to(), new caches or load_state_dict it is renewed, so the fused step never runs on
+    stale tensors."""
+    calls = []
+    real = kernels.decode_layers
+    monkeypatch.setattr(kernels, "decode_layers", lambda *a: calls.append(1) or real(*a))
+    tokens = torch.randint(0, 128, (1, 14), generator=torch.Generator().manual_seed(4))
+
+    def fused_then_modules(runtime):  # the plan as it stands, then the modules on fresh caches
+        fused = runtime_prefill_then_decode(runtime, tokens, 10)
+        assert len(calls) == 4
+        calls.clear()
+        runtime.fuse_decode(False)
+        runtime.model.setup_caches(1, 40)
+        return fused, runtime_prefill_then_decode(runtime, tokens, 10)
+
+    runtime = EagerRuntime(fused_model(None, None), 40)
+    assert runtime.fused_decode
+    runtime.model.to(torch.bfloat16)
+    runtime.model.setup_caches(1, 40)
+    fused, modules = fused_then_modules(runtime)
+    assert fused.dtype == torch.float32 and max_rel(fused, modules) < 2e-2
+    if not kernels.simd_level() & kernels.AVX512_BF16:
+        return
+    spec = '{"linear:int4": {"groupsize": 32}}'
+    model = fused_model(spec, torch.bfloat16)
+    other = Transformer(model.args)
+    other.load_state_dict(random_state_dict(model.args, seed=9))
+    quantize(other, load_quantize_spec(spec))
+    runtime = EagerRuntime(model, 40)
+    assert runtime.fused_decode
+    model.load_state_dict(other.to(torch.bfloat16).state_dict(), strict=False)
+    fused, modules = fused_then_modules(runtime)
+    assert max_rel(fused, modules) < 2e-2

@@ -1,0 +1,181 @@
+// torchchat's CPU kernels without torch: the types they share, and the table of kernels one
+// instruction set provides (struct Kernels), chosen once from the CPU's features
+// (select_kernels). Portable code lives in this folder (scalar reference kernels, the decode
+// step, the drivers that split work); each instruction set has its own folder (cpu/avx512, later
+// cpu/avx2, cpu/neon) compiled with its own flags, and a new one is a new folder plus an entry
+// in dispatch.cpp. Kernels take raw pointers and a [begin, end) range of rows or blocks: the
+// caller (torchchat/kernels/ops.cpp, or the test harness) does the threading.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace torchchat::cpu {
+
+constexpr int64_t kMaxRows = 8;  // more tokens than this: torch's GEMM is the better kernel
+
+// bfloat16 and IEEE half as stored bits; conversions from float round to nearest even (as
+// c10::BFloat16 and c10::Half do), so results match torch's to the bit.
+struct bf16_t {
+  uint16_t bits;
+  bf16_t() = default;
+  explicit bf16_t(float f) {
+    uint32_t u;
+    std::memcpy(&u, &f, 4);
+    bits = std::isnan(f) ? 0x7FC0 : (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+  }
+  operator float() const {
+    const uint32_t u = (uint32_t)bits << 16;
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  }
+};
+
+struct fp16_t {
+  uint16_t bits;
+  fp16_t() = default;
+  explicit fp16_t(float f) {
+    uint32_t x;
+    std::memcpy(&x, &f, 4);
+    const uint32_t sign = (x >> 16) & 0x8000, ax = x & 0x7FFFFFFF;
+    if (ax >= 0x7F800000) {  // inf, NaN
+      bits = (uint16_t)(sign | (ax > 0x7F800000 ? 0x7E00 : 0x7C00));
+    } else if (ax >= 0x477FF000) {  // 65520 and above round to inf
+      bits = (uint16_t)(sign | 0x7C00);
+    } else if (ax < 0x38800000) {  // a half subnormal: adding 0.5 rounds at its 2^-24 step
+      float a;
+      std::memcpy(&a, &ax, 4);
+      const float r = a + 0.5f;
+      uint32_t rb;
+      std::memcpy(&rb, &r, 4);
+      bits = (uint16_t)(sign | (rb - 0x3F000000));
+    } else {  // rebias the exponent, round the 13 dropped mantissa bits to even
+      bits = (uint16_t)(sign | ((ax + 0xC8000FFF + ((ax >> 13) & 1)) >> 13));
+    }
+  }
+  operator float() const {
+    const uint32_t sign = (uint32_t)(bits & 0x8000) << 16, e = (bits >> 10) & 0x1F,
+                   m = bits & 0x3FF;
+    uint32_t u;
+    if (e == 0x1F) {
+      u = sign | 0x7F800000 | (m << 13);
+    } else if (e == 0) {  // zero or subnormal: m * 2^-24, exact in fp32
+      const float f = (float)m * 5.9604644775390625e-8f;
+      return sign ? -f : f;
+    } else {
+      u = sign | ((e + 112) << 23) | (m << 13);
+    }
+    float f;
+    std::memcpy(&f, &u, 4);
+    return f;
+  }
+};
+
+// One weight matrix of a grouped call (a layer's q, k and v; w1 and w3 go through one call):
+// output rows numbered one after another over all of them, split evenly over the threads.
+struct Matrix {
+  const void* w;  // weights: rows `ld` elements apart (fp32, bf16, fp16, int8) or int4's packing
+  int64_t ld;
+  const void* s;  // int8 scales (fp32 or bf16), int4 (scale, zero) pairs; null for float weights
+  int64_t N;      // output rows
+  float* y;       // fp32 results: y[m * ldy + n] for activation row m, output row n
+  int64_t ldy;
+  bool blocked = false;  // int4: (scale, zero) pairs by 64-row block (int4_scale_offset)
+};
+
+// Where group g's (scale, zero) pair of the rows from n0 (a block of bs rows) starts: torch's
+// layout [G][N][2], or blocked: each block's pairs together, group after group ([G][bs][2] at
+// n0 * G * 2). Blocked, a 64-row block's scales are one run of G * 256 bytes instead of G runs of
+// 256 bytes N * 4 apart: from memory, 1.1x (one thread) to 1.2x (two) the int4 stream
+// (2048 x 768 matrices, 80 MB).
+inline int64_t int4_scale_offset(bool blocked, int64_t g, int64_t G, int64_t N, int64_t n0,
+                                 int64_t bs) {
+  return blocked ? (n0 * G + g * bs) * 2 : (g * N + n0) * 2;
+}
+
+// Feature bits of a table (torchchat.kernels.simd_level): which families of kernels it runs.
+constexpr int64_t kFewRows = 1;     // float and int8 linears, attention, the decode step
+constexpr int64_t kBf16 = 2;        // int4 linears, bf16 GEMMs on int4/int8 tiles
+constexpr int64_t kInt8Gemm = 4;    // 8da4w's integer prefill GEMM
+
+// Per-thread buffers of gemm_8da4w, 64-byte aligned: wbuf K * 64 bytes, f M * 64 and
+// sbuf (K / group) * 64 floats.
+struct Buffers8da4w {
+  int8_t* wbuf;
+  float* f;
+  float* sbuf;
+};
+
+// The kernels of one instruction set. Linears write rows [n0, n1) (int4: 64-row blocks
+// [b0, b1)) of one matrix for M <= kMaxRows activation rows, x rows K apart.
+struct Kernels {
+  const char* name;  // "avx512", "scalar", ...
+  int64_t features;  // kFewRows | kBf16 | kInt8Gemm
+  void (*linear_f32)(const float* x, int64_t M, int64_t K, const Matrix& a, int64_t n0,
+                     int64_t n1);
+  void (*linear_bf16)(const bf16_t* x, int64_t M, int64_t K, const Matrix& a, int64_t n0,
+                      int64_t n1);
+  void (*linear_f16)(const fp16_t* x, int64_t M, int64_t K, const Matrix& a, int64_t n0,
+                     int64_t n1);
+  // int8 weights, scales per row (group 0) or per power-of-two group >= 16, fp32 or bf16; x fp32,
+  // zero-padded to K, a multiple of 16.
+  void (*linear_int8_f32s)(const float* x, int64_t M, int64_t K, int64_t group, const Matrix& a,
+                           int64_t n0, int64_t n1);
+  void (*linear_int8_bf16s)(const float* x, int64_t M, int64_t K, int64_t group, const Matrix& a,
+                            int64_t n0, int64_t n1);
+  // int4 in torch's CPU pack layout; x bf16, xsum its per-group sums (M x K / group).
+  void (*linear_int4)(const bf16_t* x, const float* xsum, int64_t M, int64_t K, int64_t group,
+                      const Matrix& a, int64_t b0, int64_t b1);
+  // softmax(q k^T * scale, masked) v for one query row of D <= 256 values; open positions of
+  // mask m all in [lo, hi); k, v rows ts apart; p: hi - lo + 16 floats of scratch.
+  void (*attend_f32)(const float* q, const float* k, const float* v, int64_t ts, const bool* m,
+                     int64_t lo, int64_t hi, int64_t D, float scale, float* out, float* p);
+  void (*attend_bf16)(const bf16_t* q, const bf16_t* k, const bf16_t* v, int64_t ts,
+                      const bool* m, int64_t lo, int64_t hi, int64_t D, float scale, bf16_t* out,
+                      float* p);
+  void (*attend_f16)(const fp16_t* q, const fp16_t* k, const fp16_t* v, int64_t ts,
+                     const bool* m, int64_t lo, int64_t hi, int64_t D, float scale, fp16_t* out,
+                     float* p);
+  // Prefill. Rows n0..n0 + 64 of an int4 matrix (fewer in a last block), transposed to bf16:
+  // out[k * ldo + r] = (q - 8) * scale + zero, rounded once.
+  void (*int4_dequantize_block_t)(const uint8_t* w, const bf16_t* sz, int64_t N, int64_t K,
+                                  int64_t group, int64_t n0, bf16_t* out, int64_t ldo);
+  void (*int8_to_bf16)(const int8_t* src, int64_t K, bf16_t* dst);  // one row of codes
+  // 8da4w: rows [m0, m1) of x (Kx columns) as per-token int8 codes + 128 (K columns), scales
+  // and zero points, exactly as quant.primitives.quantize_per_token_int8.
+  void (*quantize_rows_8da4w)(const float* x, int64_t Kx, int64_t K, uint8_t* u, float* sa,
+                              float* za, int64_t m0, int64_t m1);
+  // y (M, N) fp32 for 64-row blocks [b0, b1) of int4 weights with zero points 0.
+  void (*gemm_8da4w)(const uint8_t* u, int64_t M, int64_t K, const float* sa, const float* za,
+                     const uint8_t* w, const bf16_t* sz, int64_t N, int64_t group, float* y,
+                     int64_t b0, int64_t b1, const Buffers8da4w& buf);
+};
+
+// The scalar reference kernels (reference.cpp): every entry, every feature bit.
+const Kernels& scalar_kernels();
+
+// The table of `level` ("avx512", "avx2", "neon", "scalar") if it was built and this CPU runs
+// it, else null; levels(): those usable here, fastest first (dispatch.cpp).
+const Kernels* select_kernels(const std::string& level);
+std::vector<std::string> levels();
+
+// Runs f(begin, end) over chunks of [0, n) of at least `grain`, perhaps on several threads.
+using ParallelFor = void (*)(int64_t n, int64_t grain,
+                             const std::function<void(int64_t, int64_t)>& f);
+
+// [lo, hi): the span of a mask row of len positions that holds all its open ones (a long cache a
+// few positions in is mostly closed: attention reads only this span).
+inline std::pair<int64_t, int64_t> open_span(const bool* m, int64_t len) {
+  int64_t lo = 0, hi = len;
+  while (hi > lo && !m[hi - 1]) --hi;
+  while (lo < hi && !m[lo]) ++lo;
+  return {lo, hi};
+}
+
+}  // namespace torchchat::cpu

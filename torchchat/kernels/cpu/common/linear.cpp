@@ -1,0 +1,66 @@
+// Grouped linears over threads: one call multiplies x by one or several weight matrices of the
+// same kind and width (a layer's q, k and v; w1 and w3): their output rows are numbered one after
+// another and split evenly over the threads in one parallel region. Measured on stories110M's
+// 768 x 768 int4 matrices, a call for q, k and v together took 17 us against 26 us for three
+// calls (call, thread wake-up and conversions are paid once).
+#include <algorithm>
+
+#include "step.h"
+
+namespace torchchat::cpu {
+namespace {
+
+// f(matrix, u0, u1) for each run [u0, u1) of one matrix's units (rows, or `per`-row blocks) in a
+// thread's share of all matrices' units.
+template <typename F>
+void for_units(ParallelFor pf, const std::vector<Matrix>& mats, int64_t per, int64_t grain,
+               const F& f) {
+  std::vector<int64_t> first(mats.size() + 1, 0);
+  for (size_t i = 0; i < mats.size(); ++i) first[i + 1] = first[i] + (mats[i].N + per - 1) / per;
+  pf(first.back(), grain, [&](int64_t u0, int64_t u1) {
+    for (size_t i = 0; i < mats.size(); ++i) {
+      const int64_t a = std::max(u0, first[i]), b = std::min(u1, first[i + 1]);
+      if (a < b) f(mats[i], a - first[i], b - first[i]);
+    }
+  });
+}
+
+}  // namespace
+
+void linear_float(const Kernels& kt, ParallelFor pf, DType dt, const void* x, int64_t M,
+                  int64_t K, const std::vector<Matrix>& mats) {
+  // Grain of 16 rows: big enough to amortize a task, small enough to split the smallest layers.
+  for_units(pf, mats, 1, 16, [&](const Matrix& a, int64_t n0, int64_t n1) {
+    switch (dt) {
+      case DType::f32: kt.linear_f32(static_cast<const float*>(x), M, K, a, n0, n1); break;
+      case DType::bf16: kt.linear_bf16(static_cast<const bf16_t*>(x), M, K, a, n0, n1); break;
+      case DType::f16: kt.linear_f16(static_cast<const fp16_t*>(x), M, K, a, n0, n1); break;
+    }
+  });
+}
+
+void linear_int8(const Kernels& kt, ParallelFor pf, bool bf16_scales, const float* x, int64_t M,
+                 int64_t K, int64_t group, const std::vector<Matrix>& mats) {
+  const auto kernel = bf16_scales ? kt.linear_int8_bf16s : kt.linear_int8_f32s;
+  for_units(pf, mats, 1, 16, [&](const Matrix& a, int64_t n0, int64_t n1) {
+    kernel(x, M, K, group, a, n0, n1);
+  });
+}
+
+void linear_int4(const Kernels& kt, ParallelFor pf, const bf16_t* x, int64_t M, int64_t K,
+                 int64_t group, const std::vector<Matrix>& mats) {
+  const int64_t G = K / group;
+  std::vector<float> xsum(M * G);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < G; ++g) {
+      float t = 0.0f;
+      for (int64_t k = g * group; k < (g + 1) * group; ++k) t += (float)x[m * K + k];
+      xsum[m * G + g] = t;
+    }
+  const float* xs = xsum.data();
+  for_units(pf, mats, 64, 1, [&](const Matrix& a, int64_t b0, int64_t b1) {
+    kt.linear_int4(x, xs, M, K, group, a, b0, b1);
+  });
+}
+
+}  // namespace torchchat::cpu

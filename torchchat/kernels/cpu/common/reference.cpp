@@ -1,0 +1,191 @@
+// The scalar reference kernels: every table entry in plain C++, one output at a time, sums in
+// index order. They define what each instruction set's kernels compute (the test harness
+// compares those against these) and run the whole stack on any CPU (TORCHCHAT_ISA=scalar).
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "kernels.h"
+
+namespace torchchat::cpu {
+namespace {
+
+template <typename T>
+void float_rows(const T* x, int64_t M, int64_t K, const Matrix& a, int64_t n0, int64_t n1) {
+  const T* w = static_cast<const T*>(a.w);
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t m = 0; m < M; ++m) {
+      float t = 0.0f;
+      for (int64_t k = 0; k < K; ++k) t += (float)w[n * a.ld + k] * (float)x[m * K + k];
+      a.y[m * a.ldy + n] = t;
+    }
+}
+
+// Group 0: one scale a row, applied after the sum; else each weight times its group's scale.
+template <typename S>
+void int8_rows(const float* x, int64_t M, int64_t K, int64_t group, const Matrix& a, int64_t n0,
+               int64_t n1) {
+  const int8_t* w = static_cast<const int8_t*>(a.w);
+  const S* s = static_cast<const S*>(a.s);
+  const int64_t G = group ? K / group : 1;
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t m = 0; m < M; ++m) {
+      float t = 0.0f;
+      for (int64_t k = 0; k < K; ++k) {
+        const float wk = group ? (float)w[n * a.ld + k] * (float)s[n * G + k / group]
+                               : (float)w[n * a.ld + k];
+        t += wk * x[m * K + k];
+      }
+      a.y[m * a.ldy + n] = group ? t : t * (float)s[n];
+    }
+}
+
+// Code (0..15) of row n0 + r at k in torch's CPU int4 pack layout: 64-row blocks k-major, 32
+// bytes a k (low nibbles rows 0-31, high 32-63); a last block of bs < 64 rows bs/2 bytes a k
+// (byte d: rows 2d low, 2d + 1 high).
+int int4_code(const uint8_t* w, int64_t N, int64_t K, int64_t n0, int64_t r, int64_t k) {
+  const int64_t bs = std::min<int64_t>(64, N - n0);
+  const uint8_t* blk = w + n0 * (K / 2);
+  if (bs == 64) return r < 32 ? blk[k * 32 + r] & 15 : blk[k * 32 + r - 32] >> 4;
+  const uint8_t byte = blk[k * (bs / 2) + r / 2];
+  return r % 2 ? byte >> 4 : byte & 15;
+}
+
+void linear_int4(const bf16_t* x, const float* xsum, int64_t M, int64_t K, int64_t group,
+                 const Matrix& a, int64_t b0, int64_t b1) {
+  const uint8_t* w = static_cast<const uint8_t*>(a.w);
+  const bf16_t* sz = static_cast<const bf16_t*>(a.s);
+  const int64_t G = K / group;
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t n0 = b * 64, bs = std::min<int64_t>(64, a.N - n0);
+    for (int64_t r = 0; r < bs; ++r)
+      for (int64_t m = 0; m < M; ++m) {
+        float t = 0.0f;
+        for (int64_t g = 0; g < G; ++g) {
+          float acc = 0.0f;
+          for (int64_t k = g * group; k < (g + 1) * group; ++k)
+            acc += (float)int4_code(w, a.N, K, n0, r, k) * (float)x[m * K + k];
+          const bf16_t* p = sz + int4_scale_offset(a.blocked, g, G, a.N, n0, bs) + 2 * r;
+          const float s = (float)p[0], z = (float)p[1];
+          t += s * acc + (z - 8.0f * s) * xsum[m * G + g];
+        }
+        a.y[m * a.ldy + n0 + r] = t;
+      }
+  }
+}
+
+template <typename T>
+void attend(const T* q, const T* k, const T* v, int64_t ts, const bool* m, int64_t lo,
+            int64_t hi, int64_t D, float scale, T* out, float* p) {
+  const float inf = std::numeric_limits<float>::infinity();
+  float top = -inf;
+  for (int64_t t = lo; t < hi; ++t) {
+    float s = 0.0f;
+    for (int64_t d = 0; d < D; ++d) s += (float)q[d] * (float)k[t * ts + d];
+    p[t - lo] = m[t] ? s * scale : -inf;
+    top = std::max(top, p[t - lo]);
+  }
+  float sum = 0.0f;
+  for (int64_t t = lo; t < hi; ++t) {
+    p[t - lo] = top == -inf || p[t - lo] == -inf ? 0.0f : std::exp(p[t - lo] - top);
+    sum += p[t - lo];
+  }
+  const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
+  for (int64_t d = 0; d < D; ++d) {
+    float acc = 0.0f;
+    for (int64_t t = lo; t < hi; ++t)
+      if (p[t - lo] != 0.0f) acc += p[t - lo] * (float)v[t * ts + d];
+    out[d] = T(acc * inv);
+  }
+}
+
+void int4_dequantize_block_t(const uint8_t* w, const bf16_t* sz, int64_t N, int64_t K,
+                             int64_t group, int64_t n0, bf16_t* out, int64_t ldo) {
+  const int64_t bs = std::min<int64_t>(64, N - n0);
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t r = 0; r < bs; ++r) {
+      const bf16_t* p = sz + ((k / group) * N + n0 + r) * 2;
+      const int q = int4_code(w, N, K, n0, r, k);
+      out[k * ldo + r] = bf16_t((float)(q - 8) * (float)p[0] + (float)p[1]);
+    }
+}
+
+void int8_to_bf16(const int8_t* src, int64_t K, bf16_t* dst) {
+  for (int64_t k = 0; k < K; ++k) dst[k] = bf16_t((float)src[k]);
+}
+
+// As quant.primitives.quantize_per_token_int8: min/max with 0, scale, zero point, codes + 128.
+void quantize_rows_8da4w(const float* x, int64_t Kx, int64_t K, uint8_t* u, float* sa, float* za,
+                         int64_t m0, int64_t m1) {
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* row = x + m * Kx;
+    float lo = 0.0f, hi = 0.0f;
+    for (int64_t k = 0; k < Kx; ++k) {
+      lo = std::min(lo, row[k]);
+      hi = std::max(hi, row[k]);
+    }
+    const float scale = std::max((hi - lo) / 255.0f, std::numeric_limits<float>::epsilon());
+    const float zero = std::clamp(-128.0f - std::nearbyint(lo / scale), -128.0f, 127.0f);
+    for (int64_t k = 0; k < K; ++k) {
+      const float q = k < Kx ? std::nearbyint(row[k] / scale) + zero + 128.0f : zero + 128.0f;
+      u[m * K + k] = (uint8_t)std::clamp(q, 0.0f, 255.0f);
+    }
+    sa[m] = scale;
+    za[m] = zero;
+  }
+}
+
+// y = s_a * (sum_g s_w,g I_g - (128 + z_a) R) with exact integer sums I_g = sum_k u_k w_k and
+// R = sum_g s_w,g W_g (prefill_vnni.cpp derives it).
+void gemm_8da4w(const uint8_t* u, int64_t M, int64_t K, const float* sa, const float* za,
+                const uint8_t* w, const bf16_t* sz, int64_t N, int64_t group, float* y,
+                int64_t b0, int64_t b1, const Buffers8da4w&) {
+  const int64_t G = K / group;
+  for (int64_t n = b0 * 64; n < std::min(N, b1 * 64); ++n) {
+    const int64_t n0 = n / 64 * 64, r = n - n0;
+    float R = 0.0f;
+    for (int64_t g = 0; g < G; ++g) {
+      int32_t wsum = 0;
+      for (int64_t k = g * group; k < (g + 1) * group; ++k)
+        wsum += int4_code(w, N, K, n0, r, k) - 8;
+      R += (float)sz[(g * N + n) * 2] * (float)wsum;
+    }
+    for (int64_t m = 0; m < M; ++m) {
+      float f = 0.0f;
+      for (int64_t g = 0; g < G; ++g) {
+        int32_t sum = 0;
+        for (int64_t k = g * group; k < (g + 1) * group; ++k)
+          sum += (int32_t)u[m * K + k] * (int4_code(w, N, K, n0, r, k) - 8);
+        f += (float)sum * (float)sz[(g * N + n) * 2];
+      }
+      y[m * N + n] = sa[m] * (f - (128.0f + za[m]) * R);
+    }
+  }
+}
+
+}  // namespace
+
+const Kernels& scalar_kernels() {
+  static const Kernels table = [] {
+    Kernels t{};
+    t.name = "scalar";
+    t.features = kFewRows | kBf16 | kInt8Gemm;
+    t.linear_f32 = float_rows<float>;
+    t.linear_bf16 = float_rows<bf16_t>;
+    t.linear_f16 = float_rows<fp16_t>;
+    t.linear_int8_f32s = int8_rows<float>;
+    t.linear_int8_bf16s = int8_rows<bf16_t>;
+    t.linear_int4 = linear_int4;
+    t.attend_f32 = attend<float>;
+    t.attend_bf16 = attend<bf16_t>;
+    t.attend_f16 = attend<fp16_t>;
+    t.int4_dequantize_block_t = int4_dequantize_block_t;
+    t.int8_to_bf16 = int8_to_bf16;
+    t.quantize_rows_8da4w = quantize_rows_8da4w;
+    t.gemm_8da4w = gemm_8da4w;
+    return t;
+  }();
+  return table;
+}
+
+}  // namespace torchchat::cpu

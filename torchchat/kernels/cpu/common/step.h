@@ -1,0 +1,54 @@
+// The portable drivers above the kernel table: grouped linears split over threads, and the
+// fused one-token decode step (torchchat::decode_layers).
+#pragma once
+
+#include "kernels.h"
+
+namespace torchchat::cpu {
+
+enum class DType { f32, bf16, f16 };
+
+// y = x @ W.T for each matrix of mats (one call for a layer's q, k, v: one parallel region),
+// x: M <= kMaxRows rows of K values of dtype dt.
+void linear_float(const Kernels& kt, ParallelFor pf, DType dt, const void* x, int64_t M,
+                  int64_t K, const std::vector<Matrix>& mats);
+// int8 weights; x fp32 (M, K) zero-padded, K a multiple of 16; scales fp32 or bf16.
+void linear_int8(const Kernels& kt, ParallelFor pf, bool bf16_scales, const float* x, int64_t M,
+                 int64_t K, int64_t group, const std::vector<Matrix>& mats);
+// int4 weights in torch's CPU pack layout; x bf16 (M, K), K a multiple of group.
+void linear_int4(const Kernels& kt, ParallelFor pf, const bf16_t* x, int64_t M, int64_t K,
+                 int64_t group, const std::vector<Matrix>& mats);
+
+// torchchat::decode_layers: the kinds of weights a step runs on, its projections and shapes.
+enum WeightKind : int64_t { kFloatW = 0, kInt8W = 1, kInt4W = 2, kInt4DynW = 3 };
+
+// One grouped projection of a layer: matrices of one kind that multiply the same activations.
+struct Projection {
+  std::vector<Matrix> mats;
+  int64_t K;  // columns the kernel reads (int8 and int4 weights may be zero-padded past x's)
+};
+
+struct StepArgs {
+  int64_t L, D, H, KVH, Dh, F, len, pos, kind, group;
+  bool bf16_scales;
+  bool bf16_out;  // int4 behind fp32 activations: outputs rounded to bf16, as aten's kernel does
+  float eps;
+};
+
+// What a step reads and writes besides its weights (all of the activation dtype but freqs).
+struct StepData {
+  const void* const* norms;  // 2L: attention, feed-forward
+  const float* freqs;        // this position's (cos, sin) pairs, Dh / 2 of them
+  const bool* mask_row;      // this position's mask row, len values
+  void* const* k_caches;     // L caches (KVH, len, Dh), written at pos
+  void* const* v_caches;
+};
+
+// One token's hidden state h (D floats, values of dtype dt) through a.L layers, in place.
+// proj: 4 a layer (qkv, wo, w1/w3, w2) whose matrices write into qkv (Nq + 2 Nkv), o (D),
+// g (2F: w1's then w3's) and y2 (D).
+void decode_step(const Kernels& kt, ParallelFor pf, DType dt, const StepArgs& a,
+                 const StepData& data, const std::vector<Projection>& proj, float* h, float* qkv,
+                 float* o, float* g, float* y2);
+
+}  // namespace torchchat::cpu

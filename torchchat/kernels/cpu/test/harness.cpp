@@ -1,0 +1,312 @@
+// Every instruction set's kernels against the scalar reference (cpu/common/reference.cpp), with
+// no torch: random inputs, odd sizes, edge values (zeros, large and tiny magnitudes, fully
+// masked rows). Prints "N kernels, M cases, F failures" per level and exits non-zero on any
+// failure. Built by cpu/test/build.py (plain g++, optionally under sanitizers).
+//
+// Tolerances, per kernel (the reference sums in index order; SIMD kernels in other orders):
+//   linear_f32/bf16/f16, int8         |got - ref| <= 1e-5 * sum_k |w_k x_k| (fp32 sums reordered)
+//   linear_int4                       |got - ref| <= 2e-6 * 152 * 0.1 * sum_k |x_k| (codes as 128 + q,
+//                                     scales <= 0.1)
+//   attend_f32                        |got - ref| <= 2e-6 * max |v| (exp polynomial ~2e-7)
+//   attend_bf16 / attend_f16          one ulp of the output type + 2e-6 * max |v|
+//   int4_dequantize_block_t           one bf16 ulp (an FMA against a multiply and an add)
+//   int8_to_bf16, quantize_rows_8da4w bit-exact (same arithmetic)
+//   gemm_8da4w                        |got - ref| <= 1e-5 * s_a (sum |s_w u w| + |128 + z_a| |R|)
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "../common/kernels.h"
+
+namespace {
+
+using namespace torchchat::cpu;
+
+std::mt19937 rng(1234);
+
+float uniform(float lo, float hi) { return std::uniform_real_distribution<float>(lo, hi)(rng); }
+int64_t pick(std::initializer_list<int64_t> v) { return v.begin()[rng() % v.size()]; }
+
+// Random values with edge cases mixed in: zeros, large and tiny magnitudes.
+std::vector<float> values(int64_t n, float scale = 1.0f) {
+  std::vector<float> v(n);
+  for (auto& x : v) {
+    const int kind = rng() % 20;
+    x = kind == 0 ? 0.0f : kind == 1 ? uniform(-1e3f, 1e3f) : kind == 2 ? uniform(-1e-6f, 1e-6f)
+                                                            : uniform(-scale, scale);
+  }
+  return v;
+}
+
+template <typename T>
+std::vector<T> as(const std::vector<float>& v) {
+  std::vector<T> out;
+  for (float x : v) out.push_back(T(x));
+  return out;
+}
+
+template <typename T>
+struct Aligned {  // 64-byte aligned buffer, as the caller of gemm_8da4w provides
+  T* p;
+  explicit Aligned(int64_t n) : p((T*)std::aligned_alloc(64, ((n * sizeof(T) + 63) / 64) * 64)) {}
+  ~Aligned() { std::free(p); }
+};
+
+struct Tally {
+  const char* level;
+  int kernels = 0;
+  long cases = 0, failures = 0;
+  std::string kernel;
+
+  void start(const char* name) {
+    kernel = name;
+    ++kernels;
+  }
+  // One output: got against the reference want within bound.
+  void check(float got, float want, float bound, const std::string& where) {
+    ++cases;
+    if (std::fabs(got - want) <= bound || (got == want)) return;
+    if (++failures <= 10)
+      std::printf("FAIL %s %s %s: got %.9g, reference %.9g, bound %.3g\n", level, kernel.c_str(),
+                  where.c_str(), got, want, bound);
+  }
+};
+
+std::string shape(std::initializer_list<int64_t> dims) {
+  std::string s;
+  for (int64_t d : dims) s += (s.empty() ? "" : "x") + std::to_string(d);
+  return s;
+}
+
+template <typename T, typename Fn>
+void check_float(Tally& t, const char* name, Fn kernel, Fn reference) {
+  t.start(name);
+  for (int trial = 0; trial < 40; ++trial) {
+    const int64_t M = 1 + rng() % kMaxRows, K = pick({1, 15, 16, 17, 64, 100, 257, 768}),
+                  N = pick({1, 5, 37, 70}), ld = K + rng() % 3;
+    const auto x = as<T>(values(M * K)), w = as<T>(values(N * ld));
+    std::vector<float> y(M * N), yr(M * N);
+    Matrix a{w.data(), ld, nullptr, N, y.data(), N}, ar = a;
+    ar.y = yr.data();
+    const int64_t n0 = rng() % N;
+    kernel(x.data(), M, K, a, n0, N);
+    reference(x.data(), M, K, ar, n0, N);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = n0; n < N; ++n) {
+        float mag = 0.0f;
+        for (int64_t k = 0; k < K; ++k) mag += std::fabs((float)x[m * K + k] * (float)w[n * ld + k]);
+        t.check(y[m * N + n], yr[m * N + n], 1e-5f * mag + 1e-30f, shape({M, K, N, m, n}));
+      }
+  }
+}
+
+template <typename S, typename Fn>
+void check_int8(Tally& t, const char* name, Fn kernel, Fn reference) {
+  t.start(name);
+  for (int trial = 0; trial < 40; ++trial) {
+    const int64_t M = 1 + rng() % kMaxRows, K = pick({16, 48, 64, 256, 768}),
+                  group = pick({0, 16, 32, 64}), N = pick({1, 7, 40});
+    if (group && K % group) continue;
+    const int64_t G = group ? K / group : 1;
+    const auto x = values(M * K);
+    std::vector<int8_t> w(N * K);
+    for (auto& v : w) v = (int8_t)(int)(rng() % 256 - 128);
+    const auto s = as<S>(values(N * G, 0.05f));
+    std::vector<float> y(M * N), yr(M * N);
+    Matrix a{w.data(), K, s.data(), N, y.data(), N}, ar = a;
+    ar.y = yr.data();
+    kernel(x.data(), M, K, group, a, 0, N);
+    reference(x.data(), M, K, group, ar, 0, N);
+    ++t.cases;
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) {
+        float mag = 0.0f;
+        for (int64_t k = 0; k < K; ++k)
+          mag += std::fabs(w[n * K + k] * (float)s[n * G + (group ? k / group : 0)] * x[m * K + k]);
+        t.check(y[m * N + n], yr[m * N + n], 1e-5f * mag + 1e-30f, shape({M, K, N, group, m, n}));
+      }
+  }
+}
+
+std::vector<bf16_t> int4_scales(int64_t n) {  // (scale, zero) pairs
+  std::vector<bf16_t> sz;
+  for (int64_t i = 0; i < n; ++i) {
+    sz.push_back(bf16_t(uniform(1e-3f, 0.1f)));
+    sz.push_back(bf16_t(uniform(-0.5f, 0.5f)));
+  }
+  return sz;
+}
+
+std::vector<uint8_t> bytes(int64_t n) {
+  std::vector<uint8_t> v(n);
+  for (auto& b : v) b = (uint8_t)rng();
+  return v;
+}
+
+void check_int4(Tally& t, const Kernels& kt, const Kernels& ref) {
+  t.start("linear_int4");
+  for (int trial = 0; trial < 30; ++trial) {
+    const int64_t M = 1 + rng() % kMaxRows, group = pick({32, 64, 128}), K = group * pick({1, 3, 6}),
+                  N = pick({16, 48, 64, 80, 176}), G = K / group;
+    const bool blocked = rng() % 2;
+    const auto x = as<bf16_t>(values(M * K));
+    const auto w = bytes(N * K / 2);
+    const auto sz = int4_scales(G * N);
+    std::vector<float> xsum(M * G, 0.0f);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < K; ++k) xsum[m * G + k / group] += (float)x[m * K + k];
+    std::vector<float> y(M * N), yr(M * N);
+    Matrix a{w.data(), K / 2, sz.data(), N, y.data(), N, blocked}, ar = a;
+    ar.y = yr.data();
+    const int64_t blocks = (N + 63) / 64;
+    kt.linear_int4(x.data(), xsum.data(), M, K, group, a, 0, blocks);
+    ref.linear_int4(x.data(), xsum.data(), M, K, group, ar, 0, blocks);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) {
+        float mag = 0.0f;  // the 128 + q trick: every |x| counted up to 152 times a scale <= 0.1
+        for (int64_t k = 0; k < K; ++k) mag += 152.0f * std::fabs((float)x[m * K + k]);
+        t.check(y[m * N + n], yr[m * N + n], 2e-6f * mag * 0.1f + 1e-30f,
+                shape({M, K, N, group, blocked, m, n}));
+      }
+  }
+}
+
+template <typename T, typename Fn>
+void check_attend(Tally& t, const char* name, Fn kernel, Fn reference, float ulp) {
+  t.start(name);
+  for (int trial = 0; trial < 40; ++trial) {
+    const int64_t D = pick({16, 48, 64, 100, 128, 200, 256}), len = pick({1, 5, 16, 33, 300}),
+                  ts = D + rng() % 4;
+    const auto q = as<T>(values(D, 0.5f)), k = as<T>(values(len * ts, 0.5f)),
+               v = as<T>(values(len * ts));
+    std::vector<char> mc(len);
+    const int mode = rng() % 4;  // causal-like prefix, holes, everything closed, everything open
+    for (int64_t i = 0; i < len; ++i)
+      mc[i] = mode == 0 ? i <= len / 2 : mode == 1 ? rng() % 3 == 0 : mode == 2 ? 0 : 1;
+    const bool* m = reinterpret_cast<const bool*>(mc.data());
+    const auto span = open_span(m, len);
+    std::vector<T> out(D), outr(D);
+    std::vector<float> p(len + 16), pr(len + 16);
+    kernel(q.data(), k.data(), v.data(), ts, m, span.first, span.second, D, 1.0f / std::sqrt((float)D),
+           out.data(), p.data());
+    reference(q.data(), k.data(), v.data(), ts, m, span.first, span.second, D,
+              1.0f / std::sqrt((float)D), outr.data(), pr.data());
+    float vmax = 0.0f;
+    for (int64_t i = span.first; i < span.second; ++i)
+      for (int64_t d = 0; d < D; ++d) vmax = std::max(vmax, std::fabs((float)v[i * ts + d]));
+    for (int64_t d = 0; d < D; ++d)
+      t.check((float)out[d], (float)outr[d], ulp * std::fabs((float)outr[d]) + 2e-6f * vmax + 1e-30f,
+              shape({D, len, mode, d}));
+  }
+}
+
+void check_prefill_bf16(Tally& t, const Kernels& kt, const Kernels& ref) {
+  t.start("int4_dequantize_block_t");
+  for (int trial = 0; trial < 20; ++trial) {
+    const int64_t group = pick({32, 64}), K = group * pick({1, 2, 5}), N = pick({64, 80, 176}),
+                  ldo = 64 + rng() % 8;
+    const auto w = bytes(N * K / 2);
+    const auto sz = int4_scales((K / group) * N);
+    for (int64_t n0 = 0; n0 < N; n0 += 64) {
+      const int64_t bs = std::min<int64_t>(64, N - n0);
+      std::vector<bf16_t> out(K * ldo, bf16_t(0.0f)), outr(K * ldo, bf16_t(0.0f));
+      kt.int4_dequantize_block_t(w.data(), sz.data(), N, K, group, n0, out.data(), ldo);
+      ref.int4_dequantize_block_t(w.data(), sz.data(), N, K, group, n0, outr.data(), ldo);
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t r = 0; r < bs; ++r)
+          t.check(out[k * ldo + r], outr[k * ldo + r], std::fabs((float)outr[k * ldo + r]) / 128,
+                  shape({N, K, group, n0, k, r}));
+    }
+  }
+  t.start("int8_to_bf16");
+  for (int64_t K : {1, 15, 16, 17, 100, 4000}) {
+    std::vector<int8_t> w(K);
+    for (auto& v : w) v = (int8_t)(int)(rng() % 256 - 128);
+    std::vector<bf16_t> out(K), outr(K);
+    kt.int8_to_bf16(w.data(), K, out.data());
+    ref.int8_to_bf16(w.data(), K, outr.data());
+    for (int64_t k = 0; k < K; ++k) t.check(out[k], outr[k], 0.0f, shape({K, k}));
+  }
+}
+
+void check_8da4w(Tally& t, const Kernels& kt, const Kernels& ref) {
+  t.kernels += 2;  // quantize_rows_8da4w, gemm_8da4w
+  for (int trial = 0; trial < 20; ++trial) {
+    const int64_t M = pick({1, 3, 9, 64, 70}), group = pick({32, 64}), K = group * pick({1, 2, 4}),
+                  Kx = K - pick({0, 0, 5, 16}), N = pick({16, 64, 80, 128});
+    auto x = values(M * Kx, 3.0f);
+    for (int64_t m = 0; m < M; ++m)  // skewed rows: zero points far from 0
+      for (int64_t k = 0; k < Kx; ++k) x[m * Kx + k] += (float)(m % 5);
+    std::vector<uint8_t> u(M * K), ur(M * K);
+    std::vector<float> sa(M), za(M), sar(M), zar(M);
+    t.kernel = "quantize_rows_8da4w";
+    kt.quantize_rows_8da4w(x.data(), Kx, K, u.data(), sa.data(), za.data(), 0, M);
+    ref.quantize_rows_8da4w(x.data(), Kx, K, ur.data(), sar.data(), zar.data(), 0, M);
+    for (int64_t m = 0; m < M; ++m) {
+      t.check(sa[m], sar[m], 0.0f, shape({M, K, m}) + " scale");
+      t.check(za[m], zar[m], 0.0f, shape({M, K, m}) + " zero");
+      for (int64_t k = 0; k < K; ++k) t.check(u[m * K + k], ur[m * K + k], 0.0f, shape({M, K, m, k}));
+    }
+    const auto w = bytes(N * K / 2);
+    auto sz = int4_scales((K / group) * N);
+    Aligned<int8_t> wbuf(K * 64);
+    Aligned<float> f(M * 64), sbuf((K / group) * 64);
+    const Buffers8da4w buf{wbuf.p, f.p, sbuf.p};
+    std::vector<float> y(M * N), yr(M * N);
+    const int64_t blocks = (N + 63) / 64;
+    t.kernel = "gemm_8da4w";
+    kt.gemm_8da4w(ur.data(), M, K, sar.data(), zar.data(), w.data(), sz.data(), N, group, y.data(),
+                  0, blocks, buf);
+    ref.gemm_8da4w(ur.data(), M, K, sar.data(), zar.data(), w.data(), sz.data(), N, group,
+                   yr.data(), 0, blocks, buf);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) {
+        float mag = 0.0f;
+        for (int64_t k = 0; k < K; ++k) {
+          const float s = std::fabs((float)sz[((k / group) * N + n) * 2]);
+          mag += s * 15.0f * (ur[m * K + k] + std::fabs(128.0f + zar[m]));
+        }
+        t.check(y[m * N + n], yr[m * N + n], 1e-5f * sar[m] * mag + 1e-30f,
+                   shape({M, K, N, group, m, n}));
+      }
+  }
+}
+
+// One level's table against the reference: every entry its feature bits turn on.
+Tally run(const Kernels& kt, const Kernels& ref) {
+  Tally t{kt.name};
+  if (kt.features & kFewRows) {
+    check_float<float>(t, "linear_f32", kt.linear_f32, ref.linear_f32);
+    check_float<bf16_t>(t, "linear_bf16", kt.linear_bf16, ref.linear_bf16);
+    check_float<fp16_t>(t, "linear_f16", kt.linear_f16, ref.linear_f16);
+    check_int8<float>(t, "linear_int8_f32s", kt.linear_int8_f32s, ref.linear_int8_f32s);
+    check_int8<bf16_t>(t, "linear_int8_bf16s", kt.linear_int8_bf16s, ref.linear_int8_bf16s);
+    check_attend<float>(t, "attend_f32", kt.attend_f32, ref.attend_f32, 0.0f);
+    check_attend<bf16_t>(t, "attend_bf16", kt.attend_bf16, ref.attend_bf16, 1.0f / 128);
+    check_attend<fp16_t>(t, "attend_f16", kt.attend_f16, ref.attend_f16, 1.0f / 1024);
+  }
+  if (kt.features & kBf16) {
+    check_int4(t, kt, ref);
+    check_prefill_bf16(t, kt, ref);
+  }
+  if (kt.features & kInt8Gemm) check_8da4w(t, kt, ref);
+  return t;
+}
+
+}  // namespace
+
+int main() {
+  const Kernels& ref = scalar_kernels();
+  long failures = 0;
+  for (const auto& level : levels()) {
+    const Kernels* kt = select_kernels(level);
+    Tally t = run(*kt, ref);  // the scalar level against itself checks the harness's own setup
+    std::printf("%s: %d kernels, %ld cases, %ld failures\n", level.c_str(), t.kernels, t.cases,
+                t.failures);
+    failures += t.failures;
+  }
+  return failures ? 1 : 0;
+}

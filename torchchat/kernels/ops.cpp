@@ -1,0 +1,540 @@
+// torchchat's CPU kernels as torch custom ops (TORCH_LIBRARY torchchat): argument checks, the
+// threading (at::parallel_for over the kernels' [begin, end) ranges) and oneDNN's bf16 GEMMs
+// (at::mm), on the table of kernels chosen once for the CPU (cpu/common/dispatch.cpp; Python
+// picks the level through select_isa). No intrinsics here: those live in cpu/<isa>/.
+//
+// Why our own kernels: torch 2.13's one-row matmuls (MKL/oneDNN GEMV for fp32/bf16, the int4
+// pack kernel) stream weights at 16-27 GB/s on the 2-core machine these were measured on, about
+// 40-60% of its read bandwidth and of what llama.cpp's kernels reach (docs/performance.md).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "cpu/common/step.h"
+
+namespace {
+
+namespace cpu = torchchat::cpu;
+using cpu::bf16_t;
+using cpu::kMaxRows;
+using cpu::Matrix;
+
+const cpu::Kernels* table = nullptr;  // set by select_isa; null: the ops refuse to run
+
+void parallel(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& f) {
+  at::parallel_for(0, n, grain, f);
+}
+
+// The table, if it has the feature bits `need`.
+const cpu::Kernels& kernels(const char* op, int64_t need) {
+  TORCH_CHECK(table != nullptr, op, ": no kernel level selected (torchchat.kernels.select_isa)");
+  TORCH_CHECK((table->features & need) == need, op, ": not among the ", table->name,
+              " kernels on this CPU (its feature bits ", table->features, ", needed ", need, ")");
+  return *table;
+}
+
+// Selects the table of `level`; returns its feature bits, or -1 if that level is not here.
+int64_t select_isa(std::string level) {
+  const cpu::Kernels* t = cpu::select_kernels(level);
+  if (t == nullptr) return -1;
+  table = t;
+  return t->features;
+}
+
+std::string isa_levels() {
+  std::string out;
+  for (const auto& level : cpu::levels()) out += (out.empty() ? "" : ",") + level;
+  return out;
+}
+
+int64_t simd_level() { return table == nullptr ? 0 : table->features; }
+
+template <typename T>
+const T* ptr(const at::Tensor& t) {
+  return reinterpret_cast<const T*>(t.const_data_ptr());
+}
+
+cpu::DType dtype_of(at::ScalarType st) {
+  switch (st) {
+    case at::kFloat: return cpu::DType::f32;
+    case at::kBFloat16: return cpu::DType::bf16;
+    case at::kHalf: return cpu::DType::f16;
+    default: TORCH_CHECK(false, "torchchat: unsupported dtype ", st);
+  }
+}
+
+void check_rows(const at::Tensor& x, int64_t K) {
+  TORCH_CHECK(x.dim() == 2 && x.size(0) <= kMaxRows, "torchchat: x must be (M <= ", kMaxRows,
+              ", K), got ", x.sizes());
+  TORCH_CHECK(x.size(1) <= K, "torchchat: x has ", x.size(1), " columns, weights ", K);
+}
+
+// The ops below convert their few activation rows and outputs with plain loops into scratch
+// vectors: a decode step calls them ~100 times, and each aten op spent on a cast, a pad or an
+// allocation costs about a microsecond of dispatch (0.3 ms a token on stories110M).
+
+// x (M, K) of any float dtype -> dst (M, Kpad) of type T, zero-padded.
+template <typename T>
+void rows_to(const at::Tensor& x, int64_t Kpad, std::vector<T>& dst) {
+  const int64_t M = x.size(0), K = x.size(1);
+  dst.assign(M * Kpad, T(0.0f));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rows_to", [&] {
+    const auto* src = x.data_ptr<scalar_t>();
+    const int64_t sm = x.stride(0), sk = x.stride(1);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < K; ++k) dst[m * Kpad + k] = T((float)src[m * sm + k * sk]);
+  });
+}
+
+// fp32 results (M, N) -> a new tensor of x's dtype.
+at::Tensor rows_from(const std::vector<float>& y, int64_t M, int64_t N, const at::Tensor& x) {
+  auto out = at::empty({M, N}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "rows_from", [&] {
+    auto* dst = out.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < M * N; ++i) dst[i] = scalar_t(y[i]);
+  });
+  return out;
+}
+
+int64_t total_rows(at::TensorList w) {
+  int64_t rows = 0;
+  for (const auto& t : w) rows += t.size(0);
+  return rows;
+}
+
+// The matrices of a grouped call, w[i] with scales s[i] (none for float weights); their fp32
+// results side by side in y, (M, all their rows).
+std::vector<Matrix> matrices(at::TensorList w, at::TensorList s, int64_t M,
+                             std::vector<float>& y) {
+  const int64_t rows = total_rows(w);
+  y.resize(M * rows);
+  std::vector<Matrix> mats;
+  int64_t off = 0;
+  for (size_t i = 0; i < w.size(); ++i) {
+    const int64_t N = w[i].size(0);
+    mats.push_back({w[i].data_ptr(), w[i].stride(0), s.empty() ? nullptr : s[i].data_ptr(), N,
+                    y.data() + off, rows});
+    off += N;
+  }
+  return mats;
+}
+
+// A grouped call's lists: one or more weights, and as many scales tensors where the op takes them.
+void check_group(const char* op, at::TensorList w, at::TensorList s, bool scaled) {
+  TORCH_CHECK(!w.empty(), op, ": no weights");
+  TORCH_CHECK(!scaled || s.size() == w.size(), op, ": ", w.size(), " weights but ", s.size(),
+              " scales tensors");
+}
+
+// x (M, K) @ w[i] (N_i, K).T for fp32, bf16 or fp16 x and weights of the same dtype.
+at::Tensor linear_cpu(const at::Tensor& x, at::TensorList ws) {
+  const auto& kt = kernels("torchchat::linear", cpu::kFewRows);
+  check_group("torchchat::linear", ws, {}, false);
+  const int64_t M = x.size(0), K = x.size(1);
+  for (const auto& w : ws) {
+    TORCH_CHECK(w.dim() == 2 && w.stride(1) == 1, "torchchat::linear: w must be (N, K) row-major");
+    TORCH_CHECK(x.scalar_type() == w.scalar_type(), "torchchat::linear: dtypes differ");
+    check_rows(x, w.size(1));
+    TORCH_CHECK(K == w.size(1), "torchchat::linear: K differs");
+  }
+  const auto xc = x.contiguous();
+  std::vector<float> y;
+  const auto mats = matrices(ws, {}, M, y);
+  cpu::linear_float(kt, parallel, dtype_of(x.scalar_type()), xc.const_data_ptr(), M, K, mats);
+  return rows_from(y, M, total_rows(ws), x);
+}
+
+// int8 weights w[i] (N_i, Kw) with scales (N_i,) or (N_i, Kw / group), all of one dtype;
+// x (M, K <= Kw) of any float dtype.
+at::Tensor linear_int8_cpu(const at::Tensor& x, at::TensorList ws, at::TensorList scales,
+                           int64_t group) {
+  const auto& kt = kernels("torchchat::linear_int8", cpu::kFewRows);
+  check_group("torchchat::linear_int8", ws, scales, true);
+  const int64_t M = x.size(0), Kw = ws[0].size(1);
+  check_rows(x, Kw);
+  TORCH_CHECK(group == 0 || (group >= 16 && (group & (group - 1)) == 0 && Kw % group == 0),
+              "torchchat::linear_int8: group ", group, " must be 0 or a power of two >= 16 dividing ",
+              Kw);
+  TORCH_CHECK(Kw % 16 == 0, "torchchat::linear_int8: K ", Kw, " must be a multiple of 16");
+  const auto sdt = scales[0].scalar_type();
+  for (size_t i = 0; i < ws.size(); ++i) {
+    const auto &w = ws[i], &s = scales[i];
+    const int64_t N = w.size(0);
+    TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.scalar_type() == at::kChar &&
+                    w.size(1) == Kw,
+                "torchchat::linear_int8: w must be contiguous int8 (N, ", Kw, ")");
+    TORCH_CHECK((sdt == at::kBFloat16 || sdt == at::kFloat) && s.scalar_type() == sdt &&
+                    s.is_contiguous() && s.numel() == N * (group ? Kw / group : 1),
+                "torchchat::linear_int8: scales must be contiguous fp32 or bf16, ", s.sizes());
+  }
+  std::vector<float> xf, y;
+  rows_to(x, Kw, xf);
+  const auto mats = matrices(ws, scales, M, y);
+  cpu::linear_int8(kt, parallel, sdt == at::kBFloat16, xf.data(), M, Kw, group, mats);
+  return rows_from(y, M, total_rows(ws), x);
+}
+
+// int4 weights in torch's CPU pack layout: w (N, K/2) uint8, sz (K/group, N, 2) bf16 (scale,
+// zero), N a multiple of 16, group (a multiple of `step`) dividing K. Returns K.
+int64_t check_int4(const char* op, const at::Tensor& w, const at::Tensor& sz, int64_t group,
+                   int64_t step) {
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.scalar_type() == at::kByte, op,
+              ": w must be contiguous uint8 (N, K/2)");
+  const int64_t N = w.size(0), K = w.size(1) * 2;
+  TORCH_CHECK(N % 16 == 0 && group > 0 && group % step == 0 && K % group == 0, op, ": N ", N,
+              " must be a multiple of 16, K ", K, " of group ", group, " (a multiple of ", step,
+              ")");
+  TORCH_CHECK(sz.scalar_type() == at::kBFloat16 && sz.is_contiguous() &&
+                  sz.numel() == (K / group) * N * 2,
+              op, ": scales_and_zeros must be contiguous bf16 (K/group, N, 2)");
+  return K;
+}
+
+// int4 weights w[i] (N_i, Kw/2), sz[i] as check_int4; x (M, K <= Kw). Activations are rounded
+// to bf16 first, as the aten kernel's callers do.
+at::Tensor linear_int4_cpu(const at::Tensor& x, at::TensorList ws, at::TensorList sz,
+                           int64_t group) {
+  const auto& kt = kernels("torchchat::linear_int4", cpu::kBf16);
+  check_group("torchchat::linear_int4", ws, sz, true);
+  const int64_t Kw = check_int4("torchchat::linear_int4", ws[0], sz[0], group, 2);
+  for (size_t i = 1; i < ws.size(); ++i)
+    TORCH_CHECK(check_int4("torchchat::linear_int4", ws[i], sz[i], group, 2) == Kw,
+                "torchchat::linear_int4: K differs");
+  const int64_t M = x.size(0);
+  check_rows(x, Kw);
+  std::vector<bf16_t> xb;
+  std::vector<float> y;
+  rows_to(x, Kw, xb);
+  const auto mats = matrices(ws, sz, M, y);
+  cpu::linear_int4(kt, parallel, xb.data(), M, Kw, group, mats);
+  return rows_from(y, M, total_rows(ws), x);
+}
+
+// Prefill's many rows (int4 and int8 weights): x (M, K) bf16 @ W.T as bf16 GEMMs (oneDNN,
+// AVX512-BF16) on tiles of W turned into bf16 just before -- up to kTileRows output rows at a
+// time, each thread its own tiles (as many for each), so a tile goes from the conversion into
+// the GEMM through the caches rather than through memory, and no matrix-sized buffer is
+// allocated per call. Here (int4, 2 threads, 64 rows) that took tinyllama-1.1b's w1 from 2.8 to
+// 2.1 ms and w2 (K = 5632) from 3.8 to 2.05 ms next to dequantizing the whole matrix first; 512
+// rows: 14.1 -> 12.4 ms. Tiles of 128 and 512 rows ran about as fast as 256, of 64 slower.
+constexpr int64_t kTileRows = 256;
+
+// fill(n0, tn, buf, ld) writes rows n0..n0 + tn of W as bf16 into buf: transposed (K x ld,
+// k_major) or not (ld x K). The result (M, N) bf16, each column times scale[n] if scale is given
+// (the product rounded once more to bf16).
+template <typename Fill>
+at::Tensor bf16_gemm_tiles(const at::Tensor& xb, int64_t N, int64_t K, bool k_major,
+                           const float* scale, Fill fill) {
+  const int64_t M = xb.size(0), threads = at::get_num_threads();
+  auto y = at::empty({M, N}, xb.options());
+  auto up64 = [](int64_t n) { return (n + 63) / 64 * 64; };
+  const int64_t per_thread = up64((N + threads - 1) / threads);
+  const int64_t tiles_each = (per_thread + kTileRows - 1) / kTileRows;
+  const int64_t rows = up64((per_thread + tiles_each - 1) / tiles_each);
+  at::parallel_for(0, (N + rows - 1) / rows, 1, [&](int64_t t0, int64_t t1) {
+    auto buf = k_major ? at::empty({K, rows}, xb.options()) : at::empty({rows, K}, xb.options());
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * rows, tn = std::min<int64_t>(rows, N - n0);
+      fill(n0, tn, reinterpret_cast<bf16_t*>(buf.data_ptr<at::BFloat16>()), rows);
+      const at::Tensor yt = k_major ? at::mm(xb, buf.narrow(1, 0, tn))
+                                    : at::mm(xb, buf.narrow(0, 0, tn).t());  // (M, tn)
+      const auto* src = yt.data_ptr<at::BFloat16>();
+      auto* dst = y.data_ptr<at::BFloat16>();
+      for (int64_t m = 0; m < M; ++m) {
+        if (scale == nullptr) {
+          std::memcpy(dst + m * N + n0, src + m * tn, tn * sizeof(at::BFloat16));
+        } else {
+          for (int64_t j = 0; j < tn; ++j)
+            dst[m * N + n0 + j] = at::BFloat16((float)src[m * tn + j] * scale[n0 + j]);
+        }
+      }
+    }
+  });
+  return y;
+}
+
+// x (M, K) bf16 @ int4 weights in torch's CPU pack layout (N, K/2), sz (K/group, N, 2) bf16
+// -> bf16 (M, N): prefill's GEMM on tiles of the weights dequantized on the fly.
+at::Tensor gemm_int4_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sz,
+                         int64_t group) {
+  const auto& kt = kernels("torchchat::gemm_int4", cpu::kBf16);
+  const int64_t K = check_int4("torchchat::gemm_int4", w, sz, group, 1), N = w.size(0);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K && x.scalar_type() == at::kBFloat16,
+              "torchchat::gemm_int4: x must be bf16 (M, ", K, "), got ", x.sizes());
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const bf16_t* szp = ptr<bf16_t>(sz);
+  return bf16_gemm_tiles(x.contiguous(), N, K, true, nullptr,
+                         [&](int64_t n0, int64_t tn, bf16_t* buf, int64_t ld) {
+                           for (int64_t r = 0; r < tn; r += 64)
+                             kt.int4_dequantize_block_t(wp, szp, N, K, group, n0 + r, buf + r, ld);
+                         });
+}
+
+// x (M, K) bf16 @ int8 weights (N, K) with per-row scales (N) -> bf16 (M, N), rounded as
+// bf16(bf16(x @ codes.T) * bf16(scale)): prefill's GEMM on tiles of the codes.
+at::Tensor gemm_int8_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales) {
+  const auto& kt = kernels("torchchat::gemm_int8", cpu::kBf16);
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.scalar_type() == at::kChar,
+              "torchchat::gemm_int8: w must be contiguous int8 (N, K)");
+  const int64_t N = w.size(0), K = w.size(1);
+  TORCH_CHECK(scales.numel() == N, "torchchat::gemm_int8: scales must have N = ", N, " values");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == K && x.scalar_type() == at::kBFloat16,
+              "torchchat::gemm_int8: x must be bf16 (M, ", K, "), got ", x.sizes());
+  // the scales as the GEMM's bf16 epilogue sees them: rounded to bf16
+  const auto s = scales.reshape({N}).to(at::kBFloat16).to(at::kFloat).contiguous();
+  const int8_t* wp = w.data_ptr<int8_t>();
+  return bf16_gemm_tiles(x.contiguous(), N, K, false, s.data_ptr<float>(),
+                         [&](int64_t n0, int64_t tn, bf16_t* buf, int64_t) {
+                           for (int64_t r = 0; r < tn; ++r)
+                             kt.int8_to_bf16(wp + (n0 + r) * K, K, buf + r * K);
+                         });
+}
+
+// 8da4w prefill: x (M, Kx <= K) of any float dtype, quantized here per token to int8 exactly as
+// torchchat.quant.primitives.quantize_per_token_int8 does (fp32 arithmetic, round half to even;
+// missing columns count as zeros); int4 weights in torch's CPU pack layout with zero points 0.
+// Returns (M, N) in x's dtype.
+at::Tensor gemm_8da4w_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sz,
+                          int64_t group) {
+  const auto& kt = kernels("torchchat::gemm_8da4w", cpu::kInt8Gemm);
+  const int64_t K = check_int4("torchchat::gemm_8da4w", w, sz, group, 4), N = w.size(0);
+  TORCH_CHECK(K % 16 == 0, "torchchat::gemm_8da4w: K ", K, " must be a multiple of 16");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) <= K && at::isFloatingType(x.scalar_type()),
+              "torchchat::gemm_8da4w: x must be float (M, <= ", K, "), got ", x.sizes());
+  const int64_t M = x.size(0), Kx = x.size(1);
+  const auto xf = x.to(at::kFloat).contiguous();
+  auto y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  std::vector<uint8_t> u(M * K);
+  std::vector<float> sa(M), za(M);
+  const float* xp = xf.data_ptr<float>();
+  at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+    kt.quantize_rows_8da4w(xp, Kx, K, u.data(), sa.data(), za.data(), m0, m1);
+  });
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, (N + 63) / 64, 1, [&](int64_t b0, int64_t b1) {
+    // torch's CPU allocator aligns to 64 bytes, as the kernels' aligned loads need
+    const auto wt = at::empty({K * 64}, at::kChar), ft = at::empty({M * 64}, at::kFloat);
+    const auto st = at::empty({(K / group) * 64}, at::kFloat);
+    const cpu::Buffers8da4w buf{wt.data_ptr<int8_t>(), ft.data_ptr<float>(), st.data_ptr<float>()};
+    kt.gemm_8da4w(u.data(), M, K, sa.data(), za.data(), w.data_ptr<uint8_t>(), ptr<bf16_t>(sz), N,
+                  group, yp, b0, b1, buf);
+  });
+  return y.to(x.scalar_type());
+}
+
+template <typename T, typename A>
+void attention_rows(A attend, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                    const at::Tensor& mask, double scale, at::Tensor& out) {
+  const int64_t B = q.size(0), H = q.size(1), S = q.size(2), D = q.size(3);
+  const int64_t KVH = k.size(1), len = k.size(2), group = H / KVH;
+  const T* qp = ptr<T>(q);
+  const T* kp = ptr<T>(k);
+  const T* vp = ptr<T>(v);
+  const bool* mp = mask.data_ptr<bool>();
+  T* op = reinterpret_cast<T*>(out.data_ptr());
+  const int64_t mb = mask.size(0) == 1 ? 0 : mask.stride(0), ms = mask.stride(2);
+  // Tasks of at least ~64K multiply-adds: a one-token step over a short cache stays on one
+  // thread (waking the others costs more than the work).
+  const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, len * D));
+  // Each mask row's open span, found once for all heads.
+  std::vector<std::pair<int64_t, int64_t>> span(B * S);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t s = 0; s < S; ++s) span[b * S + s] = cpu::open_span(mp + b * mb + s * ms, len);
+  at::parallel_for(0, B * H * S, grain, [&](int64_t i0, int64_t i1) {
+    std::vector<float> p(len + 16);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / (H * S), h = (i / S) % H, s = i % S;
+      const T* kb = kp + b * k.stride(0) + (h / group) * k.stride(1);
+      const T* vb = vp + b * v.stride(0) + (h / group) * v.stride(1);
+      attend(qp + b * q.stride(0) + h * q.stride(1) + s * q.stride(2), kb, vb, k.stride(2),
+             mp + b * mb + s * ms, span[b * S + s].first, span[b * S + s].second, D,
+             (float)scale, op + ((b * H + h) * S + s) * D, p.data());
+    }
+  });
+}
+
+// softmax(q k^T * scale + mask) v: q (B, H, S, D); k, v (B, KVH, T, D) with H a multiple of KVH
+// (grouped-query attention) and unit stride along D, T rows D apart; mask bool (1 or B, 1, S, T).
+at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                         const at::Tensor& mask, double scale) {
+  const auto& kt = kernels("torchchat::attention", cpu::kFewRows);
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && mask.dim() == 4,
+              "torchchat::attention: 4-d q, k, v, mask");
+  TORCH_CHECK(k.sizes() == v.sizes() && k.strides() == v.strides(), "torchchat::attention: k, v");
+  TORCH_CHECK(q.size(0) == k.size(0) && q.size(3) == k.size(3) && q.size(1) % k.size(1) == 0,
+              "torchchat::attention: shapes ", q.sizes(), " ", k.sizes());
+  TORCH_CHECK(k.stride(3) == 1 && k.stride(2) == k.size(3) && q.stride(3) == 1,
+              "torchchat::attention: rows of k, v must be contiguous");
+  TORCH_CHECK(q.size(3) <= 256, "torchchat::attention: head dim ", q.size(3), " > 256");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type(),
+              "torchchat::attention: dtypes differ");
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.size(2) == q.size(2) &&
+                  mask.size(3) == k.size(2) && mask.stride(3) == 1 &&
+                  (mask.size(0) == 1 || mask.size(0) == q.size(0)),
+              "torchchat::attention: mask ", mask.sizes());
+  auto out = at::empty(q.sizes(), q.options());
+  switch (dtype_of(q.scalar_type())) {
+    case cpu::DType::f32: attention_rows<float>(kt.attend_f32, q, k, v, mask, scale, out); break;
+    case cpu::DType::bf16: attention_rows<bf16_t>(kt.attend_bf16, q, k, v, mask, scale, out); break;
+    case cpu::DType::f16:
+      attention_rows<cpu::fp16_t>(kt.attend_f16, q, k, v, mask, scale, out);
+      break;
+  }
+  return out;
+}
+
+
+// One token through L layers (cpu::decode_step): x (1, 1, D), the token's embedding; norms 2L
+// weights (attention, feed-forward) of x's dtype; freqs (len, Dh/2, 2) fp32; mask (len, len)
+// bool; pos (1,) int64; caches (1, KVH, len, Dh) of x's dtype, written at pos; w 7 weights a
+// layer (wq, wk, wv, wo, w1, w3, w2) of one kind, s their scales (none for float weights; int4's
+// blocked, see int4_scale_offset).
+at::Tensor decode_layers_cpu(const at::Tensor& x, at::TensorList norms, double eps,
+                             const at::Tensor& freqs, const at::Tensor& mask,
+                             const at::Tensor& pos, at::TensorList kc, at::TensorList vc,
+                             at::TensorList w, at::TensorList s, int64_t kind, int64_t group,
+                             int64_t n_heads) {
+  const char* op = "torchchat::decode_layers";
+  TORCH_CHECK(kind >= cpu::kFloatW && kind <= cpu::kInt4DynW, op, ": unknown weight kind ", kind);
+  const auto& kt = kernels(op, kind >= cpu::kInt4W ? cpu::kBf16 : cpu::kFewRows);
+  const int64_t L = kc.size();
+  TORCH_CHECK(L > 0 && (int64_t)vc.size() == L && (int64_t)norms.size() == 2 * L &&
+                  (int64_t)w.size() == 7 * L &&
+                  (int64_t)s.size() == (kind == cpu::kFloatW ? 0 : 7 * L),
+              op, ": ", L, " layers need ", L, " v caches, ", 2 * L, " norms, ", 7 * L,
+              " weights and ", kind == cpu::kFloatW ? 0 : 7 * L, " scales tensors");
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, op,
+              ": unsupported dtype ", dt);
+  const int64_t D = x.size(-1);
+  TORCH_CHECK(x.numel() == D && x.is_contiguous(), op, ": x must be one row, got ", x.sizes());
+  const auto& k0 = kc[0];
+  TORCH_CHECK(k0.dim() == 4 && k0.size(0) == 1, op, ": caches must be (1, KVH, len, Dh)");
+  const int64_t KVH = k0.size(1), len = k0.size(2), Dh = k0.size(3);
+  for (int64_t l = 0; l < L; ++l)
+    TORCH_CHECK(kc[l].sizes() == k0.sizes() && vc[l].sizes() == k0.sizes() &&
+                    kc[l].is_contiguous() && vc[l].is_contiguous() &&
+                    kc[l].scalar_type() == dt && vc[l].scalar_type() == dt,
+                op, ": caches must all be contiguous ", k0.sizes(), " of x's dtype");
+  for (const auto& n : norms)
+    TORCH_CHECK(n.numel() == D && n.is_contiguous() && n.scalar_type() == dt, op,
+                ": norm weights must be (", D, ") of x's dtype");
+  TORCH_CHECK(Dh <= 256 && Dh % 2 == 0 && n_heads > 0 && n_heads % KVH == 0, op, ": ", n_heads,
+              " heads over ", KVH, " kv heads of ", Dh);
+  TORCH_CHECK(pos.numel() == 1 && pos.scalar_type() == at::kLong, op, ": pos must be one int64");
+  const int64_t p = pos.data_ptr<int64_t>()[0];
+  TORCH_CHECK(p >= 0 && p < len, op, ": position ", p, " is outside the cache (", len, ")");
+  TORCH_CHECK(freqs.scalar_type() == at::kFloat && freqs.is_contiguous() && freqs.dim() == 3 &&
+                  freqs.size(0) >= len && freqs.size(1) == Dh / 2 && freqs.size(2) == 2,
+              op, ": freqs must be fp32 (", len, ", ", Dh / 2, ", 2)");
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 2 && mask.size(0) >= len &&
+                  mask.size(1) == len && mask.stride(1) == 1,
+              op, ": mask must be bool (", len, ", ", len, ")");
+  const int64_t Nq = n_heads * Dh, Nkv = KVH * Dh, F = w[4].size(0);
+  const bool bf16_scales = kind != cpu::kFloatW && s[0].scalar_type() == at::kBFloat16;
+  // Each weight's shape (out N, in K0) and kind; returns the columns its kernel reads.
+  auto check = [&](int64_t i, int64_t N, int64_t K0) -> int64_t {
+    const auto& m = w[i];
+    if (kind == cpu::kFloatW) {
+      TORCH_CHECK(m.dim() == 2 && m.scalar_type() == dt && m.stride(1) == 1 && m.size(0) == N &&
+                      m.size(1) == K0,
+                  op, ": weight ", i, " must be (", N, ", ", K0, ") of x's dtype, got ", m.sizes());
+      return K0;
+    }
+    if (kind == cpu::kInt8W) {
+      const int64_t Kw = m.size(1);
+      TORCH_CHECK(m.dim() == 2 && m.is_contiguous() && m.scalar_type() == at::kChar &&
+                      m.size(0) == N && Kw >= K0 && Kw % 16 == 0 &&
+                      (group == 0 || (group >= 16 && (group & (group - 1)) == 0 && Kw % group == 0)),
+                  op, ": int8 weight ", i, " must be contiguous (", N, ", >= ", K0, "), got ",
+                  m.sizes());
+      TORCH_CHECK(s[i].is_contiguous() && s[i].numel() == N * (group ? Kw / group : 1) &&
+                      s[i].scalar_type() == (bf16_scales ? at::kBFloat16 : at::kFloat),
+                  op, ": scales ", i, " do not match their weight");
+      return Kw;
+    }
+    const int64_t Kw = check_int4(op, m, s[i], group, 2);
+    TORCH_CHECK(m.size(0) == N && Kw >= K0, op, ": int4 weight ", i, " must be (", N, ", >= ",
+                K0, " / 2), got ", m.sizes());
+    return Kw;
+  };
+  std::vector<float> qkv(Nq + 2 * Nkv), o(D), g(2 * F), y2(D);
+  std::vector<cpu::Projection> proj;
+  for (int64_t l = 0; l < L; ++l) {
+    const int64_t b = 7 * l;
+    auto mat = [&](int64_t i, int64_t N, float* y, int64_t ldy) {
+      return Matrix{w[i].data_ptr(), w[i].stride(0),
+                    kind == cpu::kFloatW ? nullptr : s[i].data_ptr(), N, y, ldy,
+                    kind >= cpu::kInt4W};
+    };
+    const int64_t Kq = check(b, Nq, D);
+    TORCH_CHECK(check(b + 1, Nkv, D) == Kq && check(b + 2, Nkv, D) == Kq, op,
+                ": q, k, v weights differ in width");
+    const int64_t Ko = check(b + 3, D, Nq);
+    const int64_t K1 = check(b + 4, F, D);
+    TORCH_CHECK(check(b + 5, F, D) == K1, op, ": w1, w3 differ in width");
+    const int64_t K2 = check(b + 6, D, F);
+    const int64_t ldq = Nq + 2 * Nkv;
+    proj.push_back({{mat(b, Nq, qkv.data(), ldq), mat(b + 1, Nkv, qkv.data() + Nq, ldq),
+                     mat(b + 2, Nkv, qkv.data() + Nq + Nkv, ldq)}, Kq});
+    proj.push_back({{mat(b + 3, D, o.data(), D)}, Ko});
+    proj.push_back({{mat(b + 4, F, g.data(), 2 * F), mat(b + 5, F, g.data() + F, 2 * F)}, K1});
+    proj.push_back({{mat(b + 6, D, y2.data(), D)}, K2});
+  }
+  const bool bf16_out = kind >= cpu::kInt4W && dt == at::kFloat;
+  const cpu::StepArgs a{L, D, n_heads, KVH, Dh, F, len, p, kind, group, bf16_scales, bf16_out,
+                        (float)eps};
+  std::vector<const void*> norm_ptrs;
+  for (const auto& n : norms) norm_ptrs.push_back(n.const_data_ptr());
+  std::vector<void*> k_ptrs, v_ptrs;
+  for (int64_t l = 0; l < L; ++l) {
+    k_ptrs.push_back(kc[l].data_ptr());
+    v_ptrs.push_back(vc[l].data_ptr());
+  }
+  const cpu::StepData data{norm_ptrs.data(), freqs.data_ptr<float>() + p * Dh,
+                           mask.data_ptr<bool>() + p * mask.stride(0), k_ptrs.data(),
+                           v_ptrs.data()};
+  std::vector<float> h(D);
+  auto out = at::empty(x.sizes(), x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "decode_layers", [&] {
+    const auto* xp = x.data_ptr<scalar_t>();
+    for (int64_t d = 0; d < D; ++d) h[d] = (float)xp[d];
+    cpu::decode_step(kt, parallel, dtype_of(dt), a, data, proj, h.data(), qkv.data(), o.data(),
+                     g.data(), y2.data());
+    auto* dst = out.data_ptr<scalar_t>();
+    for (int64_t d = 0; d < D; ++d) dst[d] = scalar_t(h[d]);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(torchchat, m) {
+  m.def("simd_level() -> int", &simd_level);
+  m.def("select_isa(str level) -> int", &select_isa);
+  m.def("isa_levels() -> str", &isa_levels);
+  // linear*: x times each weight of the list; their results side by side, (M, all their rows)
+  m.def("linear(Tensor x, Tensor[] w) -> Tensor");
+  m.def("linear_int8(Tensor x, Tensor[] w, Tensor[] scales, int group) -> Tensor");
+  m.def("linear_int4(Tensor x, Tensor[] w, Tensor[] scales_and_zeros, int group) -> Tensor");
+  m.def("attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor");
+  m.def(
+      "decode_layers(Tensor x, Tensor[] norms, float eps, Tensor freqs, Tensor mask, Tensor pos, "
+      "Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor[] w, Tensor[] scales, int kind, "
+      "int group, int n_heads) -> Tensor");
+  m.def("gemm_int4(Tensor x, Tensor w, Tensor scales_and_zeros, int group) -> Tensor");
+  m.def("gemm_int8(Tensor x, Tensor w, Tensor scales) -> Tensor");
+  m.def("gemm_8da4w(Tensor x, Tensor w, Tensor scales_and_zeros, int group) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(torchchat, CPU, m) {
+  m.impl("linear", &linear_cpu);
+  m.impl("linear_int8", &linear_int8_cpu);
+  m.impl("linear_int4", &linear_int4_cpu);
+  m.impl("attention", &attention_cpu);
+  m.impl("decode_layers", &decode_layers_cpu);
+  m.impl("gemm_int4", &gemm_int4_cpu);
+  m.impl("gemm_int8", &gemm_int8_cpu);
+  m.impl("gemm_8da4w", &gemm_8da4w_cpu);
+}
