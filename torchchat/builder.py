@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from torchchat import kernels
 from torchchat.checkpoint import Checkpoint, load_checkpoint
 from torchchat.errors import TorchchatError
 from torchchat.generate.speculative import Speculator
@@ -382,6 +383,8 @@ def build_model(opts: ModelOptions, verbose: bool = False) -> BuiltModel:
             f"--max-seq-length {max_seq} is outside 2..{model.args.max_seq_len} (the model's context)"
         )
     runtime = make_runtime(model, max_seq, opts)
+    if model.norm.weight.device.type == "cpu":
+        log(kernels.status(), verbose)  # the instruction-set level, or why torch's ops run
     return BuiltModel(runtime, tokenizer, model.args, build_speculator(opts, runtime, verbose))
 
 

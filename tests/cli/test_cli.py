@@ -129,3 +129,17 @@ def test_help_lists_common_options(verb):
     for opt in ("--max-new-tokens", "--temperature", "--top-k", "--top-p", "--seed", "--dtype", "--device",
                 "--compile", "--compile-prefill", "--max-seq-length", "--tokenizer-path", "--params-path"):  # fmt: skip
         assert opt in p.stdout
+
+
+def test_verbose_names_the_kernels_level_in_use():
+    """-v says once which instruction-set level runs the CPU kernels, or why torch's ops do."""
+    import os
+
+    from torchchat import kernels
+
+    cmd = ["generate", STORIES_BIN, "--prompt", "Once", "--max-new-tokens", "2", "-v"]
+    p = run_torchchat(*cmd)
+    assert p.returncode == 0, p.stderr
+    assert p.stderr.count(kernels.status()) == 1
+    off = run_torchchat(*cmd, env={**os.environ, "TORCHCHAT_ISA": "off"})
+    assert off.returncode == 0 and "CPU kernels off (TORCHCHAT_ISA=off)" in off.stderr
