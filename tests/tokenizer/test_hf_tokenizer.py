@@ -146,3 +146,18 @@ def test_bad_json(tmp_path):
     with pytest.raises(TorchchatError, match="cannot read tokenizer") as info:
         load_tokenizer(bad)
     assert "\n" not in str(info.value)
+
+
+def test_adds_bos_follows_the_post_processor(hf_llama2, hf_bytelevel, llama2, tmp_path):
+    """Whether a document's encoding starts with BOS (eval, as lm-eval's HF backend encodes):
+    tokenizer.json's TemplateProcessing decides; sentencepiece Llama tokenizers always do."""
+    from tests.tokenizer.conftest import LLAMA2_MODEL, llama2_hf_json
+    from torchchat.tokenizer import load_tokenizer
+
+    assert hf_llama2.adds_bos and llama2.adds_bos
+    assert not hf_bytelevel.adds_bos  # no BOS at all
+    lib = llama2_hf_json(LLAMA2_MODEL)
+    lib.post_processor = None  # the same vocabulary, no template: no BOS added
+    lib.save(str(tmp_path / "tokenizer.json"))
+    plain = load_tokenizer(tmp_path / "tokenizer.json")
+    assert plain.bos_id == 1 and not plain.adds_bos

@@ -12,7 +12,6 @@ from tqdm import tqdm
 
 from torchchat.errors import TorchchatError
 from torchchat.eval.perplexity import (
-    default_add_bos,
     encode_document,
     forward_from_start,
     prefix_token,
@@ -43,7 +42,7 @@ class TorchchatLM(TemplateLM):
     ) -> None:
         super().__init__()
         self.runtime, self.tok = runtime, tokenizer
-        self.add_bos = default_add_bos(tokenizer) if add_bos is None else add_bos
+        self.add_bos = tokenizer.adds_bos if add_bos is None else add_bos
         self._max_gen_toks = max_gen_toks
         self.show_progress = show_progress
         self.generator = Generator(runtime, tokenizer)

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from torchchat.errors import TorchchatError
 from torchchat.eval.wikitext import count_bytes, count_words, detokenize
 from torchchat.runtime.base import ModelRuntime
-from torchchat.tokenizer import HFTokenizer, Tokenizer
+from torchchat.tokenizer import Tokenizer
 
 
 def prefix_token(tokenizer: Tokenizer) -> int:
@@ -31,22 +31,6 @@ def prefix_token(tokenizer: Tokenizer) -> int:
     if token is None:
         raise TorchchatError("the tokenizer has neither BOS nor EOS: nothing to condition on")
     return token
-
-
-def default_add_bos(tokenizer: Tokenizer) -> bool:
-    """Whether the tokenizer's default encoding starts with BOS, as Hugging Face would encode."""
-    if tokenizer.bos_id is None:
-        return False
-    if isinstance(tokenizer, HFTokenizer):
-        # transformers follows tokenizer.json's post-processor (TemplateProcessing with BOS or not).
-        from tokenizers import Tokenizer as HFLibTokenizer
-
-        lib = HFLibTokenizer.from_file(str(tokenizer.path))
-        with_specials = lib.encode("a", add_special_tokens=True).ids
-        plain = lib.encode("a", add_special_tokens=False).ids
-        return with_specials[:1] == [tokenizer.bos_id] != plain[:1]
-    # Meta's sentencepiece and tiktoken Llama tokenizers start every sequence with BOS.
-    return True
 
 
 def encode_document(tokenizer: Tokenizer, text: str, add_bos: bool) -> list[int]:
@@ -135,7 +119,7 @@ def wikitext_perplexity(
     """lm-eval's `wikitext` metrics: score the detokenized page, count words/bytes of the original."""
     if not pages:
         raise TorchchatError("no documents to evaluate")
-    add_bos = default_add_bos(tokenizer) if add_bos is None else add_bos
+    add_bos = tokenizer.adds_bos if add_bos is None else add_bos
     prefix = prefix_token(tokenizer)
     max_seq_len = max_seq_len or runtime.max_seq_len
     docs = [encode_document(tokenizer, detokenize(page), add_bos) for page in pages]

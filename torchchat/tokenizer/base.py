@@ -44,6 +44,12 @@ class Tokenizer(ABC):
         """The texts that `encode(..., allow_special=True)` turns into control-token ids."""
         return ()
 
+    @property
+    def adds_bos(self) -> bool:
+        """Whether the tokenizer's own encoding of a text starts with BOS, as Hugging Face's
+        `encode` would: Meta's sentencepiece and tiktoken Llama tokenizers always do."""
+        return self.bos_id is not None
+
     @cached_property
     def _control_pattern(self) -> re.Pattern[str] | None:
         return specials_pattern(self.special_strings())

@@ -103,6 +103,16 @@ class HFTokenizer(Tokenizer):
         self.chat_template = chat_template
         self.stop_ids = stop_ids_for(self.eos_id, self._added) | frozenset(extra_stop_ids)
 
+    @property
+    def adds_bos(self) -> bool:
+        """tokenizer.json's post-processor decides (TemplateProcessing with BOS or not), as it
+        does in transformers."""
+        if self.bos_id is None:
+            return False
+        with_specials = self._tok.encode("a", add_special_tokens=True).ids
+        plain = self._tok.encode("a", add_special_tokens=False).ids
+        return with_specials[:1] == [self.bos_id] != plain[:1]
+
     def encode(
         self, text: str, *, bos: bool = False, eos: bool = False, allow_special: bool = False
     ) -> list[int]:
