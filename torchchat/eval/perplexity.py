@@ -46,9 +46,7 @@ def rolling_windows(n_tokens: int, max_seq_len: int) -> list[tuple[int, int]]:
 
 def forward_from_start(runtime: ModelRuntime, tokens: Sequence[int]) -> torch.Tensor:
     """fp32 log-probabilities (len(tokens), vocab) of one model call at positions 0.."""
-    logits = runtime.forward(torch.tensor([list(tokens)], dtype=torch.long), 0)
-    runtime.cached = list(tokens)  # what the KV cache now holds, for the generator's prefix reuse
-    return torch.log_softmax(logits[0].float().cpu(), dim=-1)
+    return torch.log_softmax(runtime.score(tokens).float().cpu(), dim=-1)
 
 
 @torch.no_grad()

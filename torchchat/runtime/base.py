@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import resource
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -42,6 +43,13 @@ class ModelRuntime(ABC):
     @abstractmethod
     def forward(self, tokens: Tensor, start_pos: int) -> Tensor:
         """tokens (1, S) at positions start_pos.. -> fp32 logits (1, S, vocab)."""
+
+    def score(self, tokens: Sequence[int]) -> Tensor:
+        """fp32 logits (len(tokens), vocab) of `tokens` fed from position 0 in one call (eval's
+        scoring); the KV cache then holds them, and `cached` says so for prefix reuse."""
+        logits = self.forward(torch.tensor([list(tokens)], dtype=torch.long), 0)[0]
+        self.cached = list(tokens)
+        return logits
 
     def prefill(self, tokens: Tensor, start_pos: int) -> Tensor:
         """Feed a whole prompt in one call; return fp32 logits (vocab,) of its last position."""
