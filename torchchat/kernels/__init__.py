@@ -229,6 +229,11 @@ def int4_blocked_scales(scales_and_zeros: Tensor) -> Tensor:
 FLOAT_WEIGHTS, INT8_WEIGHTS, INT4_WEIGHTS, INT4_WEIGHTS_INT8_ACTIVATIONS = 0, 1, 2, 3
 
 
+def decode_layers_needs(kind: int) -> int:
+    """The level bit `decode_layers` needs for a kind of weights (int4 kinds: AVX512_BF16)."""
+    return AVX512_BF16 if kind >= INT4_WEIGHTS else AVX512
+
+
 def decode_layers(
     x: Tensor,
     norms: Sequence[Tensor],
@@ -250,8 +255,7 @@ def decode_layers(
     modules round. `weights` holds 7 a layer (wq, wk, wv, wo, w1, w3, w2), all of one `kind`,
     `scales` theirs (none for float weights; int4's as `int4_blocked_scales` lays them out); the
     caches are written in place."""
-    need = AVX512_BF16 if kind >= INT4_WEIGHTS else AVX512
-    if _rows(x, need) is None or torch.compiler.is_compiling():
+    if _rows(x, decode_layers_needs(kind)) is None or torch.compiler.is_compiling():
         return None
     return torch.ops.torchchat.decode_layers(
         x, norms, eps, freqs, mask, pos, k_caches, v_caches, weights, scales, kind, groupsize,

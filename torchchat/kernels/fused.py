@@ -65,9 +65,8 @@ class DecodePlan:
         return self.linears[0].kind
 
     def needs(self) -> int:
-        """The SIMD level bits (kernels.AVX512...) the step needs for these weights."""
-        int4 = self.kind >= WeightKind.INT4
-        return kernels.AVX512 | (kernels.AVX512_BF16 if int4 else 0)
+        """The level bit (kernels.AVX512...) the step needs for these weights."""
+        return kernels.decode_layers_needs(self.kind)
 
 
 def decode_step(
