@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from torchchat.bench.run import random_runtime
-from torchchat.options import ModelOptions, SamplingOptions
+from torchchat.options import ExecutionOptions, ModelOptions, SamplingOptions
 from torchchat.runtime.base import ModelRuntime
 from torchchat.server.engine import Choice, End, Engine, Failed, Finish, Job
 from torchchat.tokenizer import load_tokenizer
@@ -116,7 +116,7 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    mopts = ModelOptions(dtype="fp32", compile=args.compile)
+    mopts = ModelOptions(execution=ExecutionOptions(dtype="fp32", compile=args.compile))
     # Runtimes with the same weights: the B=1 path as `generate` runs it, the batched one with
     # max-batch slots, and the engine's own. Measurements alternate between them, so drifting
     # machine load affects each alike.

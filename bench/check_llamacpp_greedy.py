@@ -26,7 +26,7 @@ from torchchat.bench.run import (
     shape_args,
     write_ggufs,
 )
-from torchchat.options import ModelOptions
+from torchchat.options import ExecutionOptions, ModelOptions
 
 
 def main() -> int:
@@ -48,7 +48,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"{a.shape}-F32.gguf"
         write_ggufs(args, sd, {"F32": path})
-        runtime = random_runtime(a.shape, ModelOptions(dtype="fp32"), max_seq, sd)
+        runtime = random_runtime(
+            a.shape, ModelOptions(execution=ExecutionOptions(dtype="fp32")), max_seq, sd
+        )
         worker = LlamaCppWorker(path, a.threads, max_seq, a.prompt_tokens, f32_kv_cache=True)
         try:
             for prompt in random_prompts(args.vocab_size, a.prompt_tokens, a.prompts):

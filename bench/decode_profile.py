@@ -28,7 +28,7 @@ from report_doc import write_section  # noqa: E402
 
 from torchchat.bench.bandwidth import read_bandwidth  # noqa: E402
 from torchchat.bench.run import random_runtime  # noqa: E402
-from torchchat.options import ModelOptions  # noqa: E402
+from torchchat.options import ExecutionOptions, ModelOptions, QuantizeOptions  # noqa: E402
 from torchchat.runtime.eager import EagerRuntime  # noqa: E402
 
 PRECISIONS = {
@@ -125,7 +125,10 @@ def main() -> None:
     ]
     for name, recipe in PRECISIONS.items():
         for compiled in (False, True):
-            opts = ModelOptions(quantize=recipe, compile=compiled, fused_decode=False)
+            opts = ModelOptions(
+                quantization=QuantizeOptions(recipe=recipe),
+                execution=ExecutionOptions(compile=compiled, fused_decode=False),
+            )
             rt = random_runtime(a.shape, opts, 64)
             total, kernels = profile_step(rt)
             _, gbps = kernel_gbps(rt)

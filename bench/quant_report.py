@@ -33,7 +33,7 @@ from torchchat.bench.run import random_runtime  # noqa: E402
 from torchchat.builder import build_model  # noqa: E402
 from torchchat.eval.perplexity import wikitext_perplexity  # noqa: E402
 from torchchat.eval.wikitext import read_documents  # noqa: E402
-from torchchat.options import ModelOptions  # noqa: E402
+from torchchat.options import ModelOptions, QuantizeOptions, SourceOptions  # noqa: E402
 
 WIKI = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
 STORIES = SHARED / "models" / "stories260K" / "stories260K.bin"
@@ -70,7 +70,12 @@ def perplexity_rows(n_docs: int) -> list[tuple[str, float]]:
         spec = (
             json.loads(json.dumps(spec).replace("CALIBRATION", str(calibration))) if spec else None
         )
-        built = build_model(ModelOptions(checkpoint_path=STORIES, quantize=quantize_arg(spec)))
+        built = build_model(
+            ModelOptions(
+                source=SourceOptions(checkpoint_path=STORIES),
+                quantization=QuantizeOptions(recipe=quantize_arg(spec)),
+            )
+        )
         result = wikitext_perplexity(built.runtime, built.tokenizer, docs)
         rows.append((name, result.word_perplexity))
         print(f"{name}: word perplexity {result.word_perplexity:.4f}", file=sys.stderr)
@@ -84,7 +89,11 @@ def agreement_rows(prompts: int = 8, length: int = 64) -> list[tuple[str, float,
     batches = [torch.randint(0, 32000, (1, length), generator=gen) for _ in range(prompts)]
 
     def logprobs(spec):
-        rt = random_runtime("stories110M", ModelOptions(quantize=quantize_arg(spec)), length)
+        rt = random_runtime(
+            "stories110M",
+            ModelOptions(quantization=QuantizeOptions(recipe=quantize_arg(spec))),
+            length,
+        )
         return [torch.log_softmax(rt.forward(b, 0)[0].float(), -1) for b in batches]
 
     ref = logprobs(None)

@@ -1,5 +1,5 @@
 """Test helpers shared across the suite: paths to ../shared assets, tiny random models, greedy
-generation, llama.cpp's tokenizer cases, a free port, waiting for a condition."""
+generation, llama.cpp's tokenizer cases, a free port, waiting for a condition, a server job's events."""
 
 from __future__ import annotations
 
@@ -129,3 +129,17 @@ def wait_for(condition, timeout: float = 10.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.005)
+
+
+async def drain(job, timeout: float = 60.0) -> list:
+    """A server job's events as the engine emits them, up to and including its last one
+    (End, or Failed); waiting longer than `timeout` seconds for any one fails."""
+    import asyncio
+
+    from torchchat.server.engine import Finish, Piece
+
+    events = []
+    while True:
+        events.append(await asyncio.wait_for(job.next_event(), timeout))
+        if not isinstance(events[-1], Piece | Finish):
+            return events

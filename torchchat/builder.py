@@ -16,7 +16,13 @@ from torchchat.errors import TorchchatError
 from torchchat.generate.speculative import Speculator
 from torchchat.model.config import ModelArgs, known_model_args, known_model_names
 from torchchat.model.transformer import Transformer
-from torchchat.options import ModelOptions
+from torchchat.options import (
+    DistributionOptions,
+    ExecutionOptions,
+    ModelOptions,
+    QuantizeOptions,
+    SourceOptions,
+)
 from torchchat.quant.apply import adopt_gguf_codes, apply_schemes, quantize, structural
 from torchchat.quant.config import Scheme, load_quantize_spec
 from torchchat.runtime.base import ModelRuntime
@@ -70,7 +76,7 @@ def resolve_dtype(name: str | None, device: str, checkpoint_dtype: torch.dtype) 
     return DTYPES[name]
 
 
-def resolve_args(opts: ModelOptions, ckpt: Checkpoint, verbose: bool) -> ModelArgs:
+def resolve_args(opts: SourceOptions, ckpt: Checkpoint, verbose: bool) -> ModelArgs:
     """--params-path > --params-table > config inside the checkpoint > name of the model folder."""
     if opts.params_path is not None:
         try:
@@ -164,10 +170,10 @@ def model_from_checkpoint(
 ) -> tuple[Transformer, Checkpoint, list[Scheme]]:
     """Load weights and config, quantize if asked, build the Transformer in the requested
     dtype/device. Returns the model, its checkpoint and the quantization it now carries."""
-    schemes, dtype_name, device = recipe_settings(opts)
-    path = opts.checkpoint_path or opts.gguf_path or _model_path(opts.model)
-    ckpt = load_checkpoint(path)
-    args = resolve_args(opts, ckpt, verbose)
+    src, quant = opts.source, opts.quantization
+    schemes, dtype_name, device = recipe_settings(quant, opts.execution)
+    ckpt = load_checkpoint(src.checkpoint_path or src.gguf_path or _model_path(src.model))
+    args = resolve_args(src, ckpt, verbose)
     saved = [Scheme(s["name"], s["args"]) for s in ckpt.extra.get("quantization", [])]
     if saved and structural(schemes):
         raise TorchchatError(
@@ -184,7 +190,7 @@ def model_from_checkpoint(
     dtype = resolve_dtype(dtype_name, device, float_dtype)
     sharding = tensor_parallel_sharding(opts, args, device, schemes, saved)
     sd = ckpt.state_dict if sharding is None else sharding.state_dict(ckpt.state_dict)
-    if opts.gguf_packed:
+    if quant.gguf_packed:
         return _packed_gguf_model(args, ckpt, schemes, dtype, device, verbose), ckpt, []
     if not structural(schemes):
         return build_transformer(args, sd, dtype, device, saved, sharding), ckpt, saved
@@ -194,13 +200,13 @@ def model_from_checkpoint(
 
         gptq = next(s for s in schemes if s.name == "linear:gptq").args
         text = calibration_text(
-            gptq["calibration_file"] or opts.calibration_file,
-            gptq["calibration_tasks"] or opts.calibration_tasks,
-            opts.calibration_tasks_path,
-            gptq["calibration_limit"] or opts.calibration_limit,
+            gptq["calibration_file"] or quant.calibration_file,
+            gptq["calibration_tasks"] or quant.calibration_tasks,
+            quant.calibration_tasks_path,
+            gptq["calibration_limit"] or quant.calibration_limit,
         )
         calibration = calibration_batches(
-            find_tokenizer(opts, ckpt),
+            find_tokenizer(src, ckpt),
             text,
             gptq["calibration_seq_length"],
             gptq["calibration_samples"],
@@ -209,11 +215,13 @@ def model_from_checkpoint(
     return model, ckpt, structural(schemes)
 
 
-def recipe_settings(opts: ModelOptions) -> tuple[list[Scheme], str | None, str]:
+def recipe_settings(
+    quant: QuantizeOptions, execution: ExecutionOptions
+) -> tuple[list[Scheme], str | None, str]:
     """The --quantize recipe's schemes, and the dtype name and device to run in: the recipe's
     `precision` and `executor` override --dtype and --device."""
-    schemes = load_quantize_spec(opts.quantize) if opts.quantize else []
-    dtype_name, device_name = opts.dtype, opts.device
+    schemes = load_quantize_spec(quant.recipe) if quant.recipe else []
+    dtype_name, device_name = execution.dtype, execution.device
     for scheme in schemes:
         if scheme.name == "precision":
             dtype_name = scheme.args["dtype"]
@@ -241,17 +249,22 @@ def quantized_model(
     return model.to(dtype=dtype)
 
 
-def make_runtime(model: Transformer, max_seq: int, opts: ModelOptions) -> ModelRuntime:
+def make_runtime(
+    model: Transformer,
+    max_seq: int,
+    execution: ExecutionOptions,
+    distribution: DistributionOptions | None = None,
+) -> ModelRuntime:
     """The runtime for a built model: one process (eager, compiled or fused decode, on
     torchchat's kernels where they run), or rank 0 of --tp N."""
-    if opts.tp > 1:
-        return tensor_parallel_runtime(model, max_seq, opts)
+    if distribution is not None and distribution.tp > 1:
+        return tensor_parallel_runtime(model, max_seq, execution, distribution)
     return EagerRuntime(
         model,
         max_seq,
-        compile=opts.compile,
-        compile_prefill=opts.compile_prefill,
-        fused_decode=opts.fused_decode,
+        compile=execution.compile,
+        compile_prefill=execution.compile_prefill,
+        fused_decode=execution.fused_decode,
     )
 
 
@@ -262,34 +275,41 @@ def tensor_parallel_sharding(
     opts: ModelOptions, args: ModelArgs, device: str, schemes: list[Scheme], saved: list[Scheme]
 ) -> Sharding | None:
     """This rank's share of the model under --tp N (joining the process group), else None."""
-    if opts.tp == 1:
+    tp = opts.distribution.tp
+    if tp == 1:
         return None
     from torchchat.distributed.group import init_from_env
     from torchchat.distributed.sharding import Sharding, quantizes_linears
 
-    if saved or opts.gguf_packed:
+    if saved or opts.quantization.gguf_packed:
         raise TorchchatError(
             "--tp splits float weights: load a float checkpoint (--quantize then runs per rank)"
         )
     if any(s.name == "linear:gptq" for s in schemes):
         raise TorchchatError("--tp cannot calibrate GPTQ: use linear:int8 or linear:int4")
-    if opts.draft_checkpoint_path or opts.draft_quantize:
+    if opts.speculation.enabled:
         raise TorchchatError("--tp does not run speculative decoding: drop --draft-*")
-    group = init_from_env(opts.tp, device)
+    group = init_from_env(tp, device)
     # Quantized linears need wo/w2 split by output rows to match one process exactly.
     sharding = Sharding(group.rank, group.world, gather=quantizes_linears(schemes))
     sharding.check(args)
     return sharding
 
 
-def tensor_parallel_runtime(model: Transformer, max_seq: int, opts: ModelOptions) -> ModelRuntime:
+def tensor_parallel_runtime(
+    model: Transformer, max_seq: int, execution: ExecutionOptions, distribution: DistributionOptions
+) -> ModelRuntime:
     """Rank 0's runtime of a model sharded by --tp (the other ranks follow it)."""
     from torchchat.distributed.group import init_from_env
     from torchchat.distributed.runtime import TensorParallelRuntime
 
-    group = init_from_env(opts.tp, str(model.norm.weight.device))
+    group = init_from_env(distribution.tp, str(model.norm.weight.device))
     return TensorParallelRuntime(
-        model, max_seq, group, compile=opts.compile, compile_prefill=opts.compile_prefill
+        model,
+        max_seq,
+        group,
+        compile=execution.compile,
+        compile_prefill=execution.compile_prefill,
     )
 
 
@@ -326,7 +346,7 @@ def _packed_gguf_model(args, ckpt, schemes, dtype, device, verbose) -> Transform
     return model.to(dtype=dtype)
 
 
-def find_tokenizer(opts: ModelOptions, ckpt: Checkpoint) -> Tokenizer:
+def find_tokenizer(opts: SourceOptions, ckpt: Checkpoint) -> Tokenizer:
     """--tokenizer-path, else a GGUF's own vocabulary, else a tokenizer file beside the checkpoint."""
     if opts.tokenizer_path is not None:
         return load_tokenizer(opts.tokenizer_path)
@@ -345,21 +365,22 @@ def build_exported(opts: ModelOptions) -> BuiltModel:
     """An exported artifact (.pt2 / .pte) and its tokenizer (--tokenizer-path or beside it)."""
     from torchchat.runtime.exported import AOTIRuntime, ExecuTorchRuntime
 
-    if opts.compile or opts.quantize or opts.draft_checkpoint_path or opts.draft_quantize:
+    src, execution = opts.source, opts.execution
+    if execution.compile or opts.quantization.recipe or opts.speculation.enabled:
         raise TorchchatError(
             "exported models are already compiled and quantized: drop --compile/--quantize/--draft-*"
         )
-    path = Path(opts.aoti_package_path or opts.pte_path)
-    runtime = AOTIRuntime(path) if opts.aoti_package_path else ExecuTorchRuntime(path)
+    path = Path(src.exported)
+    runtime = AOTIRuntime(path) if src.aoti_package_path else ExecuTorchRuntime(path)
     try:
-        tokenizer = load_tokenizer(opts.tokenizer_path or path.parent)
+        tokenizer = load_tokenizer(src.tokenizer_path or path.parent)
     except TorchchatError:
         raise TorchchatError(f"no tokenizer next to {path}: pass --tokenizer-path") from None
     if runtime.tokenizer_kind and tokenizer.kind != runtime.tokenizer_kind:
         raise TorchchatError(
             f"{path} was exported with a {runtime.tokenizer_kind} tokenizer, not {tokenizer.kind}"
         )
-    if opts.max_seq_length and opts.max_seq_length != runtime.max_seq_len:
+    if execution.max_seq_length and execution.max_seq_length != runtime.max_seq_len:
         raise TorchchatError(
             f"{path} was exported for --max-seq-length {runtime.max_seq_len}; export again to change it"
         )
@@ -368,21 +389,21 @@ def build_exported(opts: ModelOptions) -> BuiltModel:
 
 def build_model(opts: ModelOptions, verbose: bool = False) -> BuiltModel:
     """Everything a verb needs to run the model."""
-    if opts.aoti_package_path or opts.pte_path:
+    if opts.source.exported:
         return build_exported(opts)
     model, ckpt, _ = model_from_checkpoint(opts, verbose)
-    tokenizer = find_tokenizer(opts, ckpt)
+    tokenizer = find_tokenizer(opts.source, ckpt)
     if tokenizer.vocab_size > model.args.vocab_size:
         raise TorchchatError(
             f"tokenizer has {tokenizer.vocab_size} tokens but the model only {model.args.vocab_size}: "
             "wrong --tokenizer-path?"
         )
-    max_seq = opts.max_seq_length or min(model.args.max_seq_len, DEFAULT_MAX_SEQ_LEN)
+    max_seq = opts.execution.max_seq_length or min(model.args.max_seq_len, DEFAULT_MAX_SEQ_LEN)
     if max_seq > model.args.max_seq_len or max_seq < 2:
         raise TorchchatError(
             f"--max-seq-length {max_seq} is outside 2..{model.args.max_seq_len} (the model's context)"
         )
-    runtime = make_runtime(model, max_seq, opts)
+    runtime = make_runtime(model, max_seq, opts.execution, opts.distribution)
     if model.norm.weight.device.type == "cpu":
         log(kernels.status(), verbose)  # the instruction-set level, or why torch's ops run
     return BuiltModel(runtime, tokenizer, model.args, build_speculator(opts, runtime, verbose))
@@ -391,20 +412,19 @@ def build_model(opts: ModelOptions, verbose: bool = False) -> BuiltModel:
 def build_speculator(opts: ModelOptions, target: ModelRuntime, verbose: bool) -> Speculator | None:
     """A draft model: another checkpoint (--draft-checkpoint-path) or a quantized copy of the
     target (--draft-quantize), sharing the target's tokenizer and KV cache length."""
-    if opts.draft_checkpoint_path is None and opts.draft_quantize is None:
+    spec = opts.speculation
+    if not spec.enabled:
         return None
-    if opts.speculate_k < 1:
+    if spec.speculate_k < 1:
         raise TorchchatError("--speculate-k must be at least 1")
-    draft_opts = replace(
-        opts,
-        checkpoint_path=opts.draft_checkpoint_path or opts.checkpoint_path,
-        gguf_path=None if opts.draft_checkpoint_path else opts.gguf_path,
-        model=None if opts.draft_checkpoint_path else opts.model,
-        params_path=None if opts.draft_checkpoint_path else opts.params_path,
-        params_table=None if opts.draft_checkpoint_path else opts.params_table,
-        quantize=opts.draft_quantize,
-        compile_prefill=False,
-    )
+    src = opts.source
+    if spec.draft_checkpoint_path is not None:  # another checkpoint: only the tokenizer is shared
+        src = SourceOptions(
+            checkpoint_path=spec.draft_checkpoint_path, tokenizer_path=src.tokenizer_path
+        )
+    execution = replace(opts.execution, compile_prefill=False)
+    quant = replace(opts.quantization, recipe=spec.draft_quantize, gguf_packed=False)
+    draft_opts = ModelOptions(src, quant, execution)
     draft, _, _ = model_from_checkpoint(draft_opts, verbose)
     if draft.args.vocab_size != target.args.vocab_size:
         raise TorchchatError(
@@ -416,8 +436,8 @@ def build_speculator(opts: ModelOptions, target: ModelRuntime, verbose: bool) ->
             f"draft model context {draft.args.max_seq_len} is shorter than {target.max_seq_len}"
         )
     log(
-        f"speculative decoding with a draft of {draft.args.weight_count() / 1e6:.1f}M parameters, k={opts.speculate_k}",
+        f"speculative decoding with a draft of {draft.args.weight_count() / 1e6:.1f}M parameters, k={spec.speculate_k}",
         verbose,
     )
-    draft_runtime = make_runtime(draft, target.max_seq_len, replace(draft_opts, tp=1))
-    return Speculator(target, draft_runtime, opts.speculate_k)
+    draft_runtime = make_runtime(draft, target.max_seq_len, execution)
+    return Speculator(target, draft_runtime, spec.speculate_k)

@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
 
 from torchchat.errors import TorchchatError
 from torchchat.generate.generator import format_metrics
-from torchchat.options import ChatOptions, GenerateOptions, ModelOptions, SamplingOptions
+from torchchat.options import (
+    ChatOptions,
+    DistributionOptions,
+    ExecutionOptions,
+    GenerateOptions,
+    ModelOptions,
+    QuantizeOptions,
+    SamplingOptions,
+    SourceOptions,
+    SpeculationOptions,
+)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -229,32 +240,20 @@ def resolve_model(model: str | None, model_directory: Path | None) -> str | None
 
 
 def model_options(a: argparse.Namespace) -> ModelOptions:
+    """The model flags, by concern: each option group takes the flags named as its fields."""
     return ModelOptions(
-        model=resolve_model(a.model, a.model_directory),
-        checkpoint_path=a.checkpoint_path,
-        gguf_path=a.gguf_path,
-        gguf_packed=a.gguf_packed,
-        params_path=a.params_path,
-        params_table=a.params_table,
-        tokenizer_path=a.tokenizer_path,
-        dtype=a.dtype,
-        device=a.device,
-        max_seq_length=a.max_seq_length,
-        compile=a.compile,
-        compile_prefill=a.compile_prefill,
-        fused_decode=a.fused_decode,
-        tp=a.tp,
-        quantize=a.quantize,
-        calibration_file=a.calibration_file,
-        calibration_tasks=a.calibration_tasks,
-        calibration_tasks_path=a.calibration_tasks_path,
-        calibration_limit=a.calibration_limit,
-        draft_checkpoint_path=a.draft_checkpoint_path,
-        draft_quantize=a.draft_quantize,
-        speculate_k=a.speculate_k,
-        aoti_package_path=a.aoti_package_path,
-        pte_path=a.pte_path,
+        source=_parsed(SourceOptions, a, model=resolve_model(a.model, a.model_directory)),
+        quantization=_parsed(QuantizeOptions, a, recipe=a.quantize),
+        execution=_parsed(ExecutionOptions, a),
+        speculation=_parsed(SpeculationOptions, a),
+        distribution=_parsed(DistributionOptions, a),
     )
+
+
+def _parsed(cls, a: argparse.Namespace, **given):
+    """An option dataclass from the parsed flags of its fields' names (and `given`)."""
+    flags = {f.name: getattr(a, f.name) for f in dataclasses.fields(cls) if f.name not in given}
+    return cls(**flags, **given)
 
 
 def sampling_options(a: argparse.Namespace) -> SamplingOptions:
@@ -541,7 +540,8 @@ def run_tensor_parallel(a: argparse.Namespace) -> None:
             model = random_model(a.shape, opts)
         else:
             model, _, _ = model_from_checkpoint(opts)
-        follow(model, group, compile=opts.compile, compile_prefill=opts.compile_prefill)
+        run = opts.execution
+        follow(model, group, compile=run.compile, compile_prefill=run.compile_prefill)
 
     run_ranks(a.tp, resolve_device(a.device), lambda: VERBS[a.verb](a), follow_rank0)
 

@@ -19,13 +19,13 @@ def convert(opts: ModelOptions, output: Path, verbose: bool = False) -> Path:
     output = Path(output)
     if output.exists() and any(output.iterdir()):
         raise TorchchatError(f"output folder {output} is not empty; choose a new one")
-    if opts.gguf_packed:
+    if opts.quantization.gguf_packed:
         raise TorchchatError(
             "--gguf-packed models cannot be saved: convert without it, then --quantize"
         )
     model, ckpt, schemes = model_from_checkpoint(opts, verbose)
     folder = ckpt.path if ckpt.path.is_dir() else ckpt.path.parent
-    tok_src = tokenizer_file(opts.tokenizer_path or folder)
+    tok_src = tokenizer_file(opts.source.tokenizer_path or folder)
     with atomic_dir(output) as tmp:
         quantization = [{"name": s.name, "args": s.args} for s in schemes]
         save_native(tmp / "model.pth", model.args, model.state_dict(), quantization=quantization)

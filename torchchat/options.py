@@ -25,33 +25,77 @@ class SamplingOptions:
 
 
 @dataclass(frozen=True)
-class ModelOptions:
-    """Where the model comes from and how to run it."""
+class SourceOptions:
+    """Where the weights, the config and the tokenizer come from."""
 
     model: str | None = None  # a path (the CLI turns model names into their folder)
     checkpoint_path: Path | None = None
     gguf_path: Path | None = None
-    gguf_packed: bool = False  # run Q4_0/Q8_0 GGUF linears on int4/int8 kernels, not dequantized
-    params_path: Path | None = None
-    params_table: str | None = None
+    params_path: Path | None = None  # a params.json for checkpoints that carry no config
+    params_table: str | None = None  # ... or the name of a known model's config
     tokenizer_path: Path | None = None
-    dtype: str | None = None  # fp32 | bf16 | fp16 | fast; None = the checkpoint's own float type
-    device: str = "cpu"  # cpu | cuda | mps | fast
-    max_seq_length: int | None = None
-    compile: bool = False
-    compile_prefill: bool = False
-    fused_decode: bool = True  # one-token steps on the fused kernel step where it applies
-    tp: int = 1  # tensor-parallel ranks: `torchrun --nproc-per-node N -m torchchat ... --tp N`
-    quantize: str | None = None  # JSON recipe, a file holding one, or a profile name
+    aoti_package_path: Path | None = None  # an exported AOT Inductor package (.pt2) ...
+    pte_path: Path | None = None  # ... or ExecuTorch program (.pte) to run instead of a checkpoint
+
+    @property
+    def exported(self) -> Path | None:
+        """The exported program to run, if the source is one."""
+        return self.aoti_package_path or self.pte_path
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    """How the weights are quantized after loading."""
+
+    recipe: str | None = None  # --quantize: JSON recipe, a file holding one, or a profile name
+    gguf_packed: bool = False  # run Q4_0/Q8_0 GGUF linears on int4/int8 kernels, not dequantized
     calibration_file: Path | None = None  # text for GPTQ calibration
     calibration_tasks: str | None = None  # ... and/or lm-eval tasks' documents (comma list)
     calibration_tasks_path: Path | None = None  # folder of local lm-eval task YAMLs
     calibration_limit: int | None = None  # documents per calibration task
-    draft_checkpoint_path: Path | None = None  # speculative decoding: a smaller draft model
-    draft_quantize: str | None = None  # ... or a quantized copy of this model as the draft
+
+
+@dataclass(frozen=True)
+class ExecutionOptions:
+    """Where and how the model runs in this process."""
+
+    dtype: str | None = None  # fp32 | bf16 | fp16 | fast; None = the checkpoint's own float type
+    device: str = "cpu"  # cpu | cuda | mps | fast
+    max_seq_length: int | None = None  # KV cache length
+    compile: bool = False
+    compile_prefill: bool = False
+    fused_decode: bool = True  # one-token steps on the fused kernel step where it applies
+
+
+@dataclass(frozen=True)
+class SpeculationOptions:
+    """Speculative decoding: a draft model proposes, the target verifies."""
+
+    draft_checkpoint_path: Path | None = None  # a smaller draft model
+    draft_quantize: str | None = None  # ... or a quantized copy of the target as the draft
     speculate_k: int = 5  # tokens the draft proposes per step
-    aoti_package_path: Path | None = None  # an exported AOT Inductor package (.pt2) ...
-    pte_path: Path | None = None  # ... or ExecuTorch program (.pte) to run instead of a checkpoint
+
+    @property
+    def enabled(self) -> bool:
+        return self.draft_checkpoint_path is not None or self.draft_quantize is not None
+
+
+@dataclass(frozen=True)
+class DistributionOptions:
+    """Tensor parallelism: `torchrun --nproc-per-node N -m torchchat ... --tp N`."""
+
+    tp: int = 1  # ranks the model is split over
+
+
+@dataclass(frozen=True)
+class ModelOptions:
+    """A model to run, described by concern."""
+
+    source: SourceOptions = field(default_factory=SourceOptions)
+    quantization: QuantizeOptions = field(default_factory=QuantizeOptions)
+    execution: ExecutionOptions = field(default_factory=ExecutionOptions)
+    speculation: SpeculationOptions = field(default_factory=SpeculationOptions)
+    distribution: DistributionOptions = field(default_factory=DistributionOptions)
 
 
 @dataclass(frozen=True)

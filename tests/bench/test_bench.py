@@ -16,7 +16,7 @@ from torchchat.bench.bandwidth import read_bandwidth
 from torchchat.bench.run import BenchReport, BenchResult, gguf_types, random_weights, write_ggufs
 from torchchat.checkpoint.gguf import load_gguf
 from torchchat.errors import TorchchatError
-from torchchat.options import ModelOptions
+from torchchat.options import ExecutionOptions, ModelOptions, QuantizeOptions
 
 
 def test_bench_reports_bandwidth_fraction(tmp_path):
@@ -77,7 +77,15 @@ def test_ratio_rows():
     ],
 )
 def test_gguf_type_for_each_precision(dtype, quantize, types):
-    assert gguf_types(ModelOptions(dtype=dtype, quantize=quantize)) == types
+    assert (
+        gguf_types(
+            ModelOptions(
+                quantization=QuantizeOptions(recipe=quantize),
+                execution=ExecutionOptions(dtype=dtype),
+            )
+        )
+        == types
+    )
 
 
 def test_gguf_files_are_written_in_a_child(tmp_path):

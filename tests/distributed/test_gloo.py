@@ -21,7 +21,7 @@ from torchchat.distributed.sharding import (
     quantizes_linears,
 )
 from torchchat.errors import TorchchatError
-from torchchat.options import ModelOptions
+from torchchat.options import DistributionOptions, ModelOptions, QuantizeOptions, SourceOptions
 from torchchat.quant.apply import quantize
 from torchchat.quant.config import load_quantize_spec
 from torchchat.quant.linear import Int8Linear
@@ -119,7 +119,11 @@ def stories_runs(tp: int, prompts: list[list[int]]) -> list[tuple[list[int], tor
     the same loop (the logits are replicated), so the ranks need no orders between models."""
     results = []
     for recipe in (INT8, INT4):
-        opts = ModelOptions(checkpoint_path=STORIES_BIN, quantize=recipe, tp=tp)
+        opts = ModelOptions(
+            source=SourceOptions(checkpoint_path=STORIES_BIN),
+            quantization=QuantizeOptions(recipe=recipe),
+            distribution=DistributionOptions(tp=tp),
+        )
         model = model_from_checkpoint(opts)[0]
         if tp > 1:
             connect(model, dist.group.WORLD)

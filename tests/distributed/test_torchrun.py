@@ -23,7 +23,7 @@ from tests.support import (
 from torchchat.builder import build_model
 from torchchat.checkpoint.native import save_native
 from torchchat.generate.generator import Generator
-from torchchat.options import ModelOptions, SamplingOptions
+from torchchat.options import ModelOptions, QuantizeOptions, SamplingOptions, SourceOptions
 
 pytestmark = pytest.mark.slow  # each launch starts three Pythons (~10 s)
 
@@ -57,7 +57,10 @@ def torchchat_errors(stderr: str) -> list[str]:
 def test_generate_stories260K_as_one_process(recipe, n):
     # int8 splits wo/w2 by output rows (all-gathers): one process's numbers exactly. int4 and
     # the prompt "" are checked the same way on gloo ranks (test_gloo.py).
-    opts = ModelOptions(checkpoint_path=STORIES_BIN, tokenizer_path=STORIES_TOK, quantize=recipe)
+    opts = ModelOptions(
+        source=SourceOptions(checkpoint_path=STORIES_BIN, tokenizer_path=STORIES_TOK),
+        quantization=QuantizeOptions(recipe=recipe),
+    )
     with one_thread():
         expected = one_process(opts, "Once upon a time", n)
     quant = ["--quantize", recipe] if recipe else []
@@ -74,7 +77,7 @@ def test_gqa_random_weights_compiled_as_one_process(tmp_path):
                        vocab_size=512, max_seq_len=256, attention_bias=True)  # fmt: skip
     ckpt = tmp_path / "gqa.pth"
     save_native(ckpt, args, random_state_dict(args, seed=3))
-    opts = ModelOptions(checkpoint_path=ckpt, tokenizer_path=STORIES_TOK)
+    opts = ModelOptions(SourceOptions(checkpoint_path=ckpt, tokenizer_path=STORIES_TOK))
     expected = one_process(opts, "", 60)  # eager
     p = torchrun("generate", ckpt, "--tokenizer-path", STORIES_TOK, "--temperature", "0",
                  "--max-new-tokens", 60, "--compile", "--quiet")  # fmt: skip

@@ -17,7 +17,13 @@ from torchchat.checkpoint.native import save_native
 from torchchat.errors import TorchchatError
 from torchchat.export.run import ExportOptions, run_export
 from torchchat.model.config import RopeScaling
-from torchchat.options import ModelOptions, SamplingOptions
+from torchchat.options import (
+    ExecutionOptions,
+    ModelOptions,
+    QuantizeOptions,
+    SamplingOptions,
+    SourceOptions,
+)
 
 pytestmark = pytest.mark.slow
 GREEDY = SamplingOptions(temperature=0)
@@ -44,7 +50,10 @@ def exported(request, tmp_path_factory):
     shutil.copyfile(STORIES_TOK, out / "tok512.model") if not (
         out / "tok512.model"
     ).exists() else None
-    mopts = ModelOptions(checkpoint_path=ckpt, tokenizer_path=STORIES_TOK, max_seq_length=512)
+    mopts = ModelOptions(
+        source=SourceOptions(checkpoint_path=ckpt, tokenizer_path=STORIES_TOK),
+        execution=ExecutionOptions(max_seq_length=512),
+    )
     run_export(mopts, ExportOptions(aoti_package_path=out / "m.pt2", pte_path=out / "m.pte"))
     return mopts, out
 
@@ -52,10 +61,14 @@ def exported(request, tmp_path_factory):
 def test_greedy_tokens_identical_across_runtimes(exported):
     mopts, out = exported
     eager = greedy_result(build_model(mopts))
-    compiled = greedy_result(build_model(replace(mopts, compile=True, fused_decode=False)))
+    compiled = greedy_result(
+        build_model(
+            replace(mopts, execution=replace(mopts.execution, compile=True, fused_decode=False))
+        )
+    )
     assert compiled.tokens == eager.tokens
-    aoti = greedy_result(build_model(ModelOptions(aoti_package_path=out / "m.pt2")))
-    pte = greedy_result(build_model(ModelOptions(pte_path=out / "m.pte")))
+    aoti = greedy_result(build_model(ModelOptions(SourceOptions(aoti_package_path=out / "m.pt2"))))
+    pte = greedy_result(build_model(ModelOptions(SourceOptions(pte_path=out / "m.pte"))))
     assert aoti.tokens == eager.tokens
     assert pte.tokens == eager.tokens
     assert aoti.text == eager.text == pte.text
@@ -65,9 +78,9 @@ def test_greedy_tokens_identical_across_runtimes(exported):
 def test_prompt_prefill_is_one_call_and_logits_match(exported, kind):
     mopts, out = exported
     opts = (
-        ModelOptions(aoti_package_path=out / kind)
+        ModelOptions(SourceOptions(aoti_package_path=out / kind))
         if kind.endswith("pt2")
-        else ModelOptions(pte_path=out / kind)
+        else ModelOptions(SourceOptions(pte_path=out / kind))
     )
     built = build_model(opts)
     rt = built.runtime
@@ -103,8 +116,8 @@ def test_cli_generate_from_artifacts_prints_the_same_text(exported):
         assert p.returncode == 0, p.stderr
         return p.stdout
 
-    eager = cli(mopts.checkpoint_path)
-    if mopts.checkpoint_path == STORIES_BIN:
+    eager = cli(mopts.source.checkpoint_path)
+    if mopts.source.checkpoint_path == STORIES_BIN:
         assert eager == LLAMA2C_STORIES260K + "\n"
     assert cli("--aoti-package-path", out / "m.pt2") == eager
     assert cli("--pte-path", out / "m.pte") == eager
@@ -113,20 +126,21 @@ def test_cli_generate_from_artifacts_prints_the_same_text(exported):
 def test_unsupported_combinations_are_clean_errors(tmp_path):
     with pytest.raises(TorchchatError, match="use --output-aoti-package-path"):
         run_export(
-            ModelOptions(checkpoint_path=STORIES_BIN), ExportOptions(dso_path=tmp_path / "m.so")
+            ModelOptions(SourceOptions(checkpoint_path=STORIES_BIN)),
+            ExportOptions(dso_path=tmp_path / "m.so"),
         )
     with pytest.raises(TorchchatError, match="does not exist"):
         run_export(
-            ModelOptions(checkpoint_path=STORIES_BIN),
+            ModelOptions(SourceOptions(checkpoint_path=STORIES_BIN)),
             ExportOptions(pte_path=tmp_path / "no" / "m.pte"),
         )
     assert not any(tmp_path.iterdir())
     with pytest.raises(TorchchatError, match="not found"):
-        build_model(ModelOptions(pte_path=tmp_path / "missing.pte"))
+        build_model(ModelOptions(SourceOptions(pte_path=tmp_path / "missing.pte")))
     junk = tmp_path / "junk.pt2"
     junk.write_bytes(b"not a package")
     with pytest.raises(TorchchatError, match="cannot load AOTI package"):
-        build_model(ModelOptions(aoti_package_path=junk, tokenizer_path=STORIES_TOK))
+        build_model(ModelOptions(SourceOptions(aoti_package_path=junk, tokenizer_path=STORIES_TOK)))
 
 
 def test_quantized_pte_matches_torchao_eager_and_reports_float_layers(tmp_path, capsys):
@@ -138,19 +152,21 @@ def test_quantized_pte_matches_torchao_eager_and_reports_float_layers(tmp_path, 
 
     recipe = {"embedding": {"bitwidth": 4, "groupsize": 32}, "linear:8da4w": {"groupsize": 32}}
     mopts = ModelOptions(
-        checkpoint_path=STORIES_BIN,
-        tokenizer_path=STORIES_TOK,
-        max_seq_length=128,
-        quantize=json.dumps(recipe),
+        source=SourceOptions(checkpoint_path=STORIES_BIN, tokenizer_path=STORIES_TOK),
+        quantization=QuantizeOptions(recipe=json.dumps(recipe)),
+        execution=ExecutionOptions(max_seq_length=128),
     )
     run_export(mopts, ExportOptions(pte_path=tmp_path / "q.pte"))
     err = capsys.readouterr().err
     assert "left in full precision" in err and "layers.0.feed_forward.w2" in err  # 172 wide
-    pte = build_model(ModelOptions(pte_path=tmp_path / "q.pte", tokenizer_path=STORIES_TOK))
+    pte = build_model(
+        ModelOptions(SourceOptions(pte_path=tmp_path / "q.pte", tokenizer_path=STORIES_TOK))
+    )
     # The eager reference: the same float model, same embedding module, same torchao 8da4w.
     ref, _, _ = model_from_checkpoint(
         ModelOptions(
-            checkpoint_path=STORIES_BIN, quantize=json.dumps({"embedding": recipe["embedding"]})
+            source=SourceOptions(checkpoint_path=STORIES_BIN),
+            quantization=QuantizeOptions(recipe=json.dumps({"embedding": recipe["embedding"]})),
         )
     )
     quantize_8da4w_for_xnnpack(ref, 32)
@@ -166,7 +182,10 @@ def test_quantized_pte_matches_torchao_eager_and_reports_float_layers(tmp_path, 
 
 
 def test_pte_refuses_recipes_xnnpack_cannot_run(tmp_path):
-    mopts = ModelOptions(checkpoint_path=STORIES_BIN, quantize='{"linear:int4": {"groupsize": 32}}')
+    mopts = ModelOptions(
+        source=SourceOptions(checkpoint_path=STORIES_BIN),
+        quantization=QuantizeOptions(recipe='{"linear:int4": {"groupsize": 32}}'),
+    )
     with pytest.raises(TorchchatError, match="8da4w"):
         run_export(mopts, ExportOptions(pte_path=tmp_path / "q.pte"))
     assert not any(tmp_path.iterdir())
@@ -177,16 +196,25 @@ def test_quantized_aoti_package_gives_the_eager_quantized_tokens(tmp_path):
     with torchchat's own CPU kernels off (exports never hold those)."""
     recipe = '{"precision": {"dtype": "bf16"}, "linear:int4": {"groupsize": 32}, "embedding": {"bitwidth": 8, "groupsize": 0}}'
     mopts = ModelOptions(
-        checkpoint_path=STORIES_BIN, tokenizer_path=STORIES_TOK, max_seq_length=128, quantize=recipe
+        source=SourceOptions(checkpoint_path=STORIES_BIN, tokenizer_path=STORIES_TOK),
+        quantization=QuantizeOptions(recipe=recipe),
+        execution=ExecutionOptions(max_seq_length=128),
     )
     run_export(mopts, ExportOptions(aoti_package_path=tmp_path / "q.pt2"))
     with kernels.disabled():
         eager = greedy_result(build_model(mopts), n=40)
     aoti = greedy_result(
-        build_model(ModelOptions(aoti_package_path=tmp_path / "q.pt2", tokenizer_path=STORIES_TOK)),
+        build_model(
+            ModelOptions(
+                SourceOptions(aoti_package_path=tmp_path / "q.pt2", tokenizer_path=STORIES_TOK)
+            )
+        ),
         n=40,
     )
     assert aoti.tokens == eager.tokens
-    fp32 = ModelOptions(checkpoint_path=STORIES_BIN, quantize='{"linear:int8": {"groupsize": 0}}')
+    fp32 = ModelOptions(
+        source=SourceOptions(checkpoint_path=STORIES_BIN),
+        quantization=QuantizeOptions(recipe='{"linear:int8": {"groupsize": 0}}'),
+    )
     with pytest.raises(TorchchatError, match="precision"):
         run_export(fp32, ExportOptions(aoti_package_path=tmp_path / "f.pt2"))

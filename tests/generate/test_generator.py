@@ -18,7 +18,13 @@ from tests.support import (
 from torchchat.builder import build_model, build_transformer
 from torchchat.generate.generator import Generator, Result, _split_stop
 from torchchat.generate.sampling import sample
-from torchchat.options import ModelOptions, SamplingOptions
+from torchchat.options import (
+    ExecutionOptions,
+    ModelOptions,
+    SamplingOptions,
+    SourceOptions,
+    SpeculationOptions,
+)
 from torchchat.runtime.eager import EagerRuntime
 from torchchat.tokenizer import load_tokenizer
 
@@ -38,7 +44,10 @@ LLAMA2C_STORIES260K = (
 @pytest.fixture(scope="module")
 def stories():
     return build_model(
-        ModelOptions(checkpoint_path=STORIES_BIN, tokenizer_path=STORIES_TOK, dtype="fp32")
+        ModelOptions(
+            source=SourceOptions(checkpoint_path=STORIES_BIN, tokenizer_path=STORIES_TOK),
+            execution=ExecutionOptions(dtype="fp32"),
+        )
     )
 
 
@@ -54,8 +63,10 @@ def test_tiny_random_hf_expected_greedy():
     )
     built = build_model(
         ModelOptions(
-            checkpoint_path=shared_path("models", "tiny-random-llama-hf"),
-            tokenizer_path=shared_path("models", "llama2c-tokenizer", "tokenizer.model"),
+            SourceOptions(
+                checkpoint_path=shared_path("models", "tiny-random-llama-hf"),
+                tokenizer_path=shared_path("models", "llama2c-tokenizer", "tokenizer.model"),
+            )
         )
     )
     res = Result()
@@ -68,11 +79,8 @@ def test_tiny_random_hf_expected_greedy():
 def test_compiled_decode_gives_identical_greedy_tokens(stories):
     compiled = build_model(
         ModelOptions(
-            checkpoint_path=STORIES_BIN,
-            tokenizer_path=STORIES_TOK,
-            compile=True,
-            compile_prefill=True,
-            fused_decode=False,  # the compiled graph, not the fused kernel step
+            source=SourceOptions(checkpoint_path=STORIES_BIN, tokenizer_path=STORIES_TOK),
+            execution=ExecutionOptions(compile=True, compile_prefill=True, fused_decode=False),
         )
     )
     _, eager = greedy(stories, "Once upon a time", 120)
@@ -187,10 +195,10 @@ def test_speculative_greedy_equals_plain_greedy(stories):
     from torchchat.builder import build_speculator
 
     opts = ModelOptions(
-        checkpoint_path=STORIES_BIN,
-        tokenizer_path=STORIES_TOK,
-        draft_quantize='{"linear:int4": {"groupsize": 32}}',
-        speculate_k=4,
+        source=SourceOptions(checkpoint_path=STORIES_BIN, tokenizer_path=STORIES_TOK),
+        speculation=SpeculationOptions(
+            draft_quantize='{"linear:int4": {"groupsize": 32}}', speculate_k=4
+        ),
     )
     spec = build_speculator(opts, stories.runtime, verbose=False)
     plain, fast = Result(), Result()

@@ -36,7 +36,7 @@ from torchchat.checkpoint.gguf_header import SUPPORTED_TYPES, validate_gguf
 from torchchat.errors import TorchchatError
 from torchchat.model.config import RopeScaling
 from torchchat.model.transformer import rope_frequencies
-from torchchat.options import ModelOptions, SamplingOptions
+from torchchat.options import ExecutionOptions, ModelOptions, SamplingOptions, SourceOptions
 
 GREEDY = SamplingOptions(temperature=0)
 LLAMA2C_STORIES260K = llama2c_stories260k()
@@ -70,8 +70,10 @@ def test_stories_tensors_are_bit_identical_to_the_bins():
 
 
 def test_stories_greedy_with_its_own_vocabulary_matches_the_bin():
-    from_gguf = build_model(ModelOptions(gguf_path=STORIES_GGUF))
-    from_bin = build_model(ModelOptions(checkpoint_path=STORIES_BIN, tokenizer_path=STORIES_TOK))
+    from_gguf = build_model(ModelOptions(SourceOptions(gguf_path=STORIES_GGUF)))
+    from_bin = build_model(
+        ModelOptions(SourceOptions(checkpoint_path=STORIES_BIN, tokenizer_path=STORIES_TOK))
+    )
     assert from_gguf.tokenizer.kind == "sentencepiece" and from_gguf.tokenizer.vocab_size == 512
     prompt = from_gguf.tokenizer.encode("", bos=True)
     assert prompt == [1] == from_bin.tokenizer.encode("", bos=True)
@@ -108,7 +110,14 @@ def test_dequantized_weights_and_greedy_tokens_equal_llama_cpps_f32(name):
         assert q.shape == t.shape and torch.equal(q.float(), t), key
 
     prompt = [1, 403, 407, 261, 378, 30, 290, 333]
-    runs = [build_model(ModelOptions(gguf_path=c.path, dtype="fp32")) for c in (quant, ref)]
+    runs = [
+        build_model(
+            ModelOptions(
+                source=SourceOptions(gguf_path=c.path), execution=ExecutionOptions(dtype="fp32")
+            )
+        )
+        for c in (quant, ref)
+    ]
     tokens, expected = (greedy_tokens(built, prompt, 30, stops=False) for built in runs)
     assert len(tokens) == 30 and tokens == expected
 
@@ -118,7 +127,11 @@ def test_llama2_tiny_random_f16_loads_and_generates():
     assert ckpt.args.vocab_size == 32000 and ckpt.args.dim == 8
     assert ckpt.state_dict["tok_embeddings.weight"].dtype == torch.float16
     assert ckpt.state_dict["norm.weight"].dtype == torch.float32
-    built = build_model(ModelOptions(gguf_path=TINY_F16_GGUF, dtype="fp32"))
+    built = build_model(
+        ModelOptions(
+            source=SourceOptions(gguf_path=TINY_F16_GGUF), execution=ExecutionOptions(dtype="fp32")
+        )
+    )
     assert built.tokenizer.vocab_size == 32000
     prompt = built.tokenizer.encode("Hello world", bos=True)
     assert prompt == [1, 15043, 3186]  # the Llama 2 vocabulary
@@ -152,7 +165,7 @@ def test_tiny_file_without_output_is_tied(tmp_path):
     path.write_bytes(tiny_gguf(tensors=untied))
     ckpt = load_checkpoint(path)
     assert not ckpt.args.tie_embeddings and ckpt.state_dict["output.weight"].sum() == 32
-    built = build_model(ModelOptions(gguf_path=path))
+    built = build_model(ModelOptions(SourceOptions(gguf_path=path)))
     assert built.tokenizer.encode("a b", bos=True) == [1, 3, 4]
 
 
@@ -206,7 +219,11 @@ def test_llama3_rope_freqs_become_rope_scaling(tmp_path, factor):
     base = 1.0 / (500000.0 ** (torch.arange(0, 128, 2).float() / 128))
     ours = rope_frequencies(ckpt.args, 2)[1]  # position 1: (cos, sin) of each frequency
     torch.testing.assert_close(torch.atan2(ours[:, 1], ours[:, 0]), base / torch.from_numpy(factors), rtol=1e-6, atol=0)  # fmt: skip
-    built = build_model(ModelOptions(gguf_path=ckpt.path, max_seq_length=16))
+    built = build_model(
+        ModelOptions(
+            source=SourceOptions(gguf_path=ckpt.path), execution=ExecutionOptions(max_seq_length=16)
+        )
+    )
     assert built.args.rope_scaling == scaling
 
 
@@ -296,7 +313,9 @@ def test_cli_hostile_gguf_is_one_line_exit_1(tmp_path):
 
 
 def test_tokenizer_path_overrides_the_gguf_vocabulary():
-    built = build_model(ModelOptions(gguf_path=STORIES_GGUF, tokenizer_path=STORIES_TOK))
+    built = build_model(
+        ModelOptions(SourceOptions(gguf_path=STORIES_GGUF, tokenizer_path=STORIES_TOK))
+    )
     assert built.tokenizer.path == STORIES_TOK
 
 
@@ -308,4 +327,11 @@ def test_attention_biases_load_and_missing_ones_are_zero(tmp_path):
     assert ckpt.args.attention_bias
     assert torch.equal(ckpt.state_dict["layers.0.attention.wk.bias"], torch.full((4,), 0.5))
     assert torch.equal(ckpt.state_dict["layers.0.attention.wo.bias"], torch.zeros(4))
-    assert len(greedy_tokens(build_model(ModelOptions(gguf_path=path)), [1], 3, stops=False)) == 3
+    assert (
+        len(
+            greedy_tokens(
+                build_model(ModelOptions(SourceOptions(gguf_path=path))), [1], 3, stops=False
+            )
+        )
+        == 3
+    )

@@ -8,17 +8,20 @@ import torch
 from tests.gguf.gguf_files import QUANTS
 from torchchat.builder import build_model, model_from_checkpoint
 from torchchat.errors import TorchchatError
-from torchchat.options import ModelOptions
+from torchchat.options import ModelOptions, QuantizeOptions, SourceOptions
 from torchchat.quant.linear import Int4Linear, Int8Linear
 
 
 @pytest.mark.parametrize("kind,module", [("Q4_0", Int4Linear), ("Q8_0", Int8Linear)])
 def test_packed_linears_hold_the_files_codes(kind, module):
     packed, _, _ = model_from_checkpoint(
-        ModelOptions(gguf_path=QUANTS / f"tiny-random-{kind}.gguf", gguf_packed=True)
+        ModelOptions(
+            source=SourceOptions(gguf_path=QUANTS / f"tiny-random-{kind}.gguf"),
+            quantization=QuantizeOptions(gguf_packed=True),
+        )
     )
     ref, _, _ = model_from_checkpoint(
-        ModelOptions(gguf_path=QUANTS / f"tiny-random-{kind}-F32.gguf")
+        ModelOptions(SourceOptions(gguf_path=QUANTS / f"tiny-random-{kind}-F32.gguf"))
     )
     wq = packed.layers[0].attention.wq
     assert isinstance(wq, module)
@@ -35,9 +38,14 @@ def test_packed_linears_hold_the_files_codes(kind, module):
 @pytest.mark.parametrize("kind", ["Q4_0", "Q8_0"])
 def test_packed_logits_close_to_dequantized(kind):
     packed = build_model(
-        ModelOptions(gguf_path=QUANTS / f"tiny-random-{kind}.gguf", gguf_packed=True)
+        ModelOptions(
+            source=SourceOptions(gguf_path=QUANTS / f"tiny-random-{kind}.gguf"),
+            quantization=QuantizeOptions(gguf_packed=True),
+        )
     )
-    plain = build_model(ModelOptions(gguf_path=QUANTS / f"tiny-random-{kind}-F32.gguf"))
+    plain = build_model(
+        ModelOptions(SourceOptions(gguf_path=QUANTS / f"tiny-random-{kind}-F32.gguf"))
+    )
     tokens = torch.tensor([[1, 400, 57, 312, 99, 7]])
     a, b = packed.runtime.forward(tokens, 0), plain.runtime.forward(tokens, 0)
     # bf16 activations in the low-bit kernels: logits agree to ~1% of their spread.
@@ -48,12 +56,16 @@ def test_packed_is_refused_where_it_cannot_apply(tmp_path):
     from tests.support import STORIES_BIN
 
     with pytest.raises(TorchchatError, match="GGUF files only"):
-        model_from_checkpoint(ModelOptions(checkpoint_path=STORIES_BIN, gguf_packed=True))
+        model_from_checkpoint(
+            ModelOptions(
+                source=SourceOptions(checkpoint_path=STORIES_BIN),
+                quantization=QuantizeOptions(gguf_packed=True),
+            )
+        )
     with pytest.raises(TorchchatError, match="drop --quantize"):
         model_from_checkpoint(
             ModelOptions(
-                gguf_path=QUANTS / "tiny-random-Q4_0.gguf",
-                gguf_packed=True,
-                quantize='{"linear:int8": {}}',
+                source=SourceOptions(gguf_path=QUANTS / "tiny-random-Q4_0.gguf"),
+                quantization=QuantizeOptions(gguf_packed=True, recipe='{"linear:int8": {}}'),
             )
         )

@@ -17,7 +17,7 @@ from tests.support import greedy as support_greedy
 from torchchat.builder import build_model
 from torchchat.cli import main
 from torchchat.hub.store import disk_size
-from torchchat.options import ModelOptions
+from torchchat.options import ModelOptions, SourceOptions
 
 
 def download_error(p: subprocess.CompletedProcess) -> str:
@@ -36,7 +36,9 @@ def assert_nothing_left(model_dir: Path) -> None:
 
 def greedy(checkpoint: Path, tokenizer: Path, prompt: str, n: int) -> str:
     """Greedy text from the original files, in-process: what the downloaded copy must reproduce."""
-    built = build_model(ModelOptions(checkpoint_path=checkpoint, tokenizer_path=tokenizer))
+    built = build_model(
+        ModelOptions(SourceOptions(checkpoint_path=checkpoint, tokenizer_path=tokenizer))
+    )
     return support_greedy(built, prompt, n)[0]
 
 

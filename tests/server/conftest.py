@@ -17,7 +17,7 @@ import uvicorn
 
 from tests.support import STORIES_BIN, STORIES_TOK
 from torchchat.builder import BuiltModel, build_model
-from torchchat.options import ModelOptions
+from torchchat.options import ExecutionOptions, ModelOptions, SourceOptions
 from torchchat.runtime.base import ModelRuntime
 from torchchat.server.app import create_app
 from torchchat.server.config import ServerOptions
@@ -29,7 +29,10 @@ API_KEY = "sk-test-0123456789"
 def build_stories() -> BuiltModel:
     """A fresh stories260K (each server owns its model: no runtime is shared between engines)."""
     return build_model(
-        ModelOptions(checkpoint_path=STORIES_BIN, tokenizer_path=STORIES_TOK, dtype="fp32")
+        ModelOptions(
+            source=SourceOptions(checkpoint_path=STORIES_BIN, tokenizer_path=STORIES_TOK),
+            execution=ExecutionOptions(dtype="fp32"),
+        )
     )
 
 

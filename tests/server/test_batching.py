@@ -20,12 +20,12 @@ from tests.server.conftest import (
     build_stories,
     live_server,
 )
-from tests.support import wait_for
+from tests.support import drain, wait_for
 from torchchat.cli import build_parser
 from torchchat.errors import TorchchatError
 from torchchat.options import SamplingOptions
 from torchchat.server.config import ServerOptions
-from torchchat.server.engine import GONE, Choice, End, Engine, Failed, Finish, Job, Piece
+from torchchat.server.engine import GONE, Choice, End, Engine, Finish, Job, Piece
 
 GREEDY = SamplingOptions(temperature=0)
 
@@ -36,14 +36,7 @@ def built():
 
 
 def run_jobs(engine: Engine, make_jobs: Callable[[], list[Job]]) -> list[list]:
-    """Submit the jobs together; every job's events, to its last."""
-
-    async def drain(job: Job) -> list:
-        events = []
-        while not isinstance(event := await asyncio.wait_for(job.next_event(), 60), End):
-            events.append(event)
-            assert not isinstance(event, Failed), event
-        return events
+    """Submit the jobs together; every job's events before its End (none may fail)."""
 
     async def run() -> list[list]:
         jobs = make_jobs()  # jobs belong to the running event loop
@@ -51,7 +44,10 @@ def run_jobs(engine: Engine, make_jobs: Callable[[], list[Job]]) -> list[list]:
             engine.submit(job)
         return await asyncio.gather(*(drain(job) for job in jobs))
 
-    return asyncio.run(run())
+    runs = asyncio.run(run())
+    for events in runs:
+        assert isinstance(events[-1], End), events[-1]
+    return [events[:-1] for events in runs]
 
 
 def outcome(events: list) -> dict[int, tuple]:

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tests.server.conftest import SlowRuntime, build_stories
+from tests.support import drain
 from torchchat.generate.generator import Generator, Result
 from torchchat.options import SamplingOptions
 from torchchat.server.engine import GONE, SHUTDOWN, Choice, End, Engine, Finish, Job, Piece
@@ -19,15 +20,6 @@ GREEDY = SamplingOptions(temperature=0)
 @pytest.fixture(scope="module")
 def built():
     return build_stories()
-
-
-async def drain(job: Job) -> list:
-    events = []
-    while True:
-        event = await asyncio.wait_for(job.next_event(), 30)
-        events.append(event)
-        if not isinstance(event, Piece | Finish):
-            return events
 
 
 def test_events_pieces_then_finish_then_end(built):

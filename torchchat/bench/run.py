@@ -15,7 +15,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -158,19 +158,20 @@ def random_runtime(
 ) -> ModelRuntime:
     """A model of a known shape with random weights (`random_weights` unless sd is given),
     quantized as asked."""
-    schemes, dtype_name, device = recipe_settings(mopts)
+    schemes, dtype_name, device = recipe_settings(mopts.quantization, mopts.execution)
     dtype = resolve_dtype(dtype_name, device, torch.float32)
     args = shape_args(shape)
     model = quantized_model(
         args, random_weights(args) if sd is None else sd, schemes, dtype, device
     )
-    return make_runtime(model, max_seq_len, mopts)
+    return make_runtime(model, max_seq_len, mopts.execution, mopts.distribution)
 
 
 def gguf_types(mopts: ModelOptions) -> list[str]:
     """The GGUF file types that match a torchchat precision: fp32 -> F32, bf16 -> BF16 and F16,
     fp16 -> F16, linear:int8 -> Q8_0, linear:int4 and 8da4w -> Q4_0."""
-    schemes = load_quantize_spec(mopts.quantize) if mopts.quantize else []
+    recipe = mopts.quantization.recipe
+    schemes = load_quantize_spec(recipe) if recipe else []
     linear = [s.name for s in schemes if s.name.startswith("linear:")]
     if linear == ["linear:int8"]:
         return ["Q8_0"]
@@ -178,7 +179,7 @@ def gguf_types(mopts: ModelOptions) -> list[str]:
         return ["Q4_0"]
     if linear:
         raise TorchchatError(f"--compare llama.cpp: no GGUF type matches {', '.join(linear)}")
-    dtype = next((s.args["dtype"] for s in schemes if s.name == "precision"), mopts.dtype)
+    dtype = next((s.args["dtype"] for s in schemes if s.name == "precision"), mopts.execution.dtype)
     types = {None: ["F32"], "fp32": ["F32"], "bf16": ["BF16", "F16"], "fp16": ["F16"]}
     if dtype not in types:
         raise TorchchatError(f"--compare llama.cpp: no GGUF type matches dtype {dtype}")
@@ -231,7 +232,8 @@ def first_call(runtime: ModelRuntime, prompt: list[int], mopts: ModelOptions) ->
     t0 = time.perf_counter()
     with torch.inference_mode():
         run_once(runtime, prompt, 2)
-    return time.perf_counter() - t0 if mopts.compile or mopts.compile_prefill else None
+    compiled = mopts.execution.compile or mopts.execution.compile_prefill
+    return time.perf_counter() - t0 if compiled else None
 
 
 def random_prompts(vocab_size: int, length: int, count: int) -> list[list[int]]:
@@ -312,9 +314,10 @@ def _build(
         runtime = random_runtime(opts.shape, mopts, max_seq, sd)
     else:
         setup = 0.0
-        exported = mopts.aoti_package_path or mopts.pte_path  # their cache size is fixed
-        seq = mopts.max_seq_length if exported else max_seq
-        runtime = build_model(ModelOptions(**{**asdict(mopts), "max_seq_length": seq})).runtime
+        execution = mopts.execution  # an exported program's cache size is fixed
+        if not mopts.source.exported:
+            execution = replace(execution, max_seq_length=max_seq)
+        runtime = build_model(replace(mopts, execution=execution)).runtime
     setup += time.perf_counter() - t0
     if max_seq > runtime.max_seq_len:
         raise TorchchatError(

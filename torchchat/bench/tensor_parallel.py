@@ -53,7 +53,7 @@ def random_shard(args: ModelArgs, sharding: Sharding, seed: int = 0) -> dict[str
 
 def random_model(shape: str, mopts: ModelOptions) -> Transformer:
     """This rank's share of `bench --shape` random weights, quantized as asked (all ranks)."""
-    schemes, dtype_name, device = recipe_settings(mopts)
+    schemes, dtype_name, device = recipe_settings(mopts.quantization, mopts.execution)
     dtype = resolve_dtype(dtype_name, device, torch.float32)
     args = shape_args(shape)
     sharding = tensor_parallel_sharding(mopts, args, device, schemes, [])
@@ -71,14 +71,16 @@ def run_bench(mopts: ModelOptions, opts: BenchOptions, label: str) -> BenchRepor
     threads = torch.get_num_threads()
     if opts.prompt_tokens < 1 or opts.new_tokens < 2 or opts.repeats < 1:
         raise TorchchatError("bench needs --prompt-tokens >= 1, --new-tokens >= 2, --repeats >= 1")
-    if mopts.aoti_package_path or mopts.pte_path:
+    if mopts.source.exported:
         raise TorchchatError("--tp shards a checkpoint, not an exported program")
     max_seq = opts.prompt_tokens + opts.new_tokens
     t0 = time.perf_counter()
     if opts.shape:
-        runtime = make_runtime(random_model(opts.shape, mopts), max_seq, mopts)
+        model = random_model(opts.shape, mopts)
+        runtime = make_runtime(model, max_seq, mopts.execution, mopts.distribution)
     else:
-        runtime = build_model(replace(mopts, max_seq_length=max_seq)).runtime
+        execution = replace(mopts.execution, max_seq_length=max_seq)
+        runtime = build_model(replace(mopts, execution=execution)).runtime
     setup = time.perf_counter() - t0
     if max_seq > runtime.max_seq_len:
         raise TorchchatError(
@@ -88,7 +90,7 @@ def run_bench(mopts: ModelOptions, opts: BenchOptions, label: str) -> BenchRepor
         runtime.args.vocab_size, opts.prompt_tokens, 1 + opts.warmup + opts.repeats
     )
     result = TensorParallelBenchResult(
-        f"{label} tp{mopts.tp}", "torchchat", [], [], [], runtime.weight_bytes, 0.0, setup,
+        f"{label} tp{mopts.distribution.tp}", "torchchat", [], [], [], runtime.weight_bytes, 0.0, setup,
         first_call(runtime, prompts[0], mopts),
     )  # fmt: skip
     for i, prompt in enumerate(prompts[1:]):

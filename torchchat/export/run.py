@@ -42,7 +42,7 @@ def run_export(mopts: ModelOptions, eopts: ExportOptions, verbose: bool = False)
     for out in (eopts.aoti_package_path, eopts.pte_path):
         if out is not None and not Path(out).parent.is_dir():
             raise TorchchatError(f"output folder {Path(out).parent} does not exist")
-    if mopts.device != "cpu" and eopts.pte_path is not None:
+    if mopts.execution.device != "cpu" and eopts.pte_path is not None:
         raise TorchchatError(
             "ExecuTorch programs are exported for the CPU (XNNPACK): use --device cpu"
         )
@@ -54,8 +54,8 @@ def run_export(mopts: ModelOptions, eopts: ExportOptions, verbose: bool = False)
             f".pte export quantizes linears with linear:8da4w (XNNPACK) only, not {', '.join(unsupported)}: "
             'use {"linear:8da4w": {"groupsize": 32}}, or export this recipe with --output-aoti-package-path'
         )
-    tokenizer = find_tokenizer(mopts, ckpt)
-    max_seq = mopts.max_seq_length or min(model.args.max_seq_len, DEFAULT_MAX_SEQ_LEN)
+    tokenizer = find_tokenizer(mopts.source, ckpt)
+    max_seq = mopts.execution.max_seq_length or min(model.args.max_seq_len, DEFAULT_MAX_SEQ_LEN)
     if not 2 <= max_seq <= model.args.max_seq_len:
         raise TorchchatError(f"--max-seq-length {max_seq} is outside 2..{model.args.max_seq_len}")
     meta = artifact_metadata(model, max_seq, tokenizer.kind, weight_bytes_per_token(model))
@@ -82,9 +82,15 @@ def run_export(mopts: ModelOptions, eopts: ExportOptions, verbose: bool = False)
 
         linear = [s for s in schemes if s.name == "linear:a8w4dq"]
         if linear:  # XNNPACK lowers torchao's 8da4w pattern: quantize the float model with it
-            others = {s.name: s.args for s in load_quantize_spec(mopts.quantize) if s not in linear}
+            recipe = load_quantize_spec(mopts.quantization.recipe)
+            others = {s.name: s.args for s in recipe if s not in linear}
             model, _, _ = model_from_checkpoint(
-                replace(mopts, quantize=json.dumps(others) if others else None)
+                replace(
+                    mopts,
+                    quantization=replace(
+                        mopts.quantization, recipe=json.dumps(others) if others else None
+                    ),
+                )
             )
             skipped = quantize_8da4w_for_xnnpack(model, linear[0].args["groupsize"])
             if skipped:

@@ -209,9 +209,9 @@ def _fetch(plan: DownloadPlan, tmp: Path, token: str | None, convert: bool) -> t
 def _to_native(src: Path, out: Path, params_table: str | None) -> Path:
     """Native model.pth + tokenizer: loads with mmap, no pickle rewrap, shard merge or q/k permute."""
     from torchchat.convert import convert
-    from torchchat.options import ModelOptions
+    from torchchat.options import ModelOptions, SourceOptions
 
-    opts = ModelOptions(checkpoint_path=src, params_table=params_table)
+    opts = ModelOptions(SourceOptions(checkpoint_path=src, params_table=params_table))
     # convert() reports the temp folder it wrote; download reports the final one instead.
     with contextlib.redirect_stderr(io.StringIO()):
         convert(opts, out)
