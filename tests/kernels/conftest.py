@@ -7,12 +7,12 @@ import pytest
 from torchchat import kernels
 
 
-@pytest.fixture(params=["avx512", "scalar"])
+@pytest.fixture(params=["avx512", "avx2", "neon", "scalar"])
 def isa(request):
     """Run the test on each instruction-set level's kernels this machine runs (the scalar level:
     the reference kernels, on any CPU)."""
     if request.param not in kernels.available_isas():
-        pytest.skip(f"this machine does not run the {request.param} kernels")
+        pytest.skip(f"this CPU does not run {request.param} instructions (or they were not built)")
     before = kernels.isa()
     kernels.select_isa(request.param)
     yield request.param

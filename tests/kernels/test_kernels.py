@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(
     kernels.simd_level() == 0, reason="torchchat's CPU kernels need an x86 CPU with AVX-512"
 )
 needs_bf16 = pytest.mark.skipif(
-    not kernels.simd_level() & kernels.AVX512_BF16, reason="int4 kernel needs AVX512-BF16"
+    not kernels.simd_level() & kernels.INT4, reason="these kernels have no int4 linear"
 )
 
 
@@ -100,8 +100,8 @@ def test_int4_linear_matches_dequantized_reference(m, k, n, groupsize):
 def test_a_grouped_call_equals_one_call_per_matrix(m, kind):
     """q, k, v (or w1, w3) in one call: the same numbers, bit for bit, as three calls; widths
     that end in a partial 64-row block and split unevenly over the threads."""
-    if kind == "int4" and not kernels.simd_level() & kernels.AVX512_BF16:
-        pytest.skip("int4 kernel needs AVX512-BF16")
+    if kind == "int4" and not kernels.simd_level() & kernels.INT4:
+        pytest.skip(f"the {kernels.isa()} kernels have no int4 linear")
     torch.manual_seed(m)
     linears = [torch.nn.Linear(96, n, bias=False) for n in (80, 48, 176)]
     x = torch.randn(m, 96)
@@ -138,8 +138,8 @@ def test_a_grouped_call_equals_one_call_per_matrix(m, kind):
 def test_project_applies_each_linear_once_grouped_or_not(make):
     """`project`: one kernel call for modules of one kind (biases, rows padded to 16), one
     call each for a mix; both give what each module gives on its own."""
-    if not kernels.simd_level() & kernels.AVX512_BF16:
-        pytest.skip("int4 kernel needs AVX512-BF16")
+    if not kernels.simd_level() & kernels.INT4:
+        pytest.skip(f"the {kernels.isa()} kernels have no int4 linear")
     torch.manual_seed(2)
     mods = [on_kernels(make(torch.nn.Linear(64, n, bias=True))) for n in (70, 32)]
     x = torch.randn(1, 2, 64)
@@ -194,7 +194,7 @@ def test_fp32_gemm_matches_f_linear():
 
 
 needs_vnni = pytest.mark.skipif(
-    not kernels.simd_level() & kernels.AVX512_VNNI, reason="8da4w prefill needs AVX512-VNNI/VBMI"
+    not kernels.simd_level() & kernels.INT8_GEMM, reason="these kernels have no 8da4w integer GEMM"
 )
 
 
@@ -390,8 +390,8 @@ def prefill_then_decode(model: Transformer, tokens: torch.Tensor, prompt: int) -
 )
 @pytest.mark.usefixtures("isa")
 def test_model_decode_on_kernels_matches_torch_ops(spec, tol):
-    if spec and "4" in spec and not kernels.simd_level() & kernels.AVX512_BF16:
-        pytest.skip("int4 kernel needs AVX512-BF16")
+    if spec and "4" in spec and not kernels.simd_level() & kernels.INT4:
+        pytest.skip(f"the {kernels.isa()} kernels have no int4 linear")
     model = small_model(spec)
     if spec and "bf16" in spec:
         model = model.to(torch.bfloat16)

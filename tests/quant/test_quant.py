@@ -15,7 +15,7 @@ from tests.support import REPO, SHARED, STORIES_BIN, STORIES_TOK, greedy
 from torchchat import kernels
 from torchchat.builder import build_model
 from torchchat.errors import TorchchatError
-from torchchat.options import ModelOptions
+from torchchat.options import ExecutionOptions, ModelOptions, QuantizeOptions, SourceOptions
 from torchchat.quant.config import load_quantize_spec
 from torchchat.quant.embedding import QuantizedEmbedding
 from torchchat.quant.gptq import _collect_hessians, quantize_linear_gptq
@@ -129,14 +129,19 @@ def test_gptq_beats_round_to_nearest_on_layer_output():
 @pytest.fixture(scope="module")
 def fp32_tokens():
     return greedy_tokens(
-        build_model(ModelOptions(checkpoint_path=STORIES_BIN, tokenizer_path=STORIES_TOK))
+        build_model(
+            ModelOptions(SourceOptions(checkpoint_path=STORIES_BIN, tokenizer_path=STORIES_TOK))
+        )
     )
 
 
 @pytest.mark.parametrize("name", sorted(SCHEMES))
 def test_every_scheme_generates(name, fp32_tokens):
     built = build_model(
-        ModelOptions(checkpoint_path=STORIES_BIN, quantize=json.dumps(SCHEMES[name]))
+        ModelOptions(
+            source=SourceOptions(checkpoint_path=STORIES_BIN),
+            quantization=QuantizeOptions(recipe=json.dumps(SCHEMES[name])),
+        )
     )
     tokens = greedy_tokens(built)
     assert len(tokens) == 40
@@ -151,7 +156,14 @@ def test_quantize_verb_saves_checkpoint_that_reloads_identically(tmp_path, name)
         if name != "emb4-g32"
         else SCHEMES[name]
     )
-    direct = greedy_tokens(build_model(ModelOptions(checkpoint_path=STORIES_BIN, quantize=spec)))
+    direct = greedy_tokens(
+        build_model(
+            ModelOptions(
+                source=SourceOptions(checkpoint_path=STORIES_BIN),
+                quantization=QuantizeOptions(recipe=spec),
+            )
+        )
+    )
     out = tmp_path / "q"
     p = subprocess.run(
         [sys.executable, "-m", "torchchat", "quantize", str(STORIES_BIN), "--quantize", spec, "--output", str(out)],
@@ -160,10 +172,14 @@ def test_quantize_verb_saves_checkpoint_that_reloads_identically(tmp_path, name)
     assert p.returncode == 0, p.stderr
     if name != "emb4-g32":  # (tied model: quantizing only the table keeps a float output matrix)
         assert (out / "model.pth").stat().st_size < 0.6 * STORIES_BIN.stat().st_size
-    reloaded = build_model(ModelOptions(checkpoint_path=out))
+    reloaded = build_model(ModelOptions(SourceOptions(checkpoint_path=out)))
     assert greedy_tokens(reloaded) == direct
     with pytest.raises(TorchchatError, match="already quantized"):
-        build_model(ModelOptions(checkpoint_path=out, quantize=spec))
+        build_model(
+            ModelOptions(
+                source=SourceOptions(checkpoint_path=out), quantization=QuantizeOptions(recipe=spec)
+            )
+        )
 
 
 @pytest.mark.parametrize(
@@ -201,7 +217,10 @@ def test_bad_config_on_cli_is_one_line():
 def test_gptq_without_calibration_text_is_a_clean_error():
     with pytest.raises(TorchchatError, match="calibration"):
         build_model(
-            ModelOptions(checkpoint_path=STORIES_BIN, quantize='{"linear:gptq": {"groupsize": 32}}')
+            ModelOptions(
+                source=SourceOptions(checkpoint_path=STORIES_BIN),
+                quantization=QuantizeOptions(recipe='{"linear:gptq": {"groupsize": 32}}'),
+            )
         )
 
 
@@ -217,7 +236,12 @@ def test_gptq_beats_round_to_nearest_on_stories260k_perplexity(tmp_path, groupsi
     calibration.write_text("".join(pages[2:]))
 
     def ppl(spec):
-        built = build_model(ModelOptions(checkpoint_path=STORIES_BIN, quantize=json.dumps(spec)))
+        built = build_model(
+            ModelOptions(
+                source=SourceOptions(checkpoint_path=STORIES_BIN),
+                quantization=QuantizeOptions(recipe=json.dumps(spec)),
+            )
+        )
         return wikitext_perplexity(built.runtime, built.tokenizer, docs).word_perplexity
 
     rtn = ppl({"linear:int4": {"groupsize": groupsize}})
@@ -266,10 +290,20 @@ def test_compile_of_packed_kernels_behind_fp32_is_a_clean_error(monkeypatch):
     holds them always, a compiled decode step only without torchchat's own CPU kernels."""
     spec = json.dumps({"linear:int4": {"groupsize": 32}})
     with pytest.raises(TorchchatError, match='"precision": {"dtype": "bf16"}'):
-        build_model(ModelOptions(checkpoint_path=STORIES_BIN, quantize=spec, compile_prefill=True))
-    if kernels.simd_level() & kernels.AVX512_BF16:  # a compiled batch of more rows than ours take
+        build_model(
+            ModelOptions(
+                source=SourceOptions(checkpoint_path=STORIES_BIN),
+                quantization=QuantizeOptions(recipe=spec),
+                execution=ExecutionOptions(compile_prefill=True),
+            )
+        )
+    if kernels.simd_level() & kernels.INT4:  # a compiled batch of more rows than ours take
         runtime = build_model(
-            ModelOptions(checkpoint_path=STORIES_BIN, quantize=spec, compile=True)
+            ModelOptions(
+                source=SourceOptions(checkpoint_path=STORIES_BIN),
+                quantization=QuantizeOptions(recipe=spec),
+                execution=ExecutionOptions(compile=True),
+            )
         ).runtime
         with pytest.raises(TorchchatError, match="--max-batch 16"):
             runtime.setup_batch(16)
@@ -277,4 +311,10 @@ def test_compile_of_packed_kernels_behind_fp32_is_a_clean_error(monkeypatch):
     monkeypatch.setattr("torchchat.kernels._enabled", False)
     monkeypatch.setattr("torchchat.kernels.simd_level", lambda: 0)
     with pytest.raises(TorchchatError, match='"precision": {"dtype": "bf16"}'):
-        build_model(ModelOptions(checkpoint_path=STORIES_BIN, quantize=spec, compile=True))
+        build_model(
+            ModelOptions(
+                source=SourceOptions(checkpoint_path=STORIES_BIN),
+                quantization=QuantizeOptions(recipe=spec),
+                execution=ExecutionOptions(compile=True),
+            )
+        )

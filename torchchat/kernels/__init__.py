@@ -25,11 +25,11 @@ from torchchat.kernels.library import ENV, ENV_ISA  # noqa: F401  (re-exported)
 
 MAX_ROWS = 8  # the C++ kMaxRows: more tokens at once is prefill, where torch's GEMM wins
 
-# simd_level bits: the families of kernels the selected table runs (cpu/common/kernels.h). The
-# names say which AVX-512 feature gives them; the scalar level has all three.
-AVX512 = 1  # float and int8 linears, attention, the fused decode step
-AVX512_BF16 = 2  # int4 linears, bf16 GEMMs on int4/int8 tiles
-AVX512_VNNI = 4  # 8da4w's integer prefill GEMM (with AVX512-VBMI)
+# simd_level bits: the families of kernels the selected table runs (cpu/common/kernels.h's
+# kFewRows, kBf16, kInt8Gemm). Every level has all three on a CPU it runs on.
+FEW_ROWS = 1  # float and int8 linears, attention, the fused decode step
+INT4 = 2  # int4 linears, bf16 GEMMs on int4/int8 tiles
+INT8_GEMM = 4  # 8da4w's integer prefill GEMM
 
 _enabled = True
 
@@ -68,10 +68,7 @@ def describe() -> str:
         return "off (torch's kernels)"
     if isa() == "scalar":
         return "scalar (reference kernels, slow)"
-    if not level & AVX512_BF16:
-        return f"{isa()}: AVX-512 (int4 on torch's kernel)"
-    vnni = " + VNNI (8da4w prefill)" if level & AVX512_VNNI else ""
-    return f"{isa()}: AVX-512 + AVX512-BF16{vnni}"
+    return f"{isa()} ({library.describe_bits(level)})"
 
 
 @contextlib.contextmanager
@@ -101,12 +98,12 @@ def _rows(x: Tensor, need: int, dims: tuple | None = None) -> int | None:
     return rows
 
 
-def available(need: int = AVX512) -> bool:
+def available(need: int = FEW_ROWS) -> bool:
     """Whether the kernels built with the `need` level bit are on (built, loaded, not disabled)."""
     return _enabled and simd_level() & need != 0
 
 
-def takes_rows(x: Tensor, need: int = AVX512) -> bool:
+def takes_rows(x: Tensor, need: int = FEW_ROWS) -> bool:
     """Whether the few-row (decode) kernels built with the `need` level bit take x."""
     return _rows(x, need) is not None
 
@@ -122,7 +119,7 @@ def float_linears(x: Tensor, weights: Sequence[Tensor]) -> list[Tensor] | None:
     all three), for fp32/bf16/fp16 x and row-major weights of x's dtype and width, or None."""
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return None
-    rows = _rows(x, AVX512)
+    rows = _rows(x, FEW_ROWS)
     if rows is None:
         return None
     for w in weights:
@@ -152,7 +149,7 @@ def int8_linears(
         return None  # the kernel takes per-row scales or power-of-two groups of 16 or more
     if not x.is_floating_point():
         return None
-    rows = _rows(x, AVX512)
+    rows = _rows(x, FEW_ROWS)
     if rows is None:
         return None
     cols, sdt = weights[0].shape[1], scales[0].dtype
@@ -180,7 +177,7 @@ def int4_linears(
     aten::_weight_int4pack_mm_for_cpu. Results are (..., rows of W) in x's dtype."""
     if not x.is_floating_point():
         return None
-    rows = _rows(x, AVX512_BF16)
+    rows = _rows(x, INT4)
     if rows is None:
         return None
     for w, sz in zip(packed, scales_and_zeros, strict=True):
@@ -210,7 +207,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor | None:
         return None
     if k.stride(-1) != 1 or k.stride(-2) != k.shape[-1] or v.stride() != k.stride():
         return None
-    if mask.stride(-1) != 1 or _rows(q, AVX512, (q.shape[0], q.shape[2])) is None:  # B x S
+    if mask.stride(-1) != 1 or _rows(q, FEW_ROWS, (q.shape[0], q.shape[2])) is None:  # B x S
         return None
     return torch.ops.torchchat.attention(q, k, v, mask, q.shape[-1] ** -0.5)
 
@@ -230,8 +227,8 @@ FLOAT_WEIGHTS, INT8_WEIGHTS, INT4_WEIGHTS, INT4_WEIGHTS_INT8_ACTIVATIONS = 0, 1,
 
 
 def decode_layers_needs(kind: int) -> int:
-    """The level bit `decode_layers` needs for a kind of weights (int4 kinds: AVX512_BF16)."""
-    return AVX512_BF16 if kind >= INT4_WEIGHTS else AVX512
+    """The level bit `decode_layers` needs for a kind of weights (int4 kinds: INT4)."""
+    return INT4 if kind >= INT4_WEIGHTS else FEW_ROWS
 
 
 def decode_layers(
@@ -268,7 +265,7 @@ def int4_gemm(x: Tensor, packed: Tensor, scales_and_zeros: Tensor, groupsize: in
     on tiles of W dequantized on the fly (bf16 activations and result), or None."""
     if packed.dtype != torch.uint8 or scales_and_zeros.dtype != torch.bfloat16:
         return None
-    if not prefill_ok(x) or not simd_level() & AVX512_BF16:
+    if not prefill_ok(x) or not simd_level() & INT4:
         return None
     xb = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
     y = torch.ops.torchchat.gemm_int4(xb, packed, scales_and_zeros, groupsize)
@@ -282,7 +279,7 @@ def int8_gemm(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor | None:
         return None
     if weight.numel() < 1 << 22:  # stories110M's 768 x 768, 768 x 2048: one GEMM on all was faster
         return None
-    if not prefill_ok(x) or not simd_level() & AVX512_BF16:
+    if not prefill_ok(x) or not simd_level() & INT4:
         return None
     y = torch.ops.torchchat.gemm_int8(x.reshape(-1, x.shape[-1]), weight, scales)
     return y.reshape(*x.shape[:-1], weight.shape[0])
@@ -297,7 +294,7 @@ def gemm_8da4w(
     result is (..., packed rows) in x's dtype."""
     if packed.dtype != torch.uint8 or scales_and_zeros.dtype != torch.bfloat16 or groupsize % 4:
         return None
-    if not prefill_ok(x) or not simd_level() & AVX512_VNNI or x.numel() <= MAX_ROWS * x.shape[-1]:
+    if not prefill_ok(x) or not simd_level() & INT8_GEMM or x.numel() <= MAX_ROWS * x.shape[-1]:
         return None  # a few rows (decode): the int4 kernel on fake-quantized activations
     y = torch.ops.torchchat.gemm_8da4w(
         x.reshape(-1, x.shape[-1]), packed, scales_and_zeros, groupsize
@@ -311,7 +308,7 @@ def prefill_ok(x: Tensor) -> bool:
         _enabled
         and x.device.type == "cpu"
         and not torch.compiler.is_compiling()
-        and simd_level() & AVX512 != 0
+        and simd_level() & FEW_ROWS != 0
     )
 
 

@@ -65,7 +65,7 @@ class DecodePlan:
         return self.linears[0].kind
 
     def needs(self) -> int:
-        """The level bit (kernels.AVX512...) the step needs for these weights."""
+        """The level bit (kernels.FEW_ROWS, INT4) the step needs for these weights."""
         return kernels.decode_layers_needs(self.kind)
 
 

@@ -235,8 +235,8 @@ def _decode_on_own_kernels(model: Transformer) -> bool:
 
     if model.norm.weight.device.type != "cpu":
         return False
-    need = kernels.AVX512_BF16 if any(isinstance(m, Int4Linear) for m in model.modules()) else 0
-    return kernels.simd_level() & (kernels.AVX512 | need) == kernels.AVX512 | need
+    need = kernels.INT4 if any(isinstance(m, Int4Linear) for m in model.modules()) else 0
+    return kernels.simd_level() & (kernels.FEW_ROWS | need) == kernels.FEW_ROWS | need
 
 
 def _packed_kernels_behind_fp32(model: Transformer) -> bool:

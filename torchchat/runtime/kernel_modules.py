@@ -129,7 +129,7 @@ class KernelInt4Linear(Int4Linear):
         scheme = (first.groupsize, first.k, first.dynamic_activations)
         if any((m.groupsize, m.k, m.dynamic_activations) != scheme for m in linears):
             return None
-        if first.dynamic_activations and not kernels.takes_rows(x, kernels.AVX512_BF16):
+        if first.dynamic_activations and not kernels.takes_rows(x, kernels.INT4):
             return None  # not a decode step on the kernels: no quantization here
         xq = quantize_activations_per_token(x) if first.dynamic_activations else x
         ys = kernels.int4_linears(
