@@ -112,5 +112,14 @@ void quantize_rows_8da4w(const float* x, int64_t Kx, int64_t K, uint8_t* u, floa
 void gemm_8da4w(const uint8_t* u, int64_t M, int64_t K, const float* sa, const float* za,
                 const uint8_t* w, const bf16_t* sz, int64_t N, int64_t group, float* y,
                 int64_t b0, int64_t b1, const Buffers8da4w& buf);
+// FEAT_BF16 (files *_bf16.cpp): BFDOT.
+void linear_bf16_dp(const bf16_t* x, int64_t M, int64_t K, const Matrix& a, int64_t n0,
+                    int64_t n1);
+void linear_int4_dp(const bf16_t* x, const float* xsum, int64_t M, int64_t K, int64_t group,
+                    const Matrix& a, int64_t b0, int64_t b1);
+// FEAT_I8MM (files *_i8mm.cpp): USMMLA.
+void gemm_8da4w_mmla(const uint8_t* u, int64_t M, int64_t K, const float* sa, const float* za,
+                     const uint8_t* w, const bf16_t* sz, int64_t N, int64_t group, float* y,
+                     int64_t b0, int64_t b1, const Buffers8da4w& buf);
 
 }  // namespace torchchat::cpu::neon
