@@ -1,6 +1,8 @@
 """The kernels' torch-free C++ harness (torchchat/kernels/cpu/test): every instruction set's
 kernels on this machine against the scalar reference, built with plain g++, then once more
-under AddressSanitizer and UndefinedBehaviorSanitizer."""
+under AddressSanitizer and UndefinedBehaviorSanitizer; and the NEON kernels, cross-built for
+aarch64 and run under qemu's user-mode emulation (plain and sanitized), with qemu's CPU models
+checking which level and variant dispatch picks."""
 
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ from torchchat import kernels
 
 BUILD = Path(torchchat.__file__).parent / "kernels" / "cpu" / "test" / "build.py"
 
-pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
+AARCH64_TOOLS = ("aarch64-linux-gnu-g++", "qemu-aarch64")  # apt: g++-aarch64-linux-gnu qemu-user
+LINE = re.compile(r"^(\w+): (\d+) kernels, \d+ cases, 0 failures$", re.M)
 
 
 def load_build_script():
@@ -27,12 +30,13 @@ def load_build_script():
     return module
 
 
+@pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
 @pytest.mark.parametrize("sanitize", [False, True], ids=["plain", "asan-ubsan"])
 def test_every_level_matches_the_scalar_reference(sanitize, tmp_path):
     binary = load_build_script().build(tmp_path / "harness", sanitize=sanitize)
     run = subprocess.run([str(binary)], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
-    counts = dict(re.findall(r"^(\w+): (\d+) kernels, \d+ cases, 0 failures$", run.stdout, re.M))
+    counts = dict(LINE.findall(run.stdout))
     assert counts.get("scalar") == "13", run.stdout  # every kernel, 0 failures on each level
     assert len(counts) == len(run.stdout.splitlines()), run.stdout
     assert run.stderr == ""  # no sanitizer report
@@ -58,3 +62,95 @@ def test_only_the_isa_folders_hold_their_instructions():
             outside.add(function)
     assert not outside
     assert inside > 0 or "avx512" not in kernels.available_isas()
+
+
+@pytest.fixture(scope="module")
+def aarch64_harness(tmp_path_factory):
+    """(build script, harness(sanitize) -> the aarch64 binary, built once per module)."""
+    missing = [tool for tool in AARCH64_TOOLS if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"needs {' and '.join(missing)} (apt: g++-aarch64-linux-gnu qemu-user)")
+    script, built = load_build_script(), {}
+
+    def harness(sanitize: bool) -> Path:
+        if sanitize not in built:
+            out = tmp_path_factory.mktemp("aarch64") / "harness"
+            built[sanitize] = script.build(out, sanitize=sanitize, target="aarch64")
+        return built[sanitize]
+
+    return script, harness
+
+
+def run_under_qemu(aarch64_harness, cpu: str, sanitize: bool = False) -> dict[str, str]:
+    """{level: kernel count} of the harness's lines under `qemu-aarch64 -cpu cpu`, each with 0
+    failures (asserted, as the exit status, every line's form and no sanitizer report)."""
+    script, harness = aarch64_harness
+    run = script.run(harness(sanitize), "aarch64", cpu, sanitize, capture_output=True, text=True,
+                     timeout=900)  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    counts = dict(LINE.findall(run.stdout))
+    assert len(counts) == len(run.stdout.splitlines()), run.stdout
+    assert run.stderr == ""
+    return counts
+
+
+@pytest.mark.parametrize("sanitize", [False, True], ids=["plain", "asan-ubsan"])
+def test_neon_kernels_match_the_scalar_reference_under_qemu(aarch64_harness, sanitize):
+    """-cpu max has every extension: "neon" is the I8MM + BF16 table, "neon_base" the one for
+    CPUs with dotprod and fp16 only; every kernel of both against the reference."""
+    counts = run_under_qemu(aarch64_harness, "max", sanitize)
+    assert counts == {"neon": "13", "neon_base": "13", "scalar": "13"}
+
+
+@pytest.mark.parametrize(
+    "cpu, levels",
+    [("neoverse-n1", {"neon", "scalar"}), ("cortex-a72", {"scalar"})],
+    ids=["dotprod-fp16", "no-dotprod"],
+)
+def test_neon_dispatch_follows_the_emulated_cpu(aarch64_harness, cpu, levels):
+    """Neoverse N1 (Graviton2) has dotprod and fp16 but neither I8MM nor BF16: its neon table is
+    the base one (no second line); Cortex-A72 (Raspberry Pi 4) lacks both: no NEON level."""
+    assert set(run_under_qemu(aarch64_harness, cpu)) == levels
+
+
+# AArch64 instructions beyond the base architecture, by the extension that adds them: FEAT_FP16
+# (half-precision arithmetic, not the FCVTL/FCVTN conversions of the base), FEAT_DotProd,
+# FEAT_I8MM, FEAT_BF16.
+EXTENSIONS = {
+    "fp16": re.compile(r"\t(?!fcvt[ln]2?\s)(f[a-z0-9]+|[su]cvtf)\s+(v\d+\.[48]h|h\d+,)"),
+    "dotprod": re.compile(r"\t[su]dot\s"),
+    "i8mm": re.compile(r"\t(usmmla|ummla|smmla|usdot|sudot)\s"),
+    "bf16": re.compile(r"\t(bfdot|bfmmla|bfmlal[bt]|bfcvtn?2?)\s"),
+}
+
+
+def test_neon_extension_instructions_stay_in_their_kernels(aarch64_harness):
+    """The cross-built harness (as the library on an AArch64 machine) runs on any AArch64 CPU:
+    dotprod and fp16 instructions only in cpu/neon's functions, I8MM's only in the USMMLA GEMM
+    and BF16's only in the BFDOT kernels, which dispatch calls only on CPUs that have them (a
+    library template compiled with +i8mm and kept by the linker for other code would break
+    that)."""
+    objdump = "aarch64-linux-gnu-objdump"
+    if shutil.which(objdump) is None:
+        pytest.skip(f"needs {objdump}")
+    script, harness = aarch64_harness
+    asm = subprocess.run([objdump, "-d", "-C", "--no-show-raw-insn", str(harness(False))],
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    allowed = {
+        "fp16": ("torchchat::cpu::neon::",),
+        "dotprod": ("torchchat::cpu::neon::",),
+        "i8mm": ("gemm_8da4w_mmla", "Mmla"),
+        "bf16": ("linear_bf16_dp", "linear_int4_dp", "BfdotRow", "BfdotBlock"),
+    }
+    function, found, outside = "", set(), set()
+    for line in asm.splitlines():
+        if line.endswith(">:"):
+            function = line
+            continue
+        for ext, pattern in EXTENSIONS.items():
+            if pattern.search(line):
+                found.add(ext)
+                if not any(name in function for name in allowed[ext]):
+                    outside.add((ext, function, line.strip()))
+    assert not outside
+    assert found == set(EXTENSIONS)  # the patterns do find each extension's instructions

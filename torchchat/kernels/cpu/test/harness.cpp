@@ -1,7 +1,11 @@
 // Every instruction set's kernels against the scalar reference (cpu/common/reference.cpp), with
 // no torch: random inputs, odd sizes, edge values (zeros, large and tiny magnitudes, fully
 // masked rows). Prints "N kernels, M cases, F failures" per level and exits non-zero on any
-// failure. Built by cpu/test/build.py (plain g++, optionally under sanitizers).
+// failure. Built by cpu/test/build.py (plain g++, optionally under sanitizers; or cross-built
+// for aarch64 and run under qemu). A level whose table depends on optional CPU features is run
+// as dispatch picks it, and once more with its base table if that differs ("neon_base": NEON
+// without I8MM and BF16, from neon::kernels(false, false)), so an emulator that has every
+// feature tests both.
 //
 // Tolerances, per kernel (the reference sums in index order; SIMD kernels in other orders):
 //   linear_f32/bf16/f16, int8         |got - ref| <= 1e-5 * sum_k |w_k x_k| (fp32 sums reordered)
@@ -20,6 +24,10 @@
 #include <vector>
 
 #include "../common/kernels.h"
+
+namespace torchchat::cpu::neon {  // test-only: the base NEON table (null where not built)
+__attribute__((weak)) const Kernels* kernels(bool i8mm, bool bf16);
+}
 
 namespace {
 
@@ -301,12 +309,18 @@ Tally run(const Kernels& kt, const Kernels& ref) {
 int main() {
   const Kernels& ref = scalar_kernels();
   long failures = 0;
-  for (const auto& level : levels()) {
-    const Kernels* kt = select_kernels(level);
-    Tally t = run(*kt, ref);  // the scalar level against itself checks the harness's own setup
-    std::printf("%s: %d kernels, %ld cases, %ld failures\n", level.c_str(), t.kernels, t.cases,
+  auto report = [&](const std::string& label, const Kernels& kt) {
+    Tally t = run(kt, ref);  // the scalar level against itself checks the harness's own setup
+    std::printf("%s: %d kernels, %ld cases, %ld failures\n", label.c_str(), t.kernels, t.cases,
                 t.failures);
     failures += t.failures;
+  };
+  for (const auto& level : levels()) {
+    const Kernels* kt = select_kernels(level);
+    report(level, *kt);
+    if (level == "neon" && torchchat::cpu::neon::kernels != nullptr &&
+        torchchat::cpu::neon::kernels(false, false) != kt)
+      report("neon_base", *torchchat::cpu::neon::kernels(false, false));
   }
   return failures ? 1 : 0;
 }
