@@ -2,9 +2,11 @@
 
     python bench/performance_report.py [--shapes stories15M stories110M tinyllama-1.1b] [--threads 1 2]
         [--precisions fp32 bf16 int8 "int4 g32" "8da4w g32"] [--compare auto|llama.cpp|none]
+        [--decode fused compiled] [--prompt-tokens 64 [512]] [--output docs/performance.md]
 
 Each configuration runs `torchchat bench --shape SHAPE` in its own process (random weights, so no
-files are needed), 64-token prompt, 64 new tokens, median of 3. Decode runs on torchchat's fused
+files are needed), a 64-token prompt (or each --prompt-tokens), 64 new tokens, median of 3. The
+kernels' level is the one torchchat picks, or TORCHCHAT_ISA's (e.g. avx2 on an AVX-512 machine). Decode runs on torchchat's fused
 step (the default) or through the model's modules compiled (`--compile --no-fused-decode`); a
 compiled configuration runs twice against a fresh compile cache: the first process compiles, the second finds the cache, and
 both compile times are reported. With llama.cpp installed (`pip install -e ".[llamacpp]"`) the
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import json
 import os
 import platform
@@ -45,12 +48,18 @@ PRECISIONS = {
 
 
 def bench(
-    shape: str, flags: list[str], threads: int, compiled: bool, compare: bool, cache_dir: str
+    shape: str,
+    flags: list[str],
+    threads: int,
+    compiled: bool,
+    compare: bool,
+    cache_dir: str,
+    prompt: int = 64,
 ) -> list[dict]:
     """One `torchchat bench` process: its rows (torchchat, then llama.cpp and ratio rows)."""
     with tempfile.NamedTemporaryFile(suffix=".json") as f:
         cmd = [sys.executable, "-m", "torchchat", "bench", "--shape", shape, *flags, "--threads", str(threads),
-               "--prompt-tokens", "64", "--new-tokens", "64", "--repeats", "3", "--json", f.name]  # fmt: skip
+               "--prompt-tokens", str(prompt), "--new-tokens", "64", "--repeats", "3", "--json", f.name]  # fmt: skip
         cmd += ["--compile", "--no-fused-decode"] if compiled else []
         cmd += ["--compare", "llama.cpp"] if compare else []
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache_dir}
@@ -60,14 +69,16 @@ def bench(
         return json.loads(Path(f.name).read_text())
 
 
-def configuration(shape: str, flags: list[str], threads: int, compiled: bool, compare: bool):
+def configuration(
+    shape: str, flags: list[str], threads: int, compiled: bool, compare: bool, prompt: int = 64
+):
     """Rows of one configuration; a compiled one runs twice on a fresh compile cache, and
     its torchchat row gets both compile times."""
     with tempfile.TemporaryDirectory(prefix="torchchat-inductor-") as cache:
         if not compiled:
-            return bench(shape, flags, threads, False, compare, cache)
-        first = bench(shape, flags, threads, True, False, cache)
-        rows = bench(shape, flags, threads, True, compare, cache)
+            return bench(shape, flags, threads, False, compare, cache, prompt)
+        first = bench(shape, flags, threads, True, False, cache, prompt)
+        rows = bench(shape, flags, threads, True, compare, cache, prompt)
     if "error" in first[0] or "error" in rows[0]:
         return first if "error" in first[0] else rows
     rows[0]["compile s first"], rows[0]["compile s cached"] = (
@@ -111,7 +122,14 @@ def main() -> None:
         default="auto",
         help="run llama.cpp too (auto: when llama-cpp-python is installed)",
     )
+    ap.add_argument(
+        "--decode", nargs="+", choices=["fused", "compiled"], default=["fused", "compiled"]
+    )
+    ap.add_argument("--prompt-tokens", nargs="+", type=int, default=[64])
     ap.add_argument("--output", type=Path, default=REPO / "docs" / "performance.md")
+    ap.add_argument(
+        "--note", default="", help="a line for the header (e.g. how llama.cpp was built)"
+    )
     a = ap.parse_args()
     if os.getloadavg()[0] > 0.7:
         sys.exit("the machine is busy (load average > 0.7): timings would be wrong")
@@ -122,51 +140,50 @@ def main() -> None:
     header_versions = versions(compare)  # before the runs: a failure here must not cost them
 
     table = [
-        "| shape | precision | decode | threads | decode tok/s | prefill tok/s | ttft ms | weights MB | GB/s | % of bw "
+        "| shape | precision | decode | threads | prompt | decode tok/s | prefill tok/s | ttft ms | weights MB | GB/s | % of bw "
         "| peak RSS MB | setup s | compile s first | compile s cached | decode x llama.cpp |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     versus = [
-        "| shape | precision | threads | llama.cpp GGUF | decode tok/s | prefill tok/s | ttft ms | weights MB | GB/s "
+        "| shape | precision | threads | prompt | llama.cpp GGUF | decode tok/s | prefill tok/s | ttft ms | weights MB | GB/s "
         "| % of bw | peak RSS MB | decode x | prefill x | ttft x | peak RSS x |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     probes: dict[int, list[float]] = {}
     for spec in a.shapes:
         shape, _, only = spec.partition(":")  # "tinyllama-1.1b:2" = that shape at 2 threads only
         shape_threads = [int(t) for t in only.split(",")] if only else a.threads
-        for name in a.precisions:
-            for compiled in (False, True):
-                for threads in shape_threads:
-                    rows = configuration(shape, PRECISIONS[name], threads, compiled, compare)
-                    tag = (
-                        f"| {shape} | {name} | {'compiled' if compiled else 'fused'} | {threads} |"
-                    )
-                    ours = rows[0]
-                    if "error" in ours:
-                        table.append(f"{tag} error: {ours['error']} |" + " |" * 10)
-                        print(table[-1], file=sys.stderr, flush=True)
-                        continue
-                    probes.setdefault(threads, []).append(ours["probe GB/s"])
-                    theirs = [r for r in rows if r["engine"] == "llama.cpp"]
-                    ratios = [r for r in rows if r["engine"] == "ratio"]
-                    vs = ", ".join(f"{_f(q['decode tok/s'], 2)} ({t['model'].split()[-1]})"
-                                   for t, q in zip(theirs, ratios, strict=True))  # fmt: skip
-                    table.append(
-                        f"{tag} {ours['decode tok/s']:.1f} | {ours['prefill tok/s']:.0f} | {ours['ttft ms']:.0f} | "
-                        f"{ours['weights MB']:.0f} | {ours['GB/s']:.1f} | {ours['% of bw']:.0f} | {ours['peak RSS MB']:.0f} | "
-                        f"{ours['setup s']:.1f} | {_f(ours.get('compile s first'))} | {_f(ours.get('compile s cached'))} | {vs} |"
-                    )
-                    print(table[-1], file=sys.stderr, flush=True)
-                    if compiled:
-                        continue  # llama.cpp's own figures are the eager run's
-                    for t, q in zip(theirs, ratios, strict=True):
-                        versus.append(
-                            f"| {shape} | {name} | {threads} | {t['model'].split()[-1]} | {t['decode tok/s']:.1f} | "
-                            f"{t['prefill tok/s']:.0f} | {t['ttft ms']:.0f} | {t['weights MB']:.0f} | {t['GB/s']:.1f} | "
-                            f"{t['% of bw']:.0f} | {t['peak RSS MB']:.0f} | {_f(q['decode tok/s'], 2)} | "
-                            f"{_f(q['prefill tok/s'], 2)} | {_f(q['ttft ms'], 2)} | {_f(q['peak RSS MB'], 2)} |"
-                        )
+        for name, compiled, threads, prompt in itertools.product(
+            a.precisions, [d == "compiled" for d in a.decode], shape_threads, a.prompt_tokens
+        ):
+            rows = configuration(shape, PRECISIONS[name], threads, compiled, compare, prompt)
+            decode = "compiled" if compiled else "fused"
+            tag = f"| {shape} | {name} | {decode} | {threads} | {prompt} |"
+            ours = rows[0]
+            if "error" in ours:
+                table.append(f"{tag} error: {ours['error']} |" + " |" * 11)
+                print(table[-1], file=sys.stderr, flush=True)
+                continue
+            probes.setdefault(threads, []).append(ours["probe GB/s"])
+            theirs = [r for r in rows if r["engine"] == "llama.cpp"]
+            ratios = [r for r in rows if r["engine"] == "ratio"]
+            vs = ", ".join(f"{_f(q['decode tok/s'], 2)} ({t['model'].split()[-1]})"
+                           for t, q in zip(theirs, ratios, strict=True))  # fmt: skip
+            table.append(
+                f"{tag} {ours['decode tok/s']:.1f} | {ours['prefill tok/s']:.0f} | {ours['ttft ms']:.0f} | "
+                f"{ours['weights MB']:.0f} | {ours['GB/s']:.1f} | {ours['% of bw']:.0f} | {ours['peak RSS MB']:.0f} | "
+                f"{ours['setup s']:.1f} | {_f(ours.get('compile s first'))} | {_f(ours.get('compile s cached'))} | {vs} |"
+            )
+            print(table[-1], file=sys.stderr, flush=True)
+            if compiled:
+                continue  # llama.cpp's own figures are the eager run's
+            for t, q in zip(theirs, ratios, strict=True):
+                versus.append(
+                    f"| {shape} | {name} | {threads} | {prompt} | {t['model'].split()[-1]} | {t['decode tok/s']:.1f} | "
+                    f"{t['prefill tok/s']:.0f} | {t['ttft ms']:.0f} | {t['weights MB']:.0f} | {t['GB/s']:.1f} | "
+                    f"{t['% of bw']:.0f} | {t['peak RSS MB']:.0f} | {_f(q['decode tok/s'], 2)} | "
+                    f"{_f(q['prefill tok/s'], 2)} | {_f(q['ttft ms'], 2)} | {_f(q['peak RSS MB'], 2)} |"
+                )
     probe_text = ", ".join(
         f"median {statistics.median(v):.1f} GB/s (range {min(v):.1f}-{max(v):.1f}) with {t} "
         f"thread{'s' if t > 1 else ''}"
@@ -177,8 +194,10 @@ def main() -> None:
         "",
         f"`python bench/performance_report.py` on {time.strftime('%Y-%m-%d')}: {platform.machine()}, "
         f"{os.cpu_count()} cores, {header_versions}, "
-        "`torchchat bench --shape SHAPE ... --prompt-tokens 64 --new-tokens 64 --repeats 3`.",
-        "Random N(0, 0.02) weights of each known shape; medians of 3 runs.",
+        f"`torchchat bench --shape SHAPE ... --prompt-tokens {'/'.join(map(str, a.prompt_tokens))} "
+        "--new-tokens 64 --repeats 3`.",
+        "Random N(0, 0.02) weights of each known shape; medians of 3 runs."
+        + (f" {a.note}" if a.note else ""),
         "",
         f"Memory read bandwidth (torchchat bench's probe: the faster of summing a 384 MB fp32 tensor whole "
         f"or as 8 rows along dim 0, median pass over 0.5 s): {probe_text or '-'}. "

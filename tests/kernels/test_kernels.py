@@ -343,8 +343,9 @@ def test_a_missing_library_falls_back_and_a_forced_level_fails_in_one_line(monke
     with pytest.raises(TorchchatError, match=r"^TORCHCHAT_ISA=avx512: CPU kernels not built"):
         library._initial()
     monkeypatch.setattr(library, "_load_library", real)
-    monkeypatch.setenv(library.ENV_ISA, "avx2")  # not built yet on any machine
-    with pytest.raises(TorchchatError, match=r"^TORCHCHAT_ISA=avx2: not available on this "
+    absent = "neon" if "neon" not in kernels.available_isas() else "avx512"  # another CPU's
+    monkeypatch.setenv(library.ENV_ISA, absent)
+    with pytest.raises(TorchchatError, match=rf"^TORCHCHAT_ISA={absent}: not available on this "
                        r"machine; available: .*scalar, off$"):  # fmt: skip
         library._initial()
     monkeypatch.setenv(library.ENV_ISA, "sse9")
@@ -430,7 +431,8 @@ def test_exported_program_holds_only_torch_ops():
 @pytest.mark.slow
 def test_greedy_tokens_match_with_kernels_off():
     """stories260K, fp32, 64 greedy tokens: the same text on the fused step (the default), on
-    torchchat's kernels through the modules, on torch's ops and on the scalar reference level."""
+    torchchat's kernels through the modules, on torch's ops, and on every other level this
+    machine runs (the scalar reference included)."""
     import os
 
     cmd = ["generate", STORIES_BIN, "--prompt", "Once upon a time", "--temperature", "0",
@@ -438,7 +440,10 @@ def test_greedy_tokens_match_with_kernels_off():
     fused = run_torchchat(*cmd)
     on = run_torchchat(*cmd, "--no-fused-decode")
     off = run_torchchat(*cmd, env={**os.environ, kernels.ENV: "0"})
-    scalar = run_torchchat(*cmd, env={**os.environ, kernels.ENV_ISA: "scalar"})
     assert fused.returncode == on.returncode == off.returncode == 0, on.stderr + off.stderr
     assert fused.stdout == on.stdout == off.stdout and len(on.stdout.split()) > 20
-    assert scalar.returncode == 0 and scalar.stdout == fused.stdout, scalar.stderr
+    levels = [lv for lv in kernels.available_isas() if lv not in ("off", kernels.isa())]
+    assert "scalar" in levels
+    for level in levels:
+        run = run_torchchat(*cmd, env={**os.environ, kernels.ENV_ISA: level})
+        assert run.returncode == 0 and run.stdout == fused.stdout, (level, run.stderr)
