@@ -8,6 +8,9 @@ namespace torchchat::cpu {
 namespace avx512 {
 __attribute__((weak)) const Kernels* kernels(bool bf16, bool vnni);
 }
+namespace avx2 {
+__attribute__((weak)) const Kernels* kernels();
+}
 
 namespace {
 
@@ -15,6 +18,7 @@ struct CpuFeatures {
   bool avx512 = false;       // F, BW, VL, DQ (+ FMA, F16C)
   bool avx512_bf16 = false;
   bool avx512_vnni = false;  // with VBMI
+  bool avx2 = false;         // with FMA and F16C
 };
 
 CpuFeatures cpu_features() {
@@ -27,6 +31,8 @@ CpuFeatures cpu_features() {
   f.avx512_bf16 = f.avx512 && __builtin_cpu_supports("avx512bf16");
   f.avx512_vnni = f.avx512 && __builtin_cpu_supports("avx512vnni") &&
                   __builtin_cpu_supports("avx512vbmi");
+  f.avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
 #endif
   return f;
 }
@@ -38,7 +44,8 @@ const Kernels* select_kernels(const std::string& level) {
   if (level == "scalar") return &scalar_kernels();
   if (level == "avx512" && avx512::kernels != nullptr && cpu.avx512)
     return avx512::kernels(cpu.avx512_bf16, cpu.avx512_vnni);
-  return nullptr;  // avx2 and neon: folders to come
+  if (level == "avx2" && avx2::kernels != nullptr && cpu.avx2) return avx2::kernels();
+  return nullptr;  // neon: a folder to come
 }
 
 std::vector<std::string> levels() {

@@ -1,0 +1,25 @@
+// The AVX2 table (with FMA and F16C; dispatch.cpp checks the CPU has all three before calling
+// this).
+#include "vec.h"
+
+namespace torchchat::cpu::avx2 {
+
+const Kernels* kernels() {
+  static const Kernels table = [] {
+    Kernels t{};
+    t.name = "avx2";
+    t.features = kFewRows;
+    t.linear_f32 = linear_f32;
+    t.linear_bf16 = linear_bf16;
+    t.linear_f16 = linear_f16;
+    t.linear_int8_f32s = linear_int8_f32s;
+    t.linear_int8_bf16s = linear_int8_bf16s;
+    t.attend_f32 = attend_f32;
+    t.attend_bf16 = attend_bf16;
+    t.attend_f16 = attend_f16;
+    return t;
+  }();
+  return &table;
+}
+
+}  // namespace torchchat::cpu::avx2
