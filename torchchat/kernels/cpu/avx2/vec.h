@@ -29,9 +29,10 @@ inline float hmax(__m256 v) {
   return _mm_cvtss_f32(_mm_max_ss(s, _mm_movehdup_ps(s)));
 }
 
-// Lanes [0, n) all ones (maskload/blend masks), 0 <= n <= 8.
+// Lanes [0, n) all ones (maskload/blend masks); n < 0 is none, n > 8 all.
 inline __m256i lanes(int64_t n) {
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  const int c = (int)(n < 0 ? 0 : n > 8 ? 8 : n);
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(c), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
 inline float scalar_bf16(bf16_t b) {  // bf16 -> fp32: the bits in the high half
