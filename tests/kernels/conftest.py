@@ -7,7 +7,7 @@ import pytest
 from torchchat import kernels
 
 
-@pytest.fixture(params=["avx512", "scalar"])
+@pytest.fixture(params=["avx512", "avx2", "scalar"])
 def isa(request):
     """Run the test on each instruction-set level's kernels this machine runs (the scalar level:
     the reference kernels, on any CPU)."""
