@@ -51,17 +51,17 @@ template <typename T, int C>
 void weighted_sum(const T* v, int64_t ts, const float* p, int64_t lo, int64_t hi, int64_t d0,
                   int64_t last, __m256 inv, float* y) {
   __m256 acc[C];
-  #pragma GCC unroll 8
+#pragma GCC unroll 8
   for (int c = 0; c < C; ++c) acc[c] = _mm256_setzero_ps();
   for (int64_t t = lo; t < hi; ++t) {
     if (p[t - lo] == 0.0f) continue;  // a masked position: its v row is not read
     const __m256 pt = _mm256_broadcast_ss(p + (t - lo));
     const T* vr = v + t * ts + d0;
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int c = 0; c < C - 1; ++c) acc[c] = _mm256_fmadd_ps(pt, Load<T>::at(vr + 8 * c), acc[c]);
     acc[C - 1] = _mm256_fmadd_ps(pt, load_n(vr + 8 * (C - 1), last), acc[C - 1]);
   }
-  #pragma GCC unroll 8
+#pragma GCC unroll 8
   for (int c = 0; c < C; ++c) _mm256_store_ps(y + d0 + 8 * c, _mm256_mul_ps(acc[c], inv));
 }
 
@@ -101,12 +101,12 @@ void attend(const T* q, const T* k, const T* v, int64_t ts, const bool* m, int64
   for (int64_t t0 = lo; t0 < hi; t0 += 8) {
     const int64_t n = std::min<int64_t>(8, hi - t0);
     __m256 part[8];
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int j = 0; j < 8; ++j) part[j] = _mm256_setzero_ps();
     for (int64_t c = 0; c < C; ++c) {
       const __m256 qv = _mm256_load_ps(qf + 8 * c);
       const int64_t w = c < C - 1 ? 8 : last;
-      #pragma GCC unroll 8
+#pragma GCC unroll 8
       for (int j = 0; j < 8; ++j)
         if (j < n) part[j] = _mm256_fmadd_ps(qv, load_n(k + (t0 + j) * ts + 8 * c, w), part[j]);
     }

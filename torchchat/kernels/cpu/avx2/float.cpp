@@ -45,22 +45,22 @@ void dot_row(const T* x, int64_t ldx, const T* w, int64_t K, float* out) {
   using C = Chunk<T>;
   constexpr int W = C::kWidth, V = C::kVecs, U = M == 1 ? 4 : 2 / V, A = U * V;
   __m256 acc[M][A];
-  #pragma GCC unroll 8
+#pragma GCC unroll 8
   for (int m = 0; m < M; ++m)
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int i = 0; i < A; ++i) acc[m][i] = _mm256_setzero_ps();
   int64_t k = 0;
   for (; k + W * U <= K; k += W * U)
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int u = 0; u < U; ++u) {
       if ((u * W * sizeof(T)) % 64 == 0)
         _mm_prefetch((const char*)(w + k + W * u) + kPrefetch, _MM_HINT_T0);
       __m256 wv[V], xv[V];
       C::at(w + k + W * u, wv);
-      #pragma GCC unroll 8
+#pragma GCC unroll 8
       for (int m = 0; m < M; ++m) {
         C::at(x + m * ldx + k + W * u, xv);
-        #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int i = 0; i < V; ++i)
           acc[m][u * V + i] = _mm256_fmadd_ps(wv[i], xv[i], acc[m][u * V + i]);
       }
@@ -69,14 +69,14 @@ void dot_row(const T* x, int64_t ldx, const T* w, int64_t K, float* out) {
     const int64_t n = std::min<int64_t>(W, K - k);
     __m256 wv[V], xv[V];
     n == W ? C::at(w + k, wv) : C::part(w + k, n, wv);
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int m = 0; m < M; ++m) {
       n == W ? C::at(x + m * ldx + k, xv) : C::part(x + m * ldx + k, n, xv);
-      #pragma GCC unroll 8
+#pragma GCC unroll 8
       for (int i = 0; i < V; ++i) acc[m][i] = _mm256_fmadd_ps(wv[i], xv[i], acc[m][i]);
     }
   }
-  #pragma GCC unroll 8
+#pragma GCC unroll 8
   for (int m = 0; m < M; ++m) {
     __m256 t = acc[m][0];
     for (int i = 1; i < A; ++i) t = _mm256_add_ps(t, acc[m][i]);

@@ -56,7 +56,7 @@ void int4_block64(const uint8_t* blk, const bf16_t* xb, const float* xsum, int64
   for (int i = 0; i < 64; i += 8) _mm256_store_ps(total + i, _mm256_setzero_ps());
   for (int64_t g = 0; g < G; ++g) {
     __m256 acc[8];
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int v = 0; v < 8; ++v) acc[v] = _mm256_setzero_ps();
     if (!Blocked && g + 2 < G)  // scales of later groups (torch's layout: N * 4 bytes apart)
       for (int q = 0; q < 4; ++q)
@@ -72,7 +72,7 @@ void int4_block64(const uint8_t* blk, const bf16_t* xb, const float* xsum, int64
       for (int64_t k = 0; k < kn; k += 2) {
         const uint8_t* a2 = blk + (kc + k) * 32;
         _mm_prefetch((const char*)(a2 + kPrefetch), _MM_HINT_T0);
-        #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int t = 0; t < 2; ++t) {
           const __m256i a = _mm256_loadu_si256((const __m256i*)(a2 + 32 * t));
           const __m256i lo = _mm256_and_si256(a, low4);
@@ -80,7 +80,7 @@ void int4_block64(const uint8_t* blk, const bf16_t* xb, const float* xsum, int64
           const __m256i u[4] = {_mm256_unpacklo_epi8(lo, magic), _mm256_unpackhi_epi8(lo, magic),
                                 _mm256_unpacklo_epi8(hi, magic), _mm256_unpackhi_epi8(hi, magic)};
           const __m256 xv = _mm256_broadcast_ss(xf + k + t);
-          #pragma GCC unroll 8
+#pragma GCC unroll 8
           for (int j = 0; j < 4; ++j) {
             const __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(u[j], 16));
             const __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(u[j], high16));
@@ -94,7 +94,7 @@ void int4_block64(const uint8_t* blk, const bf16_t* xb, const float* xsum, int64
     // from their offset)
     const bf16_t* szg = sz + int4_scale_offset(Blocked, g, G, N, n0, 64);
     const __m256 xs = _mm256_set1_ps(xsum[g]);
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int j = 0; j < 4; ++j) {
       __m256 pe, po;
       pairs_of(szg, 32 * (j >> 1) + 8 * (j & 1), &pe, &po);  // j = 2 nibble + half

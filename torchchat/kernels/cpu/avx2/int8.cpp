@@ -20,9 +20,9 @@ void int8_row(const float* x, int64_t K, const int8_t* w, const S* scales, int64
   constexpr int U = M == 1 ? 4 : 2;
   const int shift = group ? __builtin_ctzll(group) : 0;
   __m256 acc[M][U];
-  #pragma GCC unroll 8
+#pragma GCC unroll 8
   for (int m = 0; m < M; ++m)
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int u = 0; u < U; ++u) acc[m][u] = _mm256_setzero_ps();
   auto weights = [&](int64_t k) {
     const __m256 wv =
@@ -31,22 +31,22 @@ void int8_row(const float* x, int64_t K, const int8_t* w, const S* scales, int64
   };
   int64_t k = 0;
   for (; k + 8 * U <= K; k += 8 * U)
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int u = 0; u < U; ++u) {
       if (u == 0 && k % 64 == 0)  // one prefetch a cache line
         _mm_prefetch((const char*)(w + k) + kPrefetch, _MM_HINT_T0);
       const __m256 wv = weights(k + 8 * u);
-      #pragma GCC unroll 8
+#pragma GCC unroll 8
       for (int m = 0; m < M; ++m)
         acc[m][u] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k + 8 * u), acc[m][u]);
     }
   for (; k < K; k += 8) {
     const __m256 wv = weights(k);
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int m = 0; m < M; ++m)
       acc[m][0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k), acc[m][0]);
   }
-  #pragma GCC unroll 8
+#pragma GCC unroll 8
   for (int m = 0; m < M; ++m) {
     __m256 t = acc[m][0];
     for (int u = 1; u < U; ++u) t = _mm256_add_ps(t, acc[m][u]);

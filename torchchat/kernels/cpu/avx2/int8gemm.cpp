@@ -63,21 +63,21 @@ void unpack_8da4w_block(const uint8_t* w, const bf16_t* sz, int64_t N, int64_t K
   const __m256i low4 = _mm256_set1_epi8(15), eight = _mm256_set1_epi8(8);
   const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
   __m256 rv[8];
-  #pragma GCC unroll 8
+#pragma GCC unroll 8
   for (int v = 0; v < 8; ++v) rv[v] = _mm256_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
     __m256i wsum[8];  // W_g of the lanes' rows
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int v = 0; v < 8; ++v) wsum[v] = _mm256_setzero_si256();
     for (int64_t kq = g * group / 4; kq < (g + 1) * group / 4; ++kq) {
       __m256i a[4];
-      #pragma GCC unroll 8
+#pragma GCC unroll 8
       for (int t = 0; t < 4; ++t)
         a[t] = _mm256_loadu_si256((const __m256i*)(blk + (4 * kq + t) * 32));
-      #pragma GCC unroll 8
+#pragma GCC unroll 8
       for (int n = 0; n < 2; ++n) {  // low nibbles: rows 0-31; high: 32-63
         __m256i x[4];
-        #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int t = 0; t < 4; ++t)
           x[t] = _mm256_sub_epi8(
               _mm256_and_si256(n ? _mm256_srli_epi16(a[t], 4) : a[t], low4), eight);
@@ -89,7 +89,7 @@ void unpack_8da4w_block(const uint8_t* w, const bf16_t* sz, int64_t N, int64_t K
         const __m256i q[4] = {
             _mm256_unpacklo_epi16(lo01, lo23), _mm256_unpackhi_epi16(lo01, lo23),
             _mm256_unpacklo_epi16(hi01, hi23), _mm256_unpackhi_epi16(hi01, hi23)};
-        #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int i = 0; i < 4; ++i) {
           const int v = 4 * n + i;
           _mm256_store_si256((__m256i*)(wbuf + kq * 256 + v * 32), q[i]);
@@ -98,7 +98,7 @@ void unpack_8da4w_block(const uint8_t* w, const bf16_t* sz, int64_t N, int64_t K
         }
       }
     }
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int v = 0; v < 8; ++v) {  // scales: the low halves of (scale, zero) pairs
       const bf16_t* p = sz + (g * N + n0 + row_of(v, 0)) * 2;
       const __m256i sv = _mm256_loadu2_m128i((const __m128i*)(p + 32), (const __m128i*)p);
@@ -107,7 +107,7 @@ void unpack_8da4w_block(const uint8_t* w, const bf16_t* sz, int64_t N, int64_t K
       rv[v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(wsum[v]), sc, rv[v]);
     }
   }
-  #pragma GCC unroll 8
+#pragma GCC unroll 8
   for (int v = 0; v < 8; ++v) _mm256_storeu_ps(r + v * 8, rv[v]);
 }
 

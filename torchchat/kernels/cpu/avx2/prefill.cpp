@@ -32,7 +32,7 @@ void int4_dequantize_block_t(const uint8_t* w, const bf16_t* sz, int64_t N, int6
   const __m256i low4 = _mm256_set1_epi32(15), eight = _mm256_set1_epi32(8);
   for (int64_t g = 0; g < K / group; ++g) {
     alignas(32) float s[64], z[64];  // rows 0-63 of group g
-    #pragma GCC unroll 8
+#pragma GCC unroll 8
     for (int c = 0; c < 8; ++c) {
       const __m256i v = _mm256_loadu_si256((const __m256i*)(sz + (g * N + n0 + 8 * c) * 2));
       _mm256_store_ps(s + 8 * c, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)));
@@ -41,11 +41,11 @@ void int4_dequantize_block_t(const uint8_t* w, const bf16_t* sz, int64_t N, int6
     for (int64_t k = g * group; k < (g + 1) * group; ++k) {
       const uint8_t* a = blk + k * 32;
       __m256 wq[8];  // rows 8c..8c + 7: low nibbles of bytes 8c.. (c < 4), high ones (c >= 4)
-      #pragma GCC unroll 8
+#pragma GCC unroll 8
       for (int c = 0; c < 4; ++c) {
         const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i*)(a + 8 * c)));
         const __m256i q[2] = {_mm256_and_si256(b, low4), _mm256_srli_epi32(b, 4)};
-        #pragma GCC unroll 8
+#pragma GCC unroll 8
         for (int h = 0; h < 2; ++h) {
           const int r = 32 * h + 8 * c;
           const __m256 qs = _mm256_cvtepi32_ps(_mm256_sub_epi32(q[h], eight));
@@ -53,7 +53,7 @@ void int4_dequantize_block_t(const uint8_t* w, const bf16_t* sz, int64_t N, int6
                                         _mm256_load_ps(z + r));
         }
       }
-      #pragma GCC unroll 8
+#pragma GCC unroll 8
       for (int c = 0; c < 8; c += 2) store_bf16x16(out + k * ldo + 8 * c, wq[c], wq[c + 1]);
     }
   }
