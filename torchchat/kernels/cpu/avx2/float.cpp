@@ -8,6 +8,7 @@
 // and `lane & 0xFFFF0000` the odd one, exactly. Weights and activations are split the same way
 // and the even and odd products summed in separate accumulators. fp16 goes through F16C.
 #include <algorithm>
+#include <type_traits>
 
 #include "vec.h"
 
@@ -53,7 +54,8 @@ void dot_row(const T* x, int64_t ldx, const T* w, int64_t K, float* out) {
   for (; k + W * U <= K; k += W * U)
 #pragma GCC unroll 8
     for (int u = 0; u < U; ++u) {
-      if ((u * W * sizeof(T)) % 64 == 0)
+      // one prefetch a cache line; fp32 measured faster without (2 threads: 5%, as AVX-512's)
+      if (!std::is_same_v<T, float> && (u * W * sizeof(T)) % 64 == 0)
         _mm_prefetch((const char*)(w + k + W * u) + kPrefetch, _MM_HINT_T0);
       __m256 wv[V], xv[V];
       C::at(w + k + W * u, wv);
