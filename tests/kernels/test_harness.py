@@ -33,35 +33,48 @@ def load_build_script():
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
 @pytest.mark.parametrize("sanitize", [False, True], ids=["plain", "asan-ubsan"])
 def test_every_level_matches_the_scalar_reference(sanitize, tmp_path):
+    """Each level this CPU runs (and, on a CPU with AVX512-BF16/VNNI, the AVX-512 table of CPUs
+    without them, "avx512_base"): all 13 kernels, 0 failures."""
     binary = load_build_script().build(tmp_path / "harness", sanitize=sanitize)
     run = subprocess.run([str(binary)], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
     counts = dict(LINE.findall(run.stdout))
-    assert counts.get("scalar") == "13", run.stdout  # every kernel, 0 failures on each level
-    assert len(counts) == len(run.stdout.splitlines()), run.stdout
+    assert len(counts) == len(run.stdout.splitlines()), run.stdout  # every line: 0 failures
+    assert set(counts.values()) == {"13"}, run.stdout  # every level has every kernel
+    expected = {lv for lv in kernels.available_isas() if lv != "off"}
+    if "avx512" in expected and "avx2" in expected:
+        expected.add("avx512_base")
+    assert expected <= set(counts), run.stdout
     assert run.stderr == ""  # no sanitizer report
 
 
 @pytest.mark.skipif(shutil.which("objdump") is None, reason="needs objdump")
 def test_only_the_isa_folders_hold_their_instructions():
-    """The installed library runs on any CPU of its architecture: AVX-512 instructions only in
-    cpu/avx512's functions (a library template compiled there and kept by the linker for the
-    portable code would break that)."""
+    """The installed library runs on any CPU of its architecture: AVX-512 instructions (zmm
+    registers) only in cpu/avx512's functions, 256-bit AVX/AVX2 ones (ymm) only in cpu/avx2's and
+    cpu/avx512's (a library template compiled there and kept by the linker for the portable code
+    would break that; portable code compiled without flags uses SSE2's xmm only)."""
     spec = importlib.util.find_spec("torchchat.kernels._C")
     if spec is None:
         pytest.skip("the kernels are not built")
     asm = subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", spec.origin],
                          capture_output=True, text=True, check=True).stdout  # fmt: skip
-    function, inside, outside = "", 0, set()
+    owners = {"zmm": ("avx512::",), "ymm": ("avx2::", "avx512::")}
+    function, inside, outside = "", {"avx512": 0, "avx2": 0}, set()
     for line in asm.splitlines():
         if line.endswith(">:"):
             function = line
-        elif "zmm" in line and "avx512::" in function:
-            inside += 1
-        elif "zmm" in line:
-            outside.add(function)
+            continue
+        for reg, isas in owners.items():
+            if reg in line and not any(isa in function for isa in isas):
+                outside.add(function)
+        if "zmm" in line and "avx512::" in function:
+            inside["avx512"] += 1
+        elif "ymm" in line and "avx2::" in function:
+            inside["avx2"] += 1
     assert not outside
-    assert inside > 0 or "avx512" not in kernels.available_isas()
+    for isa, count in inside.items():
+        assert count > 0 or isa not in kernels.available_isas()
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,10 @@
 namespace torchchat::cpu {
 
 namespace avx512 {
-__attribute__((weak)) const Kernels* kernels(bool bf16, bool vnni);
+__attribute__((weak)) const Kernels* kernels(bool bf16, bool vnni, const Kernels* fill);
+}
+namespace avx2 {
+__attribute__((weak)) const Kernels* kernels();
 }
 namespace neon {
 __attribute__((weak)) const Kernels* kernels(bool i8mm, bool bf16);
@@ -40,6 +43,7 @@ struct CpuFeatures {
   bool avx512 = false;       // F, BW, VL, DQ (+ FMA, F16C)
   bool avx512_bf16 = false;
   bool avx512_vnni = false;  // with VBMI
+  bool avx2 = false;         // with FMA and F16C
   bool neon = false;         // AArch64 Advanced SIMD with FEAT_FP16 and FEAT_DotProd
   bool neon_i8mm = false;
   bool neon_bf16 = false;
@@ -63,6 +67,8 @@ CpuFeatures cpu_features() {
   f.avx512_bf16 = f.avx512 && __builtin_cpu_supports("avx512bf16");
   f.avx512_vnni = f.avx512 && __builtin_cpu_supports("avx512vnni") &&
                   __builtin_cpu_supports("avx512vbmi");
+  f.avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
 #elif defined(__aarch64__) && defined(__linux__)
   const unsigned long hw = getauxval(AT_HWCAP), hw2 = getauxval(AT_HWCAP2);
   f.neon = (hw & HWCAP_FPHP) && (hw & HWCAP_ASIMDHP) && (hw & HWCAP_ASIMDDP);
@@ -81,11 +87,12 @@ CpuFeatures cpu_features() {
 const Kernels* select_kernels(const std::string& level) {
   static const CpuFeatures cpu = cpu_features();
   if (level == "scalar") return &scalar_kernels();
-  if (level == "avx512" && avx512::kernels != nullptr && cpu.avx512)
-    return avx512::kernels(cpu.avx512_bf16, cpu.avx512_vnni);
+  if (level == "avx512" && avx512::kernels != nullptr && cpu.avx512)  // AVX2's fill its gaps
+    return avx512::kernels(cpu.avx512_bf16, cpu.avx512_vnni, select_kernels("avx2"));
+  if (level == "avx2" && avx2::kernels != nullptr && cpu.avx2) return avx2::kernels();
   if (level == "neon" && neon::kernels != nullptr && cpu.neon)
     return neon::kernels(cpu.neon_i8mm, cpu.neon_bf16);
-  return nullptr;  // avx2: a folder to come
+  return nullptr;
 }
 
 std::vector<std::string> levels() {

@@ -1,9 +1,9 @@
 // torchchat's CPU kernels without torch: the types they share, and the table of kernels one
 // instruction set provides (struct Kernels), chosen once from the CPU's features
 // (select_kernels). Portable code lives in this folder (scalar reference kernels, the decode
-// step, the drivers that split work); each instruction set has its own folder (cpu/avx512, later
-// cpu/avx2, cpu/neon) compiled with its own flags, and a new one is a new folder plus an entry
-// in dispatch.cpp. Kernels take raw pointers and a [begin, end) range of rows or blocks: the
+// step, the drivers that split work); each instruction set has its own folder (cpu/avx512,
+// cpu/avx2, later cpu/neon) compiled with its own flags, and a new one is a new folder plus an
+// entry in dispatch.cpp. Kernels take raw pointers and a [begin, end) range of rows or blocks: the
 // caller (torchchat/kernels/ops.cpp, or the test harness) does the threading.
 #pragma once
 

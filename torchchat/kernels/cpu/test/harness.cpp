@@ -4,8 +4,9 @@
 // failure. Built by cpu/test/build.py (plain g++, optionally under sanitizers; or cross-built
 // for aarch64 and run under qemu). A level whose table depends on optional CPU features is run
 // as dispatch picks it, and once more with its base table if that differs ("neon_base": NEON
-// without I8MM and BF16, from neon::kernels(false, false)), so an emulator that has every
-// feature tests both.
+// without I8MM and BF16, from neon::kernels(false, false); "avx512_base": AVX-512 without BF16
+// and VNNI, its int4 and 8da4w entries from the AVX2 table), so a CPU or an emulator that has
+// every feature tests both.
 //
 // Tolerances, per kernel (the reference sums in index order; SIMD kernels in other orders):
 //   linear_f32/bf16/f16, int8         |got - ref| <= 1e-5 * sum_k |w_k x_k| (fp32 sums reordered)
@@ -25,8 +26,11 @@
 
 #include "../common/kernels.h"
 
-namespace torchchat::cpu::neon {  // test-only: the base NEON table (null where not built)
+namespace torchchat::cpu::neon {  // test-only: the base tables (null where not built)
 __attribute__((weak)) const Kernels* kernels(bool i8mm, bool bf16);
+}
+namespace torchchat::cpu::avx512 {
+__attribute__((weak)) const Kernels* kernels(bool bf16, bool vnni, const Kernels* fill);
 }
 
 namespace {
@@ -321,6 +325,10 @@ int main() {
     if (level == "neon" && torchchat::cpu::neon::kernels != nullptr &&
         torchchat::cpu::neon::kernels(false, false) != kt)
       report("neon_base", *torchchat::cpu::neon::kernels(false, false));
+    if (level == "avx512") {
+      const Kernels* base = torchchat::cpu::avx512::kernels(false, false, select_kernels("avx2"));
+      if (base != kt) report("avx512_base", *base);
+    }
   }
   return failures ? 1 : 0;
 }

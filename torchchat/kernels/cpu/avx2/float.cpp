@@ -1,0 +1,130 @@
+// fp32, bf16 and fp16 weights: dot products of a few activation rows with each weight row, 8
+// fp32 lanes per FMA. Each thread reads its rows one after another, so the weights are one
+// sequential stream per thread (as cpu/avx512/float_rows.h, which measured that faster than
+// reading several rows side by side).
+//
+// bf16 needs no conversion instruction: 32 bytes hold 16 values, two per 32-bit lane, and a
+// bf16 is the high half of the fp32 with the same value, so `lane << 16` is the even element
+// and `lane & 0xFFFF0000` the odd one, exactly. Weights and activations are split the same way
+// and the even and odd products summed in separate accumulators. fp16 goes through F16C.
+#include <algorithm>
+#include <type_traits>
+
+#include "vec.h"
+
+namespace torchchat::cpu::avx2 {
+namespace {
+
+// A chunk of kWidth values as kVecs fp32 vectors (at: kWidth values; part: n < kWidth, zeros
+// after). Products of two chunks' vectors pair up the same elements.
+template <typename T>
+struct Chunk {  // fp32 and fp16: 8 values, one vector
+  static constexpr int kWidth = 8, kVecs = 1;
+  static void at(const T* p, __m256* v) { v[0] = Load<T>::at(p); }
+  static void part(const T* p, int64_t n, __m256* v) { v[0] = Load<T>::part(p, n); }
+};
+
+template <>
+struct Chunk<bf16_t> {  // 16 values: the even ones, then the odd ones
+  static constexpr int kWidth = 16, kVecs = 2;
+  static void split(__m256i raw, __m256* v) {
+    v[0] = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));
+    v[1] = _mm256_castsi256_ps(_mm256_and_si256(raw, _mm256_set1_epi32((int32_t)0xFFFF0000u)));
+  }
+  static void at(const bf16_t* p, __m256* v) { split(_mm256_loadu_si256((const __m256i*)p), v); }
+  static void part(const bf16_t* p, int64_t n, __m256* v) {
+    alignas(32) uint16_t b[16] = {};
+    std::memcpy(b, p, n * 2);
+    split(_mm256_load_si256((const __m256i*)b), v);
+  }
+};
+
+// out[m] = dot(w row, x row m) for M activation rows (ldx apart). U chunks a step, each vector
+// of a chunk with its own accumulator (M == 1: 4 chunks, 4 or 8 independent FMA chains).
+template <typename T, int M>
+void dot_row(const T* x, int64_t ldx, const T* w, int64_t K, float* out) {
+  using C = Chunk<T>;
+  constexpr int W = C::kWidth, V = C::kVecs, U = M == 1 ? 4 : 2 / V, A = U * V;
+  __m256 acc[M][A];
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m)
+#pragma GCC unroll 8
+    for (int i = 0; i < A; ++i) acc[m][i] = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + W * U <= K; k += W * U)
+#pragma GCC unroll 8
+    for (int u = 0; u < U; ++u) {
+      // one prefetch a cache line; fp32 measured faster without (2 threads: 5%, as AVX-512's)
+      if (!std::is_same_v<T, float> && (u * W * sizeof(T)) % 64 == 0)
+        _mm_prefetch((const char*)(w + k + W * u) + kPrefetch, _MM_HINT_T0);
+      __m256 wv[V], xv[V];
+      C::at(w + k + W * u, wv);
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m) {
+        C::at(x + m * ldx + k + W * u, xv);
+#pragma GCC unroll 8
+        for (int i = 0; i < V; ++i)
+          acc[m][u * V + i] = _mm256_fmadd_ps(wv[i], xv[i], acc[m][u * V + i]);
+      }
+    }
+  for (; k < K; k += W) {  // the last few chunks, the very last perhaps short
+    const int64_t n = std::min<int64_t>(W, K - k);
+    __m256 wv[V], xv[V];
+    n == W ? C::at(w + k, wv) : C::part(w + k, n, wv);
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m) {
+      n == W ? C::at(x + m * ldx + k, xv) : C::part(x + m * ldx + k, n, xv);
+#pragma GCC unroll 8
+      for (int i = 0; i < V; ++i) acc[m][i] = _mm256_fmadd_ps(wv[i], xv[i], acc[m][i]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m) {
+    __m256 t = acc[m][0];
+    for (int i = 1; i < A; ++i) t = _mm256_add_ps(t, acc[m][i]);
+    out[m] = hsum(t);
+  }
+}
+
+template <typename T, int M>
+void float_rows_m(const T* x, int64_t K, const Matrix& a, int64_t m0, int64_t n0, int64_t n1) {
+  const T* w = static_cast<const T*>(a.w);
+  const int64_t ld = a.ld, ldy = a.ldy;
+  float* y = a.y + m0 * ldy;
+  float out[M];
+  for (int64_t n = n0; n < n1; ++n) {
+    dot_row<T, M>(x, K, w + n * ld, K, out);
+    for (int m = 0; m < M; ++m) y[m * ldy + n] = out[m];
+  }
+}
+
+// Rows [n0, n1) of one matrix; up to 4 activation rows share each weight load, more go 4 at a
+// time.
+template <typename T>
+void float_rows(const T* x, int64_t M, int64_t K, const Matrix& a, int64_t n0, int64_t n1) {
+  for (int64_t m = 0; m < M; m += 4) {
+    const T* xm = x + m * K;
+    switch (std::min<int64_t>(4, M - m)) {
+      case 1: float_rows_m<T, 1>(xm, K, a, m, n0, n1); break;
+      case 2: float_rows_m<T, 2>(xm, K, a, m, n0, n1); break;
+      case 3: float_rows_m<T, 3>(xm, K, a, m, n0, n1); break;
+      default: float_rows_m<T, 4>(xm, K, a, m, n0, n1); break;
+    }
+  }
+}
+
+}  // namespace
+
+void linear_f32(const float* x, int64_t M, int64_t K, const Matrix& a, int64_t n0, int64_t n1) {
+  float_rows(x, M, K, a, n0, n1);
+}
+
+void linear_bf16(const bf16_t* x, int64_t M, int64_t K, const Matrix& a, int64_t n0, int64_t n1) {
+  float_rows(x, M, K, a, n0, n1);
+}
+
+void linear_f16(const fp16_t* x, int64_t M, int64_t K, const Matrix& a, int64_t n0, int64_t n1) {
+  float_rows(x, M, K, a, n0, n1);
+}
+
+}  // namespace torchchat::cpu::avx2

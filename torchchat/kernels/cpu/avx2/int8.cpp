@@ -1,0 +1,98 @@
+// int8 weights: 8 codes -> fp32 (vpmovsxbd + vcvtdq2ps) and FMAs on fp32 activations, per-row
+// or per-group scales, as cpu/avx512/int8.cpp with 8 lanes.
+#include <algorithm>
+
+#include "vec.h"
+
+namespace torchchat::cpu::avx2 {
+namespace {
+
+inline float scale_of(float s) { return s; }
+inline float scale_of(bf16_t s) { return scalar_bf16(s); }
+
+// out[m] = sum_k w[k] s(k) x[m][k] for one int8 weight row w, s(k) its scale: scales[0] for the
+// whole row (group 0, applied after the sum) or scales[k >> log2(group)] (group a power of two
+// >= 16, applied to each 8 weights as they are converted). K is a multiple of 16; x is fp32,
+// zero-padded to K by the caller.
+template <int M, typename S>
+void int8_row(const float* x, int64_t K, const int8_t* w, const S* scales, int64_t group,
+              float* out) {
+  constexpr int U = M == 1 ? 4 : 2;
+  const int shift = group ? __builtin_ctzll(group) : 0;
+  __m256 acc[M][U];
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m)
+#pragma GCC unroll 8
+    for (int u = 0; u < U; ++u) acc[m][u] = _mm256_setzero_ps();
+  auto weights = [&](int64_t k) {
+    const __m256 wv =
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i*)(w + k))));
+    return group ? _mm256_mul_ps(wv, _mm256_set1_ps(scale_of(scales[k >> shift]))) : wv;
+  };
+  int64_t k = 0;
+  for (; k + 8 * U <= K; k += 8 * U)
+#pragma GCC unroll 8
+    for (int u = 0; u < U; ++u) {
+      if (u == 0 && k % 64 == 0)  // one prefetch a cache line
+        _mm_prefetch((const char*)(w + k) + kPrefetch, _MM_HINT_T0);
+      const __m256 wv = weights(k + 8 * u);
+#pragma GCC unroll 8
+      for (int m = 0; m < M; ++m)
+        acc[m][u] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k + 8 * u), acc[m][u]);
+    }
+  for (; k < K; k += 8) {
+    const __m256 wv = weights(k);
+#pragma GCC unroll 8
+    for (int m = 0; m < M; ++m)
+      acc[m][0] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + m * K + k), acc[m][0]);
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < M; ++m) {
+    __m256 t = acc[m][0];
+    for (int u = 1; u < U; ++u) t = _mm256_add_ps(t, acc[m][u]);
+    out[m] = hsum(t) * (group ? 1.0f : scale_of(scales[0]));
+  }
+}
+
+template <int M, typename S>
+void int8_rows_m(const float* x, int64_t K, int64_t group, const Matrix& a, int64_t m0,
+                 int64_t n0, int64_t n1) {
+  const int64_t G = group ? K / group : 1;
+  const int8_t* w = static_cast<const int8_t*>(a.w);
+  const S* scales = static_cast<const S*>(a.s);
+  const int64_t ld = a.ld, ldy = a.ldy;
+  float* y = a.y + m0 * ldy;
+  float out[M];
+  for (int64_t n = n0; n < n1; ++n) {
+    int8_row<M, S>(x, K, w + n * ld, scales + n * G, group, out);
+    for (int m = 0; m < M; ++m) y[m * ldy + n] = out[m];
+  }
+}
+
+template <typename S>  // scales: fp32 or bf16, read as they are stored
+void int8_rows(const float* x, int64_t M, int64_t K, int64_t group, const Matrix& a, int64_t n0,
+               int64_t n1) {
+  for (int64_t m = 0; m < M; m += 4) {
+    const float* xm = x + m * K;
+    switch (std::min<int64_t>(4, M - m)) {
+      case 1: int8_rows_m<1, S>(xm, K, group, a, m, n0, n1); break;
+      case 2: int8_rows_m<2, S>(xm, K, group, a, m, n0, n1); break;
+      case 3: int8_rows_m<3, S>(xm, K, group, a, m, n0, n1); break;
+      default: int8_rows_m<4, S>(xm, K, group, a, m, n0, n1); break;
+    }
+  }
+}
+
+}  // namespace
+
+void linear_int8_f32s(const float* x, int64_t M, int64_t K, int64_t group, const Matrix& a,
+                      int64_t n0, int64_t n1) {
+  int8_rows<float>(x, M, K, group, a, n0, n1);
+}
+
+void linear_int8_bf16s(const float* x, int64_t M, int64_t K, int64_t group, const Matrix& a,
+                       int64_t n0, int64_t n1) {
+  int8_rows<bf16_t>(x, M, K, group, a, n0, n1);
+}
+
+}  // namespace torchchat::cpu::avx2

@@ -1,0 +1,243 @@
+// 8da4w prefill: the many-row GEMM in integers, as cpu/avx512/prefill_vnni.cpp derives it:
+// activations quantized per token to u = q + 128 (unsigned bytes, scale s_a, zero z_a), int4
+// weights w = c - 8 (signed), per group g and output row
+//   I_g = sum_k u_k w_k,   y = s_a * (sum_g s_w,g I_g - (128 + z_a) R),   R = sum_g s_w,g W_g
+// with W_g = sum_k w_k. AVX2 has no vpdpbusd: vpmaddubsw multiplies unsigned by signed bytes and
+// adds adjacent pairs into int16 lanes (|u0 w0 + u1 w1| <= 255 * 8 * 2 = 4080: never
+// saturates), and eight of those add up in int16 without overflow (8 * 4080 = 32640 < 32767)
+// before vpmaddwd with ones widens them to int32. The integer sums are exact.
+//
+// Each 64-row block of torch's int4 pack layout is first unpacked into the per-thread buffer
+// wbuf (K * 64 bytes): for every 4 k, 8 vectors of 8 rows x 4 bytes (k .. k + 3); byte
+// interleaves work within 128-bit halves, so vector v's lane l is block row
+// 32 (v / 4) + 4 (v % 4) + (l % 4) + 16 (l / 4) (row_of). A group of it stays in L1 while every
+// token passes over it.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "vec.h"
+
+namespace torchchat::cpu::avx2 {
+namespace {
+
+inline int64_t row_of(int64_t v, int64_t l) {
+  return 32 * (v / 4) + 4 * (v % 4) + (l % 4) + 16 * (l / 4);
+}
+
+// Block rows n0..n0 + 64 (bs of them real) -> wbuf[K/4][8][8 lanes][4 bytes], scales
+// sbuf[G][64] fp32 and r[64] = sum_g s_w,g W_g, all in wbuf's lane order.
+void unpack_8da4w_block(const uint8_t* w, const bf16_t* sz, int64_t N, int64_t K, int64_t group,
+                        int64_t n0, int8_t* wbuf, float* sbuf, float* r) {
+  const int64_t bs = std::min<int64_t>(64, N - n0), G = K / group;
+  const uint8_t* blk = w + n0 * (K / 2);
+  if (bs < 64) {  // a short last block: byte d of each k holds rows 2d (low), 2d + 1 (high)
+    const int64_t half = bs / 2;
+    std::memset(wbuf, 0, K * 64);
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t v = 0; v < 8; ++v)
+        for (int64_t l = 0; l < 8; ++l) {
+          const int64_t i = row_of(v, l);
+          if (i >= bs) continue;
+          const uint8_t byte = blk[k * half + i / 2];
+          wbuf[(k / 4) * 256 + v * 32 + l * 4 + k % 4] =
+              (int8_t)((i % 2 ? byte >> 4 : byte & 15) - 8);
+        }
+    for (int64_t v = 0; v < 8; ++v)
+      for (int64_t l = 0; l < 8; ++l) {
+        const int64_t i = row_of(v, l);
+        float t = 0.0f;
+        for (int64_t g = 0; g < G; ++g) {
+          int32_t wsum = 0;
+          for (int64_t k = g * group; k < (g + 1) * group; ++k)
+            wsum += wbuf[(k / 4) * 256 + v * 32 + l * 4 + k % 4];
+          const float s = i < bs ? scalar_bf16(sz[(g * N + n0 + i) * 2]) : 0.0f;
+          sbuf[g * 64 + v * 8 + l] = s;
+          t += s * (float)wsum;
+        }
+        r[v * 8 + l] = t;
+      }
+    return;
+  }
+  const __m256i low4 = _mm256_set1_epi8(15), eight = _mm256_set1_epi8(8);
+  const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+  __m256 rv[8];
+#pragma GCC unroll 8
+  for (int v = 0; v < 8; ++v) rv[v] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m256i wsum[8];  // W_g of the lanes' rows
+#pragma GCC unroll 8
+    for (int v = 0; v < 8; ++v) wsum[v] = _mm256_setzero_si256();
+    for (int64_t kq = g * group / 4; kq < (g + 1) * group / 4; ++kq) {
+      __m256i a[4];
+#pragma GCC unroll 8
+      for (int t = 0; t < 4; ++t)
+        a[t] = _mm256_loadu_si256((const __m256i*)(blk + (4 * kq + t) * 32));
+#pragma GCC unroll 8
+      for (int n = 0; n < 2; ++n) {  // low nibbles: rows 0-31; high: 32-63
+        __m256i x[4];
+#pragma GCC unroll 8
+        for (int t = 0; t < 4; ++t)
+          x[t] = _mm256_sub_epi8(
+              _mm256_and_si256(n ? _mm256_srli_epi16(a[t], 4) : a[t], low4), eight);
+        // (row, k k+1) byte pairs, then (row, k..k+3) quadruples
+        const __m256i lo01 = _mm256_unpacklo_epi8(x[0], x[1]);
+        const __m256i hi01 = _mm256_unpackhi_epi8(x[0], x[1]);
+        const __m256i lo23 = _mm256_unpacklo_epi8(x[2], x[3]);
+        const __m256i hi23 = _mm256_unpackhi_epi8(x[2], x[3]);
+        const __m256i q[4] = {
+            _mm256_unpacklo_epi16(lo01, lo23), _mm256_unpackhi_epi16(lo01, lo23),
+            _mm256_unpacklo_epi16(hi01, hi23), _mm256_unpackhi_epi16(hi01, hi23)};
+#pragma GCC unroll 8
+        for (int i = 0; i < 4; ++i) {
+          const int v = 4 * n + i;
+          _mm256_store_si256((__m256i*)(wbuf + kq * 256 + v * 32), q[i]);
+          wsum[v] = _mm256_add_epi32(wsum[v],
+                                     _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, q[i]), ones16));
+        }
+      }
+    }
+#pragma GCC unroll 8
+    for (int v = 0; v < 8; ++v) {  // scales: the low halves of (scale, zero) pairs
+      const bf16_t* p = sz + (g * N + n0 + row_of(v, 0)) * 2;
+      const __m256i sv = _mm256_loadu2_m128i((const __m128i*)(p + 32), (const __m128i*)p);
+      const __m256 sc = _mm256_castsi256_ps(_mm256_slli_epi32(sv, 16));
+      _mm256_store_ps(sbuf + g * 64 + v * 8, sc);
+      rv[v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(wsum[v]), sc, rv[v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int v = 0; v < 8; ++v) _mm256_storeu_ps(r + v * 8, rv[v]);
+}
+
+// One group (kq0..kq0 + nkq) of one token x the 32 rows of vectors v0..v0 + 3 of an unpacked
+// block, added into the token's fp32 sums f[0..64): 8 k at a time summed in int16, then
+// widened. (One token a call: two or four, sharing each weight load, ran out of registers and
+// measured 25% slower; the weights come from L1 either way.)
+inline void gemm_8da4w_group(const uint8_t* u, int64_t kq0, int64_t nkq, const int8_t* wbuf,
+                             int v0, const float* sw, float* f) {
+  const __m256i ones16 = _mm256_set1_epi16(1);
+  __m256i acc[4];
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) acc[i] = _mm256_setzero_si256();
+  for (int64_t c0 = kq0; c0 < kq0 + nkq; c0 += 8) {
+    const int64_t c1 = std::min(c0 + 8, kq0 + nkq);
+    __m256i s16[4];
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) s16[i] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+    for (int64_t kq = c0; kq < c1; ++kq) {
+      const int8_t* wq = wbuf + kq * 256 + v0 * 32;
+      int32_t four;
+      std::memcpy(&four, u + kq * 4, 4);
+      const __m256i a = _mm256_set1_epi32(four);
+#pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i)
+        s16[i] = _mm256_add_epi16(
+            s16[i], _mm256_maddubs_epi16(a, _mm256_load_si256((const __m256i*)(wq + 32 * i))));
+    }
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i)
+      acc[i] = _mm256_add_epi32(acc[i], _mm256_madd_epi16(s16[i], ones16));
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    float* fi = f + (v0 + i) * 8;
+    const __m256 s = _mm256_load_ps(sw + (v0 + i) * 8);
+    _mm256_store_ps(fi, _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[i]), s, _mm256_load_ps(fi)));
+  }
+}
+
+inline float hmin(__m256 v) {
+  __m128 s = _mm_min_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_min_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_min_ss(s, _mm_movehdup_ps(s)));
+}
+
+}  // namespace
+
+// x (M, Kx) fp32 -> u (M, K) = per-token int8 codes + 128 (columns past Kx: the zero point,
+// they meet zero weights), scales sa and zero points za, exactly as
+// torchchat.quant.primitives.quantize_per_token_int8: the same fp32 min/max, IEEE division and
+// round half to even.
+void quantize_rows_8da4w(const float* xp, int64_t Kx, int64_t K, uint8_t* u, float* sa, float* za,
+                         int64_t m0, int64_t m1) {
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* row = xp + m * Kx;
+    __m256 lo8 = _mm256_setzero_ps(), hi8 = _mm256_setzero_ps();
+    for (int64_t k = 0; k < Kx; k += 8) {
+      const __m256 v = _mm256_maskload_ps(row + k, lanes(Kx - k));  // zeros past Kx
+      lo8 = _mm256_min_ps(lo8, v);
+      hi8 = _mm256_max_ps(hi8, v);
+    }
+    const float lo = hmin(lo8), hi = hmax(hi8);
+    const float scale = std::max((hi - lo) / 255.0f, std::numeric_limits<float>::epsilon());
+    const float zero = std::clamp(-128.0f - std::nearbyint(lo / scale), -128.0f, 127.0f);
+    const __m256 sv = _mm256_set1_ps(scale), zv = _mm256_set1_ps(zero + 128.0f);
+    const __m256 qmin = _mm256_setzero_ps(), qmax = _mm256_set1_ps(255.0f);
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+      const __m256i in = lanes(Kx - k);
+      const __m256 v = _mm256_maskload_ps(row + k, in);
+      const __m256 r = _mm256_round_ps(_mm256_div_ps(v, sv),
+                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      const __m256 q = _mm256_blendv_ps(zv, _mm256_add_ps(r, zv), _mm256_castsi256_ps(in));
+      const __m256i qi = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(q, qmin), qmax));
+      const __m256i p16 = _mm256_packus_epi32(qi, qi);  // q0-3 q0-3 | q4-7 q4-7
+      const __m256i p8 = _mm256_packus_epi16(p16, p16);
+      const __m128i b8 =  // bytes q0-3 (low half), q4-7 (high half)
+          _mm_unpacklo_epi32(_mm256_castsi256_si128(p8), _mm256_extracti128_si256(p8, 1));
+      _mm_storel_epi64((__m128i*)(u + m * K + k), b8);
+    }
+    for (; k < K; ++k) {  // K not a multiple of 8 (ops.cpp asks for 16): as the reference
+      const float q = k < Kx ? std::nearbyint(row[k] / scale) + zero + 128.0f : zero + 128.0f;
+      u[m * K + k] = (uint8_t)std::clamp(q, 0.0f, 255.0f);
+    }
+    sa[m] = scale;
+    za[m] = zero;
+  }
+}
+
+void gemm_8da4w(const uint8_t* u, int64_t M, int64_t K, const float* sa, const float* za,
+                const uint8_t* w, const bf16_t* sz, int64_t N, int64_t group, float* y,
+                int64_t b0, int64_t b1, const Buffers8da4w& buf) {
+  int8_t* wbuf = buf.wbuf;
+  float *f = buf.f, *sbuf = buf.sbuf;
+  alignas(32) float r[64];
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t n0 = b * 64, bs = std::min<int64_t>(64, N - n0);
+    unpack_8da4w_block(w, sz, N, K, group, n0, wbuf, sbuf, r);
+    std::memset(f, 0, M * 64 * sizeof(float));
+    // 64 tokens at a time: their fp32 sums (16 KB) stay in L1 across the groups
+    for (int64_t mb = 0; mb < M; mb += 64) {
+      const int64_t me = std::min<int64_t>(M, mb + 64);
+      for (int64_t g = 0; g < K / group; ++g) {
+        const int64_t kq0 = g * group / 4, nkq = group / 4;
+        const float* sw = sbuf + g * 64;
+        for (int v0 = 0; v0 < 8; v0 += 4)
+          for (int64_t m = mb; m < me; ++m)
+            gemm_8da4w_group(u + m * K, kq0, nkq, wbuf, v0, sw, f + m * 64);
+      }
+    }
+    for (int64_t m = 0; m < M; ++m) {  // y = s_a * (f - (128 + z_a) * R), back in row order
+      const __m256 s = _mm256_set1_ps(sa[m]), c = _mm256_set1_ps(128.0f + za[m]);
+      for (int v = 0; v < 8; ++v) {
+        const __m256 out = _mm256_mul_ps(
+            s, _mm256_fnmadd_ps(c, _mm256_load_ps(r + v * 8), _mm256_load_ps(f + m * 64 + v * 8)));
+        alignas(32) float o[8];
+        _mm256_store_ps(o, out);
+        for (int h = 0; h < 2; ++h) {  // lanes 4h..4h + 3: rows row_of(v, 4h) + 0..3
+          const int64_t i = row_of(v, 4 * h);
+          float* dst = y + m * N + n0 + i;
+          if (i + 4 <= bs)
+            std::memcpy(dst, o + 4 * h, 16);
+          else
+            for (int64_t j = 0; i + j < bs; ++j) dst[j] = o[4 * h + j];
+        }
+      }
+    }
+  }
+}
+
+}  // namespace torchchat::cpu::avx2

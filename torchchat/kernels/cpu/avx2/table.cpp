@@ -1,0 +1,30 @@
+// The AVX2 table (with FMA and F16C; dispatch.cpp checks the CPU has all three before calling
+// this): every kernel, every feature bit.
+#include "vec.h"
+
+namespace torchchat::cpu::avx2 {
+
+const Kernels* kernels() {
+  static const Kernels table = [] {
+    Kernels t{};
+    t.name = "avx2";
+    t.features = kFewRows | kBf16 | kInt8Gemm;
+    t.linear_f32 = linear_f32;
+    t.linear_bf16 = linear_bf16;
+    t.linear_f16 = linear_f16;
+    t.linear_int8_f32s = linear_int8_f32s;
+    t.linear_int8_bf16s = linear_int8_bf16s;
+    t.linear_int4 = linear_int4;
+    t.attend_f32 = attend_f32;
+    t.attend_bf16 = attend_bf16;
+    t.attend_f16 = attend_f16;
+    t.int4_dequantize_block_t = int4_dequantize_block_t;
+    t.int8_to_bf16 = int8_to_bf16;
+    t.quantize_rows_8da4w = quantize_rows_8da4w;
+    t.gemm_8da4w = gemm_8da4w;
+    return t;
+  }();
+  return &table;
+}
+
+}  // namespace torchchat::cpu::avx2
