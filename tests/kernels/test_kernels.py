@@ -181,10 +181,29 @@ def test_int8_gemm_matches_scaled_bf16_gemm(m, k, n):
     q = Int8Linear.from_float(torch.nn.Linear(k, n, bias=False), 0)
     x = F.pad(torch.randn(m, k), (0, q.weight.shape[1] - k)).bfloat16()
     y = kernels.int8_gemm(x, q.weight, q.scales)
-    assert kernels.int8_gemm(x[:, :256], q.weight[:, :256], q.scales) is None  # small: aten's
+    small = kernels.int8_gemm(x[:, :256], q.weight[:, :256].contiguous(), q.scales)
+    assert (small is None) == bool(kernels.simd_level() & kernels.BF16_GEMM)  # aten's bf16 GEMM
     assert y.dtype == torch.bfloat16 and y.shape == (m, n)
     reference = F.linear(x.float(), q.weight.float()) * q.scales.bfloat16().float()
     assert max_rel(y, reference) < 8e-3  # bf16 GEMM output, then the scaled product: 2 roundings
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.usefixtures("isa")
+def test_wide_gemm_is_the_fp32_product_rounded_once(dtype):
+    """Levels without bf16 dot products run bf16/fp16 prefill as fp32 GEMMs on widened tiles
+    (600 rows: tiles of 256 and a shorter last one): the exact products summed in fp32, rounded
+    once to the dtype, as torch's GEMM defines it; levels with them leave it to torch."""
+    torch.manual_seed(3)
+    x, w, b = torch.randn(2, 37, 300).to(dtype), torch.randn(600, 300).to(dtype), torch.randn(600)
+    y = kernels.wide_gemm(x, w, b.to(dtype))
+    if kernels.simd_level() & kernels.BF16_GEMM:
+        assert y is None
+        return
+    reference = (F.linear(x.double(), w.double()).to(dtype) + b.to(dtype)).float()
+    assert y.dtype == dtype and y.shape == (2, 37, 600)
+    assert max_rel(y.float(), reference) < 1e-2  # one rounding apart where fp32 sums tie
+    assert kernels.wide_gemm(x[:1, :8], w, None) is None  # decode rows: the GEMV kernels
 
 
 def test_fp32_gemm_matches_f_linear():

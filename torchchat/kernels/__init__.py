@@ -26,10 +26,11 @@ from torchchat.kernels.library import ENV, ENV_ISA  # noqa: F401  (re-exported)
 MAX_ROWS = 8  # the C++ kMaxRows: more tokens at once is prefill, where torch's GEMM wins
 
 # simd_level bits: the families of kernels the selected table runs (cpu/common/kernels.h's
-# kFewRows, kBf16, kInt8Gemm). Every level has all three on a CPU it runs on.
+# kFewRows, kBf16, kInt8Gemm, kBf16Gemm). Every level has the first three on a CPU it runs on.
 FEW_ROWS = 1  # float and int8 linears, attention, the fused decode step
 INT4 = 2  # int4 linears, bf16 GEMMs on int4/int8 tiles
 INT8_GEMM = 4  # 8da4w's integer prefill GEMM
+BF16_GEMM = 8  # bf16 dot products in hardware; without: prefill's bf16/fp16 GEMMs widened to fp32
 
 _enabled = True
 
@@ -277,8 +278,10 @@ def int8_gemm(x: Tensor, weight: Tensor, scales: Tensor) -> Tensor | None:
     tiles of the codes, each output rounded as bf16(bf16(x @ codes.T) * bf16(scale)); or None."""
     if x.dtype != torch.bfloat16 or weight.dtype != torch.int8 or weight.dim() != 2:
         return None
-    if weight.numel() < 1 << 22:  # stories110M's 768 x 768, 768 x 2048: one GEMM on all was faster
+    if not weight.is_contiguous():
         return None
+    if weight.numel() < 1 << 22 and simd_level() & BF16_GEMM:
+        return None  # stories110M's 768 x 768, 768 x 2048: one bf16 GEMM on all was faster
     if not prefill_ok(x) or not simd_level() & INT4:
         return None
     y = torch.ops.torchchat.gemm_int8(x.reshape(-1, x.shape[-1]), weight, scales)
@@ -310,6 +313,21 @@ def prefill_ok(x: Tensor) -> bool:
         and not torch.compiler.is_compiling()
         and simd_level() & FEW_ROWS != 0
     )
+
+
+def wide_gemm(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
+    """x @ weight.T + bias for many rows of bf16/fp16 on a level without bf16 dot products, as
+    fp32 GEMMs on tiles of the weights widened just before (the same products, summed in fp32
+    and rounded once, as torch's GEMM does), or None where torch's own GEMM is the one to run."""
+    if x.dtype not in (torch.bfloat16, torch.float16) or weight.dtype != x.dtype:
+        return None
+    if not prefill_ok(x) or simd_level() & BF16_GEMM or x.numel() <= MAX_ROWS * x.shape[-1]:
+        return None
+    if type(weight) not in (Tensor, torch.nn.Parameter) or weight.dim() != 2:
+        return None
+    y = torch.ops.torchchat.gemm_wide(x.reshape(-1, x.shape[-1]), weight)
+    y = y.reshape(*x.shape[:-1], weight.shape[0])
+    return y if bias is None else y + bias
 
 
 def fp32_gemm(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:

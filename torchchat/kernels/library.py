@@ -95,8 +95,10 @@ def _select(level: str, available: tuple[str, ...]) -> State:
 
 def describe_bits(bits: int) -> str:
     """The kernel families a table's feature bits turn on."""
-    families = ["float/int8 decode"] + ["int4, bf16 GEMMs"] * bool(bits & 2)
-    return ", ".join(families + ["8da4w integer prefill"] * bool(bits & 4))
+    families = ["float/int8 decode"] + ["int4"] * bool(bits & 2)
+    families += ["8da4w integer prefill"] * bool(bits & 4)
+    families += ["bf16 prefill GEMMs" if bits & 8 else "prefill GEMMs widened to fp32"]
+    return ", ".join(families)
 
 
 @functools.cache
@@ -134,6 +136,10 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("torchchat::gemm_int8")
     def _(x, w, scales):
+        return x.new_empty(x.shape[0], w.shape[0])
+
+    @torch.library.register_fake("torchchat::gemm_wide")
+    def _(x, w):
         return x.new_empty(x.shape[0], w.shape[0])
 
     @torch.library.register_fake("torchchat::gemm_8da4w")

@@ -212,7 +212,8 @@ at::Tensor linear_int4_cpu(const at::Tensor& x, at::TensorList ws, at::TensorLis
 }
 
 // Prefill's many rows (int4 and int8 weights): x (M, K) bf16 @ W.T as bf16 GEMMs (oneDNN,
-// AVX512-BF16) on tiles of W turned into bf16 just before -- up to kTileRows output rows at a
+// AVX512-BF16; on levels without bf16 dot products, kBf16Gemm, each tile and x widened to fp32
+// first) on tiles of W turned into bf16 just before -- up to kTileRows output rows at a
 // time, each thread its own tiles (as many for each), so a tile goes from the conversion into
 // the GEMM through the caches rather than through memory, and no matrix-sized buffer is
 // allocated per call. Here (int4, 2 threads, 64 rows) that took tinyllama-1.1b's w1 from 2.8 to
@@ -227,6 +228,8 @@ template <typename Fill>
 at::Tensor bf16_gemm_tiles(const at::Tensor& xb, int64_t N, int64_t K, bool k_major,
                            const float* scale, Fill fill) {
   const int64_t M = xb.size(0), threads = at::get_num_threads();
+  const bool wide = !(table->features & cpu::kBf16Gemm);
+  const at::Tensor xg = wide ? xb.to(at::kFloat) : xb;
   auto y = at::empty({M, N}, xb.options());
   auto up64 = [](int64_t n) { return (n + 63) / 64 * 64; };
   const int64_t per_thread = up64((N + threads - 1) / threads);
@@ -237,8 +240,9 @@ at::Tensor bf16_gemm_tiles(const at::Tensor& xb, int64_t N, int64_t K, bool k_ma
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n0 = t * rows, tn = std::min<int64_t>(rows, N - n0);
       fill(n0, tn, reinterpret_cast<bf16_t*>(buf.data_ptr<at::BFloat16>()), rows);
-      const at::Tensor yt = k_major ? at::mm(xb, buf.narrow(1, 0, tn))
-                                    : at::mm(xb, buf.narrow(0, 0, tn).t());  // (M, tn)
+      at::Tensor tile = k_major ? buf.narrow(1, 0, tn) : buf.narrow(0, 0, tn).t();
+      at::Tensor yt = at::mm(xg, wide ? tile.to(at::kFloat) : tile);  // (M, tn)
+      if (wide) yt = yt.to(at::kBFloat16);  // rounded once, as the bf16 GEMM's output
       const auto* src = yt.data_ptr<at::BFloat16>();
       auto* dst = y.data_ptr<at::BFloat16>();
       for (int64_t m = 0; m < M; ++m) {
@@ -289,6 +293,35 @@ at::Tensor gemm_int8_cpu(const at::Tensor& x, const at::Tensor& w, const at::Ten
                            for (int64_t r = 0; r < tn; ++r)
                              kt.int8_to_bf16(wp + (n0 + r) * K, K, buf + r * K);
                          });
+}
+
+// Prefill on levels without bf16 dot products (kBf16Gemm): x (M, K) @ w.T for bf16 or fp16 x and
+// w (N, K) of x's dtype, as fp32 GEMMs on tiles of w widened just before (each thread its own
+// tiles, as bf16_gemm_tiles) and x widened once; the result rounded once to x's dtype, as torch's
+// bf16/fp16 GEMM rounds its fp32 sums. On AVX2, torch's bf16 GEMM ran stories110M's prefill at
+// 119 tok/s against 691 in fp32.
+at::Tensor gemm_wide_cpu(const at::Tensor& x, const at::Tensor& w) {
+  kernels("torchchat::gemm_wide", cpu::kFewRows);
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1) &&
+                  x.scalar_type() == w.scalar_type() &&
+                  (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf),
+              "torchchat::gemm_wide: x (M, K) and w (N, K) must be bf16 or fp16 of one dtype");
+  const int64_t M = x.size(0), N = w.size(0), threads = at::get_num_threads();
+  const at::Tensor xf = x.detach().to(at::kFloat), wc = w.detach().contiguous();
+  auto y = at::empty({M, N}, x.options());
+  const int64_t per_thread = (N + threads - 1) / threads;
+  const int64_t tiles_each = (per_thread + kTileRows - 1) / kTileRows;
+  const int64_t rows = std::max<int64_t>(1, (per_thread + tiles_each - 1) / tiles_each);
+  at::parallel_for(0, (N + rows - 1) / rows, 1, [&](int64_t t0, int64_t t1) {
+    c10::InferenceMode guard;  // worker threads do not inherit the caller's mode: y may be an
+                               // inference tensor, written in place here
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * rows, tn = std::min<int64_t>(rows, N - n0);
+      const at::Tensor yt = at::mm(xf, wc.narrow(0, n0, tn).to(at::kFloat).t());  // (M, tn)
+      y.narrow(1, n0, tn).copy_(yt);
+    }
+  });
+  return y;
 }
 
 // 8da4w prefill: x (M, Kx <= K) of any float dtype, quantized here per token to int8 exactly as
@@ -525,6 +558,7 @@ TORCH_LIBRARY(torchchat, m) {
       "int group, int n_heads) -> Tensor");
   m.def("gemm_int4(Tensor x, Tensor w, Tensor scales_and_zeros, int group) -> Tensor");
   m.def("gemm_int8(Tensor x, Tensor w, Tensor scales) -> Tensor");
+  m.def("gemm_wide(Tensor x, Tensor w) -> Tensor");
   m.def("gemm_8da4w(Tensor x, Tensor w, Tensor scales_and_zeros, int group) -> Tensor");
 }
 
@@ -536,5 +570,6 @@ TORCH_LIBRARY_IMPL(torchchat, CPU, m) {
   m.impl("decode_layers", &decode_layers_cpu);
   m.impl("gemm_int4", &gemm_int4_cpu);
   m.impl("gemm_int8", &gemm_int8_cpu);
+  m.impl("gemm_wide", &gemm_wide_cpu);
   m.impl("gemm_8da4w", &gemm_8da4w_cpu);
 }

@@ -37,13 +37,16 @@ def _finish(y: Tensor, m: nn.Module) -> Tensor:
 
 
 class KernelLinear(nn.Linear):
-    """Float weights: torchchat's GEMV for a few rows, oneDNN's fp32 GEMM for prefill."""
+    """Float weights: torchchat's GEMV for a few rows, oneDNN's fp32 GEMM for prefill (bf16 and
+    fp16 too where the CPU has no bf16 dot products, on widened tiles)."""
 
     def forward(self, x: Tensor) -> Tensor:
         y = kernels.float_linear(x, self.weight)
         if y is not None:
             return _finish(y, self)
         y = kernels.fp32_gemm(x, self.weight, self.bias)  # fp32 prefill on CPU
+        if y is None:  # bf16/fp16 prefill on a CPU without bf16 dot products
+            y = kernels.wide_gemm(x, self.weight, self.bias)
         return super().forward(x) if y is None else y
 
     @staticmethod

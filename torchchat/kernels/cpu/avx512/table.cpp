@@ -21,7 +21,7 @@ Kernels make_table(bool bf16, bool vnni, const Kernels* fill) {
   t.attend_bf16 = attend_bf16;
   t.attend_f16 = attend_f16;
   if (bf16) {
-    t.features |= kBf16;
+    t.features |= kBf16 | kBf16Gemm;
     t.linear_int4 = linear_int4;
     t.int4_dequantize_block_t = int4_dequantize_block_t;
     t.int8_to_bf16 = int8_to_bf16;

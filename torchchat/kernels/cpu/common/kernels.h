@@ -103,6 +103,10 @@ inline int64_t int4_scale_offset(bool blocked, int64_t g, int64_t G, int64_t N, 
 constexpr int64_t kFewRows = 1;     // float and int8 linears, attention, the decode step
 constexpr int64_t kBf16 = 2;        // int4 linears, bf16 GEMMs on int4/int8 tiles
 constexpr int64_t kInt8Gemm = 4;    // 8da4w's integer prefill GEMM
+// bf16 dot products in hardware (AVX512-BF16, FEAT_BF16): prefill's GEMMs on bf16 tiles stay in
+// bf16; without them torch's bf16 GEMM widens its operands in its inner loop, and the ops widen
+// each tile to fp32 once instead (the same products, exact in fp32, summed in fp32 either way).
+constexpr int64_t kBf16Gemm = 8;
 
 // Per-thread buffers of gemm_8da4w, 64-byte aligned: wbuf K * 64 bytes, f M * 64 and
 // sbuf (K / group) * 64 floats.
@@ -116,7 +120,7 @@ struct Buffers8da4w {
 // [b0, b1)) of one matrix for M <= kMaxRows activation rows, x rows K apart.
 struct Kernels {
   const char* name;  // "avx512", "scalar", ...
-  int64_t features;  // kFewRows | kBf16 | kInt8Gemm
+  int64_t features;  // kFewRows | kBf16 | kInt8Gemm | kBf16Gemm
   void (*linear_f32)(const float* x, int64_t M, int64_t K, const Matrix& a, int64_t n0,
                      int64_t n1);
   void (*linear_bf16)(const bf16_t* x, int64_t M, int64_t K, const Matrix& a, int64_t n0,

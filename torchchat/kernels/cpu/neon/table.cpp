@@ -10,7 +10,7 @@ namespace {
 Kernels make_table(bool i8mm, bool bf16) {
   Kernels t{};
   t.name = "neon";
-  t.features = kFewRows | kBf16 | kInt8Gemm;
+  t.features = kFewRows | kBf16 | kInt8Gemm | (bf16 ? kBf16Gemm : 0);
   t.linear_f32 = linear_f32;
   t.linear_bf16 = bf16 ? linear_bf16_dp : linear_bf16;
   t.linear_f16 = linear_f16;
