@@ -130,6 +130,7 @@ def main() -> None:
     ap.add_argument(
         "--note", default="", help="a line for the header (e.g. how llama.cpp was built)"
     )
+    ap.add_argument("--title", default="Performance")
     a = ap.parse_args()
     if os.getloadavg()[0] > 0.7:
         sys.exit("the machine is busy (load average > 0.7): timings would be wrong")
@@ -190,7 +191,7 @@ def main() -> None:
         for t, v in sorted(probes.items())
     )
     lines = [
-        "# Performance",
+        f"# {a.title}",
         "",
         f"`python bench/performance_report.py` on {time.strftime('%Y-%m-%d')}: {platform.machine()}, "
         f"{os.cpu_count()} cores, {header_versions}, "
