@@ -10,7 +10,7 @@
 
 #include <cstring>
 
-#include "../common/kernels.h"
+#include "../common/rows.h"
 
 namespace torchchat::cpu::avx2 {
 namespace {

@@ -99,31 +99,6 @@ void int4_block64(const uint8_t* blk, const bf16_t* xb, const float* xsum, int64
   }
 }
 
-// A block of bs < 64 rows (the last one): bs/2 bytes per k, byte d = rows 2d (low), 2d+1 (high).
-// Plain loops: only small layers whose row count is not a multiple of 64 have one.
-void int4_block_tail(const uint8_t* blk, int64_t bs, const bf16_t* xb, const float* xsum,
-                     int64_t K, int64_t group, const bf16_t* sz, bool blocked, int64_t N,
-                     int64_t n0, float* out) {
-  const int64_t G = K / group, half = bs / 2;
-  for (int64_t r = 0; r < bs; ++r) out[r] = 0.0f;
-  float acc[64];  // bs < 64
-  for (int64_t g = 0; g < G; ++g) {
-    std::fill(acc, acc + bs, 0.0f);
-    for (int64_t k = g * group; k < (g + 1) * group; ++k) {
-      const float xk = (float)xb[k];
-      const uint8_t* row = blk + k * half;
-      for (int64_t d = 0; d < half; ++d) {
-        acc[2 * d] += (float)(row[d] & 15) * xk;
-        acc[2 * d + 1] += (float)(row[d] >> 4) * xk;
-      }
-    }
-    const bf16_t* szg = sz + int4_scale_offset(blocked, g, G, N, n0, bs);
-    for (int64_t r = 0; r < bs; ++r) {
-      const float s = (float)szg[2 * r], z = (float)szg[2 * r + 1];
-      out[r] += s * acc[r] + (z - 8.0f * s) * xsum[g];
-    }
-  }
-}
 
 }  // namespace
 
@@ -137,17 +112,19 @@ void linear_int4(const bf16_t* x, const float* xsum, int64_t M, int64_t K, int64
   const int64_t N = a.N, ldy = a.ldy;
   float* y = a.y;
   for (int64_t b = b0; b < b1; ++b) {
-    const int64_t n0 = b * 64, bs = std::min<int64_t>(64, N - n0);
+    const int64_t n0 = b * 64;
+    if (N - n0 < 64) {  // a short last block (small layers only): the reference's loops
+      scalar_kernels().linear_int4(x, xsum, M, K, group, a, b, b + 1);
+      continue;
+    }
     const uint8_t* blk = w + n0 * (K / 2);
     for (int64_t m = 0; m < M; ++m) {
       alignas(64) float out[64];
-      if (bs == 64 && a.blocked)
+      if (a.blocked)
         int4_block64<true>(blk, x + m * K, xsum + m * G, K, group, sz, N, n0, out);
-      else if (bs == 64)
-        int4_block64<false>(blk, x + m * K, xsum + m * G, K, group, sz, N, n0, out);
       else
-        int4_block_tail(blk, bs, x + m * K, xsum + m * G, K, group, sz, a.blocked, N, n0, out);
-      std::memcpy(y + m * ldy + n0, out, bs * sizeof(float));
+        int4_block64<false>(blk, x + m * K, xsum + m * G, K, group, sz, N, n0, out);
+      std::memcpy(y + m * ldy + n0, out, sizeof out);
     }
   }
 }

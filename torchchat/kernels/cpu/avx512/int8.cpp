@@ -42,33 +42,15 @@ void int8_row(const float* x, int64_t K, const int8_t* w, const S* scales, int64
   }
 }
 
-template <int M, typename S>
-void int8_rows_m(const float* x, int64_t K, int64_t group, const Matrix& a, int64_t m0,
-                 int64_t n0, int64_t n1) {
-  const int64_t G = group ? K / group : 1;
-  const int8_t* w = static_cast<const int8_t*>(a.w);
-  const S* scales = static_cast<const S*>(a.s);
-  const int64_t ld = a.ld, ldy = a.ldy;
-  float* y = a.y + m0 * ldy;
-  float out[M];
-  for (int64_t n = n0; n < n1; ++n) {
-    int8_row<M, S>(x, K, w + n * ld, scales + n * G, group, out);
-    for (int m = 0; m < M; ++m) y[m * ldy + n] = out[m];
-  }
-}
-
 template <typename S>  // scales: fp32 or bf16, read as they are stored
 void int8_rows(const float* x, int64_t M, int64_t K, int64_t group, const Matrix& a, int64_t n0,
                int64_t n1) {
-  for (int64_t m = 0; m < M; m += 4) {
-    const float* xm = x + m * K;
-    switch (std::min<int64_t>(4, M - m)) {
-      case 1: int8_rows_m<1, S>(xm, K, group, a, m, n0, n1); break;
-      case 2: int8_rows_m<2, S>(xm, K, group, a, m, n0, n1); break;
-      case 3: int8_rows_m<3, S>(xm, K, group, a, m, n0, n1); break;
-      default: int8_rows_m<4, S>(xm, K, group, a, m, n0, n1); break;
-    }
-  }
+  const int64_t G = group ? K / group : 1;
+  const int8_t* w = static_cast<const int8_t*>(a.w);
+  const S* scales = static_cast<const S*>(a.s);
+  few_rows(x, M, K, a, n0, n1, [&](auto rows, const float* xm, int64_t n, float* out) {
+    int8_row<decltype(rows)::value, S>(xm, K, w + n * a.ld, scales + n * G, group, out);
+  });
 }
 
 }  // namespace

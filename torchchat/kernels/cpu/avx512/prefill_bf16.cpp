@@ -12,19 +12,10 @@ namespace torchchat::cpu::avx512 {
 // stores each k's 64 rows side by side: every k of a block becomes 64 contiguous outputs.
 void int4_dequantize_block_t(const uint8_t* w, const bf16_t* sz, int64_t N, int64_t K,
                              int64_t group, int64_t n0, bf16_t* out, int64_t ldo) {
-  const int64_t bs = std::min<int64_t>(64, N - n0), half = bs / 2;
+  const int64_t bs = std::min<int64_t>(64, N - n0);
   const uint8_t* blk = w + n0 * (K / 2);
-  if (bs < 64) {  // a short last block: byte d of each k holds rows 2d (low), 2d + 1 (high)
-    for (int64_t k = 0; k < K; ++k) {
-      const bf16_t* szg = sz + ((k / group) * N + n0) * 2;
-      for (int64_t r = 0; r < bs; ++r) {
-        const uint8_t byte = blk[k * half + r / 2];
-        const int q = r % 2 ? byte >> 4 : byte & 15;
-        out[k * ldo + r] = bf16_t((q - 8) * (float)szg[2 * r] + (float)szg[2 * r + 1]);
-      }
-    }
-    return;
-  }
+  if (bs < 64)  // a short last block (only small layers have one): the reference's loops
+    return scalar_kernels().int4_dequantize_block_t(w, sz, N, K, group, n0, out, ldo);
   const __m512i high16 = _mm512_set1_epi32((int32_t)0xFFFF0000u);
   const __m128i low4 = _mm_set1_epi8(15);
   const __m512 eight = _mm512_set1_ps(8.0f);

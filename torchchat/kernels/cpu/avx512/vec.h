@@ -7,7 +7,7 @@
 
 #include <immintrin.h>
 
-#include "../common/kernels.h"
+#include "../common/rows.h"
 
 namespace torchchat::cpu::avx512 {
 namespace {

@@ -59,32 +59,14 @@ struct FmaRow {
   }
 };
 
-template <template <typename, int> class Row, typename T, int M>
-void float_rows_m(const T* x, int64_t K, const Matrix& a, int64_t m0, int64_t n0, int64_t n1) {
-  const T* w = static_cast<const T*>(a.w);
-  const int64_t ld = a.ld, ldy = a.ldy;
-  float* y = a.y + m0 * ldy;
-  float out[M];
-  for (int64_t n = n0; n < n1; ++n) {
-    Row<T, M>::dot(x, K, w + n * ld, K, out);
-#pragma GCC unroll 16
-    for (int m = 0; m < M; ++m) y[m * ldy + n] = out[m];
-  }
-}
-
 // Rows [n0, n1) of one matrix; up to 4 activation rows share each weight load, more go 4 at a
 // time.
 template <template <typename, int> class Row, typename T>
 void float_rows(const T* x, int64_t M, int64_t K, const Matrix& a, int64_t n0, int64_t n1) {
-  for (int64_t m = 0; m < M; m += 4) {
-    const T* xm = x + m * K;
-    switch (std::min<int64_t>(4, M - m)) {
-      case 1: float_rows_m<Row, T, 1>(xm, K, a, m, n0, n1); break;
-      case 2: float_rows_m<Row, T, 2>(xm, K, a, m, n0, n1); break;
-      case 3: float_rows_m<Row, T, 3>(xm, K, a, m, n0, n1); break;
-      default: float_rows_m<Row, T, 4>(xm, K, a, m, n0, n1); break;
-    }
-  }
+  const T* w = static_cast<const T*>(a.w);
+  few_rows(x, M, K, a, n0, n1, [&](auto rows, const T* xm, int64_t n, float* out) {
+    Row<T, decltype(rows)::value>::dot(xm, K, w + n * a.ld, K, out);
+  });
 }
 
 }  // namespace

@@ -14,19 +14,10 @@ namespace torchchat::cpu::neon {
 // outputs, 16 rows (one quarter) at a time with their scales in registers.
 void int4_dequantize_block_t(const uint8_t* w, const bf16_t* sz, int64_t N, int64_t K,
                              int64_t group, int64_t n0, bf16_t* out, int64_t ldo) {
-  const int64_t bs = std::min<int64_t>(64, N - n0), half = bs / 2;
+  const int64_t bs = std::min<int64_t>(64, N - n0);
   const uint8_t* blk = w + n0 * (K / 2);
-  if (bs < 64) {  // a short last block: byte d of each k holds rows 2d (low), 2d + 1 (high)
-    for (int64_t k = 0; k < K; ++k) {
-      const bf16_t* szg = sz + ((k / group) * N + n0) * 2;
-      for (int64_t r = 0; r < bs; ++r) {
-        const uint8_t byte = blk[k * half + r / 2];
-        const int q = r % 2 ? byte >> 4 : byte & 15;
-        out[k * ldo + r] = bf16_t((float)(q - 8) * (float)szg[2 * r] + (float)szg[2 * r + 1]);
-      }
-    }
-    return;
-  }
+  if (bs < 64)  // a short last block (only small layers have one): the reference's loops
+    return scalar_kernels().int4_dequantize_block_t(w, sz, N, K, group, n0, out, ldo);
   const float32x4_t k136 = vdupq_n_f32(136.0f);
   for (int64_t g = 0; g < K / group; ++g)
     for (int qq = 0; qq < 4; ++qq) {  // rows 16qq..16qq+15: low nibbles of bytes 0-15, 16-31,

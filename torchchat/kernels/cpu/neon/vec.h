@@ -12,7 +12,7 @@
 
 #include <arm_neon.h>
 
-#include "../common/kernels.h"
+#include "../common/rows.h"
 
 namespace torchchat::cpu::neon {
 namespace {

@@ -1,0 +1,45 @@
+// The driver every instruction set's few-row linears share (float and int8 weights): activation
+// rows taken up to four at a time, each count a compile-time constant so a kernel keeps its
+// accumulators in registers, and output rows computed one after another (each thread's weights
+// are then one sequential stream). Header-only with internal linkage: it is compiled with each
+// folder's flags, and no copy may stand in for another's (see avx512/vec.h).
+#pragma once
+
+#include <algorithm>
+#include <type_traits>
+
+#include "kernels.h"
+
+namespace torchchat::cpu {
+namespace {
+
+template <int R, typename T, typename Dot>
+inline void rows_of(const T* xm, int64_t m0, const Matrix& a, int64_t n0, int64_t n1, Dot& dot) {
+  float* y = a.y + m0 * a.ldy;
+  float out[R];
+  for (int64_t n = n0; n < n1; ++n) {
+    dot(std::integral_constant<int, R>{}, xm, n, out);
+#pragma GCC unroll 16
+    for (int m = 0; m < R; ++m) y[m * a.ldy + n] = out[m];
+  }
+}
+
+// Rows [n0, n1) of matrix a for M activation rows of x (K apart): dot(rows, xm, n, out) writes
+// out[0..R) = the sums of output row n with activation rows xm[0..R), R = decltype(rows)::value
+// (1 to 4); they land at a.y[(m + i) * a.ldy + n].
+template <typename T, typename Dot>
+inline void few_rows(const T* x, int64_t M, int64_t K, const Matrix& a, int64_t n0, int64_t n1,
+                     Dot dot) {
+  for (int64_t m = 0; m < M; m += 4) {
+    const T* xm = x + m * K;
+    switch (std::min<int64_t>(4, M - m)) {
+      case 1: rows_of<1>(xm, m, a, n0, n1, dot); break;
+      case 2: rows_of<2>(xm, m, a, n0, n1, dot); break;
+      case 3: rows_of<3>(xm, m, a, n0, n1, dot); break;
+      default: rows_of<4>(xm, m, a, n0, n1, dot); break;
+    }
+  }
+}
+
+}  // namespace
+}  // namespace torchchat::cpu
