@@ -221,20 +221,26 @@ at::Tensor linear_int4_cpu(const at::Tensor& x, at::TensorList ws, at::TensorLis
 // rows: 14.1 -> 12.4 ms. Tiles of 128 and 512 rows ran about as fast as 256, of 64 slower.
 constexpr int64_t kTileRows = 256;
 
+// Rows of one tile for N output rows: each thread the same number of tiles of at most kTileRows
+// rows, a multiple of `align` (int4's 64-row blocks; 1 for row-major weights).
+int64_t tile_rows(int64_t N, int64_t align) {
+  const int64_t threads = at::get_num_threads();
+  auto up = [align](int64_t n) { return (n + align - 1) / align * align; };
+  const int64_t per_thread = up((N + threads - 1) / threads);
+  const int64_t tiles_each = (per_thread + kTileRows - 1) / kTileRows;
+  return up((per_thread + tiles_each - 1) / tiles_each);
+}
+
 // fill(n0, tn, buf, ld) writes rows n0..n0 + tn of W as bf16 into buf: transposed (K x ld,
 // k_major) or not (ld x K). The result (M, N) bf16, each column times scale[n] if scale is given
 // (the product rounded once more to bf16).
 template <typename Fill>
 at::Tensor bf16_gemm_tiles(const at::Tensor& xb, int64_t N, int64_t K, bool k_major,
                            const float* scale, Fill fill) {
-  const int64_t M = xb.size(0), threads = at::get_num_threads();
+  const int64_t M = xb.size(0), rows = tile_rows(N, 64);
   const bool wide = !(table->features & cpu::kBf16Gemm);
   const at::Tensor xg = wide ? xb.to(at::kFloat) : xb;
   auto y = at::empty({M, N}, xb.options());
-  auto up64 = [](int64_t n) { return (n + 63) / 64 * 64; };
-  const int64_t per_thread = up64((N + threads - 1) / threads);
-  const int64_t tiles_each = (per_thread + kTileRows - 1) / kTileRows;
-  const int64_t rows = up64((per_thread + tiles_each - 1) / tiles_each);
   at::parallel_for(0, (N + rows - 1) / rows, 1, [&](int64_t t0, int64_t t1) {
     auto buf = k_major ? at::empty({K, rows}, xb.options()) : at::empty({rows, K}, xb.options());
     for (int64_t t = t0; t < t1; ++t) {
@@ -306,12 +312,9 @@ at::Tensor gemm_wide_cpu(const at::Tensor& x, const at::Tensor& w) {
                   x.scalar_type() == w.scalar_type() &&
                   (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf),
               "torchchat::gemm_wide: x (M, K) and w (N, K) must be bf16 or fp16 of one dtype");
-  const int64_t M = x.size(0), N = w.size(0), threads = at::get_num_threads();
+  const int64_t M = x.size(0), N = w.size(0), rows = tile_rows(N, 1);
   const at::Tensor xf = x.detach().to(at::kFloat), wc = w.detach().contiguous();
   auto y = at::empty({M, N}, x.options());
-  const int64_t per_thread = (N + threads - 1) / threads;
-  const int64_t tiles_each = (per_thread + kTileRows - 1) / kTileRows;
-  const int64_t rows = std::max<int64_t>(1, (per_thread + tiles_each - 1) / tiles_each);
   at::parallel_for(0, (N + rows - 1) / rows, 1, [&](int64_t t0, int64_t t1) {
     c10::InferenceMode guard;  // worker threads do not inherit the caller's mode: y may be an
                                // inference tensor, written in place here
