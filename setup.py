@@ -1,7 +1,7 @@
 """Builds torchchat's CPU kernels at install time into torchchat/kernels/_C*.so: the torch-free
 core (torchchat/kernels/cpu: common/ without instruction-set flags, each instruction set's folder
 with its own, as cpu/isas.json says; never -march=native, so the library runs on any CPU of the
-architecture) and the torch custom ops over it (torchchat/kernels/ops.cpp, with OpenMP). An
+architecture) and the torch custom ops over it (torchchat/kernels/ops*.cpp, with OpenMP). An
 instruction set whose folder fails to compile is left out; if the whole build fails (no
 compiler), the install still succeeds and torchchat runs on torch's ops."""
 
@@ -65,7 +65,7 @@ setup(
     ext_modules=[
         CppExtension(
             "torchchat.kernels._C",
-            ["torchchat/kernels/ops.cpp"],
+            ["torchchat/kernels/ops.cpp", "torchchat/kernels/ops_ggml.cpp"],
             extra_compile_args=["-O3", "-fopenmp"],
             extra_link_args=["-fopenmp"],
         )

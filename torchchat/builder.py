@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -14,6 +15,7 @@ from torchchat import kernels
 from torchchat.checkpoint import Checkpoint, load_checkpoint
 from torchchat.errors import TorchchatError
 from torchchat.generate.speculative import Speculator
+from torchchat.kernels.ggml import TYPE_IDS
 from torchchat.model.config import ModelArgs, known_model_args, known_model_names
 from torchchat.model.transformer import Transformer
 from torchchat.options import (
@@ -23,8 +25,9 @@ from torchchat.options import (
     QuantizeOptions,
     SourceOptions,
 )
-from torchchat.quant.apply import adopt_gguf_codes, apply_schemes, quantize, structural
+from torchchat.quant.apply import apply_schemes, quantize, structural
 from torchchat.quant.config import Scheme, load_quantize_spec
+from torchchat.quant.gguf_blocks import type_name, use_gguf_blocks
 from torchchat.runtime.base import ModelRuntime
 from torchchat.runtime.eager import EagerRuntime
 from torchchat.tokenizer import Tokenizer, load_tokenizer
@@ -143,17 +146,21 @@ def build_transformer(
     device: str,
     saved_schemes: list[Scheme] = (),
     sharding: Sharding | None = None,
+    gguf_types: dict[str, int] | None = None,
 ) -> Transformer:
     """Instantiate on the meta device and adopt the checkpoint's tensors (no copy when possible).
 
     saved_schemes: the quantization the checkpoint was saved with (its modules are swapped in
     before loading, so the quantized tensors load as they are).
-    sharding (--tp): build only this rank's share; `sd` holds `sharding.state_dict` slices."""
+    sharding (--tp): build only this rank's share; `sd` holds `sharding.state_dict` slices.
+    gguf_types: weights that stay in a GGUF's blocks (name -> ggml type id)."""
     with torch.device("meta"):
         model = Transformer(args)
         if sharding is not None:
             sharding.shrink(model)
         apply_schemes(model, list(saved_schemes), empty=True)
+        if gguf_types:
+            use_gguf_blocks(model, gguf_types)
     sd = dict(sd)
     tied = args.tie_embeddings and model.output.weight is model.tok_embeddings.weight
     if tied and "tok_embeddings.weight" in sd:
@@ -172,7 +179,12 @@ def model_from_checkpoint(
     dtype/device. Returns the model, its checkpoint and the quantization it now carries."""
     src, quant = opts.source, opts.quantization
     schemes, dtype_name, device = recipe_settings(quant, opts.execution)
-    ckpt = load_checkpoint(src.checkpoint_path or src.gguf_path or _model_path(src.model))
+    # A GGUF's blocks run as they are, unless asked otherwise or something needs floats.
+    blocks = not (quant.gguf_dequantize or structural(schemes) or opts.distribution.tp > 1)
+    blocks = blocks and device == "cpu"
+    ckpt = load_checkpoint(
+        src.checkpoint_path or src.gguf_path or _model_path(src.model), gguf_blocks=blocks
+    )
     args = resolve_args(src, ckpt, verbose)
     saved = [Scheme(s["name"], s["args"]) for s in ckpt.extra.get("quantization", [])]
     if saved and structural(schemes):
@@ -190,8 +202,10 @@ def model_from_checkpoint(
     dtype = resolve_dtype(dtype_name, device, float_dtype)
     sharding = tensor_parallel_sharding(opts, args, device, schemes, saved)
     sd = ckpt.state_dict if sharding is None else sharding.state_dict(ckpt.state_dict)
-    if quant.gguf_packed:
-        return _packed_gguf_model(args, ckpt, schemes, dtype, device, verbose), ckpt, []
+    if ckpt.format == "gguf" and blocks:
+        types = gguf_block_types(ckpt)
+        log(f"GGUF: {len(types)} tensors run in the file's blocks ({_type_counts(types)})", verbose)
+        return build_transformer(args, sd, dtype, device, gguf_types=types), ckpt, []
     if not structural(schemes):
         return build_transformer(args, sd, dtype, device, saved, sharding), ckpt, saved
     calibration = None
@@ -281,7 +295,7 @@ def tensor_parallel_sharding(
     from torchchat.distributed.group import init_from_env
     from torchchat.distributed.sharding import Sharding, quantizes_linears
 
-    if saved or opts.quantization.gguf_packed:
+    if saved:
         raise TorchchatError(
             "--tp splits float weights: load a float checkpoint (--quantize then runs per rank)"
         )
@@ -328,22 +342,20 @@ def _model_path(model: str | None) -> Path:
     return path
 
 
-def _packed_gguf_model(args, ckpt, schemes, dtype, device, verbose) -> Transformer:
-    """--gguf-packed: Q4_0/Q8_0 linears keep the file's codes and run on the int4/int8 kernels."""
-    from torchchat.checkpoint.gguf import read_packed_linears
+def gguf_block_types(ckpt: Checkpoint) -> dict[str, int]:
+    """The weights of a GGUF loaded in blocks (uint8 views) -> their ggml type ids."""
+    names = ckpt.extra["gguf"].tensor_types
+    types = {}
+    for name, t in ckpt.state_dict.items():
+        if t.dtype == torch.uint8:
+            own = names.get(name) or names["tok_embeddings.weight"]  # a tied output: the table's
+            types[name] = TYPE_IDS[own]
+    return types
 
-    if ckpt.format != "gguf":
-        raise TorchchatError("--gguf-packed applies to GGUF files only")
-    if structural(schemes):
-        raise TorchchatError(
-            "--gguf-packed already quantizes: drop --quantize (or drop --gguf-packed)"
-        )
-    if device != "cpu":
-        raise TorchchatError("--gguf-packed runs on the CPU kernels: use --device cpu")
-    model = build_transformer(args, ckpt.state_dict, torch.float32, device)
-    n = adopt_gguf_codes(model, read_packed_linears(ckpt.path))
-    log(f"--gguf-packed: {n} Q4_0/Q8_0 linears run packed; other tensors dequantized", verbose)
-    return model.to(dtype=dtype)
+
+def _type_counts(types: dict[str, int]) -> str:
+    counts = Counter(type_name(t) for t in types.values())
+    return ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
 
 
 def find_tokenizer(opts: SourceOptions, ckpt: Checkpoint) -> Tokenizer:
@@ -423,7 +435,7 @@ def build_speculator(opts: ModelOptions, target: ModelRuntime, verbose: bool) ->
             checkpoint_path=spec.draft_checkpoint_path, tokenizer_path=src.tokenizer_path
         )
     execution = replace(opts.execution, compile_prefill=False)
-    quant = replace(opts.quantization, recipe=spec.draft_quantize, gguf_packed=False)
+    quant = replace(opts.quantization, recipe=spec.draft_quantize)
     draft_opts = ModelOptions(src, quant, execution)
     draft, _, _ = model_from_checkpoint(draft_opts, verbose)
     if draft.args.vocab_size != target.args.vocab_size:

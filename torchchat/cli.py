@@ -29,9 +29,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--checkpoint-path", type=Path)
     p.add_argument(
-        "--gguf-packed",
+        "--gguf-dequantize",
         action="store_true",
-        help="keep Q4_0/Q8_0 GGUF linears packed (int4/int8 kernels) instead of dequantizing",
+        help="dequantize a GGUF's blocks to floats at load (default: run them in their own "
+        "encoding on the CPU kernels)",
     )
     p.add_argument("--aoti-package-path", type=Path, help="run an exported AOT Inductor package")
     p.add_argument("--pte-path", type=Path, help="run an exported ExecuTorch program")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from torchchat.builder import model_from_checkpoint
@@ -19,11 +20,9 @@ def convert(opts: ModelOptions, output: Path, verbose: bool = False) -> Path:
     output = Path(output)
     if output.exists() and any(output.iterdir()):
         raise TorchchatError(f"output folder {output} is not empty; choose a new one")
-    if opts.quantization.gguf_packed:
-        raise TorchchatError(
-            "--gguf-packed models cannot be saved: convert without it, then --quantize"
-        )
-    model, ckpt, schemes = model_from_checkpoint(opts, verbose)
+    # model.pth holds floats or torchchat's own quantization: a GGUF's blocks are dequantized
+    dequantize = replace(opts.quantization, gguf_dequantize=True)
+    model, ckpt, schemes = model_from_checkpoint(replace(opts, quantization=dequantize), verbose)
     folder = ckpt.path if ckpt.path.is_dir() else ckpt.path.parent
     tok_src = tokenizer_file(opts.source.tokenizer_path or folder)
     with atomic_dir(output) as tmp:

@@ -48,7 +48,7 @@ class QuantizeOptions:
     """How the weights are quantized after loading."""
 
     recipe: str | None = None  # --quantize: JSON recipe, a file holding one, or a profile name
-    gguf_packed: bool = False  # run Q4_0/Q8_0 GGUF linears on int4/int8 kernels, not dequantized
+    gguf_dequantize: bool = False  # GGUF blocks -> fp32 at load (default: run them as they are)
     calibration_file: Path | None = None  # text for GPTQ calibration
     calibration_tasks: str | None = None  # ... and/or lm-eval tasks' documents (comma list)
     calibration_tasks_path: Path | None = None  # folder of local lm-eval task YAMLs

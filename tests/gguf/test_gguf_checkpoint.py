@@ -36,7 +36,13 @@ from torchchat.checkpoint.gguf_header import SUPPORTED_TYPES, validate_gguf
 from torchchat.errors import TorchchatError
 from torchchat.model.config import RopeScaling
 from torchchat.model.transformer import rope_frequencies
-from torchchat.options import ExecutionOptions, ModelOptions, SamplingOptions, SourceOptions
+from torchchat.options import (
+    ExecutionOptions,
+    ModelOptions,
+    QuantizeOptions,
+    SamplingOptions,
+    SourceOptions,
+)
 
 GREEDY = SamplingOptions(temperature=0)
 LLAMA2C_STORIES260K = llama2c_stories260k()
@@ -110,10 +116,12 @@ def test_dequantized_weights_and_greedy_tokens_equal_llama_cpps_f32(name):
         assert q.shape == t.shape and torch.equal(q.float(), t), key
 
     prompt = [1, 403, 407, 261, 378, 30, 290, 333]
-    runs = [
-        build_model(
+    runs = [  # --gguf-dequantize: ggml's float weights exactly (the blocks' own path quantizes
+        build_model(  # activations as ggml does: tests/gguf/test_llamacpp_logits.py)
             ModelOptions(
-                source=SourceOptions(gguf_path=c.path), execution=ExecutionOptions(dtype="fp32")
+                source=SourceOptions(gguf_path=c.path),
+                quantization=QuantizeOptions(gguf_dequantize=True),
+                execution=ExecutionOptions(dtype="fp32"),
             )
         )
         for c in (quant, ref)

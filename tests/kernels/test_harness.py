@@ -34,13 +34,13 @@ def load_build_script():
 @pytest.mark.parametrize("sanitize", [False, True], ids=["plain", "asan-ubsan"])
 def test_every_level_matches_the_scalar_reference(sanitize, tmp_path):
     """Each level this CPU runs (and, on a CPU with AVX512-BF16/VNNI, the AVX-512 table of CPUs
-    without them, "avx512_base"): all 13 kernels, 0 failures."""
+    without them, "avx512_base"): all 15 kernels, 0 failures."""
     binary = load_build_script().build(tmp_path / "harness", sanitize=sanitize)
     run = subprocess.run([str(binary)], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
     counts = dict(LINE.findall(run.stdout))
     assert len(counts) == len(run.stdout.splitlines()), run.stdout  # every line: 0 failures
-    assert set(counts.values()) == {"13"}, run.stdout  # every level has every kernel
+    assert set(counts.values()) == {"15"}, run.stdout  # every level has every kernel
     expected = {lv for lv in kernels.available_isas() if lv != "off"}
     if "avx512" in expected and "avx2" in expected:
         expected.add("avx512_base")
@@ -112,7 +112,7 @@ def test_neon_kernels_match_the_scalar_reference_under_qemu(aarch64_harness, san
     """-cpu max has every extension: "neon" is the I8MM + BF16 table, "neon_base" the one for
     CPUs with dotprod and fp16 only; every kernel of both against the reference."""
     counts = run_under_qemu(aarch64_harness, "max", sanitize)
-    assert counts == {"neon": "13", "neon_base": "13", "scalar": "13"}
+    assert counts == {"neon": "15", "neon_base": "15", "scalar": "15"}
 
 
 @pytest.mark.parametrize(

@@ -58,8 +58,6 @@ class BenchOptions:
     def __post_init__(self) -> None:
         if self.compare is not None and self.compare not in COMPARE_ENGINES:
             raise TorchchatError(f"--compare: unknown engine {self.compare!r} (known: llama.cpp)")
-        if self.compare and not self.shape:
-            raise TorchchatError("--compare llama.cpp needs --shape (random weights of a shape)")
 
 
 @dataclass
@@ -248,11 +246,19 @@ def run_bench(mopts: ModelOptions, opts: BenchOptions, label: str) -> BenchRepor
     threads = torch.get_num_threads()
     if opts.prompt_tokens < 1 or opts.new_tokens < 2 or opts.repeats < 1:
         raise TorchchatError("bench needs --prompt-tokens >= 1, --new-tokens >= 2, --repeats >= 1")
-    file_types = _compared_gguf_types(mopts, opts)
+    source = _source_gguf(mopts) if opts.compare else None
+    if opts.compare and not (opts.shape or source):
+        raise TorchchatError(
+            "--compare llama.cpp needs --shape (random weights of a shape) or a GGUF file"
+        )
+    file_types = [] if source else _compared_gguf_types(mopts, opts)
     versions = {"torch": torch.__version__, "torchchat CPU kernels": kernels.describe()}
     with tempfile.TemporaryDirectory(prefix="torchchat-bench-") as tmp:
         paths = {t: Path(tmp) / f"{opts.shape}-{t}.gguf" for t in file_types}
         runtime, setup = _build(mopts, opts, paths)
+        if source is not None:  # a GGUF file: llama.cpp runs the very same file
+            require_llama_cpp()
+            paths = {"same file": source}
         prompts = random_prompts(
             runtime.args.vocab_size, opts.prompt_tokens, 1 + opts.warmup + opts.repeats
         )
@@ -265,7 +271,8 @@ def run_bench(mopts: ModelOptions, opts: BenchOptions, label: str) -> BenchRepor
                 # Same threads for prefill and decode; n_batch = the prompt: one prefill batch.
                 workers.append(LlamaCppWorker(path, threads, opts.prompt_tokens + opts.new_tokens,
                                               opts.prompt_tokens))  # fmt: skip
-                results.append(BenchResult(f"{opts.shape} {file_type}", "llama.cpp", [], [], [],
+                name = path.name if source else f"{opts.shape} {file_type}"
+                results.append(BenchResult(name, "llama.cpp", [], [], [],
                                            gguf_weight_bytes(path), 0.0, workers[-1].setup_s))  # fmt: skip
             for i, prompt in enumerate(prompts[1:]):
                 # A B A B ...: drift in the machine's speed hits both engines alike.
@@ -288,6 +295,16 @@ def run_bench(mopts: ModelOptions, opts: BenchOptions, label: str) -> BenchRepor
     for r in results:
         r.probe_gbps = probe
     return BenchReport(results, threads, probe, versions)
+
+
+def _source_gguf(mopts: ModelOptions) -> Path | None:
+    """The model's file if it is a GGUF (llama.cpp then runs that file), else None."""
+    src = mopts.source
+    path = src.gguf_path or src.checkpoint_path or (Path(src.model) if src.model else None)
+    if path is None or not Path(path).is_file():
+        return None
+    with open(path, "rb") as f:
+        return Path(path) if f.read(4) == b"GGUF" else None
 
 
 def _compared_gguf_types(mopts: ModelOptions, opts: BenchOptions) -> list[str]:

@@ -6,6 +6,7 @@ dequantization (`gguf.quants.dequantize`, bit-identical to ggml's).
 from __future__ import annotations
 
 import math
+import mmap
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,8 +63,13 @@ class GGUFInfo:
     tensor_types: dict[str, str] = field(default_factory=dict)  # native name -> ggml type name
 
 
-def load_gguf(path: str | Path) -> tuple[ModelArgs, dict[str, torch.Tensor], GGUFInfo]:
-    """`llama.*` config and weights in native names (quantized types dequantized to fp32)."""
+def load_gguf(
+    path: str | Path, blocks: bool = False
+) -> tuple[ModelArgs, dict[str, torch.Tensor], GGUFInfo]:
+    """`llama.*` config and weights in native names. Quantized types are dequantized to fp32 as
+    ggml does; with `blocks`, the linears and the token table stay in the file's blocks instead:
+    uint8 (rows, bytes a row) views of the memory-mapped file, their ggml types in
+    GGUFInfo.tensor_types (see `BLOCK_TYPES`)."""
     path = Path(path)
     header = validate_gguf(path)
     meta = header.metadata
@@ -77,7 +83,13 @@ def load_gguf(path: str | Path) -> tuple[ModelArgs, dict[str, torch.Tensor], GGU
             if rope_freqs is not None:
                 factors = _read_bytes(f, rope_freqs).view(np.float32)
                 args.rope_scaling = _rope_scaling_from_freqs(path, rope_freqs, factors, args)
+            mapped = _map(f) if blocks else None
             for name, info in native.items():
+                if mapped is not None and _in_blocks(name, info):
+                    sd[name] = mapped[info.offset : info.offset + info.nbytes].view(
+                        info.shape[0], -1
+                    )
+                    continue
                 data = _read_bytes(f, info)
                 if name == "output.weight" and _same_data(f, data, info, native):
                     # Some converters (llama2.c's) write the shared embedding twice: keep one copy.
@@ -86,6 +98,9 @@ def load_gguf(path: str | Path) -> tuple[ModelArgs, dict[str, torch.Tensor], GGU
                 sd[name] = _to_tensor(data, info)
     except OSError as e:
         raise TorchchatError(f"cannot read {path}: {e.strerror or e}") from None
+    if "output.weight" in sd and _same_tensor(sd, "output.weight", "tok_embeddings.weight"):
+        args.tie_embeddings = True  # the same blocks twice: one table
+        del sd["output.weight"]
     if args.attention_bias:
         _zero_missing_biases(args, sd)
     if args.tie_embeddings and "tok_embeddings.weight" in sd:
@@ -93,6 +108,38 @@ def load_gguf(path: str | Path) -> tuple[ModelArgs, dict[str, torch.Tensor], GGU
     args.extra["source_format"] = "gguf"
     types = {name: info.ggml_type.name for name, info in native.items()}
     return args, sd, GGUFInfo(path, meta, types)
+
+
+# The ggml types that stay in blocks (torchchat's kernels run them), for the linears and the
+# token table; other tensors (norms, float weights) load as floats.
+BLOCK_TYPES = (_Q.Q4_0, _Q.Q4_1, _Q.Q5_0, _Q.Q5_1, _Q.Q8_0, _Q.Q2_K, _Q.Q3_K, _Q.Q4_K, _Q.Q5_K)
+BLOCK_TYPES += (_Q.Q6_K,)
+_BLOCK_TENSOR = re.compile(
+    r"(layers\.\d+\.(attention\.w[qkvo]|feed_forward\.w[123])|output|tok_embeddings)\.weight"
+)
+
+
+def _in_blocks(name: str, info: TensorInfo) -> bool:
+    return (
+        info.ggml_type in BLOCK_TYPES
+        and len(info.dims) == 2
+        and bool(_BLOCK_TENSOR.fullmatch(name))
+    )
+
+
+def _map(f: BinaryIO) -> torch.Tensor:
+    """The whole file as a uint8 tensor over a private mapping: pages are read when touched and
+    shared with the page cache, nothing is copied, and nothing written reaches the file."""
+    mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    return torch.frombuffer(mapped, dtype=torch.uint8)
+
+
+def _same_tensor(sd: dict[str, torch.Tensor], a: str, b: str) -> bool:
+    """Whether two block tensors are views of the same bytes or hold equal bytes."""
+    x, y = sd.get(a), sd.get(b)
+    if x is None or y is None or x.dtype != torch.uint8 or y.dtype != torch.uint8:
+        return False
+    return x.shape == y.shape and (x.data_ptr() == y.data_ptr() or torch.equal(x, y))
 
 
 def _same_data(
@@ -399,34 +446,3 @@ def _llama3_candidates(
             derived = (1 - s) / (1 / factors[i] - s)
             guesses += [(low, high, round(derived, 4)), (low, high, derived)]
     return guesses
-
-
-# Linears that `--gguf-packed` keeps as low-bit codes: ggml type -> (bytes per block of 32).
-PACKABLE = {_Q.Q4_0: 18, _Q.Q8_0: 34}
-_LINEAR = re.compile(r"(layers\.\d+\.(attention\.w[qkvo]|feed_forward\.w[123])|output)\.weight")
-
-
-def read_packed_linears(path: str | Path) -> dict[str, tuple[str, np.ndarray, np.ndarray]]:
-    """Q4_0/Q8_0 linear weights as they are stored: native name -> (type, codes, fp16 scales).
-
-    Q4_0: unsigned 4-bit codes (rows, cols), w = (code - 8) * scale.
-    Q8_0: signed 8-bit codes (rows, cols), w = code * scale. Scales are (rows, cols // 32).
-    """
-    path = Path(path)
-    header = validate_gguf(path)
-    native, _ = _native_names(path, header.tensors)
-    out = {}
-    with open(path, "rb") as f:
-        for name, info in native.items():
-            if info.ggml_type not in PACKABLE or not _LINEAR.fullmatch(name):
-                continue
-            rows, cols = info.shape
-            blocks = _read_bytes(f, info).reshape(rows, cols // 32, PACKABLE[info.ggml_type])
-            scales = blocks[..., :2].copy().view(np.float16)[..., 0]
-            qs = blocks[..., 2:]
-            if info.ggml_type == _Q.Q4_0:  # low nibbles are elements 0-15, high nibbles 16-31
-                codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1).reshape(rows, cols)
-            else:
-                codes = qs.view(np.int8).reshape(rows, cols)
-            out[name] = (info.ggml_type.name, codes, scales)
-    return out

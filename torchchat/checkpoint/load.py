@@ -26,19 +26,20 @@ class Checkpoint:
     extra: dict  # format-specific extras, e.g. "gguf": GGUFInfo (metadata with the vocabulary)
 
 
-def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Load any supported checkpoint (file or folder), deciding the format from the bytes."""
+def load_checkpoint(path: str | Path, gguf_blocks: bool = False) -> Checkpoint:
+    """Load any supported checkpoint (file or folder), deciding the format from the bytes.
+    gguf_blocks: a GGUF's linears and token table stay in its blocks (checkpoint.gguf)."""
     path = Path(path).expanduser()
     if not path.exists():
         raise TorchchatError(f"checkpoint not found: {path} (check --checkpoint-path)")
     if path.is_dir():
-        return _load_dir(path)
+        return _load_dir(path, gguf_blocks)
     with open(path, "rb") as f:
         head = f.read(16)
     if head[:4] == b"GGUF":
         from torchchat.checkpoint.gguf import load_gguf  # imports the gguf package only when needed
 
-        args, sd, info = load_gguf(path)
+        args, sd, info = load_gguf(path, blocks=gguf_blocks)
         return Checkpoint(sd, args, "gguf", path, {"gguf": info})
     if _is_safetensors(head, path):
         return _from_state_dict_file(path, _read_safetensors(path))
@@ -53,7 +54,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     )
 
 
-def _load_dir(path: Path) -> Checkpoint:
+def _load_dir(path: Path, gguf_blocks: bool) -> Checkpoint:
     consolidated = sorted(path.glob("consolidated.*.pth"))
     if consolidated and (path / "params.json").is_file():
         args, sd = meta.load_meta(consolidated, path / "params.json")
@@ -73,7 +74,7 @@ def _load_dir(path: Path) -> Checkpoint:
     pths = sorted(path.glob("*.pth")) + sorted(path.glob("*.pt")) + sorted(path.glob("*.bin"))
     pths += sorted(path.glob("*.gguf"))
     if len(pths) == 1:
-        return load_checkpoint(pths[0])
+        return load_checkpoint(pths[0], gguf_blocks)
     raise TorchchatError(
         f"{path}: folder holds no recognizable checkpoint "
         "(expected config.json + safetensors, params.json + consolidated.*.pth, or model.pth)"

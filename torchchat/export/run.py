@@ -47,6 +47,8 @@ def run_export(mopts: ModelOptions, eopts: ExportOptions, verbose: bool = False)
             "ExecuTorch programs are exported for the CPU (XNNPACK): use --device cpu"
         )
     t = _stage("loading the model")
+    # exported programs hold torch's ops only: a GGUF's blocks are dequantized
+    mopts = replace(mopts, quantization=replace(mopts.quantization, gguf_dequantize=True))
     model, ckpt, schemes = model_from_checkpoint(mopts, verbose)
     unsupported = [s.name for s in schemes if s.name not in ("linear:a8w4dq", "embedding")]
     if eopts.pte_path is not None and unsupported:

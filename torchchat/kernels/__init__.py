@@ -31,13 +31,16 @@ FEW_ROWS = 1  # float and int8 linears, attention, the fused decode step
 INT4 = 2  # int4 linears, bf16 GEMMs on int4/int8 tiles
 INT8_GEMM = 4  # 8da4w's integer prefill GEMM
 BF16_GEMM = 8  # bf16 dot products in hardware; without: prefill's bf16/fp16 GEMMs widened to fp32
+GGML = 16  # GGUF's block-quantized weights in place (torchchat.kernels.ggml)
 
 _enabled = True
 
 
-@torch.compiler.assume_constant_result  # torch.compile: call it, do not trace the loading
 def simd_level() -> int:
-    """Load the kernels (once); the selected level's feature bits, 0 if the kernels are off."""
+    """Load the kernels (once); the selected level's feature bits, 0 if the kernels are off.
+    (torch.compile traces it as a read of the chosen level: the runtimes call it before they
+    compile. Not marked with torch.compiler.assume_constant_result, which imports torch._dynamo:
+    ~1 s and ~70 MB of every process, compiled or not.)"""
     return library.current().bits
 
 
@@ -224,11 +227,13 @@ def int4_blocked_scales(scales_and_zeros: Tensor) -> Tensor:
 
 
 # decode_layers' kinds of weights (cpu/common/step.h's WeightKind)
-FLOAT_WEIGHTS, INT8_WEIGHTS, INT4_WEIGHTS, INT4_WEIGHTS_INT8_ACTIVATIONS = 0, 1, 2, 3
+FLOAT_WEIGHTS, INT8_WEIGHTS, INT4_WEIGHTS, INT4_WEIGHTS_INT8_ACTIVATIONS, GGML_WEIGHTS = range(5)
 
 
 def decode_layers_needs(kind: int) -> int:
-    """The level bit `decode_layers` needs for a kind of weights (int4 kinds: INT4)."""
+    """The level bit `decode_layers` needs for a kind of weights."""
+    if kind == GGML_WEIGHTS:
+        return GGML
     return INT4 if kind >= INT4_WEIGHTS else FEW_ROWS
 
 
@@ -246,18 +251,20 @@ def decode_layers(
     kind: int,
     groupsize: int,
     n_heads: int,
+    types: Sequence[int] = (),
 ) -> Tensor | None:
     """One token's embedding x (1, 1, dim) through all of a model's layers in one call, or None
     when the kernels are off: each layer's RMSNorm, q/k/v, RoPE, cache write at `pos`,
     attention, wo, residual, RMSNorm, w1/w3, SiLU gate, w2 and residual, rounded where the eager
     modules round. `weights` holds 7 a layer (wq, wk, wv, wo, w1, w3, w2), all of one `kind`,
-    `scales` theirs (none for float weights; int4's as `int4_blocked_scales` lays them out); the
-    caches are written in place."""
+    `scales` theirs (none for float weights and GGUF blocks; int4's as `int4_blocked_scales` lays
+    them out), `types` GGUF blocks' ggml type ids (one a weight); the caches are written in
+    place."""
     if _rows(x, decode_layers_needs(kind)) is None or torch.compiler.is_compiling():
         return None
     return torch.ops.torchchat.decode_layers(
         x, norms, eps, freqs, mask, pos, k_caches, v_caches, weights, scales, kind, groupsize,
-        n_heads,
+        n_heads, list(types),
     )  # fmt: skip
 
 

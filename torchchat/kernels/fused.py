@@ -25,6 +25,7 @@ class WeightKind(IntEnum):
     INT8 = kernels.INT8_WEIGHTS  # int8 codes, per-row or power-of-two group scales
     INT4 = kernels.INT4_WEIGHTS  # torch's CPU int4 pack layout, asymmetric groups
     INT4_INT8_ACTIVATIONS = kernels.INT4_WEIGHTS_INT8_ACTIVATIONS  # 8da4w
+    GGML = kernels.GGML_WEIGHTS  # a GGUF's blocks, each linear of its own ggml type
 
 
 @dataclass(frozen=True)
@@ -37,6 +38,7 @@ class FusedLinear:
     groupsize: int
     weight: Tensor
     scales: Tensor | None = None
+    ggml_type: int = 0  # GGML: the weight's own type (linears of a model may differ)
 
     @property
     def key(self) -> tuple:
@@ -59,6 +61,7 @@ class DecodePlan:
     def __post_init__(self) -> None:  # the kernel's argument lists, made once
         self.weights = [f.weight for f in self.linears]
         self.scales = [f.scales for f in self.linears if f.scales is not None]
+        self.types = [f.ggml_type for f in self.linears] if self.kind == WeightKind.GGML else []
 
     @property
     def kind(self) -> WeightKind:
@@ -77,7 +80,7 @@ def decode_step(
     are the model's RoPE table (fp32) and causal mask."""
     return kernels.decode_layers(
         x, plan.norms, plan.eps, freqs, mask, pos, plan.k_caches, plan.v_caches, plan.weights,
-        plan.scales, int(plan.kind), plan.linears[0].groupsize, plan.n_heads,
+        plan.scales, int(plan.kind), plan.linears[0].groupsize, plan.n_heads, plan.types,
     )  # fmt: skip
 
 

@@ -98,6 +98,7 @@ def describe_bits(bits: int) -> str:
     families = ["float/int8 decode"] + ["int4"] * bool(bits & 2)
     families += ["8da4w integer prefill"] * bool(bits & 4)
     families += ["bf16 prefill GEMMs" if bits & 8 else "prefill GEMMs widened to fp32"]
+    families += ["GGUF blocks"] * bool(bits & 16)
     return ", ".join(families)
 
 
@@ -151,5 +152,18 @@ def _register_fakes() -> None:
         return torch.empty_like(q, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("torchchat::decode_layers")
-    def _(x, norms, eps, freqs, mask, pos, k_caches, v_caches, w, scales, kind, group, n_heads):
+    def _(x, norms, eps, freqs, mask, pos, k_caches, v_caches, w, scales, kind, group, n_heads,
+          types=()):  # fmt: skip
         return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("torchchat::linear_ggml")
+    def _(x, w, types):
+        return x.new_empty(x.shape[0], sum(t.shape[0] for t in w))
+
+    @torch.library.register_fake("torchchat::gemm_ggml")
+    def _(x, w, type):
+        return x.new_empty(x.shape[0], w.shape[0])
+
+    @torch.library.register_fake("torchchat::ggml_rows")
+    def _(w, type, K, ids):
+        return w.new_empty(*ids.shape, K, dtype=torch.float32)

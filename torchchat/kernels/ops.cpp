@@ -6,33 +6,14 @@
 // Why our own kernels: torch 2.13's one-row matmuls (MKL/oneDNN GEMV for fp32/bf16, the int4
 // pack kernel) stream weights at 16-27 GB/s on the 2-core machine these were measured on, about
 // 40-60% of its read bandwidth and of what llama.cpp's kernels reach (docs/performance.md).
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "cpu/common/step.h"
+#include "cpu/common/ggml.h"
+#include "ops.h"
 
 namespace {
 
-namespace cpu = torchchat::cpu;
-using cpu::bf16_t;
-using cpu::kMaxRows;
-using cpu::Matrix;
-
-const cpu::Kernels* table = nullptr;  // set by select_isa; null: the ops refuse to run
-
-void parallel(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& f) {
-  at::parallel_for(0, n, grain, f);
-}
-
-// The table, if it has the feature bits `need`.
-const cpu::Kernels& kernels(const char* op, int64_t need) {
-  TORCH_CHECK(table != nullptr, op, ": no kernel level selected (torchchat.kernels.select_isa)");
-  TORCH_CHECK((table->features & need) == need, op, ": not among the ", table->name,
-              " kernels on this CPU (its feature bits ", table->features, ", needed ", need, ")");
-  return *table;
-}
+using namespace torchchat::ops;
 
 // Selects the table of `level`; returns its feature bits, or -1 if that level is not here.
 int64_t select_isa(std::string level) {
@@ -49,76 +30,6 @@ std::string isa_levels() {
 }
 
 int64_t simd_level() { return table == nullptr ? 0 : table->features; }
-
-template <typename T>
-const T* ptr(const at::Tensor& t) {
-  return reinterpret_cast<const T*>(t.const_data_ptr());
-}
-
-cpu::DType dtype_of(at::ScalarType st) {
-  switch (st) {
-    case at::kFloat: return cpu::DType::f32;
-    case at::kBFloat16: return cpu::DType::bf16;
-    case at::kHalf: return cpu::DType::f16;
-    default: TORCH_CHECK(false, "torchchat: unsupported dtype ", st);
-  }
-}
-
-void check_rows(const at::Tensor& x, int64_t K) {
-  TORCH_CHECK(x.dim() == 2 && x.size(0) <= kMaxRows, "torchchat: x must be (M <= ", kMaxRows,
-              ", K), got ", x.sizes());
-  TORCH_CHECK(x.size(1) <= K, "torchchat: x has ", x.size(1), " columns, weights ", K);
-}
-
-// The ops below convert their few activation rows and outputs with plain loops into scratch
-// vectors: a decode step calls them ~100 times, and each aten op spent on a cast, a pad or an
-// allocation costs about a microsecond of dispatch (0.3 ms a token on stories110M).
-
-// x (M, K) of any float dtype -> dst (M, Kpad) of type T, zero-padded.
-template <typename T>
-void rows_to(const at::Tensor& x, int64_t Kpad, std::vector<T>& dst) {
-  const int64_t M = x.size(0), K = x.size(1);
-  dst.assign(M * Kpad, T(0.0f));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rows_to", [&] {
-    const auto* src = x.data_ptr<scalar_t>();
-    const int64_t sm = x.stride(0), sk = x.stride(1);
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t k = 0; k < K; ++k) dst[m * Kpad + k] = T((float)src[m * sm + k * sk]);
-  });
-}
-
-// fp32 results (M, N) -> a new tensor of x's dtype.
-at::Tensor rows_from(const std::vector<float>& y, int64_t M, int64_t N, const at::Tensor& x) {
-  auto out = at::empty({M, N}, x.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "rows_from", [&] {
-    auto* dst = out.data_ptr<scalar_t>();
-    for (int64_t i = 0; i < M * N; ++i) dst[i] = scalar_t(y[i]);
-  });
-  return out;
-}
-
-int64_t total_rows(at::TensorList w) {
-  int64_t rows = 0;
-  for (const auto& t : w) rows += t.size(0);
-  return rows;
-}
-
-// The matrices of a grouped call, w[i] with scales s[i] (none for float weights); their fp32
-// results side by side in y, (M, all their rows).
-std::vector<Matrix> matrices(at::TensorList w, at::TensorList s, int64_t M,
-                             std::vector<float>& y) {
-  const int64_t rows = total_rows(w);
-  y.resize(M * rows);
-  std::vector<Matrix> mats;
-  int64_t off = 0;
-  for (size_t i = 0; i < w.size(); ++i) {
-    const int64_t N = w[i].size(0);
-    mats.push_back({w[i].data_ptr(), w[i].stride(0), s.empty() ? nullptr : s[i].data_ptr(), N,
-                    y.data() + off, rows});
-    off += N;
-  }
-  return mats;
-}
 
 // A grouped call's lists: one or more weights, and as many scales tensors where the op takes them.
 void check_group(const char* op, at::TensorList w, at::TensorList s, bool scaled) {
@@ -209,26 +120,6 @@ at::Tensor linear_int4_cpu(const at::Tensor& x, at::TensorList ws, at::TensorLis
   const auto mats = matrices(ws, sz, M, y);
   cpu::linear_int4(kt, parallel, xb.data(), M, Kw, group, mats);
   return rows_from(y, M, total_rows(ws), x);
-}
-
-// Prefill's many rows (int4 and int8 weights): x (M, K) bf16 @ W.T as bf16 GEMMs (oneDNN,
-// AVX512-BF16; on levels without bf16 dot products, kBf16Gemm, each tile and x widened to fp32
-// first) on tiles of W turned into bf16 just before -- up to kTileRows output rows at a
-// time, each thread its own tiles (as many for each), so a tile goes from the conversion into
-// the GEMM through the caches rather than through memory, and no matrix-sized buffer is
-// allocated per call. Here (int4, 2 threads, 64 rows) that took tinyllama-1.1b's w1 from 2.8 to
-// 2.1 ms and w2 (K = 5632) from 3.8 to 2.05 ms next to dequantizing the whole matrix first; 512
-// rows: 14.1 -> 12.4 ms. Tiles of 128 and 512 rows ran about as fast as 256, of 64 slower.
-constexpr int64_t kTileRows = 256;
-
-// Rows of one tile for N output rows: each thread the same number of tiles of at most kTileRows
-// rows, a multiple of `align` (int4's 64-row blocks; 1 for row-major weights).
-int64_t tile_rows(int64_t N, int64_t align) {
-  const int64_t threads = at::get_num_threads();
-  auto up = [align](int64_t n) { return (n + align - 1) / align * align; };
-  const int64_t per_thread = up((N + threads - 1) / threads);
-  const int64_t tiles_each = (per_thread + kTileRows - 1) / kTileRows;
-  return up((per_thread + tiles_each - 1) / tiles_each);
 }
 
 // fill(n0, tn, buf, ld) writes rows n0..n0 + tn of W as bf16 into buf: transposed (K x ld,
@@ -424,22 +315,23 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Ten
 // One token through L layers (cpu::decode_step): x (1, 1, D), the token's embedding; norms 2L
 // weights (attention, feed-forward) of x's dtype; freqs (len, Dh/2, 2) fp32; mask (len, len)
 // bool; pos (1,) int64; caches (1, KVH, len, Dh) of x's dtype, written at pos; w 7 weights a
-// layer (wq, wk, wv, wo, w1, w3, w2) of one kind, s their scales (none for float weights; int4's
-// blocked, see int4_scale_offset).
+// layer (wq, wk, wv, wo, w1, w3, w2) of one kind, s their scales (none for float weights and
+// GGUF blocks; int4's blocked, see int4_scale_offset); types: GGUF blocks' ggml type, one a weight.
 at::Tensor decode_layers_cpu(const at::Tensor& x, at::TensorList norms, double eps,
                              const at::Tensor& freqs, const at::Tensor& mask,
                              const at::Tensor& pos, at::TensorList kc, at::TensorList vc,
                              at::TensorList w, at::TensorList s, int64_t kind, int64_t group,
-                             int64_t n_heads) {
+                             int64_t n_heads, at::IntArrayRef types) {
   const char* op = "torchchat::decode_layers";
-  TORCH_CHECK(kind >= cpu::kFloatW && kind <= cpu::kInt4DynW, op, ": unknown weight kind ", kind);
-  const auto& kt = kernels(op, kind >= cpu::kInt4W ? cpu::kBf16 : cpu::kFewRows);
-  const int64_t L = kc.size();
+  TORCH_CHECK(kind >= cpu::kFloatW && kind <= cpu::kGgmlW, op, ": unknown weight kind ", kind);
+  const bool int4 = kind == cpu::kInt4W || kind == cpu::kInt4DynW, ggml = kind == cpu::kGgmlW;
+  const auto& kt = kernels(op, int4 ? cpu::kBf16 : ggml ? cpu::kGgml : cpu::kFewRows);
+  const int64_t L = kc.size(), n_scales = kind == cpu::kFloatW || ggml ? 0 : 7 * L;
   TORCH_CHECK(L > 0 && (int64_t)vc.size() == L && (int64_t)norms.size() == 2 * L &&
-                  (int64_t)w.size() == 7 * L &&
-                  (int64_t)s.size() == (kind == cpu::kFloatW ? 0 : 7 * L),
+                  (int64_t)w.size() == 7 * L && (int64_t)s.size() == n_scales &&
+                  (int64_t)types.size() == (ggml ? 7 * L : 0),
               op, ": ", L, " layers need ", L, " v caches, ", 2 * L, " norms, ", 7 * L,
-              " weights and ", kind == cpu::kFloatW ? 0 : 7 * L, " scales tensors");
+              " weights, ", n_scales, " scales tensors and ", ggml ? 7 * L : 0, " types");
   const auto dt = x.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, op,
               ": unsupported dtype ", dt);
@@ -468,7 +360,7 @@ at::Tensor decode_layers_cpu(const at::Tensor& x, at::TensorList norms, double e
                   mask.size(1) == len && mask.stride(1) == 1,
               op, ": mask must be bool (", len, ", ", len, ")");
   const int64_t Nq = n_heads * Dh, Nkv = KVH * Dh, F = w[4].size(0);
-  const bool bf16_scales = kind != cpu::kFloatW && s[0].scalar_type() == at::kBFloat16;
+  const bool bf16_scales = n_scales && s[0].scalar_type() == at::kBFloat16;
   // Each weight's shape (out N, in K0) and kind; returns the columns its kernel reads.
   auto check = [&](int64_t i, int64_t N, int64_t K0) -> int64_t {
     const auto& m = w[i];
@@ -476,6 +368,16 @@ at::Tensor decode_layers_cpu(const at::Tensor& x, at::TensorList norms, double e
       TORCH_CHECK(m.dim() == 2 && m.scalar_type() == dt && m.stride(1) == 1 && m.size(0) == N &&
                       m.size(1) == K0,
                   op, ": weight ", i, " must be (", N, ", ", K0, ") of x's dtype, got ", m.sizes());
+      return K0;
+    }
+    if (ggml) {
+      const cpu::GgmlLayout* l = cpu::ggml_layout((int32_t)types[i]);
+      TORCH_CHECK(l != nullptr && K0 % l->block == 0, op, ": weight ", i, ": ggml type ",
+                  types[i], " does not run on ", K0, " columns");
+      const int64_t bytes = cpu::ggml_row_bytes((int32_t)types[i], K0);
+      TORCH_CHECK(m.dim() == 2 && m.scalar_type() == at::kByte && m.stride(1) == 1 &&
+                      m.size(0) == N && m.size(1) == bytes,
+                  op, ": weight ", i, " must be uint8 (", N, ", ", bytes, "), got ", m.sizes());
       return K0;
     }
     if (kind == cpu::kInt8W) {
@@ -500,9 +402,8 @@ at::Tensor decode_layers_cpu(const at::Tensor& x, at::TensorList norms, double e
   for (int64_t l = 0; l < L; ++l) {
     const int64_t b = 7 * l;
     auto mat = [&](int64_t i, int64_t N, float* y, int64_t ldy) {
-      return Matrix{w[i].data_ptr(), w[i].stride(0),
-                    kind == cpu::kFloatW ? nullptr : s[i].data_ptr(), N, y, ldy,
-                    kind >= cpu::kInt4W};
+      return Matrix{w[i].data_ptr(), w[i].stride(0), n_scales ? s[i].data_ptr() : nullptr,
+                    N, y, ldy, int4, ggml ? (int32_t)types[i] : 0};
     };
     const int64_t Kq = check(b, Nq, D);
     TORCH_CHECK(check(b + 1, Nkv, D) == Kq && check(b + 2, Nkv, D) == Kq, op,
@@ -518,7 +419,7 @@ at::Tensor decode_layers_cpu(const at::Tensor& x, at::TensorList norms, double e
     proj.push_back({{mat(b + 4, F, g.data(), 2 * F), mat(b + 5, F, g.data() + F, 2 * F)}, K1});
     proj.push_back({{mat(b + 6, D, y2.data(), D)}, K2});
   }
-  const bool bf16_out = kind >= cpu::kInt4W && dt == at::kFloat;
+  const bool bf16_out = int4 && dt == at::kFloat;
   const cpu::StepArgs a{L, D, n_heads, KVH, Dh, F, len, p, kind, group, bf16_scales, bf16_out,
                         (float)eps};
   std::vector<const void*> norm_ptrs;
@@ -558,7 +459,7 @@ TORCH_LIBRARY(torchchat, m) {
   m.def(
       "decode_layers(Tensor x, Tensor[] norms, float eps, Tensor freqs, Tensor mask, Tensor pos, "
       "Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor[] w, Tensor[] scales, int kind, "
-      "int group, int n_heads) -> Tensor");
+      "int group, int n_heads, int[] types=[]) -> Tensor");
   m.def("gemm_int4(Tensor x, Tensor w, Tensor scales_and_zeros, int group) -> Tensor");
   m.def("gemm_int8(Tensor x, Tensor w, Tensor scales) -> Tensor");
   m.def("gemm_wide(Tensor x, Tensor w) -> Tensor");

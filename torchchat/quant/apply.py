@@ -89,26 +89,3 @@ def structural(schemes: list[Scheme]) -> list[Scheme]:
 def quantize(model: Transformer, schemes: list[Scheme], calibration=None) -> Transformer:
     """Quantize a loaded float model (calibration: token batches, for GPTQ)."""
     return apply_schemes(model, structural(schemes), calibration=calibration)
-
-
-@torch.no_grad()
-def adopt_gguf_codes(model: Transformer, packed: dict) -> int:
-    """Swap in low-bit linears built from a GGUF's own Q4_0/Q8_0 codes (no requantization).
-    Returns how many linears now run packed."""
-    for name, (kind, codes, scales) in packed.items():
-        module_name = name.removesuffix(".weight")
-        parent_name, _, child = module_name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        old = getattr(parent, child)
-        codes_t, scales_t = (
-            torch.from_numpy(codes).to(old.weight.device),
-            torch.from_numpy(scales).float(),
-        )
-        if kind == "Q4_0":
-            new = Int4Linear.from_codes(
-                codes_t, scales_t, torch.zeros_like(scales_t), old.in_features, 32, old.bias
-            )
-        else:
-            new = Int8Linear.from_codes(codes_t, scales_t, 32, old.bias)
-        setattr(parent, child, new)
-    return len(packed)

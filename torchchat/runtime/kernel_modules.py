@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from torchchat import kernels
+from torchchat.kernels import ggml
 from torchchat.kernels.fused import DecodePlan, FusedLinear, WeightKind
 from torchchat.model.transformer import (
     Attention,
@@ -28,6 +29,7 @@ from torchchat.model.transformer import (
     Transformer,
     TransformerBlock,
 )
+from torchchat.quant.gguf_blocks import GGUFEmbedding, GGUFLinear
 from torchchat.quant.linear import Int4Linear, Int8Linear, kernel_dtype
 from torchchat.quant.primitives import quantize_activations_per_token
 
@@ -162,6 +164,36 @@ class KernelInt4Linear(Int4Linear):
         return FusedLinear(kind, self.groupsize, self.weight, kernels.int4_blocked_scales(sz))
 
 
+class KernelGGUFLinear(GGUFLinear):
+    """A GGUF's blocks as they are: decode's few rows on torchchat's integer dot products (x
+    quantized per block as ggml does), prefill as fp32 GEMMs on tiles dequantized just before."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        ys = ggml.linears(x, [self.weight], [self.ggml_type])
+        y = ys[0] if ys is not None else ggml.gemm(x, self.weight, self.ggml_type)
+        return super().forward(x) if y is None else _finish(y, self)
+
+    @staticmethod
+    def forward_many(x: Tensor, linears: Sequence[KernelGGUFLinear]) -> list[Tensor] | None:
+        """Several on the same x in one kernel call (types may differ), or None."""
+        ys = ggml.linears(x, [m.weight for m in linears], [m.ggml_type for m in linears])
+        return None if ys is None else [_finish(y, m) for y, m in zip(ys, linears, strict=True)]
+
+    def fused(self, dtype: torch.dtype, may_pad: bool = False) -> FusedLinear | None:
+        """No bias."""
+        if self.bias is not None:
+            return None
+        return FusedLinear(WeightKind.GGML, 0, self.weight, ggml_type=self.ggml_type)
+
+
+class KernelGGUFEmbedding(GGUFEmbedding):
+    """The looked-up rows dequantized by torchchat's kernels."""
+
+    def rows(self, ids: Tensor) -> Tensor:
+        y = ggml.rows(self.weight, self.ggml_type, self.dim, ids)
+        return super().rows(ids) if y is None else y
+
+
 def _bf16_exactly(t: Tensor) -> Tensor | None:
     """t as bf16 if that changes no value (int4 scales, made in bf16, cast to an fp32 model's
     dtype with it), else None."""
@@ -207,6 +239,8 @@ SWAPS: dict[type, type] = {
     nn.Linear: KernelLinear,
     Int8Linear: KernelInt8Linear,
     Int4Linear: KernelInt4Linear,
+    GGUFLinear: KernelGGUFLinear,
+    GGUFEmbedding: KernelGGUFEmbedding,
     Attention: KernelAttention,
     FeedForward: KernelFeedForward,
 }

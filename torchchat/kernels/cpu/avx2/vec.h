@@ -9,6 +9,7 @@
 #include <immintrin.h>
 
 #include <cstring>
+#include <type_traits>
 
 #include "../common/rows.h"
 
@@ -73,6 +74,31 @@ inline void store_bf16x16(bf16_t* dst, __m256 a, __m256 b) {
   _mm256_storeu_si256((__m256i*)dst, _mm256_permute4x64_epi64(p, 0xD8));
 }
 
+// The fp16 number stored at p (any alignment) as fp32, exactly (F16C; kernels.h's fp16_t is
+// kept out of this folder, see above).
+inline float half_at(const void* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
+
+// f(std::integral_constant<int, R>{}) with R = M (1 to kMaxRows): a kernel keeps the
+// accumulators of all M activation rows in registers, and reads each weight once for all of them.
+template <typename F>
+inline void with_rows(int64_t M, F f) {
+  switch (M) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    case 6: return f(std::integral_constant<int, 6>{});
+    case 7: return f(std::integral_constant<int, 7>{});
+    default: return f(std::integral_constant<int, 8>{});
+  }
+}
+static_assert(kMaxRows == 8, "with_rows covers 1 to kMaxRows");
+
 // 8 weights or activations as fp32: at(p) reads 8, part(p, n) reads n < 8 and zeros the rest
 // (the 16-bit types through a zeroed copy: AVX2 has no 16-bit masked load).
 template <typename T>
@@ -130,5 +156,14 @@ void quantize_rows_8da4w(const float* x, int64_t Kx, int64_t K, uint8_t* u, floa
 void gemm_8da4w(const uint8_t* u, int64_t M, int64_t K, const float* sa, const float* za,
                 const uint8_t* w, const bf16_t* sz, int64_t N, int64_t group, float* y,
                 int64_t b0, int64_t b1, const Buffers8da4w& buf);
+// GGUF blocks (ggml.cpp: blocks of 32 and the table's entries; ggml_k.cpp: the K-quants).
+void linear_ggml(const void* xq, int64_t xld, int64_t M, int64_t K, const Matrix& a, int64_t n0,
+                 int64_t n1);
+void ggml_dequantize(int32_t type, const void* w, int64_t ld, int64_t K, int64_t r0, int64_t r1,
+                     float* out);
+void linear_ggml_k(const uint8_t* xq, int64_t xld, int64_t M, int64_t K, const Matrix& a,
+                   int64_t n0, int64_t n1);
+void dequantize_ggml_k(int32_t type, const uint8_t* w, int64_t ld, int64_t K, int64_t r0,
+                       int64_t r1, float* out);
 
 }  // namespace torchchat::cpu::avx2

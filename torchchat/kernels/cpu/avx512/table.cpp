@@ -1,12 +1,25 @@
 // The AVX-512 tables: F/BW/VL/DQ kernels, with AVX512-BF16's and VNNI/VBMI's where the CPU has
 // them (dispatch.cpp checks the features before calling this). A CPU without those (Skylake-SP,
 // Cascade Lake without BF16) takes the int4 and 8da4w entries from `fill` (the AVX2 table), so
-// every AVX-512 table has every feature bit when AVX2's is built. One table per combination,
-// so a caller can also ask for the base one on a CPU with more (the test harness does).
+// every AVX-512 table has every feature bit when AVX2's is built; the GGUF block entries come
+// from there too, but for the VNNI tables' linear_ggml of the types ggml_vnni.cpp and
+// ggml_k_vnni.cpp run. One table per combination, so a caller can also ask for the base one on a
+// CPU with more (the test harness does).
+#include "../common/ggml.h"
 #include "vec.h"
 
 namespace torchchat::cpu::avx512 {
 namespace {
+
+// The GGUF types the VNNI files do not run go to the fill table's linear_ggml (AVX2's), recorded
+// here by make_table: every table is built once, from the same fill.
+void (*ggml_others)(const void* xq, int64_t xld, int64_t M, int64_t K, const Matrix& a,
+                    int64_t n0, int64_t n1) = ggml_linear_ref;
+
+void linear_ggml_vnni_or_fill(const void* xq, int64_t xld, int64_t M, int64_t K, const Matrix& a,
+                              int64_t n0, int64_t n1) {
+  if (!linear_ggml_vnni(xq, xld, M, K, a, n0, n1)) ggml_others(xq, xld, M, K, a, n0, n1);
+}
 
 Kernels make_table(bool bf16, bool vnni, const Kernels* fill) {
   Kernels t{};
@@ -20,6 +33,14 @@ Kernels make_table(bool bf16, bool vnni, const Kernels* fill) {
   t.attend_f32 = attend_f32;
   t.attend_bf16 = attend_bf16;
   t.attend_f16 = attend_f16;
+  t.features |= kGgml;  // GGUF blocks: AVX2's kernels when that table is built, else the reference
+  t.linear_ggml = fill != nullptr && (fill->features & kGgml) ? fill->linear_ggml : ggml_linear_ref;
+  t.ggml_dequantize =
+      fill != nullptr && (fill->features & kGgml) ? fill->ggml_dequantize : ggml_dequantize_ref;
+  if (vnni) {
+    ggml_others = t.linear_ggml;
+    t.linear_ggml = linear_ggml_vnni_or_fill;
+  }
   if (bf16) {
     t.features |= kBf16 | kBf16Gemm;
     t.linear_int4 = linear_int4;

@@ -53,6 +53,8 @@ void project_row(const Kernels& kt, ParallelFor pf, const StepArgs& a, const Pro
     std::vector<T> xt(x, x + K0);  // T from float: exact (values are already T's)
     linear_float(kt, pf, std::is_same_v<T, bf16_t> ? DType::bf16 : DType::f16, xt.data(), 1, K0,
                  p.mats);
+  } else if (a.kind == kGgmlW) {
+    linear_ggml(kt, pf, x, 1, K0, p.mats);
   } else if (a.kind == kInt8W) {
     sc.xf.assign(p.K, 0.0f);
     std::copy(x, x + K0, sc.xf.begin());

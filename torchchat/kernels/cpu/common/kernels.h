@@ -87,6 +87,7 @@ struct Matrix {
   float* y;       // fp32 results: y[m * ldy + n] for activation row m, output row n
   int64_t ldy;
   bool blocked = false;  // int4: (scale, zero) pairs by 64-row block (int4_scale_offset)
+  int32_t type = 0;      // GGUF blocks: the ggml type of w (ggml.h), rows `ld` bytes apart
 };
 
 // Where group g's (scale, zero) pair of the rows from n0 (a block of bs rows) starts: torch's
@@ -107,6 +108,7 @@ constexpr int64_t kInt8Gemm = 4;    // 8da4w's integer prefill GEMM
 // bf16; without them torch's bf16 GEMM widens its operands in its inner loop, and the ops widen
 // each tile to fp32 once instead (the same products, exact in fp32, summed in fp32 either way).
 constexpr int64_t kBf16Gemm = 8;
+constexpr int64_t kGgml = 16;  // GGUF's block-quantized weights in place (ggml.h)
 
 // Per-thread buffers of gemm_8da4w, 64-byte aligned: wbuf K * 64 bytes, f M * 64 and
 // sbuf (K / group) * 64 floats.
@@ -120,7 +122,7 @@ struct Buffers8da4w {
 // [b0, b1)) of one matrix for M <= kMaxRows activation rows, x rows K apart.
 struct Kernels {
   const char* name;  // "avx512", "scalar", ...
-  int64_t features;  // kFewRows | kBf16 | kInt8Gemm | kBf16Gemm
+  int64_t features;  // kFewRows | kBf16 | kInt8Gemm | kBf16Gemm | kGgml
   void (*linear_f32)(const float* x, int64_t M, int64_t K, const Matrix& a, int64_t n0,
                      int64_t n1);
   void (*linear_bf16)(const bf16_t* x, int64_t M, int64_t K, const Matrix& a, int64_t n0,
@@ -159,6 +161,15 @@ struct Kernels {
   void (*gemm_8da4w)(const uint8_t* u, int64_t M, int64_t K, const float* sa, const float* za,
                      const uint8_t* w, const bf16_t* sz, int64_t N, int64_t group, float* y,
                      int64_t b0, int64_t b1, const Buffers8da4w& buf);
+  // GGUF blocks (ggml.h). Rows [n0, n1) of a (ggml type a.type, rows a.ld bytes apart) against
+  // M activation rows quantized to the type's activation blocks (ggml_quantize_row), xq rows
+  // xld bytes apart; K a multiple of the type's block.
+  void (*linear_ggml)(const void* xq, int64_t xld, int64_t M, int64_t K, const Matrix& a,
+                      int64_t n0, int64_t n1);
+  // Rows [r0, r1) of K values of a `type` matrix (rows ld bytes apart) to fp32, row r at
+  // out + (r - r0) * K, bit-equal to ggml's dequantize_row_*.
+  void (*ggml_dequantize)(int32_t type, const void* w, int64_t ld, int64_t K, int64_t r0,
+                          int64_t r1, float* out);
 };
 
 // The scalar reference kernels (reference.cpp): every entry, every feature bit.

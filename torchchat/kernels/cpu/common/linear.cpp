@@ -5,6 +5,7 @@
 // calls (call, thread wake-up and conversions are paid once).
 #include <algorithm>
 
+#include "ggml.h"
 #include "step.h"
 
 namespace torchchat::cpu {
@@ -60,6 +61,33 @@ void linear_int4(const Kernels& kt, ParallelFor pf, const bf16_t* x, int64_t M, 
   const float* xs = xsum.data();
   for_units(pf, mats, 64, 1, [&](const Matrix& a, int64_t b0, int64_t b1) {
     kt.linear_int4(x, xs, M, K, group, a, b0, b1);
+  });
+}
+
+void linear_ggml(const Kernels& kt, ParallelFor pf, const float* x, int64_t M, int64_t K,
+                 const std::vector<Matrix>& mats) {
+  struct Quantized {  // x as one activation type's blocks
+    int32_t type;
+    int64_t ld;
+    std::vector<uint8_t> rows;
+  };
+  std::vector<Quantized> qs;  // one per activation type the matrices take (a Q4_K_M layer: 2)
+  qs.reserve(mats.size());   // so that `of` may point into it
+  std::vector<const Quantized*> of;
+  for (const auto& a : mats) {
+    const int32_t act = ggml_layout(a.type)->act;
+    auto it = std::find_if(qs.begin(), qs.end(), [&](const Quantized& q) { return q.type == act; });
+    if (it == qs.end()) {
+      const int64_t ld = ggml_row_bytes(act, K);
+      qs.push_back({act, ld, std::vector<uint8_t>(M * ld)});
+      it = qs.end() - 1;
+      for (int64_t m = 0; m < M; ++m) ggml_quantize_row(act, x + m * K, K, it->rows.data() + m * ld);
+    }
+    of.push_back(&*it);
+  }
+  for_units(pf, mats, 1, 16, [&](const Matrix& a, int64_t n0, int64_t n1) {
+    const Quantized& q = *of[&a - mats.data()];
+    kt.linear_ggml(q.rows.data(), q.ld, M, K, a, n0, n1);
   });
 }
 

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <limits>
 
+#include "ggml.h"
 #include "kernels.h"
 
 namespace torchchat::cpu {
@@ -169,7 +170,7 @@ const Kernels& scalar_kernels() {
   static const Kernels table = [] {
     Kernels t{};
     t.name = "scalar";
-    t.features = kFewRows | kBf16 | kInt8Gemm;
+    t.features = kFewRows | kBf16 | kInt8Gemm | kGgml;
     t.linear_f32 = float_rows<float>;
     t.linear_bf16 = float_rows<bf16_t>;
     t.linear_f16 = float_rows<fp16_t>;
@@ -183,6 +184,8 @@ const Kernels& scalar_kernels() {
     t.int8_to_bf16 = int8_to_bf16;
     t.quantize_rows_8da4w = quantize_rows_8da4w;
     t.gemm_8da4w = gemm_8da4w;
+    t.linear_ggml = ggml_linear_ref;  // ggml_ref.cpp
+    t.ggml_dequantize = ggml_dequantize_ref;
     return t;
   }();
   return table;

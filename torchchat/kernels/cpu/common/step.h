@@ -18,9 +18,13 @@ void linear_int8(const Kernels& kt, ParallelFor pf, bool bf16_scales, const floa
 // int4 weights in torch's CPU pack layout; x bf16 (M, K), K a multiple of group.
 void linear_int4(const Kernels& kt, ParallelFor pf, const bf16_t* x, int64_t M, int64_t K,
                  int64_t group, const std::vector<Matrix>& mats);
+// GGUF blocks (ggml.h), each matrix of its own type (Matrix::type); x fp32 (M, K), quantized
+// here once to each activation type the matrices take.
+void linear_ggml(const Kernels& kt, ParallelFor pf, const float* x, int64_t M, int64_t K,
+                 const std::vector<Matrix>& mats);
 
 // torchchat::decode_layers: the kinds of weights a step runs on, its projections and shapes.
-enum WeightKind : int64_t { kFloatW = 0, kInt8W = 1, kInt4W = 2, kInt4DynW = 3 };
+enum WeightKind : int64_t { kFloatW = 0, kInt8W = 1, kInt4W = 2, kInt4DynW = 3, kGgmlW = 4 };
 
 // One grouped projection of a layer: matrices of one kind that multiply the same activations.
 struct Projection {

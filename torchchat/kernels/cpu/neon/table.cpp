@@ -2,6 +2,7 @@
 // with FEAT_I8MM's GEMM and FEAT_BF16's dot products where the CPU has them (dispatch.cpp checks
 // the features before calling this). One table per combination, so a caller can also ask for
 // the base kernels on a CPU with more (the test harness does, to test both).
+#include "../common/ggml.h"
 #include "vec.h"
 
 namespace torchchat::cpu::neon {
@@ -10,7 +11,7 @@ namespace {
 Kernels make_table(bool i8mm, bool bf16) {
   Kernels t{};
   t.name = "neon";
-  t.features = kFewRows | kBf16 | kInt8Gemm | (bf16 ? kBf16Gemm : 0);
+  t.features = kFewRows | kBf16 | kInt8Gemm | kGgml | (bf16 ? kBf16Gemm : 0);
   t.linear_f32 = linear_f32;
   t.linear_bf16 = bf16 ? linear_bf16_dp : linear_bf16;
   t.linear_f16 = linear_f16;
@@ -24,6 +25,8 @@ Kernels make_table(bool i8mm, bool bf16) {
   t.int8_to_bf16 = int8_to_bf16;
   t.quantize_rows_8da4w = quantize_rows_8da4w;
   t.gemm_8da4w = i8mm ? gemm_8da4w_mmla : gemm_8da4w;
+  t.linear_ggml = ggml_linear_ref;  // GGUF blocks: the scalar reference until NEON kernels
+  t.ggml_dequantize = ggml_dequantize_ref;
   return t;
 }
 

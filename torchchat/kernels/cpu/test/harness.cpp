@@ -17,13 +17,19 @@
 //   int4_dequantize_block_t           one bf16 ulp (an FMA against a multiply and an add)
 //   int8_to_bf16, quantize_rows_8da4w bit-exact (same arithmetic)
 //   gemm_8da4w                        |got - ref| <= 1e-5 * s_a (sum |s_w u w| + |128 + z_a| |R|)
+//   ggml_dequantize                   exact (and the reference bit-equal to ggml: tests/gguf)
+//   linear_ggml                       |got - ref| <= 2e-5 * sum_k |w_k x_k| (w, x dequantized), and
+//                                     the reference within 1e-5 of that of the exact float64 sum
+//                                     (plus Q4_1/Q5_1's fp16 s term: ggml_ref.cpp)
 #include <cmath>
+#include <cstddef>
 #include <cstdio>
 #include <cstdlib>
 #include <random>
 #include <string>
 #include <vector>
 
+#include "../common/ggml.h"
 #include "../common/kernels.h"
 
 namespace torchchat::cpu::neon {  // test-only: the base tables (null where not built)
@@ -287,6 +293,124 @@ void check_8da4w(Tally& t, const Kernels& kt, const Kernels& ref) {
   }
 }
 
+// The weight types and the offsets of their blocks' fp16 scales (random bits there could be
+// NaN or infinite: they get finite values, zero among them).
+const std::vector<std::pair<int32_t, std::vector<size_t>>> kGgmlTypes = {
+    {kGgmlQ4_0, {offsetof(BlockQ4_0, d)}},
+    {kGgmlQ4_1, {offsetof(BlockQ4_1, d), offsetof(BlockQ4_1, m)}},
+    {kGgmlQ5_0, {offsetof(BlockQ5_0, d)}},
+    {kGgmlQ5_1, {offsetof(BlockQ5_1, d), offsetof(BlockQ5_1, m)}},
+    {kGgmlQ8_0, {offsetof(BlockQ8_0, d)}},
+    {kGgmlQ2_K, {offsetof(BlockQ2_K, d), offsetof(BlockQ2_K, dmin)}},
+    {kGgmlQ3_K, {offsetof(BlockQ3_K, d)}},
+    {kGgmlQ4_K, {offsetof(BlockQ4_K, d), offsetof(BlockQ4_K, dmin)}},
+    {kGgmlQ5_K, {offsetof(BlockQ5_K, d), offsetof(BlockQ5_K, dmin)}},
+    {kGgmlQ6_K, {offsetof(BlockQ6_K, d)}},
+};
+
+// N rows of K values of a weight type, ld bytes apart: random codes, finite scales.
+std::vector<uint8_t> ggml_weights(int32_t type, const std::vector<size_t>& halves, int64_t N,
+                                  int64_t K, int64_t ld) {
+  const GgmlLayout& l = *ggml_layout(type);
+  auto w = bytes(N * ld);
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t b = 0; b < K / l.block; ++b)
+      for (size_t off : halves) {
+        const uint16_t h = fp16_t(rng() % 8 ? uniform(-0.1f, 0.1f) : 0.0f).bits;
+        std::memcpy(&w[n * ld + b * l.bytes + off], &h, 2);
+      }
+  return w;
+}
+
+// A row of activation blocks (Q8_0, Q8_1, Q8_K) back to K floats: d * q.
+std::vector<float> ggml_activations(int32_t act, const uint8_t* row, int64_t K) {
+  std::vector<float> x(K);
+  for (int64_t k = 0; k < K; ++k) {
+    if (act == kGgmlQ8_K) {
+      const auto& b = reinterpret_cast<const BlockQ8_K*>(row)[k / 256];
+      x[k] = b.d * (float)b.qs[k % 256];
+    } else if (act == kGgmlQ8_1) {
+      const auto& b = reinterpret_cast<const BlockQ8_1*>(row)[k / 32];
+      x[k] = half_to_float(b.d) * (float)b.qs[k % 32];
+    } else {
+      const auto& b = reinterpret_cast<const BlockQ8_0*>(row)[k / 32];
+      x[k] = half_to_float(b.d) * (float)b.qs[k % 32];
+    }
+  }
+  return x;
+}
+
+// Q4_1 and Q5_1's min term takes s = d * sum(q) with d before its fp16 rounding, then rounded
+// itself: |m| (2^-10 |s| + 2^-25 (|sum q| + 1)) a block away from the dequantized values' sum.
+double ggml_s_error(int32_t type, const uint8_t* w, const uint8_t* xrow, int64_t K) {
+  if (type != kGgmlQ4_1 && type != kGgmlQ5_1) return 0.0;
+  const int64_t wbytes = ggml_layout(type)->bytes;
+  double e = 0.0;
+  for (int64_t b = 0; b < K / 32; ++b) {
+    const auto& x = reinterpret_cast<const BlockQ8_1*>(xrow)[b];
+    uint16_t m;  // Q4_1 and Q5_1 both start d, m
+    std::memcpy(&m, w + b * wbytes + 2, 2);
+    int sum = 0;
+    for (int k = 0; k < 32; ++k) sum += x.qs[k];
+    e += std::fabs(half_to_float(m)) *
+         (std::ldexp(std::fabs(half_to_float(x.s)), -10) + std::ldexp(std::abs(sum) + 1.0, -25));
+  }
+  return e;
+}
+
+void check_ggml(Tally& t, const Kernels& kt, const Kernels& ref) {
+  t.kernels += 2;  // ggml_dequantize, linear_ggml
+  for (const auto& [type, halves] : kGgmlTypes) {
+    const GgmlLayout& l = *ggml_layout(type);
+    for (int trial = 0; trial < 6; ++trial) {
+      const int64_t M = 1 + rng() % kMaxRows, N = pick({1, 5, 16, 37}), n0 = rng() % N,
+                    K = l.block == 32 ? 32 * pick({1, 3, 8, 24, 64}) : 256 * pick({1, 2, 3, 8}),
+                    ld = ggml_row_bytes(type, K) + 2 * (rng() % 3),  // rows via a.ld
+                    xld = ggml_row_bytes(l.act, K) + 4 * (rng() % 2);
+      const auto w = ggml_weights(type, halves, N, K, ld);
+      const std::string name = shape({type, M, K, N});
+      // Rows [n0, N) and one float past them: a kernel must write no further.
+      std::vector<float> wf((N - n0 + 1) * K, -7.0f), wr = wf;
+      t.kernel = "ggml_dequantize";
+      kt.ggml_dequantize(type, w.data(), ld, K, n0, N, wf.data());
+      ref.ggml_dequantize(type, w.data(), ld, K, n0, N, wr.data());
+      for (int64_t i = 0; i < (N - n0 + 1) * K; ++i)
+        t.check(wf[i], wr[i], 0.0f, name + " " + std::to_string(i));
+
+      const auto x = values(M * K);
+      std::vector<uint8_t> xq(M * xld);
+      for (int64_t m = 0; m < M; ++m) ggml_quantize_row(l.act, &x[m * K], K, &xq[m * xld]);
+      const int64_t ldy = N + 3;
+      std::vector<float> y(M * ldy, -7.0f), yr = y;
+      Matrix a{w.data(), ld, nullptr, N, y.data(), ldy}, ar = a;
+      a.type = ar.type = type;
+      ar.y = yr.data();
+      t.kernel = "linear_ggml";
+      kt.linear_ggml(xq.data(), xld, M, K, a, n0, N);
+      ref.linear_ggml(xq.data(), xld, M, K, ar, n0, N);
+      for (int64_t m = 0; m < M; ++m) {
+        const auto xf = ggml_activations(l.act, &xq[m * xld], K);
+        for (int64_t n = 0; n < ldy; ++n) {
+          const std::string where = name + " " + shape({m, n});
+          if (n < n0 || n >= N) {  // outside the rows asked for: untouched
+            t.check(y[m * ldy + n], -7.0f, 0.0f, where);
+            continue;
+          }
+          double exact = 0.0, mag = 0.0;
+          for (int64_t k = 0; k < K; ++k) {
+            exact += (double)wr[(n - n0) * K + k] * xf[k];
+            mag += std::fabs((double)wr[(n - n0) * K + k] * xf[k]);
+          }
+          t.check(y[m * ldy + n], yr[m * ldy + n], 2e-5f * (float)mag + 1e-30f, where);
+          const double s_error = ggml_s_error(type, &w[n * ld], &xq[m * xld], K);
+          t.check(yr[m * ldy + n], (float)exact, (float)(1e-5 * mag + s_error) + 1e-30f,
+                  where + " reference against the exact sum");
+        }
+      }
+    }
+  }
+}
+
 // One level's table against the reference: every entry its feature bits turn on.
 Tally run(const Kernels& kt, const Kernels& ref) {
   Tally t{kt.name};
@@ -305,6 +429,7 @@ Tally run(const Kernels& kt, const Kernels& ref) {
     check_prefill_bf16(t, kt, ref);
   }
   if (kt.features & kInt8Gemm) check_8da4w(t, kt, ref);
+  if (kt.features & kGgml) check_ggml(t, kt, ref);
   return t;
 }
 

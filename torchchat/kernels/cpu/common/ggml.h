@@ -1,0 +1,79 @@
+// GGUF's block-quantized weights in ggml's own encodings, read in place (the packed GGUF path):
+// the block layouts, the activation blocks each type's integer dot products take, and the
+// portable pieces every instruction set shares. The kernels themselves are table entries
+// (Kernels::linear_ggml, Kernels::ggml_dequantize); the scalar reference (ggml_ref.cpp) follows
+// ggml's reference C code operation for operation, so its dequantization is bit-equal to ggml's.
+//
+// Weights: each row of K values is K / block blocks of `bytes` bytes, rows one after another
+// (a GGUF tensor's data as it is in the file). Activations: each row quantized to blocks of
+// the type's activation type (ggml's vec_dot_type): Q8_0 for Q4_0, Q5_0, Q8_0; Q8_1 for Q4_1,
+// Q5_1; Q8_K for the K-quants. The dot product of a weight row with an activation row sums
+// integer products exactly within a (sub-)block and scales them in fp32, as ggml does.
+#pragma once
+
+#include "kernels.h"
+
+namespace torchchat::cpu {
+
+enum GgmlType : int32_t {
+  kGgmlQ4_0 = 2,
+  kGgmlQ4_1 = 3,
+  kGgmlQ5_0 = 6,
+  kGgmlQ5_1 = 7,
+  kGgmlQ8_0 = 8,
+  kGgmlQ8_1 = 9,  // activations only
+  kGgmlQ2_K = 10,
+  kGgmlQ3_K = 11,
+  kGgmlQ4_K = 12,
+  kGgmlQ5_K = 13,
+  kGgmlQ6_K = 14,
+  kGgmlQ8_K = 15,  // activations only
+};
+
+struct GgmlLayout {
+  int64_t block;  // values a block
+  int64_t bytes;  // bytes a block
+  int32_t act;    // the activation type its dot products take
+};
+
+// The layout of a weight type the kernels run (not Q8_1/Q8_K), else null.
+const GgmlLayout* ggml_layout(int32_t type);
+// Bytes of a row of K values of `type` (weights or activations); K a multiple of its block.
+int64_t ggml_row_bytes(int32_t type, int64_t K);
+
+// ggml's block structs, as the file stores them (no padding: every member is 1- or 2-byte
+// aligned but Q8_K's float, which starts the block).
+struct BlockQ4_0 { uint16_t d; uint8_t qs[16]; };
+struct BlockQ4_1 { uint16_t d, m; uint8_t qs[16]; };
+struct BlockQ5_0 { uint16_t d; uint8_t qh[4]; uint8_t qs[16]; };
+struct BlockQ5_1 { uint16_t d, m; uint8_t qh[4]; uint8_t qs[16]; };
+struct BlockQ8_0 { uint16_t d; int8_t qs[32]; };
+struct BlockQ8_1 { uint16_t d, s; int8_t qs[32]; };  // s = d * sum(qs)
+struct BlockQ2_K { uint8_t scales[16]; uint8_t qs[64]; uint16_t d, dmin; };
+struct BlockQ3_K { uint8_t hmask[32]; uint8_t qs[64]; uint8_t scales[12]; uint16_t d; };
+struct BlockQ4_K { uint16_t d, dmin; uint8_t scales[12]; uint8_t qs[128]; };
+struct BlockQ5_K { uint16_t d, dmin; uint8_t scales[12]; uint8_t qh[32]; uint8_t qs[128]; };
+struct BlockQ6_K { uint8_t ql[128]; uint8_t qh[64]; int8_t scales[16]; uint16_t d; };
+struct BlockQ8_K { float d; int8_t qs[256]; int16_t bsums[16]; };  // bsums: sums of 16 qs
+
+inline float half_to_float(uint16_t h) {
+  fp16_t v;
+  v.bits = h;
+  return (float)v;
+}
+
+// One row of K activations quantized to `act` (Q8_0, Q8_1 or Q8_K) as ggml does on x86 (its
+// AVX quantize_row_q8_0/q8_1, the reference quantize_row_q8_K_ref), so that decode's logits
+// equal llama.cpp's there to float rounding (tests/gguf/test_llamacpp_logits.py).
+void ggml_quantize_row(int32_t act, const float* x, int64_t K, void* out);
+
+// The scalar reference (ggml_ref.cpp): the table entries Kernels::ggml_dequantize and
+// Kernels::linear_ggml, and one weight row's dot product with one activation row, for tables
+// whose own kernels lack a type.
+void ggml_dequantize_ref(int32_t type, const void* w, int64_t ld, int64_t K, int64_t r0,
+                         int64_t r1, float* out);
+void ggml_linear_ref(const void* xq, int64_t xld, int64_t M, int64_t K, const Matrix& a,
+                     int64_t n0, int64_t n1);
+float ggml_dot_ref(int32_t type, int64_t K, const void* w, const void* xq);
+
+}  // namespace torchchat::cpu

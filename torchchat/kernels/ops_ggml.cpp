@@ -1,0 +1,116 @@
+// GGUF's block-quantized weights as torch custom ops (the packed GGUF path): a weight is a uint8
+// tensor (N, row bytes) holding the file's blocks as they are -- usually a view of the mapped
+// file -- and the ggml type id says how to read them (cpu/common/ggml.h).
+//   linear_ggml: decode's few rows, x quantized per block as ggml does, integer dot products.
+//   gemm_ggml:   prefill's many rows, fp32 GEMMs on tiles of the weights dequantized just before.
+//   ggml_rows:   the rows of an embedding table that a batch of tokens looks up.
+#include <torch/library.h>
+
+#include "cpu/common/ggml.h"
+#include "ops.h"
+
+namespace {
+
+using namespace torchchat::ops;
+
+// Checks w against `type` and K; returns the type's layout.
+const cpu::GgmlLayout& check_ggml(const char* op, const at::Tensor& w, int64_t type, int64_t K) {
+  const cpu::GgmlLayout* l = cpu::ggml_layout((int32_t)type);
+  TORCH_CHECK(l != nullptr, op, ": ggml type ", type, " is not one the kernels run");
+  TORCH_CHECK(K > 0 && K % l->block == 0, op, ": ", K, " columns are not whole blocks of ",
+              l->block);
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kByte && w.stride(1) == 1 &&
+                  w.size(1) == cpu::ggml_row_bytes((int32_t)type, K),
+              op, ": w must be uint8 (N, ", cpu::ggml_row_bytes((int32_t)type, K),
+              ") with unit column stride, got ", w.sizes());
+  return *l;
+}
+
+// x (M <= kMaxRows, K) of any float dtype times each w[i] (N_i, row bytes) of ggml type
+// types[i]; their results side by side, (M, all their rows), in x's dtype.
+at::Tensor linear_ggml_cpu(const at::Tensor& x, at::TensorList ws, at::IntArrayRef types) {
+  const char* op = "torchchat::linear_ggml";
+  const auto& kt = kernels(op, cpu::kGgml);
+  TORCH_CHECK(!ws.empty() && types.size() == ws.size(), op, ": ", ws.size(), " weights, ",
+              types.size(), " types");
+  TORCH_CHECK(x.dim() == 2 && x.size(0) <= kMaxRows, op, ": x must be (M <= ", kMaxRows,
+              ", K), got ", x.sizes());
+  const int64_t M = x.size(0), K = x.size(1);
+  for (size_t i = 0; i < ws.size(); ++i) check_ggml(op, ws[i], types[i], K);
+  std::vector<float> xf, y;
+  rows_to(x, K, xf);
+  auto mats = matrices(ws, {}, M, y);
+  for (size_t i = 0; i < ws.size(); ++i) mats[i].type = (int32_t)types[i];
+  cpu::linear_ggml(kt, parallel, xf.data(), M, K, mats);
+  return rows_from(y, M, total_rows(ws), x);
+}
+
+// x (M, K) of any float dtype @ w.T for many rows: GEMMs on tiles of w dequantized just before,
+// each thread its own tiles (as bf16_gemm_tiles in ops.cpp); the result in x's dtype. Where the
+// CPU has bf16 dot products (kBf16Gemm), tiles and x are rounded to bf16 and the GEMM's sums come
+// back rounded to bf16 (2^-9 relative each, about what ggml's own 8-bit activations cost; 64 x
+// 2048 @ 2048 x 5632: 3.8 ms against 11.2 in fp32 here); else the file's values exactly in fp32.
+at::Tensor gemm_ggml_cpu(const at::Tensor& x, const at::Tensor& w, int64_t type) {
+  const char* op = "torchchat::gemm_ggml";
+  const auto& kt = kernels(op, cpu::kGgml);
+  TORCH_CHECK(x.dim() == 2 && at::isFloatingType(x.scalar_type()), op,
+              ": x must be float (M, K), got ", x.sizes());
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  check_ggml(op, w, type, K);
+  const int64_t rows = tile_rows(N, 1);
+  const bool bf16 = kt.features & cpu::kBf16Gemm;
+  const at::Tensor xg = x.detach().to(bf16 ? at::kBFloat16 : at::kFloat).contiguous();
+  auto y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  const auto* wp = w.data_ptr<uint8_t>();
+  at::parallel_for(0, (N + rows - 1) / rows, 1, [&](int64_t t0, int64_t t1) {
+    c10::InferenceMode guard;  // worker threads do not inherit the caller's mode
+    auto buf = at::empty({rows, K}, at::kFloat);
+    auto half = bf16 ? at::empty({rows, K}, at::kBFloat16) : buf;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * rows, tn = std::min<int64_t>(rows, N - n0);
+      kt.ggml_dequantize((int32_t)type, wp, w.stride(0), K, n0, n0 + tn, buf.data_ptr<float>());
+      const at::Tensor tile = half.narrow(0, 0, tn);
+      if (bf16) tile.copy_(buf.narrow(0, 0, tn));
+      y.narrow(1, n0, tn).copy_(at::mm(xg, tile.t()));
+    }
+  });
+  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+}
+
+// Rows ids (any shape, int64) of an embedding table w (num, row bytes) of ggml type `type`,
+// K values a row, dequantized: fp32 (ids..., K).
+at::Tensor ggml_rows_cpu(const at::Tensor& w, int64_t type, int64_t K, const at::Tensor& ids) {
+  const char* op = "torchchat::ggml_rows";
+  const auto& kt = kernels(op, cpu::kGgml);
+  check_ggml(op, w, type, K);
+  TORCH_CHECK(ids.scalar_type() == at::kLong, op, ": ids must be int64");
+  const auto flat = ids.reshape({-1}).contiguous();
+  const int64_t n = flat.numel(), num = w.size(0);
+  const int64_t* ip = flat.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK(ip[i] >= 0 && ip[i] < num, op, ": token id ", ip[i], " outside [0, ", num, ")");
+  auto sizes = ids.sizes().vec();
+  sizes.push_back(K);
+  auto out = at::empty(sizes, w.options().dtype(at::kFloat));
+  float* op_ = out.data_ptr<float>();
+  const auto* wp = w.data_ptr<uint8_t>();
+  at::parallel_for(0, n, 16, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i)
+      kt.ggml_dequantize((int32_t)type, wp, w.stride(0), K, ip[i], ip[i] + 1, op_ + i * K);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(torchchat, m) {
+  m.def("linear_ggml(Tensor x, Tensor[] w, int[] types) -> Tensor");
+  m.def("gemm_ggml(Tensor x, Tensor w, int type) -> Tensor");
+  m.def("ggml_rows(Tensor w, int type, int K, Tensor ids) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(torchchat, CPU, m) {
+  m.impl("linear_ggml", &linear_ggml_cpu);
+  m.impl("gemm_ggml", &gemm_ggml_cpu);
+  m.impl("ggml_rows", &ggml_rows_cpu);
+}
