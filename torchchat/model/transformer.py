@@ -204,7 +204,13 @@ class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        # nn.Embedding's own N(0, 1) init, except on the meta device (where models are built to
+        # load weights into): there it sets nothing and costs ~1 s and ~70 MB (torch._refs'
+        # normal_ imports torch._dynamo).
+        table = torch.empty(args.vocab_size, args.dim)
+        if table.device.type != "meta":
+            nn.init.normal_(table)
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim, _weight=table)
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
