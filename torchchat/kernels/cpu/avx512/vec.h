@@ -7,6 +7,9 @@
 
 #include <immintrin.h>
 
+#include <cstring>
+#include <type_traits>
+
 #include "../common/rows.h"
 
 namespace torchchat::cpu::avx512 {
@@ -53,6 +56,13 @@ struct Load<bf16_t> {
   }
 };
 
+// The fp16 number stored at p (any alignment) as fp32, exactly.
+inline float half_at(const void* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return _cvtsh_ss(h);
+}
+
 }  // namespace
 
 // The kernels of this folder (the table in table.cpp). Base AVX-512 (F, BW, VL, DQ):
@@ -83,5 +93,11 @@ void quantize_rows_8da4w(const float* x, int64_t Kx, int64_t K, uint8_t* u, floa
 void gemm_8da4w(const uint8_t* u, int64_t M, int64_t K, const float* sa, const float* za,
                 const uint8_t* w, const bf16_t* sz, int64_t N, int64_t group, float* y,
                 int64_t b0, int64_t b1, const Buffers8da4w& buf);
+// GGUF blocks (ggml_vnni.cpp: Q4_0; ggml_k_vnni.cpp: Q4_K, Q5_K, Q6_K): linear_ggml for
+// the types these files run; false, and nothing written, for the others.
+bool linear_ggml_vnni(const void* xq, int64_t xld, int64_t M, int64_t K, const Matrix& a,
+                      int64_t n0, int64_t n1);
+bool linear_ggml_k_vnni(const uint8_t* xq, int64_t xld, int64_t M, int64_t K, const Matrix& a,
+                        int64_t n0, int64_t n1);
 
 }  // namespace torchchat::cpu::avx512

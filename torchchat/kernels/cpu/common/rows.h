@@ -13,6 +13,23 @@
 namespace torchchat::cpu {
 namespace {
 
+// f(std::integral_constant<int, R>{}) with R = M (1 to kMaxRows): a kernel keeps the
+// accumulators of all M activation rows in registers, and reads each weight once for all of them.
+template <typename F>
+inline void with_rows(int64_t M, F f) {
+  switch (M) {
+    case 1: return f(std::integral_constant<int, 1>{});
+    case 2: return f(std::integral_constant<int, 2>{});
+    case 3: return f(std::integral_constant<int, 3>{});
+    case 4: return f(std::integral_constant<int, 4>{});
+    case 5: return f(std::integral_constant<int, 5>{});
+    case 6: return f(std::integral_constant<int, 6>{});
+    case 7: return f(std::integral_constant<int, 7>{});
+    default: return f(std::integral_constant<int, 8>{});
+  }
+}
+static_assert(kMaxRows == 8, "with_rows covers 1 to kMaxRows");
+
 template <int R, typename T, typename Dot>
 inline void rows_of(const T* xm, int64_t m0, const Matrix& a, int64_t n0, int64_t n1, Dot& dot) {
   float* y = a.y + m0 * a.ldy;
