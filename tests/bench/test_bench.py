@@ -9,7 +9,7 @@ import os
 import pytest
 import torch
 
-from tests.support import random_args, run_torchchat
+from tests.support import STORIES_BIN, random_args, run_torchchat
 from torchchat import cli, kernels
 from torchchat.bench import llamacpp
 from torchchat.bench.bandwidth import read_bandwidth
@@ -111,9 +111,11 @@ def test_compare_without_llama_cpp_says_how_to_install(monkeypatch, capsys, tmp_
     ]
 
 
-def test_compare_needs_a_shape(tmp_path):
-    p = run_torchchat("bench", tmp_path / "x.pt", "--compare", "llama.cpp")
+def test_compare_needs_a_shape_or_a_gguf_file():
+    """llama.cpp runs random weights of a shape, or the very GGUF file given: not a .bin."""
+    p = run_torchchat("bench", STORIES_BIN, "--compare", "llama.cpp")
     assert p.returncode == 1
-    assert (
-        "--compare llama.cpp needs --shape" in p.stderr or "llama.cpp is not installed" in p.stderr
+    assert p.stderr.strip() == (
+        "torchchat: error: --compare llama.cpp needs --shape (random weights of a shape) or a "
+        "GGUF file"
     )
