@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from torchchat import kernels
 from torchchat.checkpoint import Checkpoint, load_checkpoint
@@ -25,6 +26,7 @@ from torchchat.options import (
     QuantizeOptions,
     SourceOptions,
 )
+from torchchat.pages import release
 from torchchat.quant.apply import apply_schemes, quantize, structural
 from torchchat.quant.config import Scheme, load_quantize_spec
 from torchchat.quant.gguf_blocks import type_name, use_gguf_blocks
@@ -183,6 +185,7 @@ def _cast_in_place(sd: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
         if t.is_floating_point() and t.dtype != dtype:
             if id(t) not in done:
                 done[id(t)] = t.to(dtype)
+                release(t)
             sd[name] = done[id(t)]
 
 
@@ -273,8 +276,25 @@ def quantized_model(
     if not structural(schemes):  # nothing to quantize: cast while building, no float copy
         return build_transformer(args, sd, dtype, device, sharding=sharding)
     model = build_transformer(args, sd, float_dtype, device, sharding=sharding)
+    # The model holds the weights now: without the dict's references each float weight is
+    # freed (or its file pages released) as soon as it is quantized, so memory never holds
+    # the float model and its quantized copy at once.
+    sd.clear()
     quantize(model, schemes, calibration)
-    return model.to(dtype=dtype)
+    return cast_floats(model, dtype)
+
+
+def cast_floats(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """model.to(dtype), releasing each source's file pages as it is cast."""
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        if not t.is_floating_point() or t.dtype == dtype:
+            return t
+        out = t.to(dtype)
+        release(t)
+        return out
+
+    return model._apply(cast)
 
 
 def make_runtime(

@@ -13,6 +13,7 @@ from safetensors import safe_open
 from torchchat.checkpoint.pickled import load_pickle
 from torchchat.errors import TorchchatError
 from torchchat.model.config import ModelArgs, RopeScaling
+from torchchat.pages import release
 
 _LAYER = {
     "self_attn.q_proj": "attention.wq",
@@ -108,10 +109,10 @@ def hf_to_native(sd: dict[str, torch.Tensor], args: ModelArgs) -> dict[str, torc
             raise TorchchatError(f"unexpected tensor {name!r} in Hugging Face checkpoint")
         i, mod, kind = m.groups()
         native = _LAYER[mod]
-        if native == "attention.wq":
-            t = _unpermute(t, args.n_heads)
-        elif native == "attention.wk":
-            t = _unpermute(t, args.n_kv_heads)
+        if native in ("attention.wq", "attention.wk"):
+            heads = args.n_heads if native == "attention.wq" else args.n_kv_heads
+            t, source = _unpermute(t, heads), t
+            release(source)  # the copy replaces it; the file's pages need not stay resident
         out[f"layers.{i}.{native}.{kind}"] = t
     if args.tie_embeddings:
         out["output.weight"] = out["tok_embeddings.weight"]

@@ -10,6 +10,7 @@ from torch import nn
 from tqdm import tqdm
 
 from torchchat.model.transformer import Transformer
+from torchchat.pages import release, trim_heap
 from torchchat.quant.config import Scheme
 from torchchat.quant.embedding import QuantizedEmbedding
 from torchchat.quant.linear import Int4Linear, Int8Linear
@@ -59,6 +60,7 @@ def apply_schemes(
                 )
             else:
                 model.tok_embeddings = QuantizedEmbedding.from_float(emb, bits, g)
+                release(emb.weight)
         elif scheme.name == "linear:gptq" and not empty:
             from torchchat.quant.gptq import gptq_quantize
 
@@ -77,6 +79,9 @@ def apply_schemes(
                 leave=False,
             ):
                 setattr(parent, name, make(child))
+                if not empty:  # the float weight's file pages, if it is a view of the file
+                    release(child.weight)
+                    trim_heap()
     return model
 
 
