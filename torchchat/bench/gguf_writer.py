@@ -9,11 +9,13 @@ output it would pick Q6_K, but torchchat quantizes the output like any linear, s
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
+import numpy as np
 import torch
 from gguf import GGUFWriter, LlamaFileType
-from gguf.constants import GGMLQuantizationType
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import quantize
 
 from torchchat.checkpoint.gguf import (
@@ -66,21 +68,10 @@ def synthetic_vocab(vocab_size: int) -> tuple[list[str], list[float], list[int]]
     return tokens[:vocab_size], scores[:vocab_size], types[:vocab_size]
 
 
-def write_gguf(
-    path: str | Path,
-    args: ModelArgs,
-    sd: dict[str, torch.Tensor],
-    file_type: str,
-    name: str = "torchchat random",
-) -> None:
-    """Write float weights `sd` (native names) of model `args` as a llama GGUF of file_type."""
-    if file_type not in FILE_TYPES:
-        raise TorchchatError(
-            f"unknown GGUF file type {file_type!r}; known: {', '.join(FILE_TYPES)}"
-        )
+def _header(args: ModelArgs, ftype: LlamaFileType, name: str) -> GGUFWriter:
+    """A writer holding the llama metadata of `args` and a synthetic vocabulary."""
     if args.attention_bias:
         raise TorchchatError("writing GGUF: attention biases are not supported")
-    matrix_type, ftype = FILE_TYPES[file_type]
     w = GGUFWriter(None, "llama")
     w.add_name(name)
     w.add_file_type(ftype)
@@ -107,6 +98,23 @@ def write_gguf(
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_add_bos_token(True)
+    return w
+
+
+def write_gguf(
+    path: str | Path,
+    args: ModelArgs,
+    sd: dict[str, torch.Tensor],
+    file_type: str,
+    name: str = "torchchat random",
+) -> None:
+    """Write float weights `sd` (native names) of model `args` as a llama GGUF of file_type."""
+    if file_type not in FILE_TYPES:
+        raise TorchchatError(
+            f"unknown GGUF file type {file_type!r}; known: {', '.join(FILE_TYPES)}"
+        )
+    matrix_type, ftype = FILE_TYPES[file_type]
+    w = _header(args, ftype, name)
     if args.rope_scaling is not None:
         factors = llama3_rope_factors(args.rope_scaling, args.rope_theta, args.head_dim)
         w.add_tensor(ROPE_FREQS, factors)
@@ -130,6 +138,52 @@ def write_gguf(
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
+
+
+def q4_k_m_type(native: str, n_layers: int) -> GGMLQuantizationType:
+    """The ggml type llama-quantize gives a matrix of a Q4_K_M file (llama.cpp's
+    llama_tensor_get_type): Q6_K for the output and for attn_v/ffn_down of the first and last
+    eighth of the layers and every third layer between; Q4_K for the rest."""
+    if native == "output.weight":
+        return _Q.Q6_K
+    if native.endswith(("attention.wv.weight", "feed_forward.w2.weight")):
+        i = int(native.split(".")[1])
+        if i < n_layers // 8 or i >= 7 * n_layers // 8 or (i - n_layers // 8) % 3 == 2:
+            return _Q.Q6_K
+    return _Q.Q4_K
+
+
+def write_zero_gguf(path: str | Path, args: ModelArgs, name: str = "torchchat zeros") -> int:
+    """A Q4_K_M GGUF of `args`'s shape whose weights are all zero, written sparse: the tensor
+    data is a hole, so a file of any size costs no disk and no time to make. For measuring
+    memory and speed at shapes too big to download here (the kernels' speed does not depend
+    on the values). Returns the file's size."""
+    from torchchat.model.transformer import Transformer
+
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in Transformer(args).state_dict().items()}
+    w = _header(args, LlamaFileType.MOSTLY_Q4_K_M, name)
+    for native, shape in shapes.items():
+        if native == "output.weight" and args.tie_embeddings:
+            continue
+        ggml_type = q4_k_m_type(native, args.n_layers) if len(shape) == 2 else _Q.F32
+        block, nbytes = GGML_QUANT_SIZES[ggml_type]
+        size = math.prod(shape) // block * nbytes
+        w.add_tensor_info(gguf_tensor_name(native), shape, np.float32, size, raw_dtype=ggml_type)
+    path = Path(path)
+    with atomic_file(path) as tmp:
+        w.write_header_to_file(tmp)
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        w.close()
+        with open(tmp, "r+b") as f:
+            end = f.seek(0, 2)
+            start = GGUFWriter.ggml_pad(end, w.data_alignment)
+            data = sum(
+                GGUFWriter.ggml_pad(ti.nbytes, w.data_alignment) for ti in w.tensors[0].values()
+            )
+            f.truncate(start + data)
+    return start + data
 
 
 def gguf_weight_bytes(path: str | Path) -> int:
