@@ -1,13 +1,15 @@
 """Continuous batching in the engine: choices decoded together give exactly what each gives
 alone, a cancelled choice leaves its slot within one step, prompts stay cached per slot, and a
-full queue still answers 503."""
+full queue still answers 503, and a burst fills free slots before the queue."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import httpx
@@ -244,3 +246,48 @@ def test_max_batch_option():
     assert build_parser().parse_args(["server", "model.bin"]).max_batch == ServerOptions.max_batch
     with pytest.raises(TorchchatError, match="--max-batch"):
         ServerOptions(max_batch=0)
+
+
+class GatedBatchRuntime(SlowBatchRuntime):
+    """Batched decode steps wait until `release` is set: nothing finishes before then."""
+
+    def __init__(self, inner):
+        super().__init__(inner, 0)
+        self.release = threading.Event()
+
+    def decode_batch(self, tokens, positions):
+        assert self.release.wait(60), "never released"
+        return super().decode_batch(tokens, positions)
+
+
+def test_burst_fills_free_slots_before_the_queue():
+    """12 simultaneous requests with 8 slots and a queue of 4 are all served; the 13th is 503."""
+    holder = {}
+
+    def load():
+        built = build_stories()
+        built.runtime = holder["runtime"] = GatedBatchRuntime(built.runtime)
+        return built
+
+    opts = ServerOptions(model_id=MODEL_ID, max_queue=4, max_batch=8)
+    body = {"prompt": "Once upon a time", "max_tokens": 4, "temperature": 0}
+    with live_server(opts, load=load) as srv:
+        engine, runtime = srv.engine, holder["runtime"]
+        with ThreadPoolExecutor(12) as pool:
+            clients = [srv.http() for _ in range(13)]
+            burst = [pool.submit(c.post, "/v1/completions", json=body) for c in clients[:12]]
+            # Every one is accepted while no decode step can run (so none can finish).
+            wait_for(lambda: engine.running + engine.waiting == 12)
+            r = clients[12].post("/v1/completions", json=body)
+            assert r.status_code == 503
+            assert r.json()["error"]["code"] == "server_busy"
+            runtime.release.set()
+            responses = [f.result() for f in burst]
+            for c in clients:
+                c.close()
+        assert [r.status_code for r in responses] == [200] * 12
+        texts = {r.json()["choices"][0]["text"] for r in responses}
+        assert len(texts) == 1 and {r.json()["usage"]["completion_tokens"] for r in responses} == {
+            4
+        }
+        assert max(len(active) for _, active in runtime.steps) == 8

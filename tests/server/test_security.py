@@ -40,7 +40,7 @@ def assert_error(r: httpx.Response, status: int, code: str | None = None) -> dic
     assert r.status_code == status, r.text
     body = r.json()
     assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
-    assert body["error"]["message"]
+    assert body["error"]["message"] and body["error"]["code"]  # every error has a code
     if code is not None:
         assert body["error"]["code"] == code
     return body["error"]
@@ -128,7 +128,7 @@ CHAT_BAD = [
     ({"temperature": -0.1}, "temperature"),
     ({"temperature": 2.1}, "temperature"),
     ({"temperature": "1"}, "temperature"),
-    ({"top_p": 0}, "top_p"),
+    ({"top_p": -0.1}, "top_p"),
     ({"top_p": 1.5}, "top_p"),
     ({"top_k": -2}, "top_k"),
     ({"top_k": 2**31 + 1}, "top_k"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 import time
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 from starlette.responses import (
     FileResponse,
@@ -28,21 +30,28 @@ from torchchat.errors import TorchchatError
 from torchchat.server import protocol
 from torchchat.server.config import ServerOptions
 from torchchat.server.engine import Engine, Job, QueueFull
-from torchchat.server.errors import ApiError, error_response, validation_error
+from torchchat.server.errors import ApiError, error_response, http_error, validation_error
 from torchchat.server.prepare import (
     check_model,
+    check_token_ids,
     log_unknown_fields,
     prepare_chat,
     prepare_completion,
+    tokenize_text,
 )
 from torchchat.server.schemas import (
     ChatCompletion,
     ChatCompletionRequest,
     Completion,
     CompletionRequest,
+    Detokenized,
+    DetokenizeRequest,
     Health,
     Model,
     ModelList,
+    Tokenized,
+    TokenizeRequest,
+    TokenizerInfo,
     error_responses,
 )
 from torchchat.server.security import install_guards
@@ -63,6 +72,32 @@ SSE_EVENT_SCHEMA = {
     "required": ["data"],
 }
 STATIC = Path(__file__).parent / "static"
+
+
+def _not_a_number(name: str) -> float:
+    raise json.JSONDecodeError(f"{name} is not a JSON value", name, 0)
+
+
+class StrictJSONRequest(Request):
+    """A request whose JSON body is read as RFC 8259 says: NaN and Infinity are not JSON
+    (Python's json module accepts them by default)."""
+
+    async def json(self):
+        if not hasattr(self, "_json"):
+            self._json = json.loads(await self.body(), parse_constant=_not_a_number)
+        return self._json
+
+
+class StrictJSONRoute(APIRoute):
+    """A route that parses its body with StrictJSONRequest."""
+
+    def get_route_handler(self) -> Callable:
+        handler = super().get_route_handler()
+
+        async def strict(request: Request) -> Response:
+            return await handler(StrictJSONRequest(request.scope, request.receive))
+
+        return strict
 
 
 class ModelHost:
@@ -189,6 +224,7 @@ def create_app(opts: ServerOptions, load: Callable[[], BuiltModel]) -> FastAPI:
         docs_url=None,
         redoc_url=None,
     )
+    app.router.route_class = StrictJSONRoute
     app.state.host = host
     install_guards(app, opts)
 
@@ -201,14 +237,15 @@ def create_app(opts: ServerOptions, load: Callable[[], BuiltModel]) -> FastAPI:
         return error_response(validation_error(exc))
 
     @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException) -> Response:
+    async def http_failure(request: Request, exc: HTTPException) -> Response:
         message = "Not found" if exc.status_code == 404 else str(exc.detail)
-        return error_response(ApiError(exc.status_code, message), getattr(exc, "headers", None))
+        return error_response(http_error(exc.status_code, message), getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error")
-        return error_response(ApiError(500, "internal server error (see the server log)"))
+        error = ApiError(500, "internal server error (see the server log)", None, "internal_error")
+        return error_response(error)
 
     @app.get(
         "/health",
@@ -266,6 +303,38 @@ def create_app(opts: ServerOptions, load: Callable[[], BuiltModel]) -> FastAPI:
         log_unknown_fields(body, "/v1/completions")
         job, reply = prepare_completion(body, engine, opts)
         return await _respond(request, engine, job, reply, body.stream)
+
+    # The tokenizer, as vLLM serves it: clients that count or split tokens themselves (lm-eval's
+    # `tokenizer_backend=remote`) then tokenize exactly as the server does.
+    @app.get("/tokenizer_info", response_model=TokenizerInfo, responses=error_responses(401, 503))
+    async def tokenizer_info() -> Response:
+        engine = host.ready()
+        tok = engine.tokenizer
+        return JSONResponse(
+            {
+                "tokenizer_class": tok.kind,
+                "bos_token": tok.bos_token,
+                "eos_token": tok.eos_token,
+                "model_max_length": engine.context,
+                "chat_template": tok.chat_template,
+            }
+        )
+
+    @app.post("/tokenize", response_model=Tokenized, responses=error_responses(400, 401, 413, 503))
+    async def tokenize(body: TokenizeRequest) -> Response:
+        engine = host.ready()
+        tokens = tokenize_text(engine.tokenizer, body)
+        return JSONResponse(
+            {"count": len(tokens), "max_model_len": engine.context, "tokens": tokens}
+        )
+
+    @app.post(
+        "/detokenize", response_model=Detokenized, responses=error_responses(400, 401, 413, 503)
+    )
+    async def detokenize(body: DetokenizeRequest) -> Response:
+        engine = host.ready()
+        check_token_ids(body.tokens, engine.tokenizer.vocab_size, "tokens")
+        return JSONResponse({"prompt": engine.tokenizer.decode(body.tokens)})
 
     @app.get("/metrics", response_class=PlainTextResponse, responses=error_responses(401))
     async def metrics() -> Response:

@@ -1,21 +1,25 @@
 """The one owner of the model: a worker thread serves queued jobs, in arrival order.
 
-HTTP handlers never touch the model. They submit a `Job` (bounded queue: `QueueFull` when
-full) and read its events from an asyncio queue; setting `job.cancelled` (client gone) stops
-the generation before its next decode step.
+HTTP handlers never touch the model. They submit a `Job` and read its events from an asyncio
+queue; setting `job.cancelled` (client gone) stops the generation before its next decode step.
+Admission counts free slots first: a job is refused (`QueueFull`) only when more than
+`max_queue` jobs would be left waiting for a slot.
 
 With a runtime that batches (`max_batch` > 1), the worker does continuous batching: each choice
 gets a slot (a row of the KV cache) as soon as one is free, its prompt is prefilled alone into
 that slot, and then one decode step advances every slot at once. A step always runs over all
 slots, idle ones included, so a choice's tokens are the same whoever else is being served.
 Otherwise (an exported model, speculative decoding, --max-batch 1) jobs are served one at a time.
+
+A choice that scores its prompt (`echo` with `logprobs`) gets its prompt's token logprobs from
+one forward pass over the whole prompt (`ModelRuntime.score`, which feeds slot 0: in a batched
+engine such a choice waits for slot 0), then generates from there.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import threading
 import time
 from collections import deque
@@ -51,15 +55,25 @@ class Choice:
     max_tokens: int
     sampling: SamplingOptions
     first_of_prompt: bool = True  # its prompt's cached tokens count in usage (once per prompt)
+    score_prompt: bool = False  # send its prompt tokens' logprobs (a PromptScores event) first
 
 
 @dataclass(frozen=True)
 class TokenLogprob:
-    """The chosen token's log-probability and the most likely alternatives at its step."""
+    """The chosen token's log-probability and the most likely alternatives at its step (both
+    None for a prompt's first token: nothing precedes it)."""
 
     token: int
-    logprob: float
-    top: list[tuple[int, float]]
+    logprob: float | None
+    top: list[tuple[int, float]] | None
+
+
+@dataclass(frozen=True)
+class PromptScores:
+    """The logprobs of choice `index`'s prompt tokens; sent before any Piece of that choice."""
+
+    index: int
+    logprobs: list[TokenLogprob]
 
 
 @dataclass(frozen=True)
@@ -88,6 +102,7 @@ class Failed:
 
     status: int
     message: str
+    code: str  # the OpenAI error `code`
 
 
 @dataclass(frozen=True)
@@ -95,10 +110,15 @@ class End:
     """Every choice of the job is complete."""
 
 
-Event = Piece | Finish | Failed | End
-GONE = Failed(499, "the client closed the request")  # nginx's status for it
-SHUTDOWN = Failed(503, "the server is shutting down")
-INTERNAL = Failed(500, "internal error while generating (see the server log)")
+Event = PromptScores | Piece | Finish | Failed | End
+GONE = Failed(499, "the client closed the request", "client_closed")  # nginx's status for it
+SHUTDOWN = Failed(503, "the server is shutting down", "server_shutting_down")
+INTERNAL = Failed(500, "internal error while generating (see the server log)", "internal_error")
+
+
+def invalid(error: TorchchatError) -> Failed:
+    """A request the model cannot serve, found while serving it."""
+    return Failed(400, str(error), "invalid_request")
 
 
 @dataclass
@@ -112,6 +132,11 @@ class Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     unfinished: int = field(default=0, init=False)  # choices not finished yet (batched engine)
+
+    @property
+    def top(self) -> int:
+        """Alternatives to list with each logprob (0 when logprobs are off)."""
+        return self.top_logprobs or 0
 
     def emit(self, event: Event) -> None:
         """Hand an event to the request's event loop (called from the worker thread)."""
@@ -145,13 +170,17 @@ class LogprobRecorder:
         i = len(self.entries)
         if self._pending is None or i >= len(self.tokens):
             return
-        lp, token = self._pending, self.tokens[i]
-        top: list[tuple[int, float]] = []
-        if self.top > 0:
-            values, ids = torch.topk(lp, min(self.top, lp.numel()))
-            top = [(int(t), float(v)) for t, v in zip(ids, values, strict=True)]
-        self.entries.append(TokenLogprob(token, float(lp[token]), top))
-        self._pending = None
+        self._record(self.tokens[i])
+
+    def stop(self, token: int) -> None:
+        """The sequence ended on stop token `token`: its logprob is listed too (as vLLM does)."""
+        self.resolve()
+        if self._pending is not None:
+            self._record(token)
+
+    def _record(self, token: int) -> None:
+        lp, self._pending = self._pending, None
+        self.entries.append(TokenLogprob(token, float(lp[token]), top_logprobs(lp, self.top)))
 
     def take(self) -> list[TokenLogprob]:
         """Entries not handed out yet."""
@@ -159,6 +188,27 @@ class LogprobRecorder:
         new = self.entries[self.sent :]
         self.sent = len(self.entries)
         return new
+
+
+def top_logprobs(logprobs: torch.Tensor, k: int) -> list[tuple[int, float]]:
+    """The k most likely (token, logprob) of one step's log-probabilities (vocab,)."""
+    if k <= 0:
+        return []
+    values, ids = torch.topk(logprobs, min(k, logprobs.numel()))
+    return [(int(t), float(v)) for t, v in zip(ids, values, strict=True)]
+
+
+def score_prompt(
+    runtime: ModelRuntime, prompt: list[int], top: int
+) -> tuple[list[TokenLogprob], torch.Tensor]:
+    """One forward pass over the prompt from position 0 (eval's scoring call): each token's
+    logprob given the ones before it (the first has none), and the last position's logits."""
+    logits = runtime.score(prompt).float().cpu()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    entries = [TokenLogprob(prompt[0], None, None)]
+    for row, token in zip(logprobs, prompt[1:], strict=False):
+        entries.append(TokenLogprob(token, float(row[token]), top_logprobs(row, top)))
+    return entries, logits[-1]
 
 
 @dataclass
@@ -226,7 +276,10 @@ class Engine:
         self.generator = Generator(runtime, tokenizer, speculator)
         self.stats = EngineStats()
         self.running = 0  # jobs being generated
-        self._jobs: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
+        self.max_queue = max_queue
+        self._queue: deque[Job] = deque()  # submitted, not started; guarded by _lock
+        self._lock = threading.Condition()
+        self._busy = 0  # slots claimed by started jobs' unfinished choices; guarded by _lock
         self._stop = threading.Event()
         # A speculator keeps one sequence's cache (the draft's) in step with the target's.
         self.batched = max_batch > 1 and speculator is None
@@ -249,36 +302,60 @@ class Engine:
     @property
     def waiting(self) -> int:
         """Jobs queued, not started yet."""
-        return self._jobs.qsize()
+        return len(self._queue)
+
+    def _slots_needed(self, job: Job) -> int:
+        return len(job.choices) if self.batched else 1  # unbatched: one job at a time
 
     def submit(self, job: Job) -> None:
-        """Queue a job, or raise QueueFull."""
-        if self._stop.is_set():
-            raise QueueFull("the server is shutting down")
-        try:
-            self._jobs.put_nowait(job)
-        except queue.Full:
-            raise QueueFull(f"{self._jobs.maxsize} requests are already waiting") from None
+        """Queue a job, or raise QueueFull when more than max_queue jobs would wait for a slot
+        (jobs that fit the slots left free count as starting, not waiting)."""
+        with self._lock:
+            if self._stop.is_set():
+                raise QueueFull("the server is shutting down")
+            free = max(len(self.slots), 1) - self._busy
+            waiting = 0
+            for queued in [*self._queue, job]:  # served in order: once one waits, all after do
+                if waiting == 0 and self._slots_needed(queued) <= free:
+                    free -= self._slots_needed(queued)
+                else:
+                    waiting += 1
+            if waiting > self.max_queue:
+                raise QueueFull(f"{self.max_queue} requests are already waiting")
+            self._queue.append(job)
+            self._lock.notify()
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop the worker; a generation under way ends at its next step."""
         self._stop.set()
         self._thread.join(timeout)
-        while True:  # answer whoever still waits in the queue
-            try:
-                self._jobs.get_nowait().emit(SHUTDOWN)
-            except queue.Empty:
-                break
+        with self._lock:  # answer whoever still waits in the queue
+            while self._queue:
+                self._queue.popleft().emit(SHUTDOWN)
+
+    def _next_job(self, wait: bool) -> Job | None:
+        """The oldest queued job whose client is still there (waiting a little if `wait`); it
+        is started: its slots count as claimed."""
+        with self._lock:
+            while True:
+                if not self._queue and wait:
+                    self._lock.wait(0.1)
+                if not self._queue:
+                    return None
+                job = self._queue.popleft()
+                if not job.cancelled.is_set():
+                    self._busy += self._slots_needed(job)
+                    return job
+                self.stats.cancelled += 1  # its client left while it waited
+                job.emit(GONE)
+
+    def _release(self, slots: int) -> None:
+        with self._lock:
+            self._busy -= slots
 
     def _work(self) -> None:
         while not self._stop.is_set():
-            try:
-                job = self._jobs.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            if job.cancelled.is_set():  # its client left while it waited
-                self.stats.cancelled += 1
-                job.emit(GONE)
+            if (job := self._next_job(wait=True)) is None:
                 continue
             self.running = 1
             t0 = time.perf_counter()
@@ -291,13 +368,14 @@ class Engine:
                 job.emit(SHUTDOWN if self._stop.is_set() else GONE)
             except TorchchatError as e:
                 self.stats.failed += 1
-                job.emit(Failed(400, str(e)))
+                job.emit(invalid(e))
             except Exception:
                 log.exception("generation failed")
                 self.stats.failed += 1
                 job.emit(INTERNAL)
             finally:
                 self.running = 0
+                self._release(1)
                 self.stats.busy_s += time.perf_counter() - t0
 
     def _serve(self, job: Job) -> None:
@@ -305,11 +383,23 @@ class Engine:
             self._generate(job, choice)
         job.emit(End())
 
+    def _count_prompt(self, choice: Choice, cached_tokens: int) -> None:
+        if choice.first_of_prompt:
+            self.stats.prompt_tokens += len(choice.prompt)
+            self.stats.cached_tokens += cached_tokens
+
     def _generate(self, job: Job, choice: Choice) -> None:
+        if choice.score_prompt:
+            if job.cancelled.is_set() or self._stop.is_set():
+                raise Cancelled
+            entries, _ = score_prompt(self.runtime, choice.prompt, job.top)
+            job.emit(PromptScores(choice.index, entries))
+        if choice.max_tokens == 0:  # only the prompt was asked for
+            self._count_prompt(choice, 0)
+            job.emit(Finish(choice.index, "length", 0, 0, []))
+            return
         res = Result()
-        rec = (
-            LogprobRecorder(job.top_logprobs, res.tokens) if job.top_logprobs is not None else None
-        )
+        rec = LogprobRecorder(job.top, res.tokens) if job.top_logprobs is not None else None
 
         def on_logits(logits: torch.Tensor) -> None:
             # Runs before every decode step's sampling: the soonest a cancel can take effect.
@@ -334,17 +424,18 @@ class Engine:
                 stream.close()
                 raise Cancelled
             job.emit(Piece(choice.index, text, rec.take() if rec else []))
-        m = res.metrics
-        if choice.first_of_prompt:
-            self.stats.prompt_tokens += len(choice.prompt)
-            self.stats.cached_tokens += m.cached_tokens
+        if rec is not None and res.pending in self.tokenizer.stop_ids:
+            rec.stop(res.pending)
+        # A scored prompt was computed here, whatever the cache held before.
+        cached = 0 if choice.score_prompt else res.metrics.cached_tokens
+        self._count_prompt(choice, cached)
         self.stats.completion_tokens += len(res.tokens)
         job.emit(
             Finish(
                 choice.index,
                 res.finish_reason,
                 len(res.tokens),
-                m.cached_tokens,
+                cached,
                 rec.take() if rec else [],
             )
         )
@@ -377,18 +468,6 @@ class Engine:
             self.stats.cancelled += 1
             self._end_job(job, SHUTDOWN)
 
-    def _next_job(self, wait: bool) -> Job | None:
-        """The oldest queued job whose client is still there (waiting a little if `wait`)."""
-        while True:
-            try:
-                job = self._jobs.get(timeout=0.1) if wait else self._jobs.get_nowait()
-            except queue.Empty:
-                return None
-            if not job.cancelled.is_set():
-                return job
-            self.stats.cancelled += 1  # its client left while it waited
-            job.emit(GONE)
-
     def _begin(self, job: Job) -> None:
         job.unfinished = len(job.choices)
         self._started.append(job)
@@ -397,17 +476,23 @@ class Engine:
 
     def _admit(self) -> None:
         """Start waiting choices in free slots, oldest first, each prefilled at once."""
-        while free := [slot for slot in self.slots if slot.seq is None]:
+        while True:
+            free = [slot for slot in self.slots if slot.seq is None]
             if not self._backlog:
-                if (job := self._next_job(wait=False)) is None:
+                if not free or (job := self._next_job(wait=False)) is None:
                     return
                 self._begin(job)
-            job, choice = self._backlog.popleft()
+            job, choice = self._backlog[0]
+            if choice.score_prompt:  # runtime.score feeds slot 0
+                free = [slot for slot in free if slot.index == 0]
+            if not free and (choice.score_prompt or choice.max_tokens > 0):
+                return  # the oldest waits for its slot; the ones after it wait behind it
+            self._backlog.popleft()
             try:
                 self._start(job, choice, free)
             except TorchchatError as e:
                 self.stats.failed += 1
-                self._end_job(job, Failed(400, str(e)))
+                self._end_job(job, invalid(e))
             except Exception:
                 log.exception("prefill failed")
                 self.stats.failed += 1
@@ -416,29 +501,42 @@ class Engine:
     def _start(self, job: Job, choice: Choice, free: list[Slot]) -> None:
         """Prefill a choice's prompt into the free slot where it overwrites the fewest cached
         tokens, after copying in the longest cached prefix of it that any slot holds (choices
-        of one prompt, and prompts sharing a beginning, are prefilled once)."""
+        of one prompt, and prompts sharing a beginning, are prefilled once). A prompt to score
+        is fed whole into slot 0 instead."""
         prompt, context = choice.prompt, self.runtime.max_seq_len
         if not prompt:
             raise TorchchatError("empty prompt: nothing to condition on")
-        if len(prompt) >= context:
+        if len(prompt) > context or (len(prompt) == context and choice.max_tokens > 0):
             raise TorchchatError(
                 f"prompt of {len(prompt)} tokens does not fit the context of {context} tokens"
             )
-        # The last prompt token is always fed again: its logits pick the first new token.
-        shared = {s.index: shared_prefix(s.held, prompt[:-1]) for s in self.slots}
-        # Least cached tokens lost; then most reused in place; then least recently used.
-        slot = min(
-            free, key=lambda s: (len(s.held) - shared[s.index], -shared[s.index], s.freed_at)
-        )
-        donor = max(self.slots, key=lambda s: shared[s.index])
-        reuse = shared[slot.index]
-        if shared[donor.index] > reuse:
-            reuse = shared[donor.index]
-            self.runtime.copy_slot(donor.index, slot.index, reuse)
-            slot.held = donor.held[:reuse]
-        del slot.held[reuse:]  # positions from here on are about to change
-        logits = self.runtime.prefill_slot(torch.tensor([prompt[reuse:]]), reuse, slot.index)
+        if choice.score_prompt:
+            slot, reuse = free[0], 0
+            slot.held = []  # positions from 0 on are about to change
+            entries, logits = score_prompt(self.runtime, prompt, job.top)
+            job.emit(PromptScores(choice.index, entries))
+        elif choice.max_tokens == 0:  # nothing to compute
+            self._finish(job, choice, Finish(choice.index, "length", 0, 0, []), 0)
+            return
+        else:
+            # The last prompt token is always fed again: its logits pick the first new token.
+            shared = {s.index: shared_prefix(s.held, prompt[:-1]) for s in self.slots}
+            # Least cached tokens lost; then most reused in place; then least recently used.
+            slot = min(
+                free, key=lambda s: (len(s.held) - shared[s.index], -shared[s.index], s.freed_at)
+            )
+            donor = max(self.slots, key=lambda s: shared[s.index])
+            reuse = shared[slot.index]
+            if shared[donor.index] > reuse:
+                reuse = shared[donor.index]
+                self.runtime.copy_slot(donor.index, slot.index, reuse)
+                slot.held = donor.held[:reuse]
+            del slot.held[reuse:]  # positions from here on are about to change
+            logits = self.runtime.prefill_slot(torch.tensor([prompt[reuse:]]), reuse, slot.index)
         slot.held = list(prompt)
+        if choice.max_tokens == 0:
+            self._finish(job, choice, Finish(choice.index, "length", 0, 0, []), 0)
+            return
         res = Result()
         max_new = min(choice.max_tokens, context - len(prompt) + 1)  # the last needs no position
         slot.seq = Decoding(
@@ -446,7 +544,7 @@ class Engine:
             choice,
             TextStream(self.tokenizer, prompt[-1], max_new, job.stop, res),
             make_generator(choice.sampling.seed, "cpu"),
-            LogprobRecorder(job.top_logprobs, res.tokens) if job.top_logprobs is not None else None,
+            LogprobRecorder(job.top, res.tokens) if job.top_logprobs is not None else None,
             cached_tokens=reuse,
             pos=len(prompt),
         )
@@ -486,25 +584,25 @@ class Engine:
             return
         if out := seq.text.flush():
             seq.job.emit(Piece(index, out, rec.take() if rec else []))
+        if rec is not None and token in self.tokenizer.stop_ids:
+            rec.stop(token)
         res = seq.text.result
-        if seq.choice.first_of_prompt:
-            self.stats.prompt_tokens += len(seq.choice.prompt)
-            self.stats.cached_tokens += seq.cached_tokens
-        self.stats.completion_tokens += len(res.tokens)
-        seq.job.emit(
-            Finish(
-                index,
-                res.finish_reason,
-                len(res.tokens),
-                seq.cached_tokens,
-                rec.take() if rec else [],
-            )
+        finish = Finish(
+            index, res.finish_reason, len(res.tokens), seq.cached_tokens, rec.take() if rec else []
         )
         self._free(slot)
-        seq.job.unfinished -= 1
-        if seq.job.unfinished == 0:
+        self._finish(seq.job, seq.choice, finish, seq.cached_tokens)
+
+    def _finish(self, job: Job, choice: Choice, finish: Finish, cached_tokens: int) -> None:
+        """Count and send a finished choice; the job ends with its last one."""
+        self._count_prompt(choice, cached_tokens)
+        self.stats.completion_tokens += finish.completion_tokens
+        job.emit(finish)
+        job.unfinished -= 1
+        self._release(1)
+        if job.unfinished == 0:
             self.stats.requests += 1
-            self._end_job(seq.job, End())
+            self._end_job(job, End())
 
     def _free(self, slot: Slot) -> None:
         slot.seq = None
@@ -520,5 +618,7 @@ class Engine:
                 self._free(slot)
         self._backlog = deque((j, c) for j, c in self._backlog if j is not job)
         self._started = [j for j in self._started if j is not job]
+        self._release(job.unfinished)
+        job.unfinished = 0
         self.running -= 1
         job.emit(event)

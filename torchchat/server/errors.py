@@ -20,6 +20,10 @@ ERROR_TYPES = {
 }
 
 
+# Codes of errors raised by the HTTP layer itself (FastAPI's HTTPException): a body it could not
+# parse, a path or a method it does not have.
+HTTP_CODES = {400: "invalid_json", 404: "not_found", 405: "method_not_allowed"}
+
 _FIELD = re.compile(r"[a-z_][a-z0-9_]*")
 
 
@@ -27,15 +31,13 @@ class ApiError(Exception):
     """A request the server refuses, with the status and OpenAI error fields to send back."""
 
     def __init__(
-        self, status: int, message: str, param: str | None = None, code: str | None = None
+        self, status: int, message: str, param: str | None = None, code: str = "invalid_request"
     ):
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
 
 
-def error_body(
-    status: int, message: str, param: str | None = None, code: str | None = None
-) -> dict[str, Any]:
+def error_body(status: int, message: str, param: str | None, code: str) -> dict[str, Any]:
     """The JSON body of an error response."""
     kind = ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
@@ -47,6 +49,11 @@ def error_response(error: ApiError, headers: dict[str, str] | None = None) -> JS
     return JSONResponse(body, status_code=error.status, headers=headers)
 
 
+def http_error(status: int, message: str) -> ApiError:
+    """An error of the HTTP layer (no such path or method, an unreadable body)."""
+    return ApiError(status, message, None, HTTP_CODES.get(status, f"http_{status}"))
+
+
 def validation_error(exc: RequestValidationError) -> ApiError:
     """pydantic's complaint about a request body as a 400 (OpenAI never answers 422)."""
     errors = exc.errors()
@@ -54,7 +61,9 @@ def validation_error(exc: RequestValidationError) -> ApiError:
         return ApiError(400, "invalid request")
     first = errors[0]
     if first.get("type") == "json_invalid":
-        return ApiError(400, "request body is not valid JSON", None, "invalid_json")
+        reason = (first.get("ctx") or {}).get("error")
+        detail = f": {reason}" if reason else ""
+        return ApiError(400, f"request body is not valid JSON{detail}", None, "invalid_json")
     param = _param(first.get("loc", ()))
     if not param:  # the body as a whole: not an object, or not sent as JSON
         return ApiError(

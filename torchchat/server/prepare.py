@@ -13,7 +13,8 @@ from torchchat.server.config import ServerOptions
 from torchchat.server.engine import Choice, Engine, Job
 from torchchat.server.errors import ApiError
 from torchchat.server.protocol import Reply
-from torchchat.server.schemas import ChatCompletionRequest, CompletionRequest
+from torchchat.server.schemas import ChatCompletionRequest, CompletionRequest, TokenizeRequest
+from torchchat.tokenizer import Tokenizer
 
 log = logging.getLogger("torchchat.server")
 MIN_SAMPLING = 1e-6  # temperature and top_p below it are greedy
@@ -22,7 +23,9 @@ MIN_SAMPLING = 1e-6  # temperature and top_p below it are greedy
 def log_unknown_fields(body: BaseModel, route: str) -> None:
     """Unknown fields are ignored, as OpenAI-compatible servers do, but never silently."""
     names = sorted(body.model_extra or {})
-    for i, message in enumerate(getattr(body, "messages", [])):
+    # A completion request's unknown `messages` field is plain JSON, not ChatMessage objects.
+    messages = body.messages if isinstance(body, ChatCompletionRequest) else []
+    for i, message in enumerate(messages):
         names += [f"messages.{i}.{k}" for k in sorted(message.model_extra or {})]
     if names:
         # Names are the client's text: quoted (no control characters) and cut short in the log.
@@ -56,7 +59,8 @@ def sampling(body: ChatCompletionRequest | CompletionRequest, index: int) -> Sam
 def token_budget(
     requested: int | None, prompt_len: int, context: int, opts: ServerOptions, param: str, what: str
 ) -> int:
-    """max_tokens for one prompt: as asked, else the rest of the context; capped by the limit."""
+    """max_tokens for one prompt: as asked, else the rest of the context; capped by the limit.
+    0 (completions only) asks for the prompt alone, which may then fill the context."""
     if requested is not None and requested > opts.max_tokens_limit:
         raise ApiError(
             400,
@@ -64,7 +68,7 @@ def token_budget(
             param,
             "invalid_value",
         )
-    if prompt_len >= context:
+    if prompt_len > context or (prompt_len == context and requested != 0):
         raise ApiError(
             400,
             f"This model's maximum context length is {context} tokens. However, your {what} "
@@ -95,7 +99,12 @@ def _common_checks(
     wants_logprobs: bool,
 ) -> None:
     if body.stream_options is not None and not body.stream:
-        raise ApiError(400, "stream_options is only allowed with stream: true", "stream_options")
+        raise ApiError(
+            400,
+            "stream_options is only allowed with stream: true",
+            "stream_options",
+            "invalid_value",
+        )
     if choices > opts.max_n:
         raise ApiError(
             400,
@@ -104,7 +113,12 @@ def _common_checks(
             "invalid_value",
         )
     if wants_logprobs and engine.speculator is not None:
-        raise ApiError(400, "logprobs are not supported with speculative decoding", "logprobs")
+        raise ApiError(
+            400,
+            "logprobs are not supported with speculative decoding",
+            "logprobs",
+            "unsupported_value",
+        )
 
 
 def prepare_chat(
@@ -112,7 +126,7 @@ def prepare_chat(
 ) -> tuple[Job, Reply]:
     """A chat request as a job: messages rendered by the chat template, then tokenized."""
     if body.top_logprobs and not body.logprobs:
-        raise ApiError(400, "top_logprobs requires logprobs: true", "top_logprobs")
+        raise ApiError(400, "top_logprobs requires logprobs: true", "top_logprobs", "invalid_value")
     _common_checks(body, engine, opts, body.n, body.logprobs)
     messages = [
         {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
@@ -129,7 +143,7 @@ def prepare_chat(
     try:
         text, spans = render_spans(template, messages)
     except TorchchatError as e:
-        raise ApiError(400, str(e), "messages") from None
+        raise ApiError(400, str(e), "messages", "invalid_value") from None
     tok = engine.tokenizer
     prompt = tok.encode_prompt(text, spans)  # special tokens typed in messages stay text
     requested = body.max_completion_tokens or body.max_tokens
@@ -148,7 +162,7 @@ def prepare_completion(
     """A legacy completion request (one or more prompts, text or token ids) as a job."""
     p = body.prompt
     if isinstance(p, list) and not p:
-        raise ApiError(400, "prompt must not be an empty list", "prompt")
+        raise ApiError(400, "prompt must not be an empty list", "prompt", "invalid_value")
     # One text or one token list is a single prompt; a list of them is a batch.
     prompts = [p] if isinstance(p, str) or isinstance(p[0], int) else list(p)
     _common_checks(body, engine, opts, len(prompts) * body.n, body.logprobs is not None)
@@ -166,19 +180,20 @@ def prepare_completion(
     for p in prompts:
         if isinstance(p, str):
             if not p and tok.bos_id is None:
-                raise ApiError(400, "empty prompt and the tokenizer has no BOS token", "prompt")
+                raise ApiError(
+                    400,
+                    "empty prompt and the tokenizer has no BOS token",
+                    "prompt",
+                    "invalid_value",
+                )
             encoded.append(tok.encode(p, bos=tok.bos_id is not None))
         elif not p:
-            raise ApiError(400, "a token prompt must not be empty", "prompt")
-        elif max(p) >= tok.vocab_size:
-            raise ApiError(
-                400,
-                f"token id {max(p)} is outside the vocabulary of {tok.vocab_size} tokens",
-                "prompt",
-                "invalid_value",
-            )
+            raise ApiError(400, "a token prompt must not be empty", "prompt", "invalid_value")
         else:
+            check_token_ids(p, tok.vocab_size, "prompt")
             encoded.append(list(p))
+    # echo with logprobs scores the prompt: its tokens' logprobs come before the completion's.
+    score = body.echo and body.logprobs is not None
     choices, echo = [], []
     for pi, (ids, original) in enumerate(zip(encoded, prompts, strict=True)):
         budget = token_budget(
@@ -186,14 +201,38 @@ def prepare_completion(
         )
         for j in range(body.n):
             index = pi * body.n + j
-            choices.append(Choice(index, ids, budget, sampling(body, index), j == 0))
+            choices.append(Choice(index, ids, budget, sampling(body, index), j == 0, score))
             if body.echo:
-                echo.append(original if isinstance(original, str) else tok.decode(original))
+                # A token prompt's text is its tokens' own text, leading space and all.
+                echo.append(original if isinstance(original, str) else token_prompt_text(tok, ids))
     job = Job(choices, body.stop_strings(), body.logprobs)
     prompt_tokens = sum(map(len, encoded))
     reply = Reply("text", opts.model_id, tok, prompt_tokens, len(choices), _usage_asked(body))
     reply.echo = echo
     return job, reply
+
+
+def token_prompt_text(tok: Tokenizer, ids: list[int]) -> str:
+    """The text a token prompt spells: its tokens' bytes joined, nothing stripped."""
+    return b"".join(tok.token_bytes(i) for i in ids).decode("utf-8", errors="replace")
+
+
+def check_token_ids(ids: list[int], vocab_size: int, param: str) -> None:
+    """Token ids sent by a client must name tokens of the vocabulary."""
+    if ids and max(ids) >= vocab_size:
+        raise ApiError(
+            400,
+            f"token id {max(ids)} is outside the vocabulary of {vocab_size} tokens",
+            param,
+            "invalid_value",
+        )
+
+
+def tokenize_text(tok: Tokenizer, body: TokenizeRequest) -> list[int]:
+    """Token ids of a /tokenize request: special-token text becomes its token, as the Hugging
+    Face tokenizers vLLM serves do, and BOS leads when asked and the tokenizer adds one. Whole
+    documents are tokenized (lm-eval's rolling windows): only --max-body-bytes bounds the text."""
+    return tok.encode(body.prompt, bos=body.add_special_tokens and tok.adds_bos, allow_special=True)
 
 
 def _usage_asked(body: ChatCompletionRequest | CompletionRequest) -> bool:

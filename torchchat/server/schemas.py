@@ -11,13 +11,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-# Static bounds, also published in /openapi.json; the server options tighten some further.
+# Static bounds, also published in /openapi.json. Prompt text, max_tokens and n are bounded by
+# the server's options instead (--max-prompt-chars, --max-tokens-limit, --max-n; checked in
+# prepare.py), so that a refusal names the limit in force; --max-body-bytes bounds them all.
 MAX_MESSAGES = 1024
 MAX_STRING = 1_000_000  # characters of one string field (the body limit usually bites first)
 MAX_STOP = 4  # OpenAI's limit on stop sequences
 MAX_STOP_CHARS = 256
-MAX_TOKENS = 1 << 20
-MAX_N = 16
+MAX_TOKENS = 1 << 20  # token ids in one token prompt
 MAX_TOP_LOGPROBS = 20  # chat completions (OpenAI's limit)
 MAX_LOGPROBS = 5  # legacy completions (OpenAI's limit)
 MAX_PROMPTS = 16  # prompts in one /v1/completions batch
@@ -26,6 +27,7 @@ SEED_MIN, SEED_MAX = -(1 << 63), (1 << 63) - 1  # int64, as OpenAI documents
 
 Name = Annotated[str, Field(max_length=256)]
 Text = Annotated[str, Field(max_length=MAX_STRING)]
+PromptText = Annotated[str, Field(description="at most --max-prompt-chars characters in all")]
 StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
 TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
 
@@ -39,14 +41,14 @@ class TextPart(_Request):
     """One part of a message's content; only text is supported."""
 
     type: Literal["text"]
-    text: Text
+    text: PromptText
 
 
 class ChatMessage(_Request):
     """One message of a conversation. `developer` is OpenAI's newer name for `system`."""
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: Text | Annotated[list[TextPart], Field(max_length=MAX_MESSAGES)] | None = None
+    content: PromptText | Annotated[list[TextPart], Field(max_length=MAX_MESSAGES)] | None = None
     name: Name | None = None  # accepted and ignored
 
     def text(self) -> str:
@@ -68,13 +70,13 @@ class _Sampling(_Request):
     """Fields shared by chat and legacy completions."""
 
     model: Name | None = None  # optional here; when given it must be the served model
-    max_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
+    max_tokens: int | None = Field(None, ge=1, description="at most --max-tokens-limit")
     temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
+    top_p: float = Field(1.0, ge=0, le=1, description="0: greedy")
     top_k: int | None = Field(None, ge=-1, le=MAX_TOKEN_ID, description="-1 or 0: no top-k")
     seed: int | None = Field(None, ge=SEED_MIN, le=SEED_MAX)
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP)] | None = None
-    n: int = Field(1, ge=1, le=MAX_N)
+    n: int = Field(1, ge=1, description="choices per prompt; at most --max-n in all")
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: Name | None = None  # accepted and ignored
@@ -89,7 +91,7 @@ class ChatCompletionRequest(_Sampling):
     """POST /v1/chat/completions."""
 
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
-    max_completion_tokens: int | None = Field(None, ge=1, le=MAX_TOKENS)
+    max_completion_tokens: int | None = Field(None, ge=1, description="at most --max-tokens-limit")
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
@@ -98,17 +100,20 @@ class CompletionRequest(_Sampling):
     """POST /v1/completions."""
 
     prompt: (
-        Text
-        | Annotated[list[Text], Field(max_length=MAX_PROMPTS)]
+        PromptText
+        | Annotated[list[PromptText], Field(max_length=MAX_PROMPTS)]
         | Annotated[list[TokenId], Field(max_length=MAX_TOKENS)]
         | Annotated[
             list[Annotated[list[TokenId], Field(max_length=MAX_TOKENS)]],
             Field(max_length=MAX_PROMPTS),
         ]
     )
-    max_tokens: int | None = Field(16, ge=1, le=MAX_TOKENS)  # OpenAI's default here is 16
+    # OpenAI's default here is 16; 0 with echo scores the prompt alone.
+    max_tokens: int | None = Field(16, ge=0, description="at most --max-tokens-limit")
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
-    echo: bool = False
+    echo: bool = Field(
+        False, description="the prompt before each choice (its tokens' logprobs too)"
+    )
 
 
 # Responses (documentation of what protocol.py builds).
@@ -166,8 +171,8 @@ class ChatCompletion(BaseModel):
 
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]] | None
+    token_logprobs: list[float | None]  # null for an echoed prompt's first token
+    top_logprobs: list[dict[str, float] | None] | None
     text_offset: list[int]
 
 
@@ -211,9 +216,40 @@ class ErrorResponse(BaseModel):
         message: str
         type: str
         param: str | None
-        code: str | None
+        code: str
 
     error: Error
+
+
+class TokenizeRequest(_Request):
+    """POST /tokenize (as vLLM's; lm-eval's `tokenizer_backend=remote` uses it)."""
+
+    prompt: Annotated[str, Field(description="any length under --max-body-bytes")]
+    add_special_tokens: bool = Field(True, description="BOS first, as the tokenizer's own encoding")
+
+
+class Tokenized(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeRequest(_Request):
+    """POST /detokenize."""
+
+    tokens: Annotated[list[TokenId], Field(max_length=MAX_TOKENS)]
+
+
+class Detokenized(BaseModel):
+    prompt: str
+
+
+class TokenizerInfo(BaseModel):
+    tokenizer_class: str
+    bos_token: str | None
+    eos_token: str | None
+    model_max_length: int
+    chat_template: str | None
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
