@@ -129,6 +129,36 @@ def test_prefill_and_table_rows_use_the_exact_weights(name, blocks_models):
     assert torch.equal(ggml.rows(table.weight, table.ggml_type, table.dim, ids), full[ids])
 
 
+@pytest.mark.parametrize("name", ["Q4_K_M", "Q5_K_M", "Q6_K"])
+def test_prefill_on_k_quants_sums_as_decode(name, blocks_models):
+    """Where a level has the integer prefill GEMM (GGML_GEMM: Q4_K, Q5_K, Q6_K), it sums what
+    decode sums -- x quantized to Q8_K, exact integer sums scaled in fp32 -- so prefill's rows
+    equal decode's to fp32 rounding (2e-6 of sum |w x|), on 40 tokens (a partial 16)."""
+    model = blocks_models[name]
+    g = torch.Generator().manual_seed(3)
+    tested = 0
+    for level in _kernel_levels():
+        kernels.select_isa(level)
+        try:
+            if not kernels.simd_level() & kernels.GGML_GEMM:
+                continue
+            for n, m in model.named_modules():
+                if not isinstance(m, GGUFLinear) or m.ggml_type not in (12, 13, 14):
+                    continue
+                x = torch.randn(40, m.in_features, generator=g)
+                y = ggml.gemm(x, m.weight, m.ggml_type)
+                ref = torch.cat([ggml.linears(x[i : i + 8], [m.weight], [m.ggml_type])[0]
+                                 for i in range(0, 40, 8)])  # fmt: skip
+                w = m.dequantize()
+                bound = 2e-6 * (x.abs() @ w.abs().T) + 1e-30
+                assert ((y - ref).abs() <= bound).all(), (level, n)
+                tested += 1
+        finally:
+            kernels.select_isa(kernels.available_isas()[0])
+    if not tested:
+        pytest.skip("no level of this CPU has the integer prefill GEMM (AVX512-VNNI)")
+
+
 @pytest.mark.parametrize("name", QUANTIZED)
 def test_logits_within_activation_rounding_of_the_dequantized_model(name):
     blocks = build_model(_opts(name))

@@ -26,12 +26,13 @@ from torchchat.kernels.library import ENV, ENV_ISA  # noqa: F401  (re-exported)
 MAX_ROWS = 8  # the C++ kMaxRows: more tokens at once is prefill, where torch's GEMM wins
 
 # simd_level bits: the families of kernels the selected table runs (cpu/common/kernels.h's
-# kFewRows, kBf16, kInt8Gemm, kBf16Gemm). Every level has the first three on a CPU it runs on.
+# kFewRows, kBf16, kInt8Gemm, kBf16Gemm, kGgml, kGgmlGemm). Every level has the first three on a CPU it runs on.
 FEW_ROWS = 1  # float and int8 linears, attention, the fused decode step
 INT4 = 2  # int4 linears, bf16 GEMMs on int4/int8 tiles
 INT8_GEMM = 4  # 8da4w's integer prefill GEMM
 BF16_GEMM = 8  # bf16 dot products in hardware; without: prefill's bf16/fp16 GEMMs widened to fp32
 GGML = 16  # GGUF's block-quantized weights in place (torchchat.kernels.ggml)
+GGML_GEMM = 32  # prefill on GGUF K-quants (Q4_K, Q5_K, Q6_K) in integers, as decode sums
 
 _enabled = True
 

@@ -99,6 +99,7 @@ def describe_bits(bits: int) -> str:
     families += ["8da4w integer prefill"] * bool(bits & 4)
     families += ["bf16 prefill GEMMs" if bits & 8 else "prefill GEMMs widened to fp32"]
     families += ["GGUF blocks"] * bool(bits & 16)
+    families += ["GGUF K-quant integer prefill"] * bool(bits & 32)
     return ", ".join(families)
 
 

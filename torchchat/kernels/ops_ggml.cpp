@@ -2,7 +2,8 @@
 // tensor (N, row bytes) holding the file's blocks as they are -- usually a view of the mapped
 // file -- and the ggml type id says how to read them (cpu/common/ggml.h).
 //   linear_ggml: decode's few rows, x quantized per block as ggml does, integer dot products.
-//   gemm_ggml:   prefill's many rows, fp32 GEMMs on tiles of the weights dequantized just before.
+//   gemm_ggml:   prefill's many rows: integer GEMMs on x quantized as decode's (the K-quants
+//                with VNNI), else fp32/bf16 GEMMs on tiles of the weights dequantized just before.
 //   ggml_rows:   the rows of an embedding table that a batch of tokens looks up.
 #include <torch/library.h>
 
@@ -57,10 +58,17 @@ at::Tensor gemm_ggml_cpu(const at::Tensor& x, const at::Tensor& w, int64_t type)
               ": x must be float (M, K), got ", x.sizes());
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   check_ggml(op, w, type, K);
+  auto y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  {  // in integers where the table can: the K-quants with VNNI
+    const at::Tensor xf = x.detach().to(at::kFloat).contiguous();
+    cpu::Matrix a{w.data_ptr<uint8_t>(), w.stride(0), nullptr, N, y.data_ptr<float>(), N};
+    a.type = (int32_t)type;
+    if (cpu::gemm_ggml(kt, parallel, xf.data_ptr<float>(), M, K, a))
+      return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+  }
   const int64_t rows = tile_rows(N, 1);
   const bool bf16 = kt.features & cpu::kBf16Gemm;
   const at::Tensor xg = x.detach().to(bf16 ? at::kBFloat16 : at::kFloat).contiguous();
-  auto y = at::empty({M, N}, x.options().dtype(at::kFloat));
   const auto* wp = w.data_ptr<uint8_t>();
   at::parallel_for(0, (N + rows - 1) / rows, 1, [&](int64_t t0, int64_t t1) {
     c10::InferenceMode guard;  // worker threads do not inherit the caller's mode

@@ -40,6 +40,9 @@ Kernels make_table(bool bf16, bool vnni, const Kernels* fill) {
   if (vnni) {
     ggml_others = t.linear_ggml;
     t.linear_ggml = linear_ggml_vnni_or_fill;
+    t.features |= kGgmlGemm;
+    t.gemm_ggml_types = 1 << kGgmlQ4_K | 1 << kGgmlQ5_K | 1 << kGgmlQ6_K;
+    t.gemm_ggml = gemm_ggml_k_vnni;
   }
   if (bf16) {
     t.features |= kBf16 | kBf16Gemm;

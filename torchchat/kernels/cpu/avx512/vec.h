@@ -99,5 +99,8 @@ bool linear_ggml_vnni(const void* xq, int64_t xld, int64_t M, int64_t K, const M
                       int64_t n0, int64_t n1);
 bool linear_ggml_k_vnni(const uint8_t* xq, int64_t xld, int64_t M, int64_t K, const Matrix& a,
                         int64_t n0, int64_t n1);
+// Prefill's integer GEMM on Q4_K, Q5_K, Q6_K (ggml_gemm_vnni.cpp).
+void gemm_ggml_k_vnni(const GgmlGemmActs& x, int64_t K, const Matrix& a, int64_t n0,
+                      int64_t n1);
 
 }  // namespace torchchat::cpu::avx512

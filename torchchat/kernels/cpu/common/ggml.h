@@ -67,6 +67,17 @@ inline float half_to_float(uint16_t h) {
 // equal llama.cpp's there to float rounding (tests/gguf/test_llamacpp_logits.py).
 void ggml_quantize_row(int32_t act, const float* x, int64_t K, void* out);
 
+// Prefill's activations for Kernels::gemm_ggml (the K-quants): M tokens quantized to Q8_K as
+// ggml_quantize_row does, laid out for dot products over 16 tokens at once: value 4 kq + j of
+// super-block b of token 16 t + i at u[((b * 64 + kq) * T + t) * 64 + 4 i + j], as its code + 128
+// (unsigned); T = ceil(M / 16), tokens past M all zeros (code 0, scale 0).
+struct GgmlGemmActs {
+  int64_t M, T;
+  const uint8_t* u;
+  const float* d;       // [K / 256][16 T]: each token's Q8_K scale
+  const float* bsum32;  // [K / 256][8][16 T]: sums of each 32 codes (Q4_K's and Q5_K's mins)
+};
+
 // The scalar reference (ggml_ref.cpp): the table entries Kernels::ggml_dequantize and
 // Kernels::linear_ggml, and one weight row's dot product with one activation row, for tables
 // whose own kernels lack a type.

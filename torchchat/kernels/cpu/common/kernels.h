@@ -17,6 +17,8 @@
 
 namespace torchchat::cpu {
 
+struct GgmlGemmActs;  // ggml.h
+
 constexpr int64_t kMaxRows = 8;  // more tokens than this: torch's GEMM is the better kernel
 
 // bfloat16 and IEEE half as stored bits; conversions from float round to nearest even (as
@@ -109,6 +111,7 @@ constexpr int64_t kInt8Gemm = 4;    // 8da4w's integer prefill GEMM
 // each tile to fp32 once instead (the same products, exact in fp32, summed in fp32 either way).
 constexpr int64_t kBf16Gemm = 8;
 constexpr int64_t kGgml = 16;  // GGUF's block-quantized weights in place (ggml.h)
+constexpr int64_t kGgmlGemm = 32;  // gemm_ggml: prefill on some GGUF types in integers
 
 // Per-thread buffers of gemm_8da4w, 64-byte aligned: wbuf K * 64 bytes, f M * 64 and
 // sbuf (K / group) * 64 floats.
@@ -122,7 +125,7 @@ struct Buffers8da4w {
 // [b0, b1)) of one matrix for M <= kMaxRows activation rows, x rows K apart.
 struct Kernels {
   const char* name;  // "avx512", "scalar", ...
-  int64_t features;  // kFewRows | kBf16 | kInt8Gemm | kBf16Gemm | kGgml
+  int64_t features;  // kFewRows | kBf16 | kInt8Gemm | kBf16Gemm | kGgml | kGgmlGemm
   void (*linear_f32)(const float* x, int64_t M, int64_t K, const Matrix& a, int64_t n0,
                      int64_t n1);
   void (*linear_bf16)(const bf16_t* x, int64_t M, int64_t K, const Matrix& a, int64_t n0,
@@ -170,6 +173,11 @@ struct Kernels {
   // out + (r - r0) * K, bit-equal to ggml's dequantize_row_*.
   void (*ggml_dequantize)(int32_t type, const void* w, int64_t ld, int64_t K, int64_t r0,
                           int64_t r1, float* out);
+  // Prefill's GEMM in integers on the GGUF types of bits gemm_ggml_types (1 << type; 0: none,
+  // prefill dequantizes tiles): rows [n0, n1) of a for every token of x, written as linear_ggml
+  // writes them.
+  int64_t gemm_ggml_types;
+  void (*gemm_ggml)(const GgmlGemmActs& x, int64_t K, const Matrix& a, int64_t n0, int64_t n1);
 };
 
 // The scalar reference kernels (reference.cpp): every entry, every feature bit.

@@ -22,6 +22,10 @@ void linear_int4(const Kernels& kt, ParallelFor pf, const bf16_t* x, int64_t M, 
 // here once to each activation type the matrices take.
 void linear_ggml(const Kernels& kt, ParallelFor pf, const float* x, int64_t M, int64_t K,
                  const std::vector<Matrix>& mats);
+// Prefill's GEMM on GGUF blocks in integers (Kernels::gemm_ggml): y of a (a.y, a.ldy) for M
+// tokens of x (M, K) fp32; false, and nothing written, when the table has none for a's type.
+bool gemm_ggml(const Kernels& kt, ParallelFor pf, const float* x, int64_t M, int64_t K,
+               const Matrix& a);
 
 // torchchat::decode_layers: the kinds of weights a step runs on, its projections and shapes.
 enum WeightKind : int64_t { kFloatW = 0, kInt8W = 1, kInt4W = 2, kInt4DynW = 3, kGgmlW = 4 };

@@ -21,6 +21,8 @@
 //   linear_ggml                       |got - ref| <= 2e-5 * sum_k |w_k x_k| (w, x dequantized), and
 //                                     the reference within 1e-5 of that of the exact float64 sum
 //                                     (plus Q4_1/Q5_1's fp16 s term: ggml_ref.cpp)
+//   gemm_ggml (through the common      |got - ref| <= 2e-5 * sum_k |w_k x_k|, ref the reference's
+//   driver: x quantized there)         linear_ggml on the same Q8_K rows; nothing past the rows
 #include <cmath>
 #include <cstddef>
 #include <cstdio>
@@ -31,6 +33,7 @@
 
 #include "../common/ggml.h"
 #include "../common/kernels.h"
+#include "../common/step.h"
 
 namespace torchchat::cpu::neon {  // test-only: the base tables (null where not built)
 __attribute__((weak)) const Kernels* kernels(bool i8mm, bool bf16);
@@ -411,6 +414,51 @@ void check_ggml(Tally& t, const Kernels& kt, const Kernels& ref) {
   }
 }
 
+void serial(int64_t n, int64_t, const std::function<void(int64_t, int64_t)>& f) { f(0, n); }
+
+// Prefill's integer GEMM through cpu::gemm_ggml (which quantizes x as ggml_quantize_row does)
+// against the reference's linear_ggml on those rows: tokens in partial 16s, every type it runs.
+void check_ggml_gemm(Tally& t, const Kernels& kt, const Kernels& ref) {
+  t.kernels += 1;
+  t.kernel = "gemm_ggml";
+  for (const auto& [type, halves] : kGgmlTypes) {
+    if (!(kt.gemm_ggml_types >> type & 1)) continue;
+    for (int trial = 0; trial < 6; ++trial) {
+      const int64_t M = pick({9, 16, 17, 40, 70}), N = pick({1, 5, 16, 37}),
+                    K = 256 * pick({1, 2, 3, 8}), ld = ggml_row_bytes(type, K) + 2 * (rng() % 3),
+                    xld = ggml_row_bytes(kGgmlQ8_K, K), ldy = N + 3;
+      const auto w = ggml_weights(type, halves, N, K, ld);
+      const auto x = values(M * K);
+      std::vector<float> y(M * ldy, -7.0f), yr = y;
+      Matrix a{w.data(), ld, nullptr, N, y.data(), ldy}, ar = a;
+      a.type = ar.type = type;
+      ar.y = yr.data();
+      if (!gemm_ggml(kt, serial, x.data(), M, K, a)) {
+        t.check(0.0f, 1.0f, 0.0f, shape({type}) + " not run though gemm_ggml_types has it");
+        continue;
+      }
+      std::vector<uint8_t> xq(M * xld);
+      for (int64_t m = 0; m < M; ++m) ggml_quantize_row(kGgmlQ8_K, &x[m * K], K, &xq[m * xld]);
+      ref.linear_ggml(xq.data(), xld, M, K, ar, 0, N);
+      std::vector<float> wr(N * K);
+      ref.ggml_dequantize(type, w.data(), ld, K, 0, N, wr.data());
+      for (int64_t m = 0; m < M; ++m) {
+        const auto xf = ggml_activations(kGgmlQ8_K, &xq[m * xld], K);
+        for (int64_t n = 0; n < ldy; ++n) {
+          const std::string where = shape({type, M, K, N, m, n});
+          if (n >= N) {
+            t.check(y[m * ldy + n], -7.0f, 0.0f, where);
+            continue;
+          }
+          double mag = 0.0;
+          for (int64_t k = 0; k < K; ++k) mag += std::fabs((double)wr[n * K + k] * xf[k]);
+          t.check(y[m * ldy + n], yr[m * ldy + n], 2e-5f * (float)mag + 1e-30f, where);
+        }
+      }
+    }
+  }
+}
+
 // One level's table against the reference: every entry its feature bits turn on.
 Tally run(const Kernels& kt, const Kernels& ref) {
   Tally t{kt.name};
@@ -430,6 +478,7 @@ Tally run(const Kernels& kt, const Kernels& ref) {
   }
   if (kt.features & kInt8Gemm) check_8da4w(t, kt, ref);
   if (kt.features & kGgml) check_ggml(t, kt, ref);
+  if (kt.features & kGgmlGemm) check_ggml_gemm(t, kt, ref);
   return t;
 }
 

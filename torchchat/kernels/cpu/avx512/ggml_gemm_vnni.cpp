@@ -1,0 +1,253 @@
+// Prefill on GGUF's K-quants (Q4_K, Q5_K, Q6_K) in integers with AVX512-VNNI: the GEMM of many
+// tokens, each quantized to Q8_K as decode's are (GgmlGemmActs, common/ggml.h).
+//
+// Lanes are tokens: a vector holds 4 consecutive activation codes (+ 128, unsigned) of 16 tokens
+// and vpdpbusd multiplies it by 4 codes of one weight row, broadcast, so a row's codes are read
+// in their own order -- unpacked once per super-block to signed bytes (Q6_K's minus 32) -- and no
+// weight layout is made. A sub-block's integer sums (exact) are multiplied by its integer scale
+// and summed over the super-block (exact, as ggml's sumi); the +128 of the activations comes off
+// as 128 times the row's own sum of scaled codes. Each super-block then adds in fp32
+// d_x * d_w * sumi and subtracts d_x * dmin * sum_j m_j * bsum_j (Q4_K, Q5_K), as ggml's dot
+// products do, so prefill and decode compute the same sums; only the fp32 order over
+// super-blocks differs.
+#include <algorithm>
+#include <cstring>
+
+#include "../common/ggml.h"
+#include "vec.h"
+
+namespace torchchat::cpu::avx512 {
+namespace {
+
+constexpr int kRows = 4;  // weight rows of a tile (broadcast operands)
+constexpr int kTv = 4;    // token vectors of a tile (16 tokens each)
+
+// One super-block of one weight row, unpacked: codes in k order, per-sub-block scales and mins.
+struct Unpacked {
+  alignas(64) int8_t codes[256];
+  int32_t sc[16];  // Q6_K: 16 sub-blocks of 16; Q4_K, Q5_K: 8 of 32
+  float mn[8];     // Q4_K, Q5_K: the sub-blocks' mins
+  float d, dmin;
+  int32_t wsum;  // sum_j sc_j * (sum of sub-block j's codes): the +128's share
+};
+
+inline void scale_min_k4(int j, const uint8_t* q, int32_t& sc, int32_t& m) {
+  if (j < 4) {
+    sc = q[j] & 63;
+    m = q[j + 4] & 63;
+  } else {
+    sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+    m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+  }
+}
+
+// 64 bytes of nibble pairs (bytes i and 32 + i of two 32-value runs) -> codes of 128 values in
+// order: low nibbles of bytes 0-31 (k 0-31), their high nibbles (k 32-63), then bytes 32-63's.
+inline void nibbles_in_order(const uint8_t* qs, __m512i& k0, __m512i& k1) {
+  const __m512i v = _mm512_loadu_si512((const void*)qs), m = _mm512_set1_epi8(0x0F);
+  const __m512i lo = _mm512_and_si512(v, m), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), m);
+  k0 = _mm512_shuffle_i64x2(lo, hi, 0x44);  // lo[0:32], hi[0:32]
+  k1 = _mm512_shuffle_i64x2(lo, hi, 0xEE);  // lo[32:64], hi[32:64]
+}
+
+// Sums of each 8 codes of u.codes (Q6_K's plus 32: vpsadbw sums unsigned bytes), 32 of them.
+inline void sums_of_8(const Unpacked& u, int32_t bias, int64_t* s8) {
+  const __m512i plus = _mm512_set1_epi8((char)bias);
+  for (int i = 0; i < 4; ++i) {
+    const __m512i c = _mm512_add_epi8(_mm512_load_si512((const void*)(u.codes + 64 * i)), plus);
+    _mm512_storeu_si512((void*)(s8 + 8 * i), _mm512_sad_epu8(c, _mm512_setzero_si512()));
+  }
+}
+
+// wsum = sum_j sc_j * (sum of sub-block j's codes), sub-blocks of S codes.
+template <int S>
+inline void weight_sum(Unpacked& u, int32_t bias) {
+  alignas(64) int64_t s8[32];
+  sums_of_8(u, bias, s8);
+  u.wsum = 0;
+  for (int j = 0; j < 256 / S; ++j) {
+    int64_t w = -(int64_t)bias * S;
+    for (int i = 0; i < S / 8; ++i) w += s8[j * S / 8 + i];
+    u.wsum += u.sc[j] * (int32_t)w;
+  }
+}
+
+void unpack_q4_k(const BlockQ4_K& b, Unpacked& u) {
+  __m512i k[4];
+  nibbles_in_order(b.qs, k[0], k[1]);
+  nibbles_in_order(b.qs + 64, k[2], k[3]);
+  for (int i = 0; i < 4; ++i) _mm512_store_si512((void*)(u.codes + 64 * i), k[i]);
+  u.d = half_to_float(b.d);
+  u.dmin = half_to_float(b.dmin);
+  for (int j = 0; j < 8; ++j) {
+    int32_t m;
+    scale_min_k4(j, b.scales, u.sc[j], m);
+    u.mn[j] = (float)m;
+  }
+  weight_sum<32>(u, 0);
+}
+
+void unpack_q5_k(const BlockQ5_K& b, Unpacked& u) {
+  __m512i k[4];
+  nibbles_in_order(b.qs, k[0], k[1]);
+  nibbles_in_order(b.qs + 64, k[2], k[3]);
+  // bit 2c (runs 2c) and 2c + 1 (runs 2c + 1) of qh[l] is bit 4 of value l of run 2c / 2c + 1
+  const __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)b.qh));
+  const __m512i sixteen = _mm512_set1_epi8(16);
+  for (int c = 0; c < 4; ++c) {
+    const __m512i lo = _mm512_set1_epi8((char)(1 << (2 * c))),
+                  hi = _mm512_set1_epi8((char)(1 << (2 * c + 1)));
+    const __m512i bit = _mm512_mask_blend_epi64(0xF0, lo, hi);  // runs 2c (low), 2c + 1 (high)
+    const __mmask64 set = _mm512_test_epi8_mask(qh, bit);
+    k[c] = _mm512_mask_add_epi8(k[c], set, k[c], sixteen);
+    _mm512_store_si512((void*)(u.codes + 64 * c), k[c]);
+  }
+  u.d = half_to_float(b.d);
+  u.dmin = half_to_float(b.dmin);
+  for (int j = 0; j < 8; ++j) {
+    int32_t m;
+    scale_min_k4(j, b.scales, u.sc[j], m);
+    u.mn[j] = (float)m;
+  }
+  weight_sum<32>(u, 0);
+}
+
+void unpack_q6_k(const BlockQ6_K& b, Unpacked& u) {
+  const __m512i m4 = _mm512_set1_epi8(0x0F), m2 = _mm512_set1_epi8(3),
+                off = _mm512_set1_epi8(32);
+  for (int h = 0; h < 2; ++h) {  // 128 values: ql[64h..], qh[32h..]
+    const __m512i ql = _mm512_loadu_si512((const void*)(b.ql + 64 * h));
+    const __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(b.qh + 32 * h)));
+    // values l, 32 + l: low nibbles of ql[l], ql[32 + l] and qh bits 0-1, 2-3;
+    // values 64 + l, 96 + l: high nibbles and qh bits 4-5, 6-7
+    const __m512i s01 = _mm512_mask_blend_epi64(0xF0, _mm512_set1_epi16(0), _mm512_set1_epi16(2));
+    const __m512i s23 = _mm512_mask_blend_epi64(0xF0, _mm512_set1_epi16(4), _mm512_set1_epi16(6));
+    const __m512i h0 = _mm512_and_si512(_mm512_srlv_epi16(qh, s01), m2);
+    const __m512i h1 = _mm512_and_si512(_mm512_srlv_epi16(qh, s23), m2);
+    const __m512i a = _mm512_or_si512(_mm512_and_si512(ql, m4), _mm512_slli_epi16(h0, 4));
+    const __m512i c = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql, 4), m4),
+                                      _mm512_slli_epi16(h1, 4));
+    _mm512_store_si512((void*)(u.codes + 128 * h), _mm512_sub_epi8(a, off));
+    _mm512_store_si512((void*)(u.codes + 128 * h + 64), _mm512_sub_epi8(c, off));
+  }
+  u.d = half_to_float(b.d);
+  u.dmin = 0.0f;
+  for (int j = 0; j < 16; ++j) u.sc[j] = b.scales[j];
+  weight_sum<16>(u, 32);
+}
+
+// Tokens [16 t0, 16 (t0 + TV)) x rows r0..r0 + R of super-block sb, added into the tile's fp32
+// sums f (d * sumi) and g (dmin * summs): [R][TV] vectors.
+template <int R, int TV, int S>
+void tile(const GgmlGemmActs& x, int64_t sb, int64_t t0, const Unpacked* w, bool mins,
+          __m512* f, __m512* g) {
+  constexpr int nsub = 256 / S;
+  __m512i si[R][TV];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < TV; ++t) si[r][t] = _mm512_setzero_si512();
+  const uint8_t* base = x.u + (sb * 64 * x.T + t0) * 64;
+  for (int j = 0; j < nsub; ++j) {
+    __m512i acc[R][TV];
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < TV; ++t) acc[r][t] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+    for (int kq = j * S / 4; kq < (j + 1) * S / 4; ++kq) {
+      __m512i a[TV];
+      for (int t = 0; t < TV; ++t) a[t] = _mm512_loadu_si512((const void*)(base + (kq * x.T + t) * 64));
+      for (int r = 0; r < R; ++r) {
+        int32_t four;
+        std::memcpy(&four, w[r].codes + 4 * kq, 4);
+        const __m512i b = _mm512_set1_epi32(four);
+        for (int t = 0; t < TV; ++t) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], a[t], b);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m512i sc = _mm512_set1_epi32(w[r].sc[j]);
+      for (int t = 0; t < TV; ++t)
+        si[r][t] = _mm512_add_epi32(si[r][t], _mm512_mullo_epi32(acc[r][t], sc));
+    }
+  }
+  const float* dx = x.d + sb * x.T * 16 + t0 * 16;
+  const float* bsum = x.bsum32 + sb * 8 * x.T * 16 + t0 * 16;
+  for (int t = 0; t < TV; ++t) {
+    const __m512 d = _mm512_loadu_ps(dx + 16 * t);
+    for (int r = 0; r < R; ++r) {
+      const __m512i exact = _mm512_sub_epi32(si[r][t], _mm512_set1_epi32(128 * w[r].wsum));
+      f[r * TV + t] = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(w[r].d)),
+                                      _mm512_cvtepi32_ps(exact), f[r * TV + t]);
+      if (mins) {  // sum_j m_j * bsum_j: exact in fp32 (< 2^24)
+        __m512 s = _mm512_setzero_ps();
+        for (int j = 0; j < 8; ++j)
+          s = _mm512_fmadd_ps(_mm512_set1_ps(w[r].mn[j]),
+                              _mm512_loadu_ps(bsum + j * x.T * 16 + 16 * t), s);
+        g[r * TV + t] = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(w[r].dmin)), s,
+                                        g[r * TV + t]);
+      }
+    }
+  }
+}
+
+template <int R, int TV>
+void rows_tokens(const GgmlGemmActs& x, int64_t K, const Matrix& a, int64_t n0, int64_t t0,
+                 const Unpacked* all) {
+  __m512 f[R * TV], g[R * TV];
+  for (int i = 0; i < R * TV; ++i) f[i] = g[i] = _mm512_setzero_ps();
+  const bool q6 = a.type == kGgmlQ6_K;
+  for (int64_t sb = 0; sb < K / 256; ++sb) {
+    const Unpacked* w = all + sb * kRows;
+    if (q6)
+      tile<R, TV, 16>(x, sb, t0, w, false, f, g);
+    else
+      tile<R, TV, 32>(x, sb, t0, w, true, f, g);
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < TV; ++t) {
+      alignas(64) float out[16];
+      _mm512_store_ps(out, _mm512_sub_ps(f[r * TV + t], g[r * TV + t]));
+      const int64_t m0 = 16 * (t0 + t);
+      for (int i = 0; i < 16 && m0 + i < x.M; ++i) a.y[(m0 + i) * a.ldy + n0 + r] = out[i];
+    }
+}
+
+template <int R>
+void rows(const GgmlGemmActs& x, int64_t K, const Matrix& a, int64_t n0, const Unpacked* all) {
+  int64_t t = 0;
+  for (; t + kTv <= x.T; t += kTv) rows_tokens<R, kTv>(x, K, a, n0, t, all);
+  switch (x.T - t) {
+    case 3: rows_tokens<R, 3>(x, K, a, n0, t, all); break;
+    case 2: rows_tokens<R, 2>(x, K, a, n0, t, all); break;
+    case 1: rows_tokens<R, 1>(x, K, a, n0, t, all); break;
+    default: break;
+  }
+}
+
+}  // namespace
+
+void gemm_ggml_k_vnni(const GgmlGemmActs& x, int64_t K, const Matrix& a, int64_t n0,
+                      int64_t n1) {
+  const int64_t nsb = K / 256, bytes = ggml_layout(a.type)->bytes;
+  std::vector<Unpacked> all(nsb * kRows);  // kRows rows' super-blocks, sb-major
+  for (int64_t n = n0; n < n1; n += kRows) {
+    const int R = (int)std::min<int64_t>(kRows, n1 - n);
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* row = static_cast<const uint8_t*>(a.w) + (n + r) * a.ld;
+      for (int64_t sb = 0; sb < nsb; ++sb) {
+        const uint8_t* blk = row + sb * bytes;
+        Unpacked& u = all[sb * kRows + r];
+        switch (a.type) {
+          case kGgmlQ4_K: unpack_q4_k(*reinterpret_cast<const BlockQ4_K*>(blk), u); break;
+          case kGgmlQ5_K: unpack_q5_k(*reinterpret_cast<const BlockQ5_K*>(blk), u); break;
+          default: unpack_q6_k(*reinterpret_cast<const BlockQ6_K*>(blk), u); break;
+        }
+      }
+    }
+    switch (R) {
+      case 4: rows<4>(x, K, a, n, all.data()); break;
+      case 3: rows<3>(x, K, a, n, all.data()); break;
+      case 2: rows<2>(x, K, a, n, all.data()); break;
+      default: rows<1>(x, K, a, n, all.data()); break;
+    }
+  }
+}
+
+}  // namespace torchchat::cpu::avx512
