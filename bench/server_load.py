@@ -1,12 +1,22 @@
-"""Load test of `torchchat server`: N streamed chat requests at a fixed concurrency.
+"""Load test of `torchchat server`: streamed chat requests, in one of three scenarios.
 
-    python bench/server_load.py [--requests 500] [--concurrency 16] [--max-tokens 64]
-                                [--max-batch 8] [--threads N]
+    python bench/server_load.py [--scenario load|shared-prefix|long-arrival] [--model PATH]
+                                [--requests 500] [--concurrency 16] [--max-tokens 64]
+                                [--max-batch 8] [--threads N] [--server-arg=--prefill-chunk=32 ...]
 
-Starts `torchchat server` on stories260K (from ../shared/models) on a free loopback port in its
-own process, sends the requests with httpx (streaming, `include_usage`), and prints latency
-percentiles, time to first token and aggregate completion tokens/s as a Markdown table. Exits 1
-if any request failed. Traffic goes to 127.0.0.1 only; the run is bounded in count and time.
+- load: N requests at a fixed concurrency; latency percentiles, time to first token, aggregate
+  completion tokens/s.
+- shared-prefix: one chat with a system prompt of --prefix-tokens tokens, then --concurrency - 1
+  chats with the same system prompt at once; each one's time to first token and cached_tokens
+  (the target: requests 2..N at most 1/4 of the first's time to first token).
+- long-arrival: --concurrency - 1 streams decode; once each has tokens flowing, a prompt of
+  --prompt-tokens tokens arrives. The running streams' inter-token latencies, median and p99
+  (the target: p99 at most 3x the median). The model's context must hold the prompt.
+
+Starts `torchchat server` (stories260K from ../shared/models by default) on a free loopback port
+in its own process, sends the requests with httpx (streaming, `include_usage`), and prints a
+Markdown table. Exits 1 if any request failed. Traffic goes to 127.0.0.1 only; the run is
+bounded in count and time.
 """
 
 from __future__ import annotations
@@ -49,13 +59,18 @@ def free_port() -> int:
 
 
 def start_server(
-    model: Path, port: int, max_queue: int, threads: int | None, max_batch: int | None
+    model: Path,
+    port: int,
+    max_queue: int,
+    threads: int | None,
+    max_batch: int | None,
+    extra: list[str] = (),
 ) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "torchchat", "server", str(model), "--port", str(port)]
-    cmd += ["--max-queue", str(max_queue), "--quiet"]
+    cmd += ["--max-queue", str(max_queue), "--quiet", "--max-tokens-limit", "8192"]
     cmd += ["--max-batch", str(max_batch)] if max_batch else []
     cmd += ["--threads", str(threads)] if threads else []
-    return subprocess.Popen(cmd, cwd=REPO, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([*cmd, *extra], cwd=REPO, stderr=subprocess.PIPE, text=True)
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -72,10 +87,20 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 120) -> None
     raise SystemExit("server did not become healthy")
 
 
-async def one_request(client: httpx.AsyncClient, i: int, max_tokens: int) -> Outcome:
+async def one_request(
+    client: httpx.AsyncClient,
+    i: int,
+    max_tokens: int,
+    system: str | None = None,
+    user: str | None = None,
+    arrivals: list[float] | None = None,
+) -> Outcome:
+    """One streamed chat; `arrivals` gets the time of every content chunk."""
     subject = SUBJECTS[i % len(SUBJECTS)]
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": user or f"Tell me story {i} about a {subject}."})
     body = {
-        "messages": [{"role": "user", "content": f"Tell me story number {i} about a {subject}."}],
+        "messages": messages,
         "max_tokens": max_tokens,
         "temperature": 0.8,
         "seed": i,
@@ -99,12 +124,11 @@ async def one_request(client: httpx.AsyncClient, i: int, max_tokens: int) -> Out
                     return Outcome(False, error=str(chunk["error"]))
                 if chunk.get("usage"):
                     usage = chunk["usage"]
-                elif (
-                    ttft is None
-                    and chunk["choices"]
-                    and chunk["choices"][0]["delta"].get("content")
-                ):
-                    ttft = time.perf_counter() - t0
+                elif chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                    if arrivals is not None:
+                        arrivals.append(time.perf_counter())
+                    if ttft is None:
+                        ttft = time.perf_counter() - t0
     except httpx.HTTPError as e:
         return Outcome(False, error=f"{type(e).__name__}: {e}")
     if not done or usage is None:
@@ -179,6 +203,70 @@ def report(outcomes: list[Outcome], wall_s: float, args: argparse.Namespace) -> 
     return "\n".join(lines)
 
 
+def text_of(url: str, tokens: int) -> str:
+    """Story text of about `tokens` tokens of the server's tokenizer (counted by /tokenize)."""
+    sentence = "The little cat walked to the big tree and saw a bird sing in the sun. "
+    n = max(1, tokens // 20)
+    while True:
+        text = sentence * n
+        count = httpx.post(url + "/tokenize", json={"prompt": text}).json()["count"]
+        if count >= tokens:
+            return text
+        n = max(n + 1, n * tokens // max(count, 1))
+
+
+async def shared_prefix(url: str, args: argparse.Namespace) -> tuple[list[tuple], list[Outcome]]:
+    system = text_of(url, args.prefix_tokens)
+    async with httpx.AsyncClient(base_url=url, timeout=REQUEST_TIMEOUT_S) as client:
+        first = await one_request(client, 0, args.max_tokens, system)
+        rest = await asyncio.gather(
+            *(one_request(client, i, args.max_tokens, system) for i in range(1, args.concurrency))
+        )
+    outcomes = [first, *rest]
+    ok = [o for o in rest if o.ok]
+    ttfts = [o.ttft_s for o in ok] or [0.0]
+    rows = [
+        ("system prompt", f"~{args.prefix_tokens} tokens, then {len(rest)} chats at once"),
+        ("request 1: time to first token / cached", f"{first.ttft_s:.3f} s / {first.cached_tokens}"),
+        ("requests 2..N: time to first token median / max", f"{statistics.median(ttfts):.3f} s / {max(ttfts):.3f} s"),
+        ("requests 2..N: max TTFT / request 1's", f"{max(ttfts) / max(first.ttft_s, 1e-9):.3f} (target <= 0.25)"),
+        ("requests 2..N: cached tokens min / max", f"{min(o.cached_tokens for o in ok)} / {max(o.cached_tokens for o in ok)}" if ok else "-"),
+    ]  # fmt: skip
+    return rows, outcomes
+
+
+async def long_arrival(url: str, args: argparse.Namespace) -> tuple[list[tuple], list[Outcome]]:
+    long_text = text_of(url, args.prompt_tokens)
+    streams = args.concurrency - 1
+    arrivals: list[list[float]] = [[] for _ in range(streams)]
+    async with httpx.AsyncClient(base_url=url, timeout=REQUEST_TIMEOUT_S) as client:
+        running = [
+            asyncio.create_task(one_request(client, i, args.max_tokens, arrivals=arrivals[i]))
+            for i in range(streams)
+        ]
+        while min(map(len, arrivals)) < 5:  # every stream is decoding
+            await asyncio.sleep(0.01)
+        at = time.perf_counter()
+        late = await one_request(client, streams, 1, user=long_text)
+        outcomes = [*(await asyncio.gather(*running)), late]
+    gaps = [b - a for times in arrivals for a, b in zip(times, times[1:], strict=False)]
+    during = [
+        b - a for times in arrivals for a, b in zip(times, times[1:], strict=False) if b > at
+    ][: streams * 200]
+    med, p99 = statistics.median(gaps), percentile(gaps, 99)
+    rows = [
+        ("running streams", f"{streams}, max_tokens {args.max_tokens}"),
+        (
+            "arriving prompt",
+            f"~{args.prompt_tokens} tokens, time to first token {late.ttft_s:.3f} s",
+        ),
+        ("inter-token latency median / p99", f"{med * 1e3:.1f} ms / {p99 * 1e3:.1f} ms"),
+        ("p99 / median", f"{p99 / med:.2f} (target <= 3)"),
+        ("largest gap after the arrival", f"{max(during or [0]) * 1e3:.1f} ms"),
+    ]
+    return rows, outcomes
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", type=Path, default=STORIES)
@@ -187,21 +275,40 @@ def main() -> int:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, help="the server's torch threads (default: torch's)")
     p.add_argument("--max-batch", type=int, help="the server's --max-batch (default: its own)")
+    p.add_argument("--scenario", choices=["load", "shared-prefix", "long-arrival"], default="load")
+    p.add_argument("--prefix-tokens", type=int, default=1000, help="shared-prefix: system prompt")
+    p.add_argument("--prompt-tokens", type=int, default=2000, help="long-arrival: its prompt")
+    p.add_argument(
+        "--server-arg", action="append", default=[], help="extra server argument (repeatable)"
+    )
     args = p.parse_args()
     if not 1 <= args.requests <= 10_000 or not 1 <= args.concurrency <= 64:
         p.error("--requests must be 1..10000 and --concurrency 1..64")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = start_server(args.model, port, args.concurrency, args.threads, args.max_batch)
+    proc = start_server(
+        args.model, port, args.concurrency, args.threads, args.max_batch, args.server_arg
+    )
     try:
         wait_healthy(url, proc)
-        outcomes, wall = asyncio.run(
-            run_load(url, args.requests, args.concurrency, args.max_tokens)
-        )
+        if args.scenario == "load":
+            outcomes, wall = asyncio.run(
+                run_load(url, args.requests, args.concurrency, args.max_tokens)
+            )
+            print(report(outcomes, wall, args))
+        else:
+            run = shared_prefix if args.scenario == "shared-prefix" else long_arrival
+            rows, outcomes = asyncio.run(run(url, args))
+            server = " ".join([f"--max-batch {args.max_batch or 'default'}", *args.server_arg])
+            print(f"Server {args.scenario}: {args.model.name} ({server}), {os.cpu_count()} cores")
+            print("\n| metric | value |\n|---|---|")
+            print("\n".join(f"| {k} | {v} |" for k, v in rows))
+            for o in outcomes:
+                if not o.ok:
+                    print(f"error: {o.error}")
     finally:
         proc.terminate()
         proc.wait(30)
-    print(report(outcomes, wall, args))
     return 0 if all(o.ok for o in outcomes) else 1
 
 

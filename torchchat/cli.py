@@ -215,7 +215,27 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
         "--max-batch",
         type=int,
         default=8,
-        help="choices decoded together, one KV cache slot each (default 8; 1: one at a time)",
+        help="choices generated together, each step computing only theirs (default 8; "
+        "1: one at a time)",
+    )
+    p.add_argument(
+        "--kv-blocks",
+        type=int,
+        help="most blocks the paged KV cache grows to (default: max-batch full contexts); it "
+        "starts empty and grows with the tokens in use",
+    )
+    p.add_argument(
+        "--block-size",
+        type=int,
+        default=16,
+        help="positions per KV block; prompts sharing whole blocks share their cache (default 16)",
+    )
+    p.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=32,
+        help="prompt tokens computed per step while other choices decode, so a long prompt "
+        "does not stall them (default 32; with none decoding a prompt goes whole)",
     )
     p.add_argument(
         "--max-tokens-limit", type=int, default=4096, help="most tokens a completion may ask for"
@@ -479,6 +499,9 @@ def run_server(a: argparse.Namespace, open_browser: bool = False) -> None:
         chat_template=a.chat_template,
         max_queue=a.max_queue,
         max_batch=a.max_batch,
+        kv_blocks=a.kv_blocks,
+        block_size=a.block_size,
+        prefill_chunk=a.prefill_chunk,
         max_tokens_limit=a.max_tokens_limit,
         max_n=a.max_n,
         max_prompt_chars=a.max_prompt_chars,

@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 from tests.support import REPO, SHARED, STORIES_BIN, STORIES_TOK, greedy
-from torchchat import kernels
 from torchchat.builder import build_model
 from torchchat.errors import TorchchatError
 from torchchat.options import ExecutionOptions, ModelOptions, QuantizeOptions, SourceOptions
@@ -287,7 +286,8 @@ def test_gptq_calibrated_on_tasks_from_the_cli(tmp_path):
 
 def test_compile_of_packed_kernels_behind_fp32_is_a_clean_error(monkeypatch):
     """aten's int4/int8 pack kernels behind fp32 activations break inductor: a compiled prefill
-    holds them always, a compiled decode step only without torchchat's own CPU kernels."""
+    holds them always, a compiled decode step only without torchchat's own CPU kernels (the
+    server's paged steps are never compiled)."""
     spec = json.dumps({"linear:int4": {"groupsize": 32}})
     with pytest.raises(TorchchatError, match='"precision": {"dtype": "bf16"}'):
         build_model(
@@ -297,17 +297,6 @@ def test_compile_of_packed_kernels_behind_fp32_is_a_clean_error(monkeypatch):
                 execution=ExecutionOptions(compile_prefill=True),
             )
         )
-    if kernels.simd_level() & kernels.INT4:  # a compiled batch of more rows than ours take
-        runtime = build_model(
-            ModelOptions(
-                source=SourceOptions(checkpoint_path=STORIES_BIN),
-                quantization=QuantizeOptions(recipe=spec),
-                execution=ExecutionOptions(compile=True),
-            )
-        ).runtime
-        with pytest.raises(TorchchatError, match="--max-batch 16"):
-            runtime.setup_batch(16)
-        runtime.setup_batch(kernels.MAX_ROWS)
     monkeypatch.setattr("torchchat.kernels._enabled", False)
     monkeypatch.setattr("torchchat.kernels.simd_level", lambda: 0)
     with pytest.raises(TorchchatError, match='"precision": {"dtype": "bf16"}'):

@@ -24,8 +24,9 @@ def test_fused_decode_applies_only_where_it_runs_the_same_model():
     model = fused_model(None, None)
     runtime = EagerRuntime(model, 40)
     assert runtime.fused_decode
-    runtime.setup_batch(2)  # two sequences: the fused step is for one
-    assert runtime._plan is None
+    model.setup_caches(2, 40)  # two sequences: the fused step is for one
+    assert not runtime.fuse_decode()
+    model.setup_caches(1, 40)
     handle = model.layers[1].feed_forward.w2.register_forward_hook(lambda *a: None)
     assert not EagerRuntime(model, 40).fused_decode  # a hook must see its module run
     handle.remove()

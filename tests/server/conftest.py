@@ -157,8 +157,8 @@ class ScriptedRuntime(ModelRuntime):
 
 
 class SlowBatchRuntime(ModelRuntime):
-    """Wraps a runtime that batches: each batched decode step takes `delay` seconds longer and
-    is logged as (start time, indices of the slots it advanced)."""
+    """Wraps a runtime with a paged KV cache: each paged step takes `delay` seconds longer and
+    is logged as (start time, ids of the sequences it fed)."""
 
     def __init__(self, inner: ModelRuntime, delay: float):
         super().__init__()
@@ -166,25 +166,23 @@ class SlowBatchRuntime(ModelRuntime):
         self.args, self.max_seq_len = inner.args, inner.max_seq_len
         self.weight_bytes, self.device = inner.weight_bytes, inner.device
         self.steps: list[tuple[float, set[int]]] = []
+        self.fed: list[dict[int, int]] = []  # per step: tokens fed to each sequence
 
-    @property
-    def max_batch(self) -> int:
-        return self.inner.max_batch
+    def setup_paged(self, block_size):
+        self.block_size = block_size
+        return self.inner.setup_paged(block_size)
 
-    def setup_batch(self, max_batch):
-        self.inner.setup_batch(max_batch)
+    def reserve_blocks(self, blocks):
+        self.inner.reserve_blocks(blocks)
+
+    def kv_cache_bytes(self):
+        return self.inner.kv_cache_bytes()
 
     def forward(self, tokens, start_pos):
         return self.inner.forward(tokens, start_pos)
 
-    def prefill_slot(self, tokens, start_pos, slot):
-        return self.inner.prefill_slot(tokens, start_pos, slot)
-
-    def copy_slot(self, src, dst, length):
-        self.inner.copy_slot(src, dst, length)
-
-    def decode_batch(self, tokens, positions):
-        active = {i for i, p in enumerate(positions.tolist()) if p >= 0}
-        self.steps.append((time.monotonic(), active))
+    def step(self, chunks):
+        self.steps.append((time.monotonic(), {c.seq for c in chunks}))
+        self.fed.append({c.seq: len(c.tokens) for c in chunks})
         time.sleep(self.delay)
-        return self.inner.decode_batch(tokens, positions)
+        return self.inner.step(chunks)

@@ -1,6 +1,7 @@
 """Continuous batching in the engine: choices decoded together give exactly what each gives
-alone, a cancelled choice leaves its slot within one step, prompts stay cached per slot, and a
-full queue still answers 503, and a burst fills free slots before the queue."""
+alone, a cancelled choice leaves the batch within one step, prompts share cached KV blocks, a
+long prompt is prefilled in chunks between the others' decode steps, a full KV pool preempts,
+a full queue still answers 503, and a burst fills free seats before the queue."""
 
 from __future__ import annotations
 
@@ -93,9 +94,10 @@ def make_job(tokenizer, spec) -> Job:
 
 def test_together_equals_alone(built):
     tok = built.tokenizer
-    engine = Engine(built.runtime, tok, max_queue=16, max_batch=4)
+    # Small blocks and chunks: prompts share blocks, and are prefilled between decode steps.
+    engine = Engine(built.runtime, tok, max_queue=16, max_batch=4, block_size=4, prefill_chunk=3)
     try:
-        assert engine.batched and len(engine.slots) == 4
+        assert engine.batched and engine.max_batch == 4
         alone = [outcome(run_jobs(engine, lambda s=s: [make_job(tok, s)])[0]) for s in SPECS]
         steps, rows = engine.stats.decode_steps, engine.stats.decode_rows
         together = run_jobs(engine, lambda: [make_job(tok, s) for s in SPECS])
@@ -117,11 +119,19 @@ def test_together_equals_alone(built):
     assert reasons == {"stop", "length"}  # stop strings were hit, budgets too
 
 
-def test_prompts_stay_cached_per_slot(built):
+def first_tokens(events: list) -> list[int]:
+    """The generated token ids of choice 0 (from its logprobs)."""
+    return [lp.token for e in events if isinstance(e, Piece | Finish) for lp in e.logprobs]
+
+
+def test_prompts_share_cached_blocks(built):
     tok = built.tokenizer
     first = tok.encode("Once upon a time there was a little girl", bos=True)
     second = tok.encode("The big brown dog ran to the park", bos=True)
-    engine = Engine(built.runtime, tok, max_batch=2)
+    engine = Engine(built.runtime, tok, max_batch=2, block_size=4)
+
+    def blocks(n: int) -> int:  # tokens in the full 4-token blocks of n tokens
+        return n // 4 * 4
 
     def cached(*prompts: list[int]) -> list[int]:
         jobs = run_jobs(engine, lambda: [Job([Choice(0, p, 3, GREEDY)]) for p in prompts])
@@ -129,23 +139,101 @@ def test_prompts_stay_cached_per_slot(built):
 
     try:
         assert cached(first) == [0]  # a fresh engine holds nothing
-        assert cached(second) == [1]  # just BOS in common: the other slot takes it
-        # Each prompt is still in its own slot: only its last token is fed again.
-        assert cached(first) == [len(first) - 1]
-        assert cached(second) == [len(second) - 1]
-        assert cached(first, second) == [len(first) - 1, len(second) - 1]
-        # Two choices of one new prompt: the second copies the first's prefill.
+        assert cached(second) == [0]  # just BOS in common: no full block
+        # Each prompt's blocks stay cached after it ends; the last token is always fed again.
+        assert cached(first) == [blocks(len(first) - 1)]
+        assert cached(second) == [blocks(len(second) - 1)]
+        assert cached(first, second) == [blocks(len(first) - 1), blocks(len(second) - 1)]
+        # Two choices of one new prompt: the second waits for the first's blocks, then shares them.
         third = tok.encode("Ben liked to play", bos=True)
         jobs = run_jobs(
             engine, lambda: [Job([Choice(0, third, 3, GREEDY), Choice(1, third, 3, GREEDY)])]
         )
         finishes = sorted((e for e in jobs[0] if isinstance(e, Finish)), key=lambda f: f.index)
-        assert [f.cached_tokens for f in finishes] == [1, len(third) - 1]
+        assert [f.cached_tokens for f in finishes] == [0, blocks(len(third) - 1)]
+        # A chat's next turn: the earlier turn's prompt and reply (blocks filled while decoding).
+        [events] = run_jobs(engine, lambda: [Job([Choice(0, second, 12, GREEDY)], (), 0)])
+        reply = first_tokens(events)
+        turn = [*second, *reply, *tok.encode("and then", bos=False)]
+        assert cached(turn) == [blocks(len(second) + len(reply) - 1)]  # the last was never fed
     finally:
         engine.close()
 
 
-def test_cancelled_choice_leaves_its_slot_within_one_step(built):
+def test_a_long_prompt_is_prefilled_between_decode_steps(built):
+    """While two choices decode, a long prompt arrives: every step still advances both, and
+    takes at most `prefill_chunk` tokens of the prompt."""
+    tok = built.tokenizer
+    slow = SlowBatchRuntime(built.runtime, 0.01)
+    engine = Engine(slow, tok, max_batch=4, prefill_chunk=5)
+    long_prompt = tok.encode(" ".join(["Once upon a time there was a cat."] * 8), bos=True)
+
+    async def run() -> None:
+        runners = [Job([Choice(0, tok.encode(p, bos=True), 80, GREEDY)]) for p in ("A", "The")]
+        for job in runners:
+            engine.submit(job)
+        for job in runners:
+            for _ in range(3):  # both are decoding
+                assert isinstance(await job.next_event(), Piece)
+        late = Job([Choice(0, long_prompt, 2, GREEDY)])
+        engine.submit(late)
+        await asyncio.gather(*(drain(job) for job in [*runners, late]))
+
+    try:
+        asyncio.run(run())
+        ids = {d.seq.id for d in engine._decoding.values()}
+    finally:
+        engine.close()
+    assert not ids
+    late = max(seq for fed in slow.fed for seq in fed)  # the last sequence started
+    chunks = [fed for fed in slow.fed if late in fed][:-1]  # then one decode step (2 tokens)
+    assert sum(fed[late] for fed in chunks) == len(long_prompt)
+    for fed in chunks:  # the two others decode in every step of the prompt's prefill
+        assert len(fed) == 3 and fed[late] <= 5 and sorted(fed.values())[:2] == [1, 1]
+    assert engine.stats.prefill_tokens >= len(long_prompt)
+
+
+def test_a_full_kv_pool_preempts_the_newest_and_everyone_finishes(built):
+    """Room for 48 positions (12 blocks of 4): three choices growing to ~40 each cannot all stay;
+    the newest gives its blocks back and is recomputed later, and every choice completes."""
+    tok = built.tokenizer
+    engine = Engine(built.runtime, tok, max_batch=3, kv_blocks=12, block_size=4)
+    specs = [(p, 34, (), GREEDY, 1, None) for p in ("Once upon a time", "The dog", "Lily")]
+    try:
+        together = run_jobs(engine, lambda: [make_job(tok, s) for s in specs])
+        assert engine.stats.preempted > 0
+        alone = [run_jobs(engine, lambda s=s: [make_job(tok, s)])[0] for s in specs]
+    finally:
+        engine.close()
+    for got, expected in zip(together, alone, strict=True):
+        assert outcome(got) == outcome(expected)
+        assert outcome(got)[0][1:3] == ("length", 34)
+
+
+def test_a_choice_larger_than_the_pool(built):
+    """A prompt longer than the whole pool is refused; a choice that grows past it alone ends
+    with finish_reason length."""
+    tok = built.tokenizer
+    engine = Engine(built.runtime, tok, max_batch=2, kv_blocks=4, block_size=4)
+    prompt = tok.encode("Once upon a time", bos=True)
+    try:
+        [events] = run_jobs(engine, lambda: [Job([Choice(0, prompt, 40, GREEDY)])])
+        finish = next(e for e in events if isinstance(e, Finish))
+        # 16 positions hold the prompt and all generated tokens but the last (never fed).
+        assert (finish.finish_reason, finish.completion_tokens) == ("length", 16 - len(prompt) + 1)
+
+        async def too_long() -> list:
+            job = Job([Choice(0, list(range(1, 20)), 4, GREEDY)])
+            engine.submit(job)
+            return await drain(job)
+
+        [failed] = asyncio.run(too_long())
+    finally:
+        engine.close()
+    assert failed.status == 400 and "does not fit the KV cache of 16 positions" in failed.message
+
+
+def test_cancelled_choice_leaves_the_batch_within_one_step(built):
     tok = built.tokenizer
     slow = SlowBatchRuntime(built.runtime, 0.02)
     engine = Engine(slow, tok, max_batch=3)
@@ -158,12 +246,12 @@ def test_cancelled_choice_leaves_its_slot_within_one_step(built):
         engine.submit(leave)
         for _ in range(5):  # both are decoding
             assert isinstance(await leave.next_event(), Piece)
-        slot = next(s.index for s in engine.slots if s.seq is not None and s.seq.job is leave)
+        slot = next(d.seq.id for d in engine._decoding.values() if d.job is leave)
         at = time.monotonic()
         leave.cancelled.set()
         while (last := await leave.next_event()) is not GONE:
             assert isinstance(last, Piece)
-        # The freed slot serves a new request while the first one goes on.
+        # The freed seat serves a new request while the first one goes on.
         late = Job([Choice(0, prompt, 5, GREEDY)])
         engine.submit(late)
         late_events = []
@@ -198,7 +286,7 @@ def test_serial_when_batching_is_off_or_unsupported(built):
         Engine(SlowRuntime(built.runtime, 0), tok, max_batch=8),  # no batched API
     ):
         engine.close()
-        assert not engine.batched and not engine.slots
+        assert not engine.batched
 
 
 def stream(http: httpx.Client, max_tokens: int) -> httpx.Response:
@@ -206,7 +294,7 @@ def stream(http: httpx.Client, max_tokens: int) -> httpx.Response:
     return http.send(http.build_request("POST", "/v1/completions", json=body), stream=True)
 
 
-def test_full_queue_is_503_when_every_slot_is_busy():
+def test_full_queue_is_503_when_every_seat_is_busy():
     holder = {}
 
     def load():
@@ -219,8 +307,8 @@ def test_full_queue_is_503_when_every_slot_is_busy():
         with srv.http() as c, srv.http() as d:
             engine = srv.engine
             first, second = stream(a, 30), stream(b, 30)
-            wait_for(lambda: engine.running == 2)  # both slots busy
-            third = stream(c, 5)  # waits for a slot: the queue (size 1) is now full
+            wait_for(lambda: engine.running == 2)  # both seats busy
+            third = stream(c, 5)  # waits for a seat: the queue (size 1) is now full
             wait_for(lambda: engine.waiting == 1)
             r = d.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
             assert r.status_code == 503
@@ -249,19 +337,19 @@ def test_max_batch_option():
 
 
 class GatedBatchRuntime(SlowBatchRuntime):
-    """Batched decode steps wait until `release` is set: nothing finishes before then."""
+    """Paged steps wait until `release` is set: nothing finishes before then."""
 
     def __init__(self, inner):
         super().__init__(inner, 0)
         self.release = threading.Event()
 
-    def decode_batch(self, tokens, positions):
+    def step(self, chunks):
         assert self.release.wait(60), "never released"
-        return super().decode_batch(tokens, positions)
+        return super().step(chunks)
 
 
-def test_burst_fills_free_slots_before_the_queue():
-    """12 simultaneous requests with 8 slots and a queue of 4 are all served; the 13th is 503."""
+def test_burst_fills_free_seats_before_the_queue():
+    """12 simultaneous requests with 8 seats and a queue of 4 are all served; the 13th is 503."""
     holder = {}
 
     def load():

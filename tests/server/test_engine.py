@@ -23,7 +23,7 @@ def built():
 
 
 def test_events_pieces_then_finish_then_end(built):
-    engine = Engine(built.runtime, built.tokenizer)
+    engine = Engine(built.runtime, built.tokenizer, block_size=2)
     prompt = built.tokenizer.encode("Once upon a time", bos=True)
 
     async def run():
@@ -36,7 +36,7 @@ def test_events_pieces_then_finish_then_end(built):
     finally:
         engine.close()
     assert isinstance(events[-1], End)
-    # The choices run side by side (one slot each): the shorter one finishes first.
+    # The choices run side by side: the shorter one finishes first.
     finishes = sorted((e for e in events if isinstance(e, Finish)), key=lambda f: f.index)
     assert [(f.index, f.completion_tokens, f.finish_reason) for f in finishes] == [
         (0, 20, "length"),
@@ -48,7 +48,8 @@ def test_events_pieces_then_finish_then_end(built):
         Generator(built.runtime, built.tokenizer).stream(prompt, max_new_tokens=20, sampling=GREEDY)
     )
     assert text0 == expected
-    assert finishes[1].cached_tokens == len(prompt) - 1  # the second choice reuses the prompt
+    # The second choice shares the prompt's full blocks (2 tokens each) but the last token's.
+    assert len(prompt) == 5 and finishes[1].cached_tokens == 4
 
 
 def test_logprobs_align_with_tokens(built):

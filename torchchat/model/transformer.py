@@ -1,8 +1,11 @@
 """The Llama-family Transformer: RMSNorm, RoPE (with Llama 3.1 scaling), GQA, SwiGLU, static KV cache.
 
-The cache has `max_batch` rows ("slots"). A forward either feeds rows slot.. at shared positions
-(S,) -- one sequence, the common case -- or feeds each row at its own positions (B, S), which
-lets one decode step serve many independent sequences at once (the server's batching).
+The static cache has `max_batch` rows; a forward feeds every row at the same positions (S,) --
+one sequence, the common case.
+
+Many sequences at once (the server's batching) go through `forward_paged` instead: their keys
+and values live in a pool of fixed-size blocks (`PagedKVCache`), and one call feeds each
+sequence its own new tokens -- one to decode, or a chunk of a prompt -- as rows of one batch.
 
 Weights use Meta's layout and names (`layers.N.attention.wq.weight`, ...): query/key rows are in
 interleaved-pair RoPE order, as in Meta's and llama2.c's checkpoints and GGUF files.
@@ -15,6 +18,7 @@ quantization swaps the linears; export takes the model as it is here.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -74,7 +78,7 @@ class RMSNorm(nn.Module):
 
 
 class KVCache(nn.Module):
-    """Static per-layer key/value cache: (slots, kv_heads, max_seq_len, head_dim)."""
+    """Static per-layer key/value cache: (batch, kv_heads, max_seq_len, head_dim)."""
 
     def __init__(self, batch: int, seq_len: int, n_kv_heads: int, head_dim: int, dtype, device):
         super().__init__()
@@ -82,23 +86,78 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(
-        self, input_pos: Tensor, k: Tensor, v: Tensor, slot: int = 0
-    ) -> tuple[Tensor, Tensor]:
-        """Write k, v (B, H, S, D) into rows slot..slot+B at positions input_pos, (S,) shared or
-        (B, S) per row; return those rows of the cache (every position)."""
-        b = k.shape[0]
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, H, S, D) into rows 0..B-1 at positions input_pos (S,); return those
+        rows of the cache (every position)."""
         kc, vc = self.k, self.v
-        if slot != 0 or b != kc.shape[0]:  # a view only when needed: no copy in compiled graphs
-            kc, vc = kc[slot : slot + b], vc[slot : slot + b]
-        if input_pos.dim() == 1:
-            kc.index_copy_(2, input_pos, k)
-            vc.index_copy_(2, input_pos, v)
-        else:  # index_put_, which torch.compile updates in place (scatter_ it copies)
-            rows = torch.arange(b, device=k.device)[:, None]
-            kc[rows, :, input_pos] = k.transpose(1, 2)
-            vc[rows, :, input_pos] = v.transpose(1, 2)
+        if k.shape[0] != kc.shape[0]:  # a view only when needed: no copy in compiled graphs
+            kc, vc = kc[: k.shape[0]], vc[: k.shape[0]]
+        kc.index_copy_(2, input_pos, k)
+        vc.index_copy_(2, input_pos, v)
         return kc, vc
+
+
+class PagedKVCache(nn.Module):
+    """Per-layer keys/values of many sequences in blocks of `block_size` positions:
+    (kv_heads, blocks x block_size, head_dim). Which rows hold which sequence's positions is
+    the caller's business (a block table per sequence); this only writes and gathers rows."""
+
+    def __init__(self, block_size: int, n_kv_heads: int, head_dim: int, dtype, device):
+        super().__init__()
+        self.block_size = block_size
+        shape = (n_kv_heads, 0, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    @property
+    def blocks(self) -> int:
+        return self.k.shape[1] // self.block_size
+
+    def grow(self, blocks: int) -> None:
+        """Hold `blocks` blocks, keeping what the current ones hold."""
+        extra = blocks * self.block_size - self.k.shape[1]
+        if extra > 0:
+            pad = (0, 0, 0, extra)
+            self.k, self.v = F.pad(self.k, pad), F.pad(self.v, pad)
+
+    def write(self, rows: Tensor, k: Tensor, v: Tensor) -> None:
+        """Store k, v (N, kv_heads, D) at pool rows (N,)."""
+        self.k.index_copy_(1, rows, k.transpose(0, 1))
+        self.v.index_copy_(1, rows, v.transpose(0, 1))
+
+    def read(self, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values at pool rows (B, T), as (B, kv_heads, T, D) (each row of D contiguous)."""
+        b, t = rows.shape
+        flat = rows.reshape(-1)
+        k = self.k.index_select(1, flat).view(-1, b, t, self.k.shape[-1]).transpose(0, 1)
+        v = self.v.index_select(1, flat).view(-1, b, t, self.v.shape[-1]).transpose(0, 1)
+        return k, v
+
+
+@dataclass
+class AttentionGroup:
+    """`batch` sequences of `queries` new tokens each, taking rows start.. of a paged step (one
+    sequence after the other), attending to pool rows `read` (batch, T) under `mask`
+    (batch, 1, queries, T). `per_row`: computed so a row's result does not depend on the group."""
+
+    start: int
+    batch: int
+    queries: int
+    read: Tensor
+    mask: Tensor
+    per_row: bool
+
+
+@dataclass
+class PagedStep:
+    """The layout of one paged forward over N new tokens: their positions (N,) and pool rows
+    (N,), the attention groups covering rows 0..N-1 in order, and the rows whose logits are
+    wanted (`last`)."""
+
+    positions: Tensor
+    write: Tensor
+    groups: list[AttentionGroup]
+    last: Tensor
 
 
 class Attention(nn.Module):
@@ -111,6 +170,7 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=bias)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=bias)
         self.kv_cache: KVCache | None = None
+        self.paged: PagedKVCache | None = None
 
     def forward(
         self,
@@ -118,8 +178,6 @@ class Attention(nn.Module):
         freqs: Tensor,
         mask: Tensor,
         input_pos: Tensor,
-        slot: int = 0,
-        span: int | None = None,
     ) -> Tensor:
         b, s, _ = x.shape
         q, k, v = self.project(x)
@@ -127,19 +185,33 @@ class Attention(nn.Module):
         k = apply_rope(k.view(b, s, self.n_kv_heads, self.head_dim), freqs)
         v = v.view(b, s, self.n_kv_heads, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
-        k, v = self.kv_cache.update(input_pos, k, v, slot)
-        if span is not None:
-            k, v = k[:, :, :span], v[:, :, :span]
-        y = self.attend(q, k, v, mask, per_row=input_pos.dim() > 1)
+        k, v = self.kv_cache.update(input_pos, k, v)
+        y = self.attend(q, k, v, mask, per_row=False)
         return self.wo(y.transpose(1, 2).reshape(b, s, -1))
+
+    def forward_paged(self, x: Tensor, freqs: Tensor, step: PagedStep) -> Tensor:
+        """x (1, N, dim) of a paged step (see `PagedStep`); freqs (N, D/2, 2)."""
+        n = x.shape[1]
+        q, k, v = self.project(x)
+        q = apply_rope(q.view(1, n, self.n_heads, self.head_dim), freqs)
+        k = apply_rope(k.view(1, n, self.n_kv_heads, self.head_dim), freqs)
+        self.paged.write(step.write, k[0], v.view(n, self.n_kv_heads, self.head_dim))
+        out = []
+        for g in step.groups:
+            rows = q[0, g.start : g.start + g.batch * g.queries]
+            qg = rows.view(g.batch, g.queries, self.n_heads, self.head_dim).transpose(1, 2)
+            kg, vg = self.paged.read(g.read)
+            y = self.attend(qg, kg, vg, g.mask, per_row=g.per_row)
+            out.append(y.transpose(1, 2).reshape(g.batch * g.queries, -1))
+        return self.wo(torch.cat(out)[None])
 
     def project(self, x: Tensor) -> list[Tensor]:
         """q, k and v of x."""
         return [self.wq(x), self.wk(x), self.wv(x)]
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, per_row: bool) -> Tensor:
-        """softmax(q k^T / sqrt(D), where mask) v; `per_row`: each batch row at its own
-        positions, computed so that a row's result does not depend on the batch it is in."""
+        """softmax(q k^T / sqrt(D), where mask) v; `per_row`: each batch row a sequence of its
+        own, computed so that a row's result does not depend on the batch it is in."""
         if per_row:
             return attend_rows(q, k, v, mask)
         return F.scaled_dot_product_attention(
@@ -191,10 +263,12 @@ class TransformerBlock(nn.Module):
         freqs: Tensor,
         mask: Tensor,
         input_pos: Tensor,
-        slot: int = 0,
-        span: int | None = None,
     ) -> Tensor:
-        h = x + self.attention(self.attention_norm(x), freqs, mask, input_pos, slot, span)
+        h = x + self.attention(self.attention_norm(x), freqs, mask, input_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+    def forward_paged(self, x: Tensor, freqs: Tensor, step: PagedStep) -> Tensor:
+        h = x + self.attention.forward_paged(self.attention_norm(x), freqs, step)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -219,7 +293,7 @@ class Transformer(nn.Module):
         self.max_batch = self.max_seq_len = 0
 
     def setup_caches(self, max_batch: int, max_seq_len: int) -> None:
-        """Allocate KV caches (max_batch slots), the RoPE table and the causal mask for up to
+        """Allocate KV caches (max_batch rows), the RoPE table and the causal mask for up to
         max_seq_len positions."""
         if max_seq_len > self.args.max_seq_len:
             raise ValueError(
@@ -237,31 +311,50 @@ class Transformer(nn.Module):
         self.register_buffer("causal_mask", causal, persistent=False)
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
 
-    def forward(
-        self,
-        tokens: Tensor,
-        input_pos: Tensor,
-        slot: int = 0,
-        span: int | None = None,
-        last_only: bool = False,
-    ) -> Tensor:
-        """tokens (B, S) in cache rows slot..slot+B at positions input_pos -> fp32 logits
-        (B, S, vocab). input_pos is (S,), the same for every row, or (B, S), one per row; a row
-        sees the cache positions at or before its own (its causal mask and RoPE are its own).
-        `span` limits attention to cache positions [0, span): less to read when every position
-        that matters is below it (rows at positions >= span get meaningless logits).
-        `last_only`: logits of the last position only, (B, 1, vocab) -- a prompt's prefill
-        needs no others, and the output layer is a large share of its work."""
-        if input_pos.dim() == 1:
-            mask = self.causal_mask[None, None, input_pos]
-        else:
-            mask = self.causal_mask[input_pos].unsqueeze(1)  # (B, 1, S, max_seq_len)
-        if span is not None:
-            mask = mask[..., :span]
+    def setup_paged(self, block_size: int) -> None:
+        """Give every layer an empty paged KV cache of `block_size`-position blocks (grown by
+        `grow_paged`). The one-sequence cache stays as it is."""
+        dtype, device = self.norm.weight.dtype, self.norm.weight.device
+        for layer in self.layers:
+            a = layer.attention
+            a.paged = PagedKVCache(block_size, a.n_kv_heads, a.head_dim, dtype, device)
+
+    def grow_paged(self, blocks: int) -> None:
+        """Make every layer's paged cache hold `blocks` blocks."""
+        for layer in self.layers:
+            layer.attention.paged.grow(blocks)
+
+    def forward_paged(self, tokens: Tensor, step: PagedStep) -> Tensor:
+        """tokens (1, N) of many sequences laid out by `step` -> fp32 logits (len(step.last),
+        vocab) of the rows step.last."""
+        freqs = self.freqs[step.positions]
+        x = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            x = layer.forward_paged(x, freqs, step)
+        return self.output(self.norm(x[:, step.last])).float()[0]
+
+    def copy_paged(self, rows: Tensor, to_row: bool, start: int = 0) -> None:
+        """Positions start..start+len(rows)-1 of the static cache's row 0 and the paged pool's
+        `rows`: pool to row 0 (to_row), or row 0 to pool -- a paged sequence run on the
+        one-sequence path, and its new positions written back."""
+        end = start + rows.numel()
+        for layer in self.layers:
+            row, pool = layer.attention.kv_cache, layer.attention.paged
+            for r, p in ((row.k, pool.k), (row.v, pool.v)):
+                if to_row:
+                    r[0, :, start:end] = p.index_select(1, rows)
+                else:
+                    p[:, rows] = r[0, :, start:end]
+
+    def forward(self, tokens: Tensor, input_pos: Tensor, last_only: bool = False) -> Tensor:
+        """tokens (B, S) in cache rows 0..B-1 at positions input_pos (S,) -> fp32 logits
+        (B, S, vocab). `last_only`: logits of the last position only, (B, 1, vocab) -- a
+        prompt's prefill needs no others, and the output layer is a large share of its work."""
+        mask = self.causal_mask[None, None, input_pos]
         freqs = self.freqs[input_pos]
         x = self.tok_embeddings(tokens)
         for layer in self.layers:
-            x = layer(x, freqs, mask, input_pos, slot, span)
+            x = layer(x, freqs, mask, input_pos)
         if last_only:
             x = x[:, -1:]
         return self.output(self.norm(x)).float()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import resource
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -59,27 +60,39 @@ class ModelRuntime(ABC):
         """Feed one token (1, 1) at pos; return fp32 logits (vocab,)."""
         return self.forward(token, pos)[0, -1]
 
-    # Batched decoding (the server's): the KV cache holds `max_batch` independent sequences, one
-    # per slot. The methods above use slot 0. Runtimes that cannot batch keep max_batch 1.
-    max_batch: int = 1
+    # Paged batching (the server's): the keys/values of many sequences live in a pool of
+    # fixed-size blocks, and one `step` feeds each sequence its own new tokens. The methods above
+    # use the runtime's one-sequence cache, which paged steps leave alone.
+    block_size: int = 0  # positions per block; 0 until `setup_paged` (or if it cannot page)
 
-    def setup_batch(self, max_batch: int) -> None:
-        """Make room for max_batch sequences (slot 0's cache, and `cached`, are lost on a
-        change). A runtime that cannot batch ignores this and keeps max_batch 1."""
-        return None
+    def setup_paged(self, block_size: int) -> bool:
+        """Make an empty paged KV cache of `block_size`-position blocks (grown by
+        `reserve_blocks`). False, and nothing changes, for a runtime that cannot page: it
+        serves one sequence at a time."""
+        return False
 
-    def prefill_slot(self, tokens: Tensor, start_pos: int, slot: int) -> Tensor:
-        """Feed tokens (1, S) into slot's cache at positions start_pos..; fp32 logits (vocab,)
-        of the last one. Slot's positions below start_pos keep what was fed there before."""
-        raise NotImplementedError(f"{type(self).__name__} has no batched decoding")
+    def reserve_blocks(self, blocks: int) -> None:
+        """Make the pool hold blocks 0..blocks-1, keeping what they hold."""
+        raise NotImplementedError(f"{type(self).__name__} has no paged KV cache")
 
-    def decode_batch(self, tokens: Tensor, positions: Tensor) -> Tensor:
-        """One step for every slot: tokens (max_batch, 1), row i at positions[i] of slot i ->
-        fp32 logits (max_batch, vocab). A row's logits never depend on the other rows.
-        positions[i] = -1 marks slot i idle: its logits are meaningless, and its cache keeps
-        every position but the last (max_seq_len - 1)."""
-        raise NotImplementedError(f"{type(self).__name__} has no batched decoding")
+    def step(self, chunks: Sequence[SeqChunk]) -> Tensor:
+        """Feed each chunk's tokens into its sequence's blocks; fp32 logits (len(chunks), vocab)
+        of each chunk's last token. A sequence's logits do not depend on which others share the
+        step, up to float rounding when the step's row count changes the kernels' tiling."""
+        raise NotImplementedError(f"{type(self).__name__} has no paged KV cache")
 
-    def copy_slot(self, src: int, dst: int, length: int) -> None:
-        """Make positions [0, length) of slot dst hold what slot src holds there."""
-        raise NotImplementedError(f"{type(self).__name__} has no batched decoding")
+    def kv_cache_bytes(self) -> int:
+        """Bytes the KV caches hold (the one-sequence cache and the paged pool)."""
+        return 0
+
+
+@dataclass(frozen=True)
+class SeqChunk:
+    """One sequence's part of a paged step: `tokens` fed at positions start.., its keys and
+    values in `blocks` (position p in block blocks[p // block_size]); `seq` names the sequence
+    from step to step (a runtime may keep state for it)."""
+
+    seq: int
+    tokens: Sequence[int]
+    start: int
+    blocks: Sequence[int]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import types
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -10,8 +11,8 @@ from torch import Tensor
 from torchchat import kernels
 from torchchat.errors import TorchchatError
 from torchchat.kernels import fused
-from torchchat.model.transformer import Transformer
-from torchchat.runtime.base import ModelRuntime
+from torchchat.model.transformer import AttentionGroup, PagedStep, Transformer
+from torchchat.runtime.base import ModelRuntime, SeqChunk
 from torchchat.runtime.kernel_modules import decode_plan, use_kernels
 
 
@@ -19,7 +20,7 @@ def _guards_to_keep(entries) -> list[bool]:
     """Dynamo checks guards before every call of a compiled function; on a model's hundreds of
     modules, weights and aliasing pairs that took 0.4-0.5 ms of each decode step (stories110M).
     Keep the guards outside the modules (inputs, globals, grad mode) and those on the KV caches,
-    which `setup_batch` reallocates with other shapes; drop the ones on module attributes,
+    which `setup_caches` may reallocate with other shapes; drop the ones on module attributes,
     weights and weight aliasing, none of which change once a runtime is built."""
     return [
         e.guard_type != "DUPLICATE_INPUT"
@@ -47,8 +48,9 @@ def _own_code(method):
 class EagerRuntime(ModelRuntime):
     """An nn.Module Transformer with caches set up, run on torchchat's CPU kernels where they
     apply. Decode steps of one sequence run the fused one-token step, or the modules eagerly, or
-    their compiled graph -- this class alone chooses. Batched decoding reallocates the caches
-    with one row per slot (`setup_batch`)."""
+    their compiled graph -- this class alone chooses. Paged steps of many sequences (the
+    server's) run the modules eagerly on a pool of blocks beside the one-sequence cache; a lone
+    sequence's one-token steps take the fused step on that cache (`_solo_step`)."""
 
     def __init__(
         self,
@@ -81,10 +83,9 @@ class EagerRuntime(ModelRuntime):
         self.fused_decode = self.fuse_decode(fused_decode)
         # The plan holds the weights and a copy of int4 scales: loaded weights renew it.
         model.register_load_state_dict_post_hook(self._renew_plan)
-        self.compile = compile
         self._decode_fn = self._forward_last
         self._prefill_fn = self._forward_last
-        self._batch_fn = self._forward_rows
+        self._solo: tuple[int, int] | None = None  # (sequence, positions) the static cache holds
         if compile and not self.fused_decode:
             # Static shapes for one-token decode: one graph, reused at every position.
             self._decode_fn = torch.compile(
@@ -125,89 +126,122 @@ class EagerRuntime(ModelRuntime):
     def _positions(self, start_pos: int, n: int) -> Tensor:
         return torch.arange(start_pos, start_pos + n, device=self.device)
 
-    def _forward_last(self, tokens: Tensor, input_pos: Tensor, slot: int = 0) -> Tensor:
-        return self.model(tokens, input_pos, slot, last_only=True)[0, -1]
-
-    def _forward_rows(self, tokens: Tensor, positions: Tensor, span: int) -> Tensor:
-        return self.model(tokens, positions[:, None], span=span)[:, -1]
-
-    def _span(self, positions: Tensor) -> int:
-        """Cache positions the rows attend to: a power of two above the highest position, from
-        a floor that keeps the count of sizes (compiled graphs) at 8 or fewer."""
-        need, span = int(positions.max()) + 1, max(64, self.max_seq_len >> 7)
-        while span < need:
-            span *= 2
-        return min(span, self.max_seq_len)
+    def _forward_last(self, tokens: Tensor, input_pos: Tensor) -> Tensor:
+        return self.model(tokens, input_pos, last_only=True)[0, -1]
 
     @torch.inference_mode()
     def forward(self, tokens: Tensor, start_pos: int) -> Tensor:
+        self._solo = None
         return self.model(tokens.to(self.device), self._positions(start_pos, tokens.shape[1]))
 
     @torch.inference_mode()
     def prefill(self, tokens: Tensor, start_pos: int) -> Tensor:
+        self._solo = None
         return self._prefill_fn(tokens.to(self.device), self._positions(start_pos, tokens.shape[1]))
 
     @torch.inference_mode()
     def decode(self, token: Tensor, pos: int) -> Tensor:
+        self._solo = None
         token, input_pos = token.to(self.device), self._positions(pos, 1)
         logits = self._fused_last(token, input_pos)
         return self._decode_fn(token, input_pos) if logits is None else logits
 
-    def setup_batch(self, max_batch: int) -> None:
-        if max_batch < 1:
-            raise ValueError("max_batch must be at least 1")
-        if max_batch == self.max_batch:
-            return
-        if (
-            self.compile
-            and max_batch > kernels.MAX_ROWS
-            and _packed_kernels_behind_fp32(self.model)
-        ):
-            # more rows than torchchat's kernels take: aten's, which inductor cannot compile here
-            raise TorchchatError(
-                f"--compile with --max-batch {max_batch} (> {kernels.MAX_ROWS}) needs "
-                '"precision": {"dtype": "bf16"} in the --quantize recipe of int8/int4 linears, '
-                f"or --max-batch {kernels.MAX_ROWS} or less"
-            )
-        self.model.setup_caches(max_batch, self.max_seq_len)
-        self.fuse_decode(self._fuse)  # new caches; several sequences: no fused step
-        self.max_batch, self.cached = max_batch, []
-        if self.compile:
-            # Every step feeds all slots: static shapes, one graph per attention span.
-            self._batch_fn = torch.compile(
-                _own_code(self._forward_rows), fullgraph=True, dynamic=False, options=DECODE_OPTIONS
-            )
+    def setup_paged(self, block_size: int) -> bool:
+        if block_size < 1:
+            raise ValueError("block_size must be at least 1")
+        self.model.setup_paged(block_size)
+        self.block_size = block_size
+        return True
 
-    def _check_slot(self, slot: int) -> None:
-        if not 0 <= slot < self.max_batch:
-            raise ValueError(f"slot {slot} is outside 0..{self.max_batch - 1}")
+    def reserve_blocks(self, blocks: int) -> None:
+        self.model.grow_paged(blocks)
+
+    def kv_cache_bytes(self) -> int:
+        caches = [(a.kv_cache, a.paged) for a in (layer.attention for layer in self.model.layers)]
+        tensors = [
+            t for c in caches for cache in c if cache is not None for t in (cache.k, cache.v)
+        ]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     @torch.inference_mode()
-    def prefill_slot(self, tokens: Tensor, start_pos: int, slot: int) -> Tensor:
-        self._check_slot(slot)
-        positions = self._positions(start_pos, tokens.shape[1])
-        return self._prefill_fn(tokens.to(self.device), positions, slot)
+    def step(self, chunks: Sequence[SeqChunk]) -> Tensor:
+        if len(chunks) == 1 and len(chunks[0].tokens) == 1:
+            logits = self._solo_step(chunks[0])
+            if logits is not None:
+                return logits[None]
+        self._solo = None  # paged steps write the pool only: the static cache falls behind
+        tokens, layout = self._layout(chunks)
+        return self.model.forward_paged(tokens, layout)
 
-    @torch.inference_mode()
-    def decode_batch(self, tokens: Tensor, positions: Tensor) -> Tensor:
-        if tokens.shape != (self.max_batch, 1) or positions.shape != (self.max_batch,):
-            raise ValueError(
-                f"decode_batch takes tokens ({self.max_batch}, 1) and positions "
-                f"({self.max_batch},), not {tuple(tokens.shape)} and {tuple(positions.shape)}"
-            )
-        span = self._span(positions)  # idle rows (-1) need none
-        # Idle rows write their garbage at the last position, and see only [0, span).
-        positions = torch.where(positions < 0, self.max_seq_len - 1, positions)
-        return self._batch_fn(tokens.to(self.device), positions.to(self.device), span)
+    def _rows(self, blocks: Sequence[int], end: int) -> Tensor:
+        """Pool rows of positions 0..end-1 of a sequence with block table `blocks`."""
+        bs = self.block_size
+        table = torch.tensor(blocks[: -(-end // bs)], dtype=torch.long)
+        return (table[:, None] * bs + torch.arange(bs)).view(-1)[:end]
 
-    @torch.inference_mode()
-    def copy_slot(self, src: int, dst: int, length: int) -> None:
-        self._check_slot(src)
-        self._check_slot(dst)
-        for layer in self.model.layers:
-            cache = layer.attention.kv_cache
-            cache.k[dst, :, :length] = cache.k[src, :, :length]
-            cache.v[dst, :, :length] = cache.v[src, :, :length]
+    def _layout(self, chunks: Sequence[SeqChunk]) -> tuple[Tensor, PagedStep]:
+        """The rows of a paged step: sequences decoding one token, in groups the few-row
+        attention kernel takes (so a row computes the same in any group), then each prompt
+        chunk as a group of its own."""
+        decoding = [i for i, c in enumerate(chunks) if len(c.tokens) == 1]
+        size = kernels.MAX_ROWS
+        groups = [decoding[i : i + size] for i in range(0, len(decoding), size)]
+        groups += [[i] for i, c in enumerate(chunks) if len(c.tokens) > 1]
+        ids, positions, write, parts, last = [], [], [], [], [0] * len(chunks)
+        for group in groups:
+            members = [chunks[i] for i in group]
+            ends = [c.start + len(c.tokens) for c in members]
+            t = max(ends)
+            read = torch.zeros(len(group), t, dtype=torch.long)
+            for row, (c, end) in enumerate(zip(members, ends, strict=True)):
+                rows = self._rows(c.blocks, end)
+                read[row, :end] = rows
+                write.append(rows[c.start :])
+                positions.append(torch.arange(c.start, end))
+                ids += c.tokens
+            queries = len(members[0].tokens)
+            if queries == 1:
+                open_ = torch.arange(t)[None] < torch.tensor(ends)[:, None]
+                mask = open_[:, None, None]
+            else:
+                c = members[0]
+                mask = self.model.causal_mask[c.start : ends[0], :t][None, None]
+            start = len(ids) - len(group) * queries
+            for row, i in enumerate(group):
+                last[i] = start + (row + 1) * queries - 1
+            parts.append(AttentionGroup(start, len(group), queries, read, mask, queries == 1))
+        dev = self.device
+        layout = PagedStep(
+            torch.cat(positions).to(dev),
+            torch.cat(write).to(dev),
+            [
+                AttentionGroup(
+                    g.start, g.batch, g.queries, g.read.to(dev), g.mask.to(dev), g.per_row
+                )
+                for g in parts
+            ],
+            torch.tensor(last, device=dev),
+        )
+        return torch.tensor([ids], device=dev), layout
+
+    def _solo_step(self, chunk: SeqChunk) -> Tensor | None:
+        """One token of a lone sequence on the fused step, or None where it does not apply: the
+        fused kernel reads a contiguous cache, so the sequence's positions are copied into the
+        static cache once (when it becomes the lone one) and each new position back to its block."""
+        if self._plan is None:
+            return None
+        pos, bs = chunk.start, self.block_size
+        token = torch.tensor([list(chunk.tokens)], device=self.device)
+        if self._solo != (chunk.seq, pos):
+            self.model.copy_paged(self._rows(chunk.blocks, pos).to(self.device), to_row=True)
+        logits = self._fused_last(token, self._positions(pos, 1))
+        if logits is None:
+            self._solo = None
+            return None
+        row = torch.tensor([chunk.blocks[pos // bs] * bs + pos % bs], device=self.device)
+        self.model.copy_paged(row, to_row=False, start=pos)
+        self._solo, self.cached = (chunk.seq, pos + 1), []
+        return logits
 
 
 def weight_bytes_per_token(model: Transformer) -> int:

@@ -120,8 +120,16 @@ class ModelHost:
             built = self._load()
             tok = built.tokenizer
             self.template = choose_template(self.opts.chat_template, tok, tok.chat_template)
+            opts = self.opts
             self.engine = Engine(
-                built.runtime, tok, built.speculator, self.opts.max_queue, self.opts.max_batch
+                built.runtime,
+                tok,
+                built.speculator,
+                opts.max_queue,
+                opts.max_batch,
+                kv_blocks=opts.kv_blocks,
+                block_size=opts.block_size,
+                prefill_chunk=opts.prefill_chunk,
             )
             log.info("model ready: chat template %s", self.template.name)
         except TorchchatError as e:
@@ -160,8 +168,11 @@ def _metrics_text(host: ModelHost) -> str:
         ("cached_tokens_total", "counter", "prompt tokens reused from the KV cache", s.cached_tokens if s else 0),
         ("completion_tokens_total", "counter", "tokens generated", s.completion_tokens if s else 0),
         ("busy_seconds_total", "counter", "time spent generating", round(s.busy_s, 6) if s else 0),
-        ("decode_steps_total", "counter", "batched decode steps", s.decode_steps if s else 0),
+        ("decode_steps_total", "counter", "batched steps that decoded", s.decode_steps if s else 0),
         ("decode_rows_total", "counter", "choices advanced by batched steps", s.decode_rows if s else 0),
+        ("prefill_tokens_total", "counter", "prompt tokens computed by batched steps", s.prefill_tokens if s else 0),
+        ("kv_blocks_used", "gauge", "paged KV blocks held by sequences", s.kv_blocks_used if s else 0),
+        ("kv_cache_bytes", "gauge", "bytes of KV cache allocated", engine.runtime.kv_cache_bytes() if engine else 0),
     ]  # fmt: skip
     lines = []
     for name, kind, help_text, value in rows:

@@ -25,7 +25,10 @@ class ServerOptions:
     model_id: str = "torchchat"  # the name /v1/models lists and requests may give
     chat_template: str | None = None  # llama2, llama3, chatml, hf (default: from the tokenizer)
     max_queue: int = 16  # requests waiting to start; more get 503
-    max_batch: int = 8  # choices decoded together (KV cache slots); 1 serves one at a time
+    max_batch: int = 8  # choices generated together (paged KV cache); 1 serves one at a time
+    kv_blocks: int | None = None  # most KV blocks (default: max_batch full contexts' worth)
+    block_size: int = 16  # positions per KV block (the unit of prefix sharing)
+    prefill_chunk: int = 32  # prompt tokens computed per step while other choices decode
     max_tokens_limit: int = 4096  # most tokens one completion may ask for
     max_n: int = 8  # most choices per request
     max_prompt_chars: int | None = None  # characters of prompt text (default: 32 x context)
@@ -33,9 +36,14 @@ class ServerOptions:
     threads: int | None = None  # torch intra-op threads (None: torch's default)
 
     def __post_init__(self) -> None:
-        for name in ("max_queue", "max_batch", "max_tokens_limit", "max_n", "max_body_bytes"):
+        for name in (
+            "max_queue", "max_batch", "block_size", "prefill_chunk", "max_tokens_limit", "max_n",
+            "max_body_bytes",
+        ):  # fmt: skip
             if getattr(self, name) < 1:
                 raise TorchchatError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.kv_blocks is not None and self.kv_blocks < 1:
+            raise TorchchatError("--kv-blocks must be at least 1")
         if self.threads is not None and self.threads < 1:
             raise TorchchatError("--threads must be at least 1")
         if self.max_prompt_chars is not None and self.max_prompt_chars < 1:

@@ -1,0 +1,147 @@
+"""The paged step (many sequences' keys/values in a pool of blocks) against the one-sequence path."""
+
+from __future__ import annotations
+
+import torch
+
+from tests.support import random_args, random_state_dict
+from torchchat.builder import build_transformer
+from torchchat.runtime.base import SeqChunk
+from torchchat.runtime.eager import EagerRuntime
+
+ATOL = 1e-5  # fp32: rows of a paged step go through GEMMs of another M, so may round differently
+BLOCK = 4
+
+
+def runtime(seed: int = 2, fused: bool = True) -> EagerRuntime:
+    args = random_args(n_heads=4, n_kv_heads=2, max_seq_len=64)
+    model = build_transformer(args, random_state_dict(args, seed=seed), torch.float32, "cpu")
+    rt = EagerRuntime(model, 64, fused_decode=fused)
+    assert rt.setup_paged(BLOCK)
+    rt.reserve_blocks(64)
+    return rt
+
+
+def tokens(n: int, seed: int) -> list[int]:
+    return torch.randint(0, 96, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def reference(seq: list[int], feeds: list[int]) -> list[torch.Tensor]:
+    """Logits at the end of each feed of `seq` (feeds: token counts) on the one-sequence path."""
+    rt, out, pos = runtime(), [], 0
+    for n in feeds:
+        out.append(rt.forward(torch.tensor([seq[pos : pos + n]]), pos)[0, -1])
+        pos += n
+    return out
+
+
+# Each sequence's blocks, deliberately out of order and interleaved with the others'.
+TABLES = [[7, 2, 11, 5, 30, 31], [1, 9, 3, 12, 40, 41], [20, 4, 0, 6, 42, 43]]
+
+
+def run_paged(rt: EagerRuntime, seqs: list[list[int]], feeds: list[list[int]], only=None):
+    """Feed the sequences together (a step feeds each its next count, 0: sits the step out);
+    per sequence the logits of each of its feeds."""
+    pos = [0] * len(seqs)
+    got: list[list[torch.Tensor]] = [[] for _ in seqs]
+    for step in range(max(map(len, feeds))):
+        chunks, who = [], []
+        for i, (seq, f) in enumerate(zip(seqs, feeds, strict=True)):
+            if (only is None or i in only) and step < len(f) and f[step]:
+                chunks.append(SeqChunk(i, seq[pos[i] : pos[i] + f[step]], pos[i], TABLES[i]))
+                who.append(i)
+                pos[i] += f[step]
+        if chunks:
+            for i, logits in zip(who, rt.step(chunks), strict=True):
+                got[i].append(logits)
+    return got
+
+
+SEQS = [tokens(14, 1), tokens(9, 2), tokens(12, 3)]
+# Prompt chunks (several tokens) and decodes (1) mixed in one step; a long prompt in chunks.
+FEEDS = [[5, 1, 1, 4, 1, 1, 1], [3, 3, 1, 1, 1], [1, 1, 6, 1, 1, 1, 1]]
+
+
+@torch.no_grad()
+def test_paged_steps_match_the_one_sequence_path():
+    got = run_paged(runtime(), SEQS, FEEDS)
+    for seq, feeds, out in zip(SEQS, FEEDS, got, strict=True):
+        for g, e in zip(out, reference(seq, feeds), strict=True):
+            torch.testing.assert_close(g, e, atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_a_sequence_decodes_the_same_alone_and_among_others():
+    """Greedy decoding from each prompt: the same tokens alone (the fused one-sequence step)
+    and in a crowd (paged steps), and logits within float rounding."""
+
+    def greedy(rt, prompts, steps=12):
+        seqs = [list(p) for p in prompts]
+        first = rt.step([SeqChunk(i, p, 0, TABLES[i]) for i, p in enumerate(seqs)])
+        outs = [[int(row.argmax())] for row in first]
+        logits = [[row] for row in first]
+        for _ in range(steps):
+            chunks = [
+                SeqChunk(i, [o[-1]], len(p) + len(o) - 1, TABLES[i])
+                for i, (p, o) in enumerate(zip(seqs, outs, strict=True))
+            ]
+            for o, lg, row in zip(outs, logits, rt.step(chunks), strict=True):
+                o.append(int(row.argmax()))
+                lg.append(row)
+        return outs, logits
+
+    prompts = [s[:5] for s in SEQS]
+    together, crowd_logits = greedy(runtime(), prompts)
+    for i, p in enumerate(prompts):
+        alone, alone_logits = greedy(runtime(), [p])
+        assert alone[0] == together[i]
+        for a, b in zip(alone_logits[0], crowd_logits[i], strict=True):
+            torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_the_lone_sequence_runs_the_fused_step_and_keeps_its_blocks_current():
+    """Alone, a sequence's one-token steps take the fused step on the static cache; each new
+    position is also written to its block, so it can rejoin paged steps at any time."""
+    rt = runtime()
+    if not rt.fused_decode:
+        return  # no fused step on this machine: every step is paged
+    seq, table = tokens(20, 7), TABLES[0]
+    rt.step([SeqChunk(0, seq[:8], 0, table)])
+    calls = []
+    fused = rt._fused_last
+    rt._fused_last = lambda *a: calls.append(1) or fused(*a)
+    solo = [rt.step([SeqChunk(0, [seq[p]], p, table)])[0] for p in range(8, 12)]
+    assert len(calls) == 4
+    # Rejoin a crowd: the paged step reads the positions the fused steps wrote to the blocks.
+    crowd = rt.step([SeqChunk(0, [seq[12]], 12, table), SeqChunk(1, SEQS[1][:4], 0, TABLES[1])])
+    expected = reference(seq, [8, 1, 1, 1, 1, 1])
+    for g, e in zip([*solo, crowd[0]], expected[1:], strict=True):
+        torch.testing.assert_close(g, e, atol=ATOL, rtol=0)
+
+
+@torch.no_grad()
+def test_a_step_writes_only_its_own_positions():
+    rt = runtime()
+    run_paged(rt, SEQS, FEEDS, only={0, 2})
+    pools = [
+        (a.paged.k.clone(), a.paged.v.clone())
+        for a in (layer.attention for layer in rt.model.layers)
+    ]
+    rt.step([SeqChunk(1, SEQS[1][:6], 0, TABLES[1])])  # positions 0..5: blocks 1 and 9
+    changed_rows = set()
+    for layer, (k0, v0) in zip(rt.model.layers, pools, strict=True):
+        for old, new in ((k0, layer.attention.paged.k), (v0, layer.attention.paged.v)):
+            changed_rows |= set((old != new).any(dim=2).any(dim=0).nonzero().view(-1).tolist())
+    assert changed_rows == {4, 5, 6, 7, 36, 37}
+
+
+def test_the_pool_grows_keeping_its_contents():
+    rt = runtime()
+    rt.step([SeqChunk(0, SEQS[0][:6], 0, TABLES[0])])
+    before = rt.model.layers[0].attention.paged.k.clone()
+    size = rt.kv_cache_bytes()
+    rt.reserve_blocks(80)
+    after = rt.model.layers[0].attention.paged.k
+    assert after.shape[1] == 80 * BLOCK and torch.equal(after[:, : before.shape[1]], before)
+    assert rt.kv_cache_bytes() > size

@@ -1,0 +1,94 @@
+"""The scheduler alone: decodes every step, prompt chunks within the token budget, arrival
+order, waiting for a shared prefix being computed, preemption when the pool runs out."""
+
+from __future__ import annotations
+
+from torchchat.server.kv_blocks import KVCacheManager
+from torchchat.server.scheduler import Scheduler, Sequence
+
+
+def scheduler(blocks: int = 64, chunk: int = 8, running: int = 4) -> Scheduler:
+    return Scheduler(KVCacheManager(blocks, 4), running, chunk, context=256)
+
+
+def run(s: Scheduler) -> dict[int, tuple[int, int]]:
+    """One step: {sequence id: (start, count)}; sampled sequences get a new token."""
+    plan = s.schedule()
+    s.advance(plan)
+    for w in plan.work:
+        if w.samples:
+            w.seq.tokens.append(7)
+    return {w.seq.id: (w.start, w.count) for w in plan.work}
+
+
+def test_idle_prompts_go_whole_then_decode_one_token_a_step():
+    s = scheduler()
+    a, b = Sequence(list(range(30))), Sequence(list(range(50, 55)))
+    s.add(a)
+    s.add(b)
+    assert run(s) == {a.id: (0, 30), b.id: (0, 5)}  # nobody decodes: no budget to keep
+    assert run(s) == {a.id: (30, 1), b.id: (5, 1)}
+    assert s.running == [a, b] and not s.waiting
+
+
+def test_a_prompt_arriving_among_decodes_is_chunked_within_the_budget():
+    s = scheduler(chunk=8)
+    a = Sequence([1, 2, 3])
+    s.add(a)
+    run(s)
+    long, short = Sequence(list(range(100, 120))), Sequence([9, 9, 9])
+    s.add(long)
+    s.add(short)
+    assert run(s) == {a.id: (3, 1), long.id: (0, 8)}  # the budget is spent: short waits
+    assert run(s) == {a.id: (4, 1), long.id: (8, 8)}
+    assert run(s) == {a.id: (5, 1), long.id: (16, 4), short.id: (0, 3)}  # oldest first
+    assert run(s) == {a.id: (6, 1), long.id: (20, 1), short.id: (3, 1)}
+
+
+def test_at_most_max_running_sequences():
+    s = scheduler(running=2)
+    seqs = [Sequence([i, i]) for i in range(3)]
+    for seq in seqs:
+        s.add(seq)
+    assert set(run(s)) == {seqs[0].id, seqs[1].id}
+    s.remove(seqs[0])
+    assert set(run(s)) == {seqs[1].id, seqs[2].id}
+
+
+def test_a_shared_prefix_is_computed_once():
+    s = scheduler(chunk=4)
+    system = list(range(100, 112))  # 3 full blocks
+    a, b = Sequence([*system, 1]), Sequence([*system, 2, 3])
+    s.add(a)
+    s.add(b)
+    assert run(s) == {a.id: (0, 13)}  # b waits for the blocks a is computing
+    assert run(s) == {a.id: (13, 1), b.id: (12, 2)}  # then starts after them
+    assert (a.cached, b.cached) == (0, 12)
+
+
+def test_out_of_blocks_preempts_the_newest_which_resumes_from_the_cache():
+    s = scheduler(blocks=4, chunk=64)  # 16 positions
+    a, b = Sequence(list(range(6))), Sequence(list(range(20, 26)))
+    s.add(a)
+    s.add(b)
+    run(s)  # 2 blocks each
+    for _ in range(2):
+        run(s)  # positions 6, 7: still 2 blocks each
+    plan = s.schedule()  # a needs a third block: none is free, b (the newest) gives its back
+    assert plan.preempted == [b] and [w.seq for w in plan.work] == [a]
+    assert s.waiting[0] is b and b.num_computed == 0
+    s.advance(plan)
+    for w in plan.work:
+        w.seq.tokens.append(7)
+    s.remove(a)
+    n = len(b.tokens)
+    assert run(s) == {b.id: (4, n - 4)}  # its first full block was still cached
+
+
+def test_a_lone_sequence_that_outgrows_the_pool_is_out_of_room():
+    s = scheduler(blocks=2, chunk=64)  # 8 positions
+    a = Sequence(list(range(8)))
+    s.add(a)
+    run(s)
+    plan = s.schedule()  # position 8 needs a third block
+    assert plan.out_of_room == [a] and not plan.work and not s.running
