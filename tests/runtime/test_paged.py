@@ -132,7 +132,7 @@ def test_a_step_writes_only_its_own_positions():
     changed_rows = set()
     for layer, (k0, v0) in zip(rt.model.layers, pools, strict=True):
         for old, new in ((k0, layer.attention.paged.k), (v0, layer.attention.paged.v)):
-            changed_rows |= set((old != new).any(dim=2).any(dim=0).nonzero().view(-1).tolist())
+            changed_rows |= set((old != new).any(dim=2).any(dim=1).nonzero().view(-1).tolist())
     assert changed_rows == {4, 5, 6, 7, 36, 37}
 
 
@@ -143,5 +143,5 @@ def test_the_pool_grows_keeping_its_contents():
     size = rt.kv_cache_bytes()
     rt.reserve_blocks(80)
     after = rt.model.layers[0].attention.paged.k
-    assert after.shape[1] == 80 * BLOCK and torch.equal(after[:, : before.shape[1]], before)
+    assert after.shape[0] == 80 * BLOCK and torch.equal(after[: before.shape[0]], before)
     assert rt.kv_cache_bytes() > size

@@ -204,13 +204,13 @@ def int4_linear(
 
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor | None:
     """softmax(q k^T / sqrt(D), where mask) v for a few query rows, or None: q (B, H, S, D);
-    k, v (B, KVH, T, D) (grouped-query when KVH < H); mask bool, (1 or B, 1, S, T). Each query
+    k, v (B, KVH, T, D) (grouped-query when KVH < H), rows of D contiguous; mask bool, (1 or B, 1, S, T). Each query
     row is computed on its own, so its result does not depend on the batch it is in."""
     if q.dtype != k.dtype or not q.is_floating_point() or mask.dtype != torch.bool:
         return None
     if q.shape[-1] > 256:  # the kernel keeps a row of q and of the output in registers
         return None
-    if k.stride(-1) != 1 or k.stride(-2) != k.shape[-1] or v.stride() != k.stride():
+    if k.stride(-1) != 1 or v.stride() != k.stride():  # rows of D contiguous, any apart
         return None
     if mask.stride(-1) != 1 or _rows(q, FEW_ROWS, (q.shape[0], q.shape[2])) is None:  # B x S
         return None

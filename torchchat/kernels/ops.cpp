@@ -282,7 +282,8 @@ void attention_rows(A attend, const at::Tensor& q, const at::Tensor& k, const at
 }
 
 // softmax(q k^T * scale + mask) v: q (B, H, S, D); k, v (B, KVH, T, D) with H a multiple of KVH
-// (grouped-query attention) and unit stride along D, T rows D apart; mask bool (1 or B, 1, S, T).
+// (grouped-query attention) and unit stride along D (rows any stride apart: a paged cache's
+// gathered positions hold all heads); mask bool (1 or B, 1, S, T).
 at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                          const at::Tensor& mask, double scale) {
   const auto& kt = kernels("torchchat::attention", cpu::kFewRows);
@@ -291,8 +292,8 @@ at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Ten
   TORCH_CHECK(k.sizes() == v.sizes() && k.strides() == v.strides(), "torchchat::attention: k, v");
   TORCH_CHECK(q.size(0) == k.size(0) && q.size(3) == k.size(3) && q.size(1) % k.size(1) == 0,
               "torchchat::attention: shapes ", q.sizes(), " ", k.sizes());
-  TORCH_CHECK(k.stride(3) == 1 && k.stride(2) == k.size(3) && q.stride(3) == 1,
-              "torchchat::attention: rows of k, v must be contiguous");
+  TORCH_CHECK(k.stride(3) == 1 && q.stride(3) == 1,
+              "torchchat::attention: rows of q, k, v must be contiguous");
   TORCH_CHECK(q.size(3) <= 256, "torchchat::attention: head dim ", q.size(3), " > 256");
   TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type(),
               "torchchat::attention: dtypes differ");

@@ -99,39 +99,47 @@ class KVCache(nn.Module):
 
 class PagedKVCache(nn.Module):
     """Per-layer keys/values of many sequences in blocks of `block_size` positions:
-    (kv_heads, blocks x block_size, head_dim). Which rows hold which sequence's positions is
-    the caller's business (a block table per sequence); this only writes and gathers rows."""
+    (blocks x block_size, kv_heads, head_dim), a position's heads together so that gathering a
+    sequence's positions copies whole rows. Which rows hold which sequence's positions is the
+    caller's business (a block table per sequence); this only writes and gathers rows."""
 
     def __init__(self, block_size: int, n_kv_heads: int, head_dim: int, dtype, device):
         super().__init__()
         self.block_size = block_size
-        shape = (n_kv_heads, 0, head_dim)
+        shape = (0, n_kv_heads, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     @property
     def blocks(self) -> int:
-        return self.k.shape[1] // self.block_size
+        return self.k.shape[0] // self.block_size
 
     def grow(self, blocks: int) -> None:
         """Hold `blocks` blocks, keeping what the current ones hold."""
-        extra = blocks * self.block_size - self.k.shape[1]
+        extra = blocks * self.block_size - self.k.shape[0]
         if extra > 0:
-            pad = (0, 0, 0, extra)
+            pad = (0, 0, 0, 0, 0, extra)
             self.k, self.v = F.pad(self.k, pad), F.pad(self.v, pad)
 
     def write(self, rows: Tensor, k: Tensor, v: Tensor) -> None:
         """Store k, v (N, kv_heads, D) at pool rows (N,)."""
-        self.k.index_copy_(1, rows, k.transpose(0, 1))
-        self.v.index_copy_(1, rows, v.transpose(0, 1))
+        self.k.index_copy_(0, rows, k)
+        self.v.index_copy_(0, rows, v)
 
-    def read(self, rows: Tensor) -> tuple[Tensor, Tensor]:
-        """Keys and values at pool rows (B, T), as (B, kv_heads, T, D) (each row of D contiguous)."""
+    def read(self, rows: Tensor, into: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """Keys and values at pool rows (B, T), as (B, kv_heads, T, D) views of their copies in
+        `into` (two (>= B x T, kv_heads x D) buffers, overwritten; each row of D contiguous,
+        positions kv_heads x D apart)."""
         b, t = rows.shape
-        flat = rows.reshape(-1)
-        k = self.k.index_select(1, flat).view(-1, b, t, self.k.shape[-1]).transpose(0, 1)
-        v = self.v.index_select(1, flat).view(-1, b, t, self.v.shape[-1]).transpose(0, 1)
-        return k, v
+        flat, shape = rows.reshape(-1), (b, t, *self.k.shape[1:])
+        out = []
+        for pool, buf in ((self.k, into[0]), (self.v, into[1])):
+            # Into a buffer kept across calls: a fresh one per call paid its page faults each
+            # time (7x the copy); rows of 2-d: one copy each (3.5x faster than of 3-d ones).
+            dst = buf[: b * t]
+            torch.index_select(pool.view(pool.shape[0], -1), 0, flat, out=dst)
+            out.append(dst.view(shape).transpose(1, 2))
+        return out[0], out[1]
 
 
 @dataclass
@@ -151,13 +159,15 @@ class AttentionGroup:
 @dataclass
 class PagedStep:
     """The layout of one paged forward over N new tokens: their positions (N,) and pool rows
-    (N,), the attention groups covering rows 0..N-1 in order, and the rows whose logits are
-    wanted (`last`)."""
+    (N,), the attention groups covering rows 0..N-1 in order, the rows whose logits are
+    wanted (`last`), and two buffers the groups' keys and values are gathered into, one group
+    after the other (rows >= the largest group's batch x T, kv_heads x head_dim)."""
 
     positions: Tensor
     write: Tensor
     groups: list[AttentionGroup]
     last: Tensor
+    gather: tuple[Tensor, Tensor]
 
 
 class Attention(nn.Module):
@@ -200,7 +210,7 @@ class Attention(nn.Module):
         for g in step.groups:
             rows = q[0, g.start : g.start + g.batch * g.queries]
             qg = rows.view(g.batch, g.queries, self.n_heads, self.head_dim).transpose(1, 2)
-            kg, vg = self.paged.read(g.read)
+            kg, vg = self.paged.read(g.read, step.gather)
             y = self.attend(qg, kg, vg, g.mask, per_row=g.per_row)
             out.append(y.transpose(1, 2).reshape(g.batch * g.queries, -1))
         return self.wo(torch.cat(out)[None])
@@ -342,9 +352,9 @@ class Transformer(nn.Module):
             row, pool = layer.attention.kv_cache, layer.attention.paged
             for r, p in ((row.k, pool.k), (row.v, pool.v)):
                 if to_row:
-                    r[0, :, start:end] = p.index_select(1, rows)
+                    r[0, :, start:end] = p.index_select(0, rows).transpose(0, 1)
                 else:
-                    p[:, rows] = r[0, :, start:end]
+                    p[rows] = r[0, :, start:end].transpose(0, 1)
 
     def forward(self, tokens: Tensor, input_pos: Tensor, last_only: bool = False) -> Tensor:
         """tokens (B, S) in cache rows 0..B-1 at positions input_pos (S,) -> fp32 logits

@@ -86,6 +86,7 @@ class EagerRuntime(ModelRuntime):
         self._decode_fn = self._forward_last
         self._prefill_fn = self._forward_last
         self._solo: tuple[int, int] | None = None  # (sequence, positions) the static cache holds
+        self._gather: tuple[Tensor, Tensor] | None = None  # paged steps' key/value copies
         if compile and not self.fused_decode:
             # Static shapes for one-token decode: one graph, reused at every position.
             self._decode_fn = torch.compile(
@@ -221,8 +222,20 @@ class EagerRuntime(ModelRuntime):
                 for g in parts
             ],
             torch.tensor(last, device=dev),
+            self._gather_buffers(max(g.read.numel() for g in parts)),
         )
         return torch.tensor([ids], device=dev), layout
+
+    def _gather_buffers(self, rows: int) -> tuple[Tensor, Tensor]:
+        """The buffers paged steps gather keys and values into, kept across steps (grown)."""
+        pool = self.model.layers[0].attention.paged.k
+        if self._gather is None or self._gather[0].shape[0] < rows:
+            shape = (max(rows, 2 * (0 if self._gather is None else self._gather[0].shape[0])),)
+            shape += (pool[0].numel(),)
+            self._gather = tuple(
+                torch.empty(shape, dtype=pool.dtype, device=pool.device) for _ in "kv"
+            )
+        return self._gather
 
     def _solo_step(self, chunk: SeqChunk) -> Tensor | None:
         """One token of a lone sequence on the fused step, or None where it does not apply: the

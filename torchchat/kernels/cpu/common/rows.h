@@ -43,17 +43,25 @@ inline void rows_of(const T* xm, int64_t m0, const Matrix& a, int64_t n0, int64_
 
 // Rows [n0, n1) of matrix a for M activation rows of x (K apart): dot(rows, xm, n, out) writes
 // out[0..R) = the sums of output row n with activation rows xm[0..R), R = decltype(rows)::value
-// (1 to 4); they land at a.y[(m + i) * a.ldy + n].
+// (1 to 4); they land at a.y[(m + i) * a.ldy + n]. More than 4 activation rows pass over the
+// weights 4 at a time, a tile of output rows (~256 KB of weights) at a time, so the passes after
+// the first read it from L2: without tiles 8 rows read every weight from memory twice (32000 x
+// 768 fp32: 10.3 ms against 3.8 ms for one row).
 template <typename T, typename Dot>
 inline void few_rows(const T* x, int64_t M, int64_t K, const Matrix& a, int64_t n0, int64_t n1,
                      Dot dot) {
-  for (int64_t m = 0; m < M; m += 4) {
-    const T* xm = x + m * K;
-    switch (std::min<int64_t>(4, M - m)) {
-      case 1: rows_of<1>(xm, m, a, n0, n1, dot); break;
-      case 2: rows_of<2>(xm, m, a, n0, n1, dot); break;
-      case 3: rows_of<3>(xm, m, a, n0, n1, dot); break;
-      default: rows_of<4>(xm, m, a, n0, n1, dot); break;
+  // (sized by x's element type: int8 weights get tiles of 64 KB, in L2 all the same)
+  const int64_t tile = M <= 4 ? n1 - n0 : std::max<int64_t>(1, (256 << 10) / (K * (int64_t)sizeof(T)));
+  for (int64_t t0 = n0; t0 < n1; t0 += tile) {
+    const int64_t t1 = std::min(n1, t0 + tile);
+    for (int64_t m = 0; m < M; m += 4) {
+      const T* xm = x + m * K;
+      switch (std::min<int64_t>(4, M - m)) {
+        case 1: rows_of<1>(xm, m, a, t0, t1, dot); break;
+        case 2: rows_of<2>(xm, m, a, t0, t1, dot); break;
+        case 3: rows_of<3>(xm, m, a, t0, t1, dot); break;
+        default: rows_of<4>(xm, m, a, t0, t1, dot); break;
+      }
     }
   }
 }
