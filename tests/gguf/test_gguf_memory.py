@@ -12,7 +12,8 @@ import torch
 
 from tests.gguf.gguf_files import QUANTS
 from torchchat.bench.gguf_writer import write_zero_gguf
-from torchchat.builder import build_model
+from torchchat.builder import build_model, gguf_block_types
+from torchchat.checkpoint import load_checkpoint
 from torchchat.checkpoint.gguf import load_gguf
 from torchchat.model.config import ModelArgs
 from torchchat.options import ExecutionOptions, ModelOptions, SourceOptions
@@ -30,9 +31,6 @@ def test_zero_gguf_has_llama_quantizes_q4_k_m_types(tmp_path):
     assert {k: (v.dtype, v.shape) for k, v in zero.items()} == {
         k: (v.dtype, v.shape) for k, v in ref.items()
     }
-    from torchchat.builder import gguf_block_types
-    from torchchat.checkpoint import load_checkpoint
-
     types = gguf_block_types(load_checkpoint(tmp_path / "z.gguf", gguf_blocks=True))
     assert types == gguf_block_types(load_checkpoint(QUANTS / "tiny-random-Q4_K_M.gguf", True))
 

@@ -59,7 +59,7 @@ at::Tensor gemm_ggml_cpu(const at::Tensor& x, const at::Tensor& w, int64_t type)
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   check_ggml(op, w, type, K);
   auto y = at::empty({M, N}, x.options().dtype(at::kFloat));
-  {  // in integers where the table can: the K-quants with VNNI
+  if (kt.gemm_ggml_types >> type & 1) {  // in integers where the table can: K-quants, VNNI
     const at::Tensor xf = x.detach().to(at::kFloat).contiguous();
     cpu::Matrix a{w.data_ptr<uint8_t>(), w.stride(0), nullptr, N, y.data_ptr<float>(), N};
     a.type = (int32_t)type;

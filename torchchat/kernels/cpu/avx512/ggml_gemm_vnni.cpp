@@ -31,16 +31,6 @@ struct Unpacked {
   int32_t wsum;  // sum_j sc_j * (sum of sub-block j's codes): the +128's share
 };
 
-inline void scale_min_k4(int j, const uint8_t* q, int32_t& sc, int32_t& m) {
-  if (j < 4) {
-    sc = q[j] & 63;
-    m = q[j + 4] & 63;
-  } else {
-    sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
-    m = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
-  }
-}
-
 // 64 bytes of nibble pairs (bytes i and 32 + i of two 32-value runs) -> codes of 128 values in
 // order: low nibbles of bytes 0-31 (k 0-31), their high nibbles (k 32-63), then bytes 32-63's.
 inline void nibbles_in_order(const uint8_t* qs, __m512i& k0, __m512i& k1) {
@@ -72,19 +62,24 @@ inline void weight_sum(Unpacked& u, int32_t bias) {
   }
 }
 
+// Q4_K's and Q5_K's d, dmin and 8 (scale, min) pairs, then the codes' scaled sum.
+void scales_mins(uint16_t d, uint16_t dmin, const uint8_t* scales, Unpacked& u) {
+  u.d = half_to_float(d);
+  u.dmin = half_to_float(dmin);
+  for (int j = 0; j < 8; ++j) {
+    int m;
+    ggml_scale_min_k4(scales, j, u.sc[j], m);
+    u.mn[j] = (float)m;
+  }
+  weight_sum<32>(u, 0);
+}
+
 void unpack_q4_k(const BlockQ4_K& b, Unpacked& u) {
   __m512i k[4];
   nibbles_in_order(b.qs, k[0], k[1]);
   nibbles_in_order(b.qs + 64, k[2], k[3]);
   for (int i = 0; i < 4; ++i) _mm512_store_si512((void*)(u.codes + 64 * i), k[i]);
-  u.d = half_to_float(b.d);
-  u.dmin = half_to_float(b.dmin);
-  for (int j = 0; j < 8; ++j) {
-    int32_t m;
-    scale_min_k4(j, b.scales, u.sc[j], m);
-    u.mn[j] = (float)m;
-  }
-  weight_sum<32>(u, 0);
+  scales_mins(b.d, b.dmin, b.scales, u);
 }
 
 void unpack_q5_k(const BlockQ5_K& b, Unpacked& u) {
@@ -102,14 +97,7 @@ void unpack_q5_k(const BlockQ5_K& b, Unpacked& u) {
     k[c] = _mm512_mask_add_epi8(k[c], set, k[c], sixteen);
     _mm512_store_si512((void*)(u.codes + 64 * c), k[c]);
   }
-  u.d = half_to_float(b.d);
-  u.dmin = half_to_float(b.dmin);
-  for (int j = 0; j < 8; ++j) {
-    int32_t m;
-    scale_min_k4(j, b.scales, u.sc[j], m);
-    u.mn[j] = (float)m;
-  }
-  weight_sum<32>(u, 0);
+  scales_mins(b.d, b.dmin, b.scales, u);
 }
 
 void unpack_q6_k(const BlockQ6_K& b, Unpacked& u) {

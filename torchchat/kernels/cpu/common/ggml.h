@@ -62,6 +62,19 @@ inline float half_to_float(uint16_t h) {
   return (float)v;
 }
 
+// Q4_K and Q5_K pack 8 pairs of 6-bit (scale, min) in 12 bytes: pairs 0-3 in the low 6 bits of
+// bytes 0-3 (scales) and 4-7 (mins); pairs 4-7 in the nibbles of bytes 8-11 (scale low, min
+// high), their top 2 bits in the top bits of bytes 0-3 (scales) and 4-7 (mins).
+inline void ggml_scale_min_k4(const uint8_t* s, int j, int& sc, int& mn) {
+  if (j < 4) {
+    sc = s[j] & 63;
+    mn = s[j + 4] & 63;
+  } else {
+    sc = (s[j + 4] & 15) | (s[j - 4] >> 6) << 4;
+    mn = (s[j + 4] >> 4) | (s[j] >> 6) << 4;
+  }
+}
+
 // One row of K activations quantized to `act` (Q8_0, Q8_1 or Q8_K) as ggml does on x86 (its
 // AVX quantize_row_q8_0/q8_1, the reference quantize_row_q8_K_ref), so that decode's logits
 // equal llama.cpp's there to float rounding (tests/gguf/test_llamacpp_logits.py).

@@ -78,19 +78,6 @@ void one_scale(Decoded& o, uint16_t d, float dmin) {
 // Q5's fifth bits: value j's is bit j of the 32-bit little-endian qh.
 int fifth_bit(const uint8_t* qh, int j) { return (qh[j / 8] >> (j % 8) & 1) << 4; }
 
-// Q4_K and Q5_K pack 8 pairs of 6-bit (scale, min) in 12 bytes: pairs 0-3 in the low 6 bits of
-// bytes 0-3 (scales) and 4-7 (mins); pairs 4-7 in the nibbles of bytes 8-11 (scale low, min
-// high), their top 2 bits in the top bits of bytes 0-3 (scales) and 4-7 (mins).
-void scale_min_k4(const uint8_t* s, int j, int& sc, int& mn) {
-  if (j < 4) {
-    sc = s[j] & 63;
-    mn = s[j + 4] & 63;
-  } else {
-    sc = (s[j + 4] & 15) | (s[j - 4] >> 6) << 4;
-    mn = (s[j + 4] >> 4) | (s[j] >> 6) << 4;
-  }
-}
-
 void decode(int32_t type, const uint8_t* p, Decoded& o) {
   switch (type) {
     case kGgmlQ4_0:
@@ -167,7 +154,7 @@ void decode(int32_t type, const uint8_t* p, Decoded& o) {
         if (q5) o.q[i] |= (b5->qh[i % 32] >> (i / 32) & 1) << 4;  // run r's fifth bits: bit r
       }
       for (int j = 0; j < 8; ++j) {
-        scale_min_k4(scales, j, o.sc[2 * j], o.mn[2 * j]);
+        ggml_scale_min_k4(scales, j, o.sc[2 * j], o.mn[2 * j]);
         o.sc[2 * j + 1] = o.sc[2 * j];
         o.mn[2 * j + 1] = o.mn[2 * j];
       }
