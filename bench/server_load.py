@@ -13,8 +13,10 @@
   --prompt-tokens tokens arrives. The running streams' inter-token latencies, median and p99
   (the target: p99 at most 3x the median). The model's context must hold the prompt.
 
-Starts `torchchat server` (stories260K from ../shared/models by default) on a free loopback port
-in its own process, sends the requests with httpx (streaming, `include_usage`), and prints a
+Starts `torchchat server` (stories260K from ../shared/models by default) -- or, with
+`--llama-server BIN --gguf FILE`, llama.cpp's server on the same weights (-np = --max-batch or
+--concurrency, one unified KV cache of --context positions), for the load scenario -- on a free
+loopback port in its own process, sends the requests with httpx (streaming, `include_usage`), and prints a
 Markdown table. Exits 1 if any request failed. Traffic goes to 127.0.0.1 only; the run is
 bounded in count and time.
 """
@@ -48,6 +50,7 @@ class Outcome:
     latency_s: float = 0.0
     ttft_s: float = 0.0
     completion_tokens: int = 0
+    prompt_tokens: int = 0
     cached_tokens: int = 0
     error: str = ""
 
@@ -71,6 +74,17 @@ def start_server(
     cmd += ["--max-batch", str(max_batch)] if max_batch else []
     cmd += ["--threads", str(threads)] if threads else []
     return subprocess.Popen([*cmd, *extra], cwd=REPO, stderr=subprocess.PIPE, text=True)
+
+
+def start_llama_server(
+    binary: Path, gguf: Path, port: int, slots: int, threads: int | None, context: int
+) -> subprocess.Popen:
+    """llama.cpp's own server on a GGUF of the same weights: `slots` parallel sequences in one
+    unified KV cache of `context` positions (continuous batching, its default)."""
+    cmd = [str(binary), "-m", str(gguf), "--port", str(port), "-np", str(slots)]
+    cmd += ["-c", str(context), "--kv-unified", "--no-webui"]
+    cmd += ["-t", str(threads), "-tb", str(threads)] if threads else []
+    return subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -138,7 +152,8 @@ async def one_request(
         latency_s=time.perf_counter() - t0,
         ttft_s=ttft or 0.0,
         completion_tokens=usage["completion_tokens"],
-        cached_tokens=usage["prompt_tokens_details"]["cached_tokens"],
+        prompt_tokens=usage["prompt_tokens"],
+        cached_tokens=(usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0),
     )
 
 
@@ -230,6 +245,7 @@ async def shared_prefix(url: str, args: argparse.Namespace) -> tuple[list[tuple]
         ("request 1: time to first token / cached", f"{first.ttft_s:.3f} s / {first.cached_tokens}"),
         ("requests 2..N: time to first token median / max", f"{statistics.median(ttfts):.3f} s / {max(ttfts):.3f} s"),
         ("requests 2..N: max TTFT / request 1's", f"{max(ttfts) / max(first.ttft_s, 1e-9):.3f} (target <= 0.25)"),
+        ("requests 2..N: prompt tokens min / max", f"{min(o.prompt_tokens for o in ok)} / {max(o.prompt_tokens for o in ok)}" if ok else "-"),
         ("requests 2..N: cached tokens min / max", f"{min(o.cached_tokens for o in ok)} / {max(o.cached_tokens for o in ok)}" if ok else "-"),
     ]  # fmt: skip
     return rows, outcomes
@@ -281,14 +297,26 @@ def main() -> int:
     p.add_argument(
         "--server-arg", action="append", default=[], help="extra server argument (repeatable)"
     )
+    p.add_argument("--llama-server", type=Path, help="load: run llama.cpp's llama-server instead")
+    p.add_argument("--gguf", type=Path, help="--llama-server: the GGUF of the same weights")
+    p.add_argument("--context", type=int, default=8192, help="--llama-server: its -c")
     args = p.parse_args()
+    if args.llama_server and (args.scenario != "load" or not args.gguf):
+        p.error("--llama-server runs the load scenario on --gguf FILE")
     if not 1 <= args.requests <= 10_000 or not 1 <= args.concurrency <= 64:
         p.error("--requests must be 1..10000 and --concurrency 1..64")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = start_server(
-        args.model, port, args.concurrency, args.threads, args.max_batch, args.server_arg
-    )
+    if args.llama_server:
+        slots = args.max_batch or args.concurrency
+        proc = start_llama_server(
+            args.llama_server, args.gguf, port, slots, args.threads, args.context
+        )
+        args.model = args.gguf
+    else:
+        proc = start_server(
+            args.model, port, args.concurrency, args.threads, args.max_batch, args.server_arg
+        )
     try:
         wait_healthy(url, proc)
         if args.scenario == "load":

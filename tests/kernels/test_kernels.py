@@ -333,6 +333,29 @@ def test_attention_reads_only_open_positions_and_zeroes_closed_rows():
     assert torch.equal(kernels.attention(q, k, v, mask), y)
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+@pytest.mark.usefixtures("isa")
+def test_paged_attention_reads_the_pool_in_place(dtype, tol):
+    """Sequences whose positions lie scattered over a pool (rows (R, KVH, D)), read through
+    their row index: the same as attention over a gathered copy, to the same rounding; a row
+    index outside the pool is refused."""
+    torch.manual_seed(3)
+    pool_k, pool_v = torch.randn(2, 300, 2, 64).to(dtype)
+    index = torch.stack([torch.randperm(300)[:90] for _ in range(3)])
+    q = torch.randn(3, 8, 5, 64).to(dtype)  # three sequences, 5 query tokens each (a chunk)
+    ends = torch.tensor([90, 41, 7])  # each sequence's length; the rest of its index is padding
+    pos = ends[:, None] - 5 + torch.arange(5)
+    mask = (torch.arange(90)[None, None] <= pos[:, :, None]).unsqueeze(1)
+    y = kernels.attention_paged(q, pool_k, pool_v, index, mask)
+    k, v = (p[index].transpose(1, 2) for p in (pool_k, pool_v))  # (B, KVH, T, D) copies
+    gathered = torch.ops.torchchat.attention(q, k.contiguous(), v.contiguous(), mask, 64**-0.5)
+    assert torch.equal(y, gathered)
+    reference = attend_rows(q.float(), k.float(), v.float(), mask)
+    assert (y.float() - reference).abs().max().item() < tol
+    with pytest.raises(RuntimeError, match="outside the pool"):
+        kernels.attention_paged(q, pool_k, pool_v, index + 300, mask)
+
+
 @pytest.mark.usefixtures("isa")
 def test_ops_decline_what_they_do_not_cover():
     x = torch.randn(9, 16)  # more rows than a decode step

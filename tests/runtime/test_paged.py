@@ -145,3 +145,18 @@ def test_the_pool_grows_keeping_its_contents():
     after = rt.model.layers[0].attention.paged.k
     assert after.shape[0] == 80 * BLOCK and torch.equal(after[: before.shape[0]], before)
     assert rt.kv_cache_bytes() > size
+
+
+@torch.no_grad()
+def test_positions_copied_from_a_cached_block_give_what_computing_them_gives():
+    """Copy-on-write at the first differing block: b shares a's first block, copies the first
+    3 positions of a's second (the same tokens), and computes only the rest."""
+    rt = runtime()
+    common = tokens(7, 11)  # one block of 4 and 3 positions into the next
+    a, b = [*common, 1, 2, 3], [*common, 50, 51, 52, 53]
+    rt.step([SeqChunk(0, a, 0, [7, 2, 11])])
+    rt.copy_blocks([(2, 30, 3)])  # a's second block -> b's own
+    got = rt.step([SeqChunk(1, b[7:], 7, [7, 30, 31])])[0]
+    torch.testing.assert_close(got, reference(b, [len(b)])[0], atol=ATOL, rtol=0)
+    pool = rt.model.layers[0].attention.paged
+    assert torch.equal(pool.k[30 * BLOCK : 30 * BLOCK + 3], pool.k[2 * BLOCK : 2 * BLOCK + 3])

@@ -175,6 +175,9 @@ class SlowBatchRuntime(ModelRuntime):
     def reserve_blocks(self, blocks):
         self.inner.reserve_blocks(blocks)
 
+    def copy_blocks(self, copies):
+        self.inner.copy_blocks(copies)
+
     def kv_cache_bytes(self):
         return self.inner.kv_cache_bytes()
 

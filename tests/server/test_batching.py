@@ -139,18 +139,22 @@ def test_prompts_share_cached_blocks(built):
 
     try:
         assert cached(first) == [0]  # a fresh engine holds nothing
-        assert cached(second) == [0]  # just BOS in common: no full block
-        # Each prompt's blocks stay cached after it ends; the last token is always fed again.
-        assert cached(first) == [blocks(len(first) - 1)]
-        assert cached(second) == [blocks(len(second) - 1)]
-        assert cached(first, second) == [blocks(len(first) - 1), blocks(len(second) - 1)]
+        # Just BOS in common: no full block, but first's cached first block begins with it, so
+        # it is copied (copy-on-write at the first differing block).
+        assert cached(second) == [1]
+        # Each prompt's blocks stay cached after it ends (the block with its last prompt tokens
+        # filled up while it decoded: copied from); the last token is always fed again.
+        assert cached(first) == [len(first) - 1]
+        assert cached(second) == [len(second) - 1]
+        assert cached(first, second) == [len(first) - 1, len(second) - 1]
         # Two choices of one new prompt: the second waits for the first's blocks, then shares them.
         third = tok.encode("Ben liked to play", bos=True)
         jobs = run_jobs(
             engine, lambda: [Job([Choice(0, third, 3, GREEDY), Choice(1, third, 3, GREEDY)])]
         )
         finishes = sorted((e for e in jobs[0] if isinstance(e, Finish)), key=lambda f: f.index)
-        assert [f.cached_tokens for f in finishes] == [0, blocks(len(third) - 1)]
+        # (the first copies BOS, the one token third has in common with the cached prompts)
+        assert [f.cached_tokens for f in finishes] == [1, blocks(len(third) - 1)]
         # A chat's next turn: the earlier turn's prompt and reply (blocks filled while decoding).
         [events] = run_jobs(engine, lambda: [Job([Choice(0, second, 12, GREEDY)], (), 0)])
         reply = first_tokens(events)

@@ -38,8 +38,8 @@ def test_the_pool_grows_only_when_nothing_is_free():
 def test_freed_hashed_blocks_stay_cached_until_needed_least_recently_used_first():
     pool = BlockPool(max_blocks=3)
     a, b, c = pool.take(), pool.take(), pool.take()
-    pool.register(a, b"a")
-    pool.register(b, b"b")
+    pool.register(a, b"a", None, [1, 2])
+    pool.register(b, b"b", None, [3, 4])
     pool.release(a)
     pool.release(b)
     pool.release(c)  # unhashed: free
@@ -48,7 +48,8 @@ def test_freed_hashed_blocks_stay_cached_until_needed_least_recently_used_first(
     pool.share(a)  # revived by a hit: no longer evictable
     assert pool.take() is b and pool.cached(b"b") is None  # evicted, hash gone
     assert pool.available == 0
-    assert not pool.register(c, b"a")  # a hash names one block
+    assert not pool.register(c, b"a", None, [1, 2])  # a hash names one block
+    assert pool.children(None) == [a]  # b's evicted: no longer found by its parent
 
 
 def manager() -> KVCacheManager:
@@ -78,6 +79,30 @@ def test_prompts_share_full_blocks_and_diverge_into_private_ones():
     assert kv.pool.in_use == 0
     # Freed, the blocks stay cached: the same system prompt still hits.
     assert len(kv.match([*system, 5])[0]) == 2
+
+
+def test_a_cached_block_that_begins_like_the_next_one_is_copied_from_and_held_until_copied():
+    kv = manager()
+    system = list(range(100, 110))  # ends 2 tokens into block 2
+    p1, p2 = [*system, 1, 2, 3], [*system, 7, 8]
+    kv.start(1, p1, [])
+    kv.allocate(1, len(p1))
+    kv.commit(1, p1, len(p1))  # blocks 0-2 full: hashed; block 2 holds 108, 109, 1, 2
+    kv.free(1)  # cached, evictable
+    hits, _ = kv.match(p2)
+    source, n = kv.partial(p2, hits)
+    assert len(hits) == 2 and source.tokens == (108, 109, 1, 2) and n == 2
+    assert kv.partial([*system[:9], 5, 6], hits)[1] == 1  # 108 in common
+    assert kv.partial([*system[:8], 5, 6], hits) is None  # nothing in common
+    assert kv.partial([*system, 1, 2, 3, 4], hits)[1] == 4  # a whole block is a hit, not a copy
+    assert kv.partial([*system, 1], hits)[1] == 2  # never the last token (fed for its logits)
+    assert kv.can_start(hits, len(p2), source)
+    assert kv.start(2, p2, hits, source) == 8
+    assert source.refs == 1  # held: taking blocks for seq 2 must not evict it
+    for _ in range(kv.pool.available):
+        assert kv.pool.take() is not source
+    kv.copied(2)
+    assert source.refs == 0
 
 
 def test_the_last_token_is_never_a_hit():

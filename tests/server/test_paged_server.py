@@ -39,9 +39,10 @@ def test_concurrent_chats_with_one_system_prompt_prefill_it_once():
         m = metrics(srv)
     usage = [r.usage for r in replies]
     cached = sorted(u.prompt_tokens_details.cached_tokens for u in usage)
-    # One of them computed the system prompt; the others shared its full 16-token blocks.
-    assert cached[0] == 0 and cached[1] == cached[3] and cached[1] >= 16 * 4
-    assert cached[1] % 16 == 0
+    # One of them computed the system prompt; the others shared its full 16-token blocks, and
+    # copied the positions of the block where it ends that are the same in theirs (so they
+    # differ by the tokens their own messages happen to share).
+    assert cached[0] == 0 and cached[1] >= 16 * 4 and cached[3] - cached[1] < 16
     prompt_tokens = sum(u.prompt_tokens for u in usage)
     assert m["torchchat_cached_tokens_total"] == sum(cached)
     assert m["torchchat_prefill_tokens_total"] == prompt_tokens - sum(cached)

@@ -39,10 +39,26 @@ def test_a_prompt_arriving_among_decodes_is_chunked_within_the_budget():
     long, short = Sequence(list(range(100, 120))), Sequence([9, 9, 9])
     s.add(long)
     s.add(short)
-    assert run(s) == {a.id: (3, 1), long.id: (0, 8)}  # the budget is spent: short waits
-    assert run(s) == {a.id: (4, 1), long.id: (8, 8)}
-    assert run(s) == {a.id: (5, 1), long.id: (16, 4), short.id: (0, 3)}  # oldest first
-    assert run(s) == {a.id: (6, 1), long.id: (20, 1), short.id: (3, 1)}
+    # the long prompt takes the budget; the short one (at most a chunk left) goes whole anyway
+    assert run(s) == {a.id: (3, 1), long.id: (0, 8), short.id: (0, 3)}
+    assert run(s) == {a.id: (4, 1), long.id: (8, 8), short.id: (3, 1)}
+    assert run(s) == {a.id: (5, 1), long.id: (16, 4), short.id: (4, 1)}
+    assert run(s) == {a.id: (6, 1), long.id: (20, 1), short.id: (5, 1)}
+
+
+def test_short_prompts_arriving_together_go_in_one_step_and_long_ones_wait_their_turn():
+    """Chats behind a cached system prompt: every short remainder in the next step, so each gets
+    its first token after one step; a long prompt behind them waits for the chunk budget."""
+    s = scheduler(chunk=8, running=6)
+    a = Sequence([1, 2, 3])
+    s.add(a)
+    run(s)
+    shorts = [Sequence([i] * 7) for i in range(4)]  # 28 tokens in all, 7 each
+    long = Sequence(list(range(100, 120)))
+    for seq in [*shorts, long]:
+        s.add(seq)
+    assert run(s) == {a.id: (3, 1), **{x.id: (0, 7) for x in shorts}}  # budget spent: long waits
+    assert run(s) == {a.id: (4, 1), **{x.id: (7, 1) for x in shorts}, long.id: (0, 8)}
 
 
 def test_at_most_max_running_sequences():
@@ -64,6 +80,24 @@ def test_a_shared_prefix_is_computed_once():
     assert run(s) == {a.id: (0, 13)}  # b waits for the blocks a is computing
     assert run(s) == {a.id: (13, 1), b.id: (12, 2)}  # then starts after them
     assert (a.cached, b.cached) == (0, 12)
+
+
+def test_a_prompt_copies_the_cached_positions_of_its_first_differing_block():
+    s = scheduler(chunk=4)
+    system = list(range(100, 110))  # 2 full blocks, then 2 tokens into the third
+    a = Sequence([*system, 1, 2])
+    s.add(a)
+    run(s)
+    run(s)  # a decodes: its third block fills up and is cached
+    b = Sequence([*system, 5, 6])
+    s.add(b)
+    plan = s.schedule()
+    a_blocks = s.kv.table(a.id)
+    assert [(c.seq, c.src, c.count) for c in plan.copies] == [(b.id, a_blocks[2], 2)]
+    assert plan.copies[0].dst == s.kv.table(b.id)[2] != a_blocks[2]
+    assert [(w.seq, w.start, w.count) for w in plan.work][-1] == (b, 10, 2)
+    s.advance(plan)
+    assert b.cached == 10
 
 
 def test_out_of_blocks_preempts_the_newest_which_resumes_from_the_cache():

@@ -217,6 +217,19 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor | None:
     return torch.ops.torchchat.attention(q, k, v, mask, q.shape[-1] ** -0.5)
 
 
+def attention_paged(q: Tensor, k: Tensor, v: Tensor, index: Tensor, mask: Tensor) -> Tensor | None:
+    """`attention` over a paged pool read in place, or None: k, v (rows, KVH, D), the pool;
+    index (B, T) int64, the pool row of each sequence's positions 0..T-1. Any number of query
+    rows (each computed on its own: a row's result does not depend on the batch it is in)."""
+    if q.dtype != k.dtype or not q.is_floating_point() or mask.dtype != torch.bool:
+        return None
+    if q.shape[-1] > 256 or k.stride(-1) != 1 or v.stride() != k.stride():
+        return None
+    if mask.stride(-1) != 1 or _rows(q[:1, :1, :1], FEW_ROWS) is None:  # kernels usable here
+        return None
+    return torch.ops.torchchat.attention_paged(q, k, v, index, mask, q.shape[-1] ** -0.5)
+
+
 def int4_blocked_scales(scales_and_zeros: Tensor) -> Tensor:
     """int4 (scale, zero) pairs from torch's layout (groups, N, 2) to the one decode_layers reads:
     each 64-row block's pairs together, group after group (cpu/common/kernels.h, int4_scale_offset)."""

@@ -8,6 +8,8 @@
 // 40-60% of its read bandwidth and of what llama.cpp's kernels reach (docs/performance.md).
 #include <torch/library.h>
 
+#include <tuple>
+
 #include "cpu/common/ggml.h"
 #include "ops.h"
 
@@ -250,14 +252,13 @@ at::Tensor gemm_8da4w_cpu(const at::Tensor& x, const at::Tensor& w, const at::Te
   return y.to(x.scalar_type());
 }
 
-template <typename T, typename A>
-void attention_rows(A attend, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+// Rows of query q[b, h, s] against its sequence's keys and values: kv(b, j) gives the k and v
+// base of batch row b, kv head j, and where each of its `len` positions' rows lie.
+template <typename T, typename A, typename KV>
+void attention_rows(A attend, const at::Tensor& q, int64_t KVH, int64_t len, KV kv,
                     const at::Tensor& mask, double scale, at::Tensor& out) {
-  const int64_t B = q.size(0), H = q.size(1), S = q.size(2), D = q.size(3);
-  const int64_t KVH = k.size(1), len = k.size(2), group = H / KVH;
+  const int64_t B = q.size(0), H = q.size(1), S = q.size(2), D = q.size(3), group = H / KVH;
   const T* qp = ptr<T>(q);
-  const T* kp = ptr<T>(k);
-  const T* vp = ptr<T>(v);
   const bool* mp = mask.data_ptr<bool>();
   T* op = reinterpret_cast<T*>(out.data_ptr());
   const int64_t mb = mask.size(0) == 1 ? 0 : mask.stride(0), ms = mask.stride(2);
@@ -272,44 +273,83 @@ void attention_rows(A attend, const at::Tensor& q, const at::Tensor& k, const at
     std::vector<float> p(len + 16);
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t b = i / (H * S), h = (i / S) % H, s = i % S;
-      const T* kb = kp + b * k.stride(0) + (h / group) * k.stride(1);
-      const T* vb = vp + b * v.stride(0) + (h / group) * v.stride(1);
-      attend(qp + b * q.stride(0) + h * q.stride(1) + s * q.stride(2), kb, vb, k.stride(2),
+      const auto [kb, vb, rows] = kv(b, h / group);
+      attend(qp + b * q.stride(0) + h * q.stride(1) + s * q.stride(2), kb, vb, rows,
              mp + b * mb + s * ms, span[b * S + s].first, span[b * S + s].second, D,
              (float)scale, op + ((b * H + h) * S + s) * D, p.data());
     }
   });
 }
 
-// softmax(q k^T * scale + mask) v: q (B, H, S, D); k, v (B, KVH, T, D) with H a multiple of KVH
-// (grouped-query attention) and unit stride along D (rows any stride apart: a paged cache's
-// gathered positions hold all heads); mask bool (1 or B, 1, S, T).
-at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                         const at::Tensor& mask, double scale) {
-  const auto& kt = kernels("torchchat::attention", cpu::kFewRows);
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && mask.dim() == 4,
-              "torchchat::attention: 4-d q, k, v, mask");
-  TORCH_CHECK(k.sizes() == v.sizes() && k.strides() == v.strides(), "torchchat::attention: k, v");
-  TORCH_CHECK(q.size(0) == k.size(0) && q.size(3) == k.size(3) && q.size(1) % k.size(1) == 0,
-              "torchchat::attention: shapes ", q.sizes(), " ", k.sizes());
-  TORCH_CHECK(k.stride(3) == 1 && q.stride(3) == 1,
-              "torchchat::attention: rows of q, k, v must be contiguous");
-  TORCH_CHECK(q.size(3) <= 256, "torchchat::attention: head dim ", q.size(3), " > 256");
-  TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type(),
-              "torchchat::attention: dtypes differ");
+// q (B, H, S, D) against keys and values of KVH heads with H a multiple of KVH (grouped-query
+// attention) over `len` positions; mask bool (1 or B, 1, S, len). `index` (B, len) int64: rows
+// of a pool k, v (rows, KVH, D) (a paged cache read in place), else k, v (B, KVH, len, D).
+at::Tensor attention_of(const char* op, const at::Tensor& q, const at::Tensor& k,
+                        const at::Tensor& v, const at::Tensor* index, const at::Tensor& mask,
+                        double scale) {
+  const auto& kt = kernels(op, cpu::kFewRows);
+  const bool pooled = index != nullptr;
+  TORCH_CHECK(q.dim() == 4 && k.dim() == (pooled ? 3 : 4) && mask.dim() == 4, op,
+              ": q, mask 4-d, k, v ", pooled ? 3 : 4, "-d");
+  TORCH_CHECK(k.sizes() == v.sizes() && k.strides() == v.strides(), op, ": k, v");
+  const int64_t KVH = k.size(1), D = q.size(3);
+  TORCH_CHECK(k.size(-1) == D && q.size(1) % KVH == 0 && (pooled || q.size(0) == k.size(0)), op,
+              ": shapes ", q.sizes(), " ", k.sizes());
+  TORCH_CHECK(k.stride(-1) == 1 && q.stride(3) == 1, op, ": rows of q, k, v must be contiguous");
+  TORCH_CHECK(D <= 256, op, ": head dim ", D, " > 256");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && k.scalar_type() == v.scalar_type(), op,
+              ": dtypes differ");
+  const int64_t len = pooled ? index->size(1) : k.size(2);
+  if (pooled) {
+    TORCH_CHECK(index->dim() == 2 && index->size(0) == q.size(0) &&
+                    index->scalar_type() == at::kLong && index->is_contiguous(),
+                op, ": index must be contiguous int64 (B, len)");
+    const auto* ip = index->data_ptr<int64_t>();
+    for (int64_t i = 0; i < index->numel(); ++i)  // the pool is read at these rows
+      TORCH_CHECK(ip[i] >= 0 && ip[i] < k.size(0), op, ": index ", ip[i], " outside the pool");
+  }
   TORCH_CHECK(mask.scalar_type() == at::kBool && mask.size(2) == q.size(2) &&
-                  mask.size(3) == k.size(2) && mask.stride(3) == 1 &&
+                  mask.size(3) == len && mask.stride(3) == 1 &&
                   (mask.size(0) == 1 || mask.size(0) == q.size(0)),
-              "torchchat::attention: mask ", mask.sizes());
+              op, ": mask ", mask.sizes());
   auto out = at::empty(q.sizes(), q.options());
+  auto run = [&](auto zero, auto attend) {
+    using T = decltype(zero);
+    const T* kp = ptr<T>(k);
+    const T* vp = ptr<T>(v);
+    if (pooled) {
+      const int64_t* ip = index->data_ptr<int64_t>();
+      attention_rows<T>(attend, q, KVH, len, [&](int64_t b, int64_t j) {
+        const int64_t o = j * k.stride(1);
+        return std::make_tuple(kp + o, vp + o, cpu::CacheRows{k.stride(0), ip + b * len});
+      }, mask, scale, out);
+    } else {
+      attention_rows<T>(attend, q, KVH, len, [&](int64_t b, int64_t j) {
+        const int64_t o = b * k.stride(0) + j * k.stride(1);
+        return std::make_tuple(kp + o, vp + o, cpu::CacheRows{k.stride(2)});
+      }, mask, scale, out);
+    }
+  };
   switch (dtype_of(q.scalar_type())) {
-    case cpu::DType::f32: attention_rows<float>(kt.attend_f32, q, k, v, mask, scale, out); break;
-    case cpu::DType::bf16: attention_rows<bf16_t>(kt.attend_bf16, q, k, v, mask, scale, out); break;
-    case cpu::DType::f16:
-      attention_rows<cpu::fp16_t>(kt.attend_f16, q, k, v, mask, scale, out);
-      break;
+    case cpu::DType::f32: run(float{}, kt.attend_f32); break;
+    case cpu::DType::bf16: run(bf16_t{}, kt.attend_bf16); break;
+    case cpu::DType::f16: run(cpu::fp16_t{}, kt.attend_f16); break;
   }
   return out;
+}
+
+// softmax(q k^T * scale + mask) v: q (B, H, S, D); k, v (B, KVH, T, D), unit stride along D
+// (rows any stride apart); mask bool (1 or B, 1, S, T).
+at::Tensor attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                         const at::Tensor& mask, double scale) {
+  return attention_of("torchchat::attention", q, k, v, nullptr, mask, scale);
+}
+
+// The same over a paged pool read in place: k, v (rows, KVH, D); index (B, T) int64, the pool
+// row of each sequence's positions 0..T-1.
+at::Tensor attention_paged_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                               const at::Tensor& index, const at::Tensor& mask, double scale) {
+  return attention_of("torchchat::attention_paged", q, k, v, &index, mask, scale);
 }
 
 
@@ -458,6 +498,9 @@ TORCH_LIBRARY(torchchat, m) {
   m.def("linear_int4(Tensor x, Tensor[] w, Tensor[] scales_and_zeros, int group) -> Tensor");
   m.def("attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor");
   m.def(
+      "attention_paged(Tensor q, Tensor k, Tensor v, Tensor index, Tensor mask, float scale) -> "
+      "Tensor");
+  m.def(
       "decode_layers(Tensor x, Tensor[] norms, float eps, Tensor freqs, Tensor mask, Tensor pos, "
       "Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor[] w, Tensor[] scales, int kind, "
       "int group, int n_heads, int[] types=[]) -> Tensor");
@@ -472,6 +515,7 @@ TORCH_LIBRARY_IMPL(torchchat, CPU, m) {
   m.impl("linear_int8", &linear_int8_cpu);
   m.impl("linear_int4", &linear_int4_cpu);
   m.impl("attention", &attention_cpu);
+  m.impl("attention_paged", &attention_paged_cpu);
   m.impl("decode_layers", &decode_layers_cpu);
   m.impl("gemm_int4", &gemm_int4_cpu);
   m.impl("gemm_int8", &gemm_int8_cpu);

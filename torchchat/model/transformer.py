@@ -18,6 +18,7 @@ quantization swaps the linears; export takes the model as it is here.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -126,6 +127,12 @@ class PagedKVCache(nn.Module):
         self.k.index_copy_(0, rows, k)
         self.v.index_copy_(0, rows, v)
 
+    def copy(self, src: int, dst: int, n: int) -> None:
+        """Block src's first n positions into block dst."""
+        bs = self.block_size
+        for pool in (self.k, self.v):
+            pool[dst * bs : dst * bs + n] = pool[src * bs : src * bs + n]
+
     def read(self, rows: Tensor, into: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         """Keys and values at pool rows (B, T), as (B, kv_heads, T, D) views of their copies in
         `into` (two (>= B x T, kv_heads x D) buffers, overwritten; each row of D contiguous,
@@ -210,10 +217,15 @@ class Attention(nn.Module):
         for g in step.groups:
             rows = q[0, g.start : g.start + g.batch * g.queries]
             qg = rows.view(g.batch, g.queries, self.n_heads, self.head_dim).transpose(1, 2)
-            kg, vg = self.paged.read(g.read, step.gather)
-            y = self.attend(qg, kg, vg, g.mask, per_row=g.per_row)
+            y = self.attend_paged(qg, g, step)
             out.append(y.transpose(1, 2).reshape(g.batch * g.queries, -1))
         return self.wo(torch.cat(out)[None])
+
+    def attend_paged(self, q: Tensor, g: AttentionGroup, step: PagedStep) -> Tensor:
+        """Attention of group g's queries q (batch, H, queries, D) over its pool rows: here on
+        a gathered copy of them."""
+        k, v = self.paged.read(g.read, step.gather)
+        return self.attend(q, k, v, g.mask, per_row=g.per_row)
 
     def project(self, x: Tensor) -> list[Tensor]:
         """q, k and v of x."""
@@ -342,6 +354,13 @@ class Transformer(nn.Module):
         for layer in self.layers:
             x = layer.forward_paged(x, freqs, step)
         return self.output(self.norm(x[:, step.last])).float()[0]
+
+    def copy_blocks(self, copies: Sequence[tuple[int, int, int]]) -> None:
+        """Every layer's paged cache: for each (src, dst, n), block src's first n positions
+        into block dst."""
+        for layer in self.layers:
+            for src, dst, n in copies:
+                layer.attention.paged.copy(src, dst, n)
 
     def copy_paged(self, rows: Tensor, to_row: bool, start: int = 0) -> None:
         """Positions start..start+len(rows)-1 of the static cache's row 0 and the paged pool's

@@ -81,6 +81,11 @@ class ModelRuntime(ABC):
         step, up to float rounding when the step's row count changes the kernels' tiling."""
         raise NotImplementedError(f"{type(self).__name__} has no paged KV cache")
 
+    def copy_blocks(self, copies: Sequence[tuple[int, int, int]]) -> None:
+        """For each (src, dst, n): the keys/values of block src's first n positions into block
+        dst (a sequence's own block that begins as a cached one does)."""
+        raise NotImplementedError(f"{type(self).__name__} has no paged KV cache")
+
     def kv_cache_bytes(self) -> int:
         """Bytes the KV caches hold (the one-sequence cache and the paged pool)."""
         return 0

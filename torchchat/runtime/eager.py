@@ -157,6 +157,9 @@ class EagerRuntime(ModelRuntime):
     def reserve_blocks(self, blocks: int) -> None:
         self.model.grow_paged(blocks)
 
+    def copy_blocks(self, copies: Sequence[tuple[int, int, int]]) -> None:
+        self.model.copy_blocks(copies)
+
     def kv_cache_bytes(self) -> int:
         caches = [(a.kv_cache, a.paged) for a in (layer.attention for layer in self.model.layers)]
         tensors = [

@@ -530,6 +530,8 @@ class Engine:
         if not plan.work:
             return
         self.runtime.reserve_blocks(self.kv.pool.capacity)
+        if plan.copies:
+            self.runtime.copy_blocks([(c.src, c.dst, c.count) for c in plan.copies])
         chunks = [SeqChunk(w.seq.id, w.tokens, w.start, self.kv.table(w.seq.id)) for w in plan.work]
         logits = self.runtime.step(chunks).cpu()
         self.scheduler.advance(plan)

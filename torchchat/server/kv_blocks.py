@@ -8,9 +8,12 @@ tokens in use: the pool starts empty and grows (up to `max_blocks`) only when no
 A block full of computed tokens gets a hash chained with its parent block's, so equal hashes
 mean equal prefixes. Hashed blocks are shared (reference-counted) by every sequence whose
 tokens begin the same way; the first block that differs, or is not full, is the sequence's
-own, so a shared block is never written. A freed hashed block keeps its contents and its hash
-(a later prompt with that prefix still hits) until it is the least recently used one and a
-block is needed.
+own, so a shared block is never written. Copy-on-write at that first differing block: when a
+cached block after the same prefix begins with some of the sequence's next tokens (a system
+prompt ends inside a block, each chat's own message after it), those positions are copied
+into the sequence's own block instead of computed again. A freed hashed block keeps its
+contents and its hash (a later prompt with that prefix still hits) until it is the least
+recently used one and a block is needed.
 """
 
 from __future__ import annotations
@@ -49,6 +52,8 @@ class Block:
     id: int
     refs: int = 0
     hash: bytes | None = None
+    parent: bytes | None = None  # the hash of the block before it (hashed blocks)
+    tokens: tuple[int, ...] = ()  # its tokens (hashed blocks)
 
 
 class BlockPool:
@@ -62,6 +67,7 @@ class BlockPool:
         self._free: list[int] = []  # heap: the lowest ids are used first
         self._evictable: OrderedDict[int, Block] = OrderedDict()  # refs 0, hashed; oldest first
         self._by_hash: dict[bytes, Block] = {}
+        self._children: dict[bytes | None, dict[int, Block]] = {}  # hashed blocks by parent
 
     @property
     def capacity(self) -> int:
@@ -85,7 +91,11 @@ class BlockPool:
         elif self._evictable:
             _, block = self._evictable.popitem(last=False)  # least recently used
             del self._by_hash[block.hash]
-            block.hash = None
+            siblings = self._children[block.parent]
+            del siblings[block.id]
+            if not siblings:
+                del self._children[block.parent]
+            block.hash, block.parent, block.tokens = None, None, ()
         else:
             self._grow()
             block = self.blocks[heapq.heappop(self._free)]
@@ -120,12 +130,17 @@ class BlockPool:
         """The block holding the prefix hashed h, if any."""
         return self._by_hash.get(h)
 
-    def register(self, block: Block, h: bytes) -> bool:
+    def children(self, parent: bytes | None) -> list[Block]:
+        """The hashed blocks that follow the block hashed `parent` (None: first blocks)."""
+        return list(self._children.get(parent, {}).values())
+
+    def register(self, block: Block, h: bytes, parent: bytes | None, tokens: Sequence[int]) -> bool:
         """Make a full, computed block findable by its hash (False: another block has it)."""
         if h in self._by_hash:
             return False
-        block.hash = h
+        block.hash, block.parent, block.tokens = h, parent, tuple(tokens)
         self._by_hash[h] = block
+        self._children.setdefault(parent, {})[block.id] = block
         return True
 
 
@@ -134,6 +149,7 @@ class _Table:
     blocks: list[Block] = field(default_factory=list)
     hashes: list[bytes] = field(default_factory=list)  # of blocks[:len(hashes)], all computed
     pending: set[bytes] = field(default_factory=set)  # full blocks this sequence will compute
+    source: Block | None = None  # held until its first positions are copied (`copied`)
 
 
 class KVCacheManager:
@@ -171,19 +187,44 @@ class KVCacheManager:
             hits.append(block)
         return hits, False
 
-    def can_start(self, hits: list[Block], positions: int) -> bool:
-        """Whether a sequence sharing `hits` can get blocks for its first `positions`."""
-        revived = sum(1 for b in hits if b.refs == 0)  # leave the evictable ones
+    def partial(self, tokens: Sequence[int], hits: list[Block]) -> tuple[Block, int] | None:
+        """A cached block after the same prefix as the block after `hits` whose first n
+        tokens are that block's first tokens of `tokens` (the longest such n > 0, at most up to
+        the last token, which is fed for its logits): (block, n), or None."""
+        done = len(hits) * self.block_size
+        want = tokens[done : min(done + self.block_size, len(tokens) - 1)]
+        best, most = None, 0
+        for block in self.pool.children(hits[-1].hash if hits else None):
+            n = 0
+            for a, b in zip(block.tokens, want, strict=False):
+                if a != b:
+                    break
+                n += 1
+            if n > most:
+                best, most = block, n
+        return None if best is None else (best, most)
+
+    def can_start(self, hits: list[Block], positions: int, source: Block | None = None) -> bool:
+        """Whether a sequence sharing `hits` (and copying from `source`) can get blocks for
+        its first `positions`."""
+        revived = sum(1 for b in [*hits, source] if b is not None and b.refs == 0)
         return self.blocks_for(positions) - len(hits) <= self.pool.available - revived
 
-    def start(self, seq_id: int, tokens: Sequence[int], hits: list[Block]) -> int:
+    def start(
+        self, seq_id: int, tokens: Sequence[int], hits: list[Block], source: Block | None = None
+    ) -> int:
         """Give a sequence a table beginning with the shared `hits`; its other full blocks of
-        `tokens` count as being computed (see `match`). Returns the positions shared."""
+        `tokens` count as being computed (see `match`). `source`, a block whose first positions
+        the sequence's next block copies, is held (not evicted) until `copied`. Returns the
+        positions shared."""
         table = _Table()
         for block in hits:
             self.pool.share(block)
             table.blocks.append(block)
             table.hashes.append(block.hash)
+        if source is not None:
+            self.pool.share(source)
+            table.source = source
         parent = table.hashes[-1] if hits else None
         done = len(hits) * self.block_size
         table.pending = set(prefix_hashes(tokens[done:], self.block_size, parent))
@@ -212,9 +253,16 @@ class KVCacheManager:
             h = block_hash(parent, tokens[i * bs : (i + 1) * bs])
             self._unpend(table, h)
             block = table.blocks[i]
-            if block.hash is None:
-                self.pool.register(block, h)  # if another block has it already, keep this private
+            if block.hash is None:  # if another block has it already, keep this private
+                self.pool.register(block, h, parent, tokens[i * bs : (i + 1) * bs])
             table.hashes.append(h)
+
+    def copied(self, seq_id: int) -> None:
+        """The positions the sequence copies from its source block are copied: let it go."""
+        table = self._tables.get(seq_id)
+        if table is not None and table.source is not None:
+            self.pool.release(table.source)
+            table.source = None
 
     def _unpend(self, table: _Table, h: bytes) -> None:
         if h in table.pending:
@@ -230,5 +278,7 @@ class KVCacheManager:
             return
         for h in list(table.pending):
             self._unpend(table, h)
+        if table.source is not None:
+            self.pool.release(table.source)
         for block in reversed(table.blocks):
             self.pool.release(block)

@@ -7,10 +7,17 @@ and values in the cache. Each step feeds every running sequence the tokens it la
 - decoding sequences (one token to feed) always take part, one token each;
 - sequences still prefilling take a chunk of their prompt, in arrival order, within the step's
   budget of `prefill_chunk` prompt tokens -- so a long prompt arriving does not stall the
-  others. With nobody decoding there is nobody to stall: the budget is the whole context;
+  others. A prompt with at most `prefill_chunk` tokens left goes whole, budget or not (it is
+  done in this step, and many short prompts arriving together -- chats behind one cached
+  system prompt -- get their first tokens after one step instead of one step each; vLLM's
+  long_prefill_token_threshold draws the same line): such a step is bounded all the same, by
+  `max_running` x `prefill_chunk` tokens. With nobody decoding there is nobody to stall: the
+  budget is the whole context;
 - waiting sequences are admitted (oldest first) while fewer than `max_running` run and the
-  budget lasts, starting after the longest cached prefix of their tokens. One whose next block
-  is being computed by a running sequence waits for it (a shared prompt is prefilled once).
+  budget lasts, starting after the longest cached prefix of their tokens -- whole blocks
+  shared, then the first positions of a cached block that begins as its next one does, copied
+  (`Plan.copies`). One whose next block is being computed by a running sequence waits for it
+  (a shared prompt is prefilled once).
 
 When the pool has no block left for a running sequence, the newest running sequence is
 preempted: its blocks are freed (hashed ones stay cached) and it goes back to the front of the
@@ -62,10 +69,23 @@ class Work:
         return self.seq.tokens[self.start : self.start + self.count]
 
 
+@dataclass(frozen=True)
+class Copy:
+    """Before the step: positions 0..count-1 of block `src` into block `dst` (sequence `seq`'s
+    own block, which begins as `src` does)."""
+
+    seq: int
+    src: int
+    dst: int
+    count: int
+
+
 @dataclass
 class Plan:
-    """One step: the work to run, and sequences the scheduler had to stop."""
+    """One step: block copies to make first, the work to run, and sequences the scheduler had
+    to stop."""
 
+    copies: list[Copy] = field(default_factory=list)
     work: list[Work] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)  # back in the queue
     out_of_room: list[Sequence] = field(default_factory=list)  # removed: the pool is too small
@@ -102,7 +122,7 @@ class Scheduler:
         i = 0
         while i < len(self.running):
             seq = self.running[i]
-            count = 1 if seq.to_feed == 1 else min(seq.to_feed, budget)
+            count = 1 if seq.to_feed == 1 else self._chunk(seq.to_feed, budget)
             if count == 0:  # prefilling, and the budget is spent
                 i += 1
                 continue
@@ -126,6 +146,11 @@ class Scheduler:
             self._admit(plan, budget)
         return plan
 
+    def _chunk(self, left: int, budget: int) -> int:
+        """Prompt tokens a sequence with `left` to prefill takes this step: all of a short
+        remainder, else what the budget has left."""
+        return left if left <= self.prefill_chunk else max(0, min(left, budget))
+
     def _preempt(self, seq: Sequence, plan: Plan) -> None:
         self.running.remove(seq)
         self.kv.free(seq.id)
@@ -135,18 +160,24 @@ class Scheduler:
 
     def _admit(self, plan: Plan, budget: int) -> None:
         for seq in list(self.waiting):
-            if len(self.running) >= self.max_running or budget <= 0:
+            if len(self.running) >= self.max_running:
                 return
             hits, wait = self.kv.match(seq.tokens)
             if wait:
                 continue  # its next block is being computed: admit it once that is cached
-            done = len(hits) * self.kv.block_size
-            count = min(len(seq.tokens) - done, budget)
-            if not self.kv.can_start(hits, done + count):
+            source, copy = self.kv.partial(seq.tokens, hits) or (None, 0)
+            done = len(hits) * self.kv.block_size + copy
+            count = self._chunk(len(seq.tokens) - done, budget)
+            if count == 0:
+                continue  # a long prompt, and the budget is spent: short ones may still go
+            if not self.kv.can_start(hits, done + count, source):
                 return  # the oldest waits for room; the ones after it wait behind it
             self.waiting.remove(seq)
-            self.kv.start(seq.id, seq.tokens, hits)
+            self.kv.start(seq.id, seq.tokens, hits, source)
             self.kv.allocate(seq.id, done + count)
+            if source is not None:
+                own = self.kv.table(seq.id)[len(hits)]
+                plan.copies.append(Copy(seq.id, source.id, own, copy))
             seq.num_computed = done
             if seq.cached is None:
                 seq.cached = done
@@ -155,7 +186,9 @@ class Scheduler:
             budget -= count
 
     def advance(self, plan: Plan) -> None:
-        """The plan's step ran: its tokens' keys/values are in the cache."""
+        """The plan's step ran: its copies are made, its tokens' keys/values are in the cache."""
+        for c in plan.copies:
+            self.kv.copied(c.seq)
         for w in plan.work:
             w.seq.num_computed = w.start + w.count
             self.kv.commit(w.seq.id, w.seq.tokens, w.seq.num_computed)

@@ -48,7 +48,7 @@ inline __m256 load_n(const T* p, int64_t n) {
 
 // y[d0 .. d0 + 8C) = inv * sum_t p[t - lo] v[t][d0 + d]: C chunks of 8, the last `last` values.
 template <typename T, int C>
-void weighted_sum(const T* v, int64_t ts, const float* p, int64_t lo, int64_t hi, int64_t d0,
+void weighted_sum(const T* v, CacheRows rows, const float* p, int64_t lo, int64_t hi, int64_t d0,
                   int64_t last, __m256 inv, float* y) {
   __m256 acc[C];
 #pragma GCC unroll 8
@@ -56,7 +56,7 @@ void weighted_sum(const T* v, int64_t ts, const float* p, int64_t lo, int64_t hi
   for (int64_t t = lo; t < hi; ++t) {
     if (p[t - lo] == 0.0f) continue;  // a masked position: its v row is not read
     const __m256 pt = _mm256_broadcast_ss(p + (t - lo));
-    const T* vr = v + t * ts + d0;
+    const T* vr = rows.at(v, t) + d0;
 #pragma GCC unroll 8
     for (int c = 0; c < C - 1; ++c) acc[c] = _mm256_fmadd_ps(pt, Load<T>::at(vr + 8 * c), acc[c]);
     acc[C - 1] = _mm256_fmadd_ps(pt, load_n(vr + 8 * (C - 1), last), acc[C - 1]);
@@ -85,12 +85,12 @@ inline void store_row(const float* y, int64_t D, T* out) {
   }
 }
 
-// softmax(q k^T * scale, masked) v for one query row: k, v rows (`ts` apart), mask row m whose
+// softmax(q k^T * scale, masked) v for one query row: k, v rows where `rows` says, mask row m whose
 // open positions all lie in [lo, hi); fp32 throughout, rounded once into out. D <= 256. Scores
 // go 8 positions at a time into p (len + 16 floats); only the span the mask leaves open is read.
 // A row with every position masked gets zeros (SDPA would give NaN; such rows are never read).
 template <typename T>
-void attend(const T* q, const T* k, const T* v, int64_t ts, const bool* m, int64_t lo,
+void attend(const T* q, const T* k, const T* v, CacheRows rows, const bool* m, int64_t lo,
             int64_t hi, int64_t D, float scale, T* out, float* p) {
   const float inf = std::numeric_limits<float>::infinity();
   const int64_t C = (D + 7) / 8, last = D - 8 * (C - 1);  // chunks of 8 values, the last `last`
@@ -108,7 +108,7 @@ void attend(const T* q, const T* k, const T* v, int64_t ts, const bool* m, int64
       const int64_t w = c < C - 1 ? 8 : last;
 #pragma GCC unroll 8
       for (int j = 0; j < 8; ++j)
-        if (j < n) part[j] = _mm256_fmadd_ps(qv, load_n(k + (t0 + j) * ts + 8 * c, w), part[j]);
+        if (j < n) part[j] = _mm256_fmadd_ps(qv, load_n(rows.at(k, t0 + j) + 8 * c, w), part[j]);
     }
     uint64_t open8 = 0;  // the mask's n bools, zeros after
     std::memcpy(&open8, m + t0, n);
@@ -138,14 +138,14 @@ void attend(const T* q, const T* k, const T* v, int64_t ts, const bool* m, int64
     for (int64_t d0 = 0; d0 < D; d0 += 64) {  // 8 chunks a pass, the last pass perhaps fewer
       const int64_t cn = std::min<int64_t>(8, C - d0 / 8), lw = d0 / 8 + cn == C ? last : 8;
       switch (cn) {
-        case 1: weighted_sum<T, 1>(v, ts, p, lo, hi, d0, lw, inv, y); break;
-        case 2: weighted_sum<T, 2>(v, ts, p, lo, hi, d0, lw, inv, y); break;
-        case 3: weighted_sum<T, 3>(v, ts, p, lo, hi, d0, lw, inv, y); break;
-        case 4: weighted_sum<T, 4>(v, ts, p, lo, hi, d0, lw, inv, y); break;
-        case 5: weighted_sum<T, 5>(v, ts, p, lo, hi, d0, lw, inv, y); break;
-        case 6: weighted_sum<T, 6>(v, ts, p, lo, hi, d0, lw, inv, y); break;
-        case 7: weighted_sum<T, 7>(v, ts, p, lo, hi, d0, lw, inv, y); break;
-        default: weighted_sum<T, 8>(v, ts, p, lo, hi, d0, lw, inv, y); break;
+        case 1: weighted_sum<T, 1>(v, rows, p, lo, hi, d0, lw, inv, y); break;
+        case 2: weighted_sum<T, 2>(v, rows, p, lo, hi, d0, lw, inv, y); break;
+        case 3: weighted_sum<T, 3>(v, rows, p, lo, hi, d0, lw, inv, y); break;
+        case 4: weighted_sum<T, 4>(v, rows, p, lo, hi, d0, lw, inv, y); break;
+        case 5: weighted_sum<T, 5>(v, rows, p, lo, hi, d0, lw, inv, y); break;
+        case 6: weighted_sum<T, 6>(v, rows, p, lo, hi, d0, lw, inv, y); break;
+        case 7: weighted_sum<T, 7>(v, rows, p, lo, hi, d0, lw, inv, y); break;
+        default: weighted_sum<T, 8>(v, rows, p, lo, hi, d0, lw, inv, y); break;
       }
     }
   }
@@ -154,19 +154,19 @@ void attend(const T* q, const T* k, const T* v, int64_t ts, const bool* m, int64
 
 }  // namespace
 
-void attend_f32(const float* q, const float* k, const float* v, int64_t ts, const bool* m,
+void attend_f32(const float* q, const float* k, const float* v, CacheRows rows, const bool* m,
                 int64_t lo, int64_t hi, int64_t D, float scale, float* out, float* p) {
-  attend(q, k, v, ts, m, lo, hi, D, scale, out, p);
+  attend(q, k, v, rows, m, lo, hi, D, scale, out, p);
 }
 
-void attend_bf16(const bf16_t* q, const bf16_t* k, const bf16_t* v, int64_t ts, const bool* m,
+void attend_bf16(const bf16_t* q, const bf16_t* k, const bf16_t* v, CacheRows rows, const bool* m,
                  int64_t lo, int64_t hi, int64_t D, float scale, bf16_t* out, float* p) {
-  attend(q, k, v, ts, m, lo, hi, D, scale, out, p);
+  attend(q, k, v, rows, m, lo, hi, D, scale, out, p);
 }
 
-void attend_f16(const fp16_t* q, const fp16_t* k, const fp16_t* v, int64_t ts, const bool* m,
+void attend_f16(const fp16_t* q, const fp16_t* k, const fp16_t* v, CacheRows rows, const bool* m,
                 int64_t lo, int64_t hi, int64_t D, float scale, fp16_t* out, float* p) {
-  attend(q, k, v, ts, m, lo, hi, D, scale, out, p);
+  attend(q, k, v, rows, m, lo, hi, D, scale, out, p);
 }
 
 }  // namespace torchchat::cpu::avx2

@@ -125,11 +125,11 @@ void linear_int8_bf16s(const float* x, int64_t M, int64_t K, int64_t group, cons
                        int64_t n0, int64_t n1);
 void linear_int4(const bf16_t* x, const float* xsum, int64_t M, int64_t K, int64_t group,
                  const Matrix& a, int64_t b0, int64_t b1);
-void attend_f32(const float* q, const float* k, const float* v, int64_t ts, const bool* m,
+void attend_f32(const float* q, const float* k, const float* v, CacheRows rows, const bool* m,
                 int64_t lo, int64_t hi, int64_t D, float scale, float* out, float* p);
-void attend_bf16(const bf16_t* q, const bf16_t* k, const bf16_t* v, int64_t ts, const bool* m,
+void attend_bf16(const bf16_t* q, const bf16_t* k, const bf16_t* v, CacheRows rows, const bool* m,
                  int64_t lo, int64_t hi, int64_t D, float scale, bf16_t* out, float* p);
-void attend_f16(const fp16_t* q, const fp16_t* k, const fp16_t* v, int64_t ts, const bool* m,
+void attend_f16(const fp16_t* q, const fp16_t* k, const fp16_t* v, CacheRows rows, const bool* m,
                 int64_t lo, int64_t hi, int64_t D, float scale, fp16_t* out, float* p);
 void int4_dequantize_block_t(const uint8_t* w, const bf16_t* sz, int64_t N, int64_t K,
                              int64_t group, int64_t n0, bf16_t* out, int64_t ldo);

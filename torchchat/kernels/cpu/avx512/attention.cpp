@@ -41,14 +41,14 @@ inline __m512 sum16(__m512 v[16]) {
   return _mm512_add_ps(_mm512_shuffle_f32x4(s[0], s[1], 0x88), _mm512_shuffle_f32x4(s[0], s[1], 0xDD));
 }
 
-// softmax(q k^T * scale, masked) v for one query row: k, v rows (`ts` apart), mask row m whose
+// softmax(q k^T * scale, masked) v for one query row: k, v rows where `rows` says, mask row m whose
 // open positions all lie in [lo, hi); fp32 throughout, rounded once into out. D <= 16 C: the row's
 // chunks of 16 lanes stay in registers (masks cut the last one short). Scores go 16 positions at
 // a time (one vector of products per key, the 16 reduced together) into p (len + 16 floats);
 // only the span the mask leaves open is read. A row with every position masked gets zeros (SDPA
 // would give NaN; such rows are never read).
 template <typename T, int C>
-void attend_row(const T* q, const T* k, const T* v, int64_t ts, const bool* m, int64_t lo,
+void attend_row(const T* q, const T* k, const T* v, CacheRows rows, const bool* m, int64_t lo,
                 int64_t hi, int64_t D, float scale, T* out, float* p) {
   const float inf = std::numeric_limits<float>::infinity();
   __mmask16 dm[C];
@@ -65,7 +65,7 @@ void attend_row(const T* q, const T* k, const T* v, int64_t ts, const bool* m, i
     for (int j = 0; j < 16; ++j) {
       part[j] = _mm512_setzero_ps();
       if (j >= n) continue;
-      const T* kr = k + (t0 + j) * ts;
+      const T* kr = rows.at(k, t0 + j);
       for (int c = 0; c < C; ++c)
         part[j] = _mm512_fmadd_ps(qv[c], Load<T>::masked(kr + 16 * c, dm[c]), part[j]);
     }
@@ -92,7 +92,7 @@ void attend_row(const T* q, const T* k, const T* v, int64_t ts, const bool* m, i
     for (int64_t t = lo; t < hi; ++t) {
       if (p[t - lo] == 0.0f) continue;  // a masked position: its v row is not read
       const __m512 pt = _mm512_set1_ps(p[t - lo]);
-      const T* vr = v + t * ts;
+      const T* vr = rows.at(v, t);
       for (int c = 0; c < C; ++c)
         acc[c] = _mm512_fmadd_ps(pt, Load<T>::masked(vr + 16 * c, dm[c]), acc[c]);
     }
@@ -104,31 +104,31 @@ void attend_row(const T* q, const T* k, const T* v, int64_t ts, const bool* m, i
 }
 
 template <typename T>
-void attend(const T* q, const T* k, const T* v, int64_t ts, const bool* m, int64_t lo,
+void attend(const T* q, const T* k, const T* v, CacheRows rows, const bool* m, int64_t lo,
             int64_t hi, int64_t D, float scale, T* out, float* p) {
   if (D <= 64)
-    attend_row<T, 4>(q, k, v, ts, m, lo, hi, D, scale, out, p);
+    attend_row<T, 4>(q, k, v, rows, m, lo, hi, D, scale, out, p);
   else if (D <= 128)
-    attend_row<T, 8>(q, k, v, ts, m, lo, hi, D, scale, out, p);
+    attend_row<T, 8>(q, k, v, rows, m, lo, hi, D, scale, out, p);
   else
-    attend_row<T, 16>(q, k, v, ts, m, lo, hi, D, scale, out, p);
+    attend_row<T, 16>(q, k, v, rows, m, lo, hi, D, scale, out, p);
 }
 
 }  // namespace
 
-void attend_f32(const float* q, const float* k, const float* v, int64_t ts, const bool* m,
+void attend_f32(const float* q, const float* k, const float* v, CacheRows rows, const bool* m,
                 int64_t lo, int64_t hi, int64_t D, float scale, float* out, float* p) {
-  attend(q, k, v, ts, m, lo, hi, D, scale, out, p);
+  attend(q, k, v, rows, m, lo, hi, D, scale, out, p);
 }
 
-void attend_bf16(const bf16_t* q, const bf16_t* k, const bf16_t* v, int64_t ts, const bool* m,
+void attend_bf16(const bf16_t* q, const bf16_t* k, const bf16_t* v, CacheRows rows, const bool* m,
                  int64_t lo, int64_t hi, int64_t D, float scale, bf16_t* out, float* p) {
-  attend(q, k, v, ts, m, lo, hi, D, scale, out, p);
+  attend(q, k, v, rows, m, lo, hi, D, scale, out, p);
 }
 
-void attend_f16(const fp16_t* q, const fp16_t* k, const fp16_t* v, int64_t ts, const bool* m,
+void attend_f16(const fp16_t* q, const fp16_t* k, const fp16_t* v, CacheRows rows, const bool* m,
                 int64_t lo, int64_t hi, int64_t D, float scale, fp16_t* out, float* p) {
-  attend(q, k, v, ts, m, lo, hi, D, scale, out, p);
+  attend(q, k, v, rows, m, lo, hi, D, scale, out, p);
 }
 
 }  // namespace torchchat::cpu::avx512

@@ -73,11 +73,11 @@ void linear_int8_f32s(const float* x, int64_t M, int64_t K, int64_t group, const
                       int64_t n0, int64_t n1);
 void linear_int8_bf16s(const float* x, int64_t M, int64_t K, int64_t group, const Matrix& a,
                        int64_t n0, int64_t n1);
-void attend_f32(const float* q, const float* k, const float* v, int64_t ts, const bool* m,
+void attend_f32(const float* q, const float* k, const float* v, CacheRows rows, const bool* m,
                 int64_t lo, int64_t hi, int64_t D, float scale, float* out, float* p);
-void attend_bf16(const bf16_t* q, const bf16_t* k, const bf16_t* v, int64_t ts, const bool* m,
+void attend_bf16(const bf16_t* q, const bf16_t* k, const bf16_t* v, CacheRows rows, const bool* m,
                  int64_t lo, int64_t hi, int64_t D, float scale, bf16_t* out, float* p);
-void attend_f16(const fp16_t* q, const fp16_t* k, const fp16_t* v, int64_t ts, const bool* m,
+void attend_f16(const fp16_t* q, const fp16_t* k, const fp16_t* v, CacheRows rows, const bool* m,
                 int64_t lo, int64_t hi, int64_t D, float scale, fp16_t* out, float* p);
 // AVX512-BF16 (files *_bf16.cpp):
 void linear_bf16_dp(const bf16_t* x, int64_t M, int64_t K, const Matrix& a, int64_t n0,

@@ -140,7 +140,7 @@ void layers(const Kernels& kt, ParallelFor pf, const StepArgs& a, const StepData
       std::vector<float> pbuf(hi - lo + 16);
       for (int64_t hh = h0; hh < h1; ++hh) {
         const int64_t j = hh / group;
-        attend(q0 + hh * Dh, kp + j * a.len * Dh, vp + j * a.len * Dh, Dh, mrow, lo, hi, Dh,
+        attend(q0 + hh * Dh, kp + j * a.len * Dh, vp + j * a.len * Dh, CacheRows{Dh}, mrow, lo, hi, Dh,
                scale, y0 + hh * Dh, pbuf.data());
       }
     });

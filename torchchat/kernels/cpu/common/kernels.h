@@ -79,6 +79,19 @@ struct fp16_t {
   }
 };
 
+// Where attention finds a cache position's key and value rows: position t at base + t * stride,
+// or at base + index[t] * stride when the positions lie scattered (a paged pool, its block
+// table spelled out per position), so the kernel reads the pool in place instead of a gathered
+// copy.
+struct CacheRows {
+  int64_t stride;
+  const int64_t* index = nullptr;
+  template <typename T>
+  const T* at(const T* base, int64_t t) const {
+    return base + (index ? index[t] : t) * stride;
+  }
+};
+
 // One weight matrix of a grouped call (a layer's q, k and v; w1 and w3 go through one call):
 // output rows numbered one after another over all of them, split evenly over the threads.
 struct Matrix {
@@ -142,13 +155,15 @@ struct Kernels {
   void (*linear_int4)(const bf16_t* x, const float* xsum, int64_t M, int64_t K, int64_t group,
                       const Matrix& a, int64_t b0, int64_t b1);
   // softmax(q k^T * scale, masked) v for one query row of D <= 256 values; open positions of
-  // mask m all in [lo, hi); k, v rows ts apart; p: hi - lo + 16 floats of scratch.
-  void (*attend_f32)(const float* q, const float* k, const float* v, int64_t ts, const bool* m,
-                     int64_t lo, int64_t hi, int64_t D, float scale, float* out, float* p);
-  void (*attend_bf16)(const bf16_t* q, const bf16_t* k, const bf16_t* v, int64_t ts,
+  // mask m all in [lo, hi); position t's k and v rows where `rows` says; p: hi - lo + 16 floats
+  // of scratch.
+  void (*attend_f32)(const float* q, const float* k, const float* v, CacheRows rows,
+                     const bool* m, int64_t lo, int64_t hi, int64_t D, float scale, float* out,
+                     float* p);
+  void (*attend_bf16)(const bf16_t* q, const bf16_t* k, const bf16_t* v, CacheRows rows,
                       const bool* m, int64_t lo, int64_t hi, int64_t D, float scale, bf16_t* out,
                       float* p);
-  void (*attend_f16)(const fp16_t* q, const fp16_t* k, const fp16_t* v, int64_t ts,
+  void (*attend_f16)(const fp16_t* q, const fp16_t* k, const fp16_t* v, CacheRows rows,
                      const bool* m, int64_t lo, int64_t hi, int64_t D, float scale, fp16_t* out,
                      float* p);
   // Prefill. Rows n0..n0 + 64 of an int4 matrix (fewer in a last block), transposed to bf16:

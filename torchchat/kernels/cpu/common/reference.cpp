@@ -76,13 +76,13 @@ void linear_int4(const bf16_t* x, const float* xsum, int64_t M, int64_t K, int64
 }
 
 template <typename T>
-void attend(const T* q, const T* k, const T* v, int64_t ts, const bool* m, int64_t lo,
+void attend(const T* q, const T* k, const T* v, CacheRows rows, const bool* m, int64_t lo,
             int64_t hi, int64_t D, float scale, T* out, float* p) {
   const float inf = std::numeric_limits<float>::infinity();
   float top = -inf;
   for (int64_t t = lo; t < hi; ++t) {
     float s = 0.0f;
-    for (int64_t d = 0; d < D; ++d) s += (float)q[d] * (float)k[t * ts + d];
+    for (int64_t d = 0; d < D; ++d) s += (float)q[d] * (float)rows.at(k, t)[d];
     p[t - lo] = m[t] ? s * scale : -inf;
     top = std::max(top, p[t - lo]);
   }
@@ -95,7 +95,7 @@ void attend(const T* q, const T* k, const T* v, int64_t ts, const bool* m, int64
   for (int64_t d = 0; d < D; ++d) {
     float acc = 0.0f;
     for (int64_t t = lo; t < hi; ++t)
-      if (p[t - lo] != 0.0f) acc += p[t - lo] * (float)v[t * ts + d];
+      if (p[t - lo] != 0.0f) acc += p[t - lo] * (float)rows.at(v, t)[d];
     out[d] = T(acc * inv);
   }
 }

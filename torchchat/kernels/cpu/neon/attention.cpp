@@ -34,7 +34,7 @@ inline float32x4_t exp4(float32x4_t x) {
 // (len + 16 floats); only the span the mask leaves open is read. A row with every position
 // masked gets zeros (SDPA would give NaN; such rows are never read).
 template <typename T>
-void attend(const T* q, const T* k, const T* v, int64_t ts, const bool* m, int64_t lo,
+void attend(const T* q, const T* k, const T* v, CacheRows rows, const bool* m, int64_t lo,
             int64_t hi, int64_t D, float scale, T* out, float* p) {
   const float inf = std::numeric_limits<float>::infinity();
   const int64_t D8 = D / 8 * 8;
@@ -50,7 +50,7 @@ void attend(const T* q, const T* k, const T* v, int64_t ts, const bool* m, int64
       part[j] = vdupq_n_f32(0.0f);
       if (j >= n) continue;
       open[j] = m[t0 + j] ? ~0u : 0u;
-      const T* kr = k + (t0 + j) * ts;
+      const T* kr = rows.at(k, t0 + j);
       float32x4_t a0 = vdupq_n_f32(0.0f), a1 = vdupq_n_f32(0.0f), k0, k1;
       for (int64_t d = 0; d < D8; d += 8) {
         Load8<T>::at(kr + d, k0, k1);
@@ -90,7 +90,7 @@ void attend(const T* q, const T* k, const T* v, int64_t ts, const bool* m, int64
       for (int64_t t = lo; t < hi; ++t) {
         if (p[t - lo] == 0.0f) continue;  // a masked position: its v row is not read
         const float pt = p[t - lo];
-        const T* vr = v + t * ts + c0;
+        const T* vr = rows.at(v, t) + c0;
 #pragma GCC unroll 16
         for (int i = 0; i < 4; ++i) {
           if (8 * i >= cn) break;
@@ -106,7 +106,7 @@ void attend(const T* q, const T* k, const T* v, int64_t ts, const bool* m, int64
     }
     for (int64_t t = lo; t < hi; ++t)  // D % 8 last values
       if (p[t - lo] != 0.0f)
-        for (int64_t d = D8; d < D; ++d) y[d] += p[t - lo] * (float)v[t * ts + d];
+        for (int64_t d = D8; d < D; ++d) y[d] += p[t - lo] * (float)rows.at(v, t)[d];
   }
   const float inv = sum > 0.0f ? 1.0f / sum : 0.0f;
   for (int64_t d = 0; d < D; ++d) out[d] = (T)(y[d] * inv);
@@ -114,19 +114,19 @@ void attend(const T* q, const T* k, const T* v, int64_t ts, const bool* m, int64
 
 }  // namespace
 
-void attend_f32(const float* q, const float* k, const float* v, int64_t ts, const bool* m,
+void attend_f32(const float* q, const float* k, const float* v, CacheRows rows, const bool* m,
                 int64_t lo, int64_t hi, int64_t D, float scale, float* out, float* p) {
-  attend(q, k, v, ts, m, lo, hi, D, scale, out, p);
+  attend(q, k, v, rows, m, lo, hi, D, scale, out, p);
 }
 
-void attend_bf16(const bf16_t* q, const bf16_t* k, const bf16_t* v, int64_t ts, const bool* m,
+void attend_bf16(const bf16_t* q, const bf16_t* k, const bf16_t* v, CacheRows rows, const bool* m,
                  int64_t lo, int64_t hi, int64_t D, float scale, bf16_t* out, float* p) {
-  attend(q, k, v, ts, m, lo, hi, D, scale, out, p);
+  attend(q, k, v, rows, m, lo, hi, D, scale, out, p);
 }
 
-void attend_f16(const fp16_t* q, const fp16_t* k, const fp16_t* v, int64_t ts, const bool* m,
+void attend_f16(const fp16_t* q, const fp16_t* k, const fp16_t* v, CacheRows rows, const bool* m,
                 int64_t lo, int64_t hi, int64_t D, float scale, fp16_t* out, float* p) {
-  attend(q, k, v, ts, m, lo, hi, D, scale, out, p);
+  attend(q, k, v, rows, m, lo, hi, D, scale, out, p);
 }
 
 }  // namespace torchchat::cpu::neon

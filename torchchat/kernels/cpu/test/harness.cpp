@@ -12,8 +12,10 @@
 //   linear_f32/bf16/f16, int8         |got - ref| <= 1e-5 * sum_k |w_k x_k| (fp32 sums reordered)
 //   linear_int4                       |got - ref| <= 2e-6 * 152 * 0.1 * sum_k |x_k| (codes as 128 + q,
 //                                     scales <= 0.1)
-//   attend_f32                        |got - ref| <= 2e-6 * max |v| (exp polynomial ~2e-7)
-//   attend_bf16 / attend_f16          one ulp of the output type + 2e-6 * max |v|
+//   attend_f32                        |got - ref| <= (2e-6 + 1.2e-6 * max_t sum|q k_t| / sqrt(D))
+//                                     * max |v| (exp polynomial ~2e-7; scores summed in
+//                                     another order)
+//   attend_bf16 / attend_f16          one ulp of the output type + the attend_f32 bound
 //   int4_dequantize_block_t           one bf16 ulp (an FMA against a multiply and an add)
 //   int8_to_bf16, quantize_rows_8da4w bit-exact (same arithmetic)
 //   gemm_8da4w                        |got - ref| <= 1e-5 * s_a (sum |s_w u w| + |128 + z_a| |R|)
@@ -198,11 +200,20 @@ void check_int4(Tally& t, const Kernels& kt, const Kernels& ref) {
 template <typename T, typename Fn>
 void check_attend(Tally& t, const char* name, Fn kernel, Fn reference, float ulp) {
   t.start(name);
-  for (int trial = 0; trial < 40; ++trial) {
+  for (int trial = 0; trial < 60; ++trial) {
     const int64_t D = pick({16, 48, 64, 100, 128, 200, 256}), len = pick({1, 5, 16, 33, 300}),
                   ts = D + rng() % 4;
-    const auto q = as<T>(values(D, 0.5f)), k = as<T>(values(len * ts, 0.5f)),
-               v = as<T>(values(len * ts));
+    // Every third trial reads scattered rows (a paged pool): position i at row index[i] of a
+    // pool of twice the positions, in shuffled order.
+    const bool paged = trial % 3 == 2;
+    const int64_t pool = paged ? 2 * len : len;
+    std::vector<int64_t> index(pool);
+    for (int64_t i = 0; i < pool; ++i) index[i] = i;
+    if (paged)
+      for (int64_t i = pool - 1; i > 0; --i) std::swap(index[i], index[rng() % (i + 1)]);
+    const CacheRows rows{ts, paged ? index.data() : nullptr};
+    const auto q = as<T>(values(D, 0.5f)), k = as<T>(values(pool * ts, 0.5f)),
+               v = as<T>(values(pool * ts));
     std::vector<char> mc(len);
     const int mode = rng() % 4;  // causal-like prefix, holes, everything closed, everything open
     for (int64_t i = 0; i < len; ++i)
@@ -211,16 +222,33 @@ void check_attend(Tally& t, const char* name, Fn kernel, Fn reference, float ulp
     const auto span = open_span(m, len);
     std::vector<T> out(D), outr(D);
     std::vector<float> p(len + 16), pr(len + 16);
-    kernel(q.data(), k.data(), v.data(), ts, m, span.first, span.second, D, 1.0f / std::sqrt((float)D),
-           out.data(), p.data());
-    reference(q.data(), k.data(), v.data(), ts, m, span.first, span.second, D,
+    kernel(q.data(), k.data(), v.data(), rows, m, span.first, span.second, D,
+           1.0f / std::sqrt((float)D), out.data(), p.data());
+    // the reference reads a gathered copy: scattered rows must give what contiguous ones give
+    std::vector<T> kc(len * ts), vc(len * ts);
+    for (int64_t i = 0; i < len; ++i)
+      for (int64_t d = 0; d < ts; ++d) {
+        kc[i * ts + d] = rows.at(k.data(), i)[d];
+        vc[i * ts + d] = rows.at(v.data(), i)[d];
+      }
+    reference(q.data(), kc.data(), vc.data(), CacheRows{ts}, m, span.first, span.second, D,
               1.0f / std::sqrt((float)D), outr.data(), pr.data());
-    float vmax = 0.0f;
-    for (int64_t i = span.first; i < span.second; ++i)
-      for (int64_t d = 0; d < D; ++d) vmax = std::max(vmax, std::fabs((float)v[i * ts + d]));
+    // A score summed in another order moves by up to a few ulps of sum |q k| (x scale): the
+    // output, a softmax-weighted mean of v rows, by up to twice that times max |v|.
+    float vmax = 0.0f, qk = 0.0f;
+    for (int64_t i = span.first; i < span.second; ++i) {
+      float s = 0.0f;
+      for (int64_t d = 0; d < D; ++d) {
+        vmax = std::max(vmax, std::fabs((float)vc[i * ts + d]));
+        s += std::fabs((float)q[d] * (float)kc[i * ts + d]);
+      }
+      qk = std::max(qk, s / std::sqrt((float)D));
+    }
+    const float score = 6e-7f * qk;
     for (int64_t d = 0; d < D; ++d)
-      t.check((float)out[d], (float)outr[d], ulp * std::fabs((float)outr[d]) + 2e-6f * vmax + 1e-30f,
-              shape({D, len, mode, d}));
+      t.check((float)out[d], (float)outr[d],
+              ulp * std::fabs((float)outr[d]) + (2e-6f + 2 * score) * vmax + 1e-30f,
+              shape({D, len, mode, paged, d}));
   }
 }
 
