@@ -133,6 +133,19 @@ def test_seeded_sampling_is_reproducible_and_private():
     assert set(a) <= allowed
 
 
+def test_draws_follow_the_probabilities_and_never_pick_zero_ones():
+    from torchchat.generate.sampling import draw, make_generator
+
+    probs = torch.tensor([0.1, 0.0, 0.6, 0.3, 0.0])
+    g = make_generator(3)
+    counts = torch.bincount(torch.tensor([draw(probs, g) for _ in range(20000)]), minlength=5)
+    assert counts[1] == counts[4] == 0  # zero probability, also the last entry
+    # each frequency within 4 standard deviations of its probability (seeded: not flaky)
+    sd = (probs * (1 - probs) / 20000).sqrt()
+    assert ((counts / 20000 - probs).abs() <= 4 * sd + 1e-12).all()
+    assert draw(torch.tensor([0.0, 0.0, 2.0]), g) == 2  # unnormalized weights
+
+
 def test_top_p_keeps_smallest_nucleus():
     probs_logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
     opts = SamplingOptions(temperature=1.0, top_k=None, top_p=0.7)

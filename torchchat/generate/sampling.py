@@ -38,7 +38,18 @@ def sample(logits: Tensor, opts: SamplingOptions, rng: torch.Generator) -> int:
     """Pick one token id from fp32 logits (vocab,)."""
     if opts.temperature == 0:
         return int(torch.argmax(logits))
-    return int(torch.multinomial(probabilities(logits, opts), 1, generator=rng))
+    return draw(probabilities(logits, opts), rng)
+
+
+def draw(probs: Tensor, rng: torch.Generator) -> int:
+    """One index drawn with probability probs[i] / sum(probs): the first whose running sum
+    (in float64) exceeds a uniform draw below the total, so zero-probability entries are never
+    drawn. (torch.multinomial took 0.77 ms for 32,000 entries on 2 cores, this 0.05 ms: a sixth
+    of a batched server step of 8 stories110M streams went to sampling.)"""
+    cdf = torch.cumsum(probs.double(), dim=-1)
+    u = torch.rand((), dtype=torch.float64, generator=rng, device=probs.device)
+    i = int(torch.searchsorted(cdf, u * cdf[-1], right=True))
+    return min(i, probs.numel() - 1)
 
 
 def _top_p_filter(probs: Tensor, p: float) -> Tensor:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from torchchat.generate.sampling import probabilities, sample
+from torchchat.generate.sampling import draw, probabilities, sample
 from torchchat.options import SamplingOptions
 from torchchat.runtime.base import ModelRuntime
 
@@ -56,7 +56,7 @@ class Speculator:
             else:
                 q = probabilities(logits, opts)
                 draft_probs.append(q)
-                cur = int(torch.multinomial(q, 1, generator=rng))
+                cur = draw(q, rng)
             proposal.append(cur)
         target_logits = self.target.forward(torch.tensor([[token, *proposal]]), pos)[0]
         self.stats.proposed += k
@@ -74,7 +74,7 @@ class Speculator:
                     residual = torch.clamp(p - q, min=0)
                     total = residual.sum()
                     residual = residual / total if total > 0 else p
-                    out.append(int(torch.multinomial(residual, 1, generator=rng)))
+                    out.append(draw(residual, rng))
                     break
             out.append(d)
             self.stats.accepted += 1
