@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from tests.support import random_args, random_state_dict
+from torchchat import kernels
 from torchchat.builder import build_transformer
 from torchchat.runtime.base import SeqChunk
 from torchchat.runtime.eager import EagerRuntime
@@ -160,3 +161,15 @@ def test_positions_copied_from_a_cached_block_give_what_computing_them_gives():
     torch.testing.assert_close(got, reference(b, [len(b)])[0], atol=ATOL, rtol=0)
     pool = rt.model.layers[0].attention.paged
     assert torch.equal(pool.k[30 * BLOCK : 30 * BLOCK + 3], pool.k[2 * BLOCK : 2 * BLOCK + 3])
+
+
+@torch.no_grad()
+def test_decode_steps_read_the_pool_in_place_without_a_gathered_copy():
+    """Sequences decoding together attend on the pool itself (the kernels read each position's
+    row through its index): no buffer for gathered copies is ever made for them."""
+    rt = runtime()
+    run_paged(rt, SEQS, [[1, 1, 1], [1, 1, 1], [1, 1, 1]])
+    in_place = kernels.takes_rows(torch.zeros(1, 8))  # torchchat's kernels run on this machine
+    assert (rt._gather is None) == in_place
+    run_paged(rt, SEQS, [[3, 6], [9], [3]])  # a chunk of 6 tokens: copied for torch's attention
+    assert rt._gather is not None

@@ -18,7 +18,7 @@ quantization swaps the linears; export takes the model as it is here.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -167,14 +167,15 @@ class AttentionGroup:
 class PagedStep:
     """The layout of one paged forward over N new tokens: their positions (N,) and pool rows
     (N,), the attention groups covering rows 0..N-1 in order, the rows whose logits are
-    wanted (`last`), and two buffers the groups' keys and values are gathered into, one group
-    after the other (rows >= the largest group's batch x T, kv_heads x head_dim)."""
+    wanted (`last`), and `gather(rows)`: two buffers of at least `rows` rows (kv_heads x
+    head_dim) that a group attended on a gathered copy has its keys and values copied into
+    (kept by the runtime, overwritten group after group; asked for only by groups that copy)."""
 
     positions: Tensor
     write: Tensor
     groups: list[AttentionGroup]
     last: Tensor
-    gather: tuple[Tensor, Tensor]
+    gather: Callable[[int], tuple[Tensor, Tensor]]
 
 
 class Attention(nn.Module):
@@ -224,7 +225,7 @@ class Attention(nn.Module):
     def attend_paged(self, q: Tensor, g: AttentionGroup, step: PagedStep) -> Tensor:
         """Attention of group g's queries q (batch, H, queries, D) over its pool rows: here on
         a gathered copy of them."""
-        k, v = self.paged.read(g.read, step.gather)
+        k, v = self.paged.read(g.read, step.gather(g.read.numel()))
         return self.attend(q, k, v, g.mask, per_row=g.per_row)
 
     def project(self, x: Tensor) -> list[Tensor]:

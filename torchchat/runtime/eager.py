@@ -225,7 +225,7 @@ class EagerRuntime(ModelRuntime):
                 for g in parts
             ],
             torch.tensor(last, device=dev),
-            self._gather_buffers(max(g.read.numel() for g in parts)),
+            self._gather_buffers,
         )
         return torch.tensor([ids], device=dev), layout
 
