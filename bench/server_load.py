@@ -32,6 +32,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,7 +74,16 @@ def start_server(
     cmd += ["--max-queue", str(max_queue), "--quiet", "--max-tokens-limit", "8192"]
     cmd += ["--max-batch", str(max_batch)] if max_batch else []
     cmd += ["--threads", str(threads)] if threads else []
-    return subprocess.Popen([*cmd, *extra], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    return spawn([*cmd, *extra], cwd=REPO)
+
+
+def spawn(cmd: list[str], **kw) -> subprocess.Popen:
+    """A server process whose stderr goes to a temporary file (`.log`), read if it exits
+    early: a pipe nobody reads would stall a server that logs every request once it fills."""
+    log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 -- lives as long as the process
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, text=True, **kw)
+    proc.log = log
+    return proc
 
 
 def start_llama_server(
@@ -84,14 +94,15 @@ def start_llama_server(
     cmd = [str(binary), "-m", str(gguf), "--port", str(port), "-np", str(slots)]
     cmd += ["-c", str(context), "--kv-unified", "--no-webui"]
     cmd += ["-t", str(threads), "-tb", str(threads)] if threads else []
-    return subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    return spawn(cmd)
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"server exited: {proc.stderr.read()}")
+            proc.log.seek(0)
+            raise SystemExit(f"server exited: {proc.log.read()}")
         try:
             if httpx.get(url + "/health").status_code == 200:
                 return

@@ -235,7 +235,8 @@ def _add_server_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=32,
         help="prompt tokens computed per step while other choices decode, so a long prompt "
-        "does not stall them (default 32; with none decoding a prompt goes whole)",
+        "does not stall them (default 32; with none decoding, or at most this many tokens "
+        "left, a prompt goes whole)",
     )
     p.add_argument(
         "--max-tokens-limit", type=int, default=4096, help="most tokens a completion may ask for"

@@ -144,6 +144,8 @@ def test_draws_follow_the_probabilities_and_never_pick_zero_ones():
     sd = (probs * (1 - probs) / 20000).sqrt()
     assert ((counts / 20000 - probs).abs() <= 4 * sd + 1e-12).all()
     assert draw(torch.tensor([0.0, 0.0, 2.0]), g) == 2  # unnormalized weights
+    with pytest.raises(ValueError, match="sum to nan"):
+        draw(torch.tensor([0.5, float("nan")]), g)
 
 
 def test_top_p_keeps_smallest_nucleus():

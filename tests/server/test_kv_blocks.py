@@ -49,7 +49,7 @@ def test_freed_hashed_blocks_stay_cached_until_needed_least_recently_used_first(
     assert pool.take() is b and pool.cached(b"b") is None  # evicted, hash gone
     assert pool.available == 0
     assert not pool.register(c, b"a", None, [1, 2])  # a hash names one block
-    assert pool.children(None) == [a]  # b's evicted: no longer found by its parent
+    assert pool.children(None, 1) == [a] and pool.children(None, 3) == []  # b's evicted
 
 
 def manager() -> KVCacheManager:

@@ -67,7 +67,9 @@ class BlockPool:
         self._free: list[int] = []  # heap: the lowest ids are used first
         self._evictable: OrderedDict[int, Block] = OrderedDict()  # refs 0, hashed; oldest first
         self._by_hash: dict[bytes, Block] = {}
-        self._children: dict[bytes | None, dict[int, Block]] = {}  # hashed blocks by parent
+        # hashed blocks by (parent hash, first token): a prompt's next block is compared only
+        # with the cached ones that could share positions with it
+        self._children: dict[tuple[bytes | None, int], dict[int, Block]] = {}
 
     @property
     def capacity(self) -> int:
@@ -91,10 +93,10 @@ class BlockPool:
         elif self._evictable:
             _, block = self._evictable.popitem(last=False)  # least recently used
             del self._by_hash[block.hash]
-            siblings = self._children[block.parent]
-            del siblings[block.id]
-            if not siblings:
-                del self._children[block.parent]
+            key = (block.parent, block.tokens[0])
+            del self._children[key][block.id]
+            if not self._children[key]:
+                del self._children[key]
             block.hash, block.parent, block.tokens = None, None, ()
         else:
             self._grow()
@@ -130,9 +132,10 @@ class BlockPool:
         """The block holding the prefix hashed h, if any."""
         return self._by_hash.get(h)
 
-    def children(self, parent: bytes | None) -> list[Block]:
-        """The hashed blocks that follow the block hashed `parent` (None: first blocks)."""
-        return list(self._children.get(parent, {}).values())
+    def children(self, parent: bytes | None, first: int) -> list[Block]:
+        """The hashed blocks that follow the block hashed `parent` (None: first blocks) and
+        begin with token `first`."""
+        return list(self._children.get((parent, first), {}).values())
 
     def register(self, block: Block, h: bytes, parent: bytes | None, tokens: Sequence[int]) -> bool:
         """Make a full, computed block findable by its hash (False: another block has it)."""
@@ -140,7 +143,7 @@ class BlockPool:
             return False
         block.hash, block.parent, block.tokens = h, parent, tuple(tokens)
         self._by_hash[h] = block
-        self._children.setdefault(parent, {})[block.id] = block
+        self._children.setdefault((parent, block.tokens[0]), {})[block.id] = block
         return True
 
 
@@ -193,8 +196,10 @@ class KVCacheManager:
         the last token, which is fed for its logits): (block, n), or None."""
         done = len(hits) * self.block_size
         want = tokens[done : min(done + self.block_size, len(tokens) - 1)]
+        if not want:
+            return None
         best, most = None, 0
-        for block in self.pool.children(hits[-1].hash if hits else None):
+        for block in self.pool.children(hits[-1].hash if hits else None, want[0]):
             n = 0
             for a, b in zip(block.tokens, want, strict=False):
                 if a != b:
