@@ -212,6 +212,51 @@ def test_fp32_gemm_matches_f_linear():
     assert max_rel(kernels.fp32_gemm(x, w, b), F.linear(x.double(), w.double(), b.double())) < 1e-6
 
 
+def q8_activations(x: torch.Tensor, k: int) -> torch.Tensor:
+    """x (M, <= k) as gemm_int4_q8 rounds it, in float64: per 32 values d = max|x| / 127 and
+    round-half-even(x / d) * d, zeros past x's columns."""
+    xb = F.pad(x.float(), (0, k - x.shape[1])).reshape(x.shape[0], -1, 32)
+    d = xb.abs().amax(-1, keepdim=True) / 127.0
+    q = torch.where(d > 0, torch.round(xb / torch.where(d > 0, d, 1.0)), 0.0)
+    return (q.double() * d.double()).reshape(x.shape[0], k)
+
+
+@pytest.mark.parametrize(
+    "m,k,n,group", [(9, 256, 128, 32), (13, 96, 80, 64), (70, 2048, 640, 128), (33, 512, 200, 256)]
+)
+@pytest.mark.usefixtures("isa")
+def test_int4_q8_gemm_is_the_integer_product(m, k, n, group):
+    """Weight-only int4 prefill in integers: x rounded to 8 bits per 32 values (as llama.cpp's Q8_0
+    activations), codes times those 8-bit values summed exactly, scaled and offset by each
+    group's zero in fp32. Against float64 on the same rounded activations and the dequantized
+    weights: within fp32 summation (2^-24 per block of the sum of |terms|; measured ~6e-8),
+    where one code off would move a block's term by d |s|. Every level gives the scalar
+    reference's result to the bit (the same fma order), and a row holding an inf comes out NaN
+    without touching the others. K = 96 of 128: padded columns; 80 and 200 rows: short blocks."""
+    torch.manual_seed(m + k + group)
+    w = Int4Linear.from_float(torch.nn.Linear(k, n, bias=False), group)
+    x = torch.randn(m, k) * torch.rand(m, 1) * 4
+    x[0, :32] = 0.0  # an all-zero block: d = 0
+    y = kernels.int4_gemm_q8(x, w.weight, w.scales_and_zeros, group)
+    if not kernels.simd_level() & kernels.INT4_Q8_GEMM:
+        assert y is None  # this level prefills int4 on bf16 tiles
+        return
+    assert y.dtype == torch.float32 and y.shape == (m, w.n)
+    xh, wd = q8_activations(x, w.k), F.pad(w.dequantize().double(), (0, w.k - k))
+    bound = (xh.abs() @ wd.abs().T) * (w.k // 32 + 2) * 2.0**-24
+    assert ((y[:, :n].double() - xh @ wd.T).abs() <= bound).all()
+    level = kernels.isa()
+    kernels.select_isa("scalar")
+    try:
+        assert torch.equal(y, kernels.int4_gemm_q8(x, w.weight, w.scales_and_zeros, group))
+    finally:
+        kernels.select_isa(level)
+    x[1, 5] = float("inf")
+    y = kernels.int4_gemm_q8(x, w.weight, w.scales_and_zeros, group)
+    assert y[1].isnan().all() and y[torch.arange(m) != 1].isfinite().all()
+    assert kernels.int4_gemm_q8(x[:8], w.weight, w.scales_and_zeros, group) is None  # decode rows
+
+
 needs_vnni = pytest.mark.skipif(
     not kernels.simd_level() & kernels.INT8_GEMM, reason="these kernels have no 8da4w integer GEMM"
 )
@@ -425,9 +470,11 @@ def prefill_then_decode(model: Transformer, tokens: torch.Tensor, prompt: int) -
         (None, 1e-5),
         ('{"linear:int8": {"groupsize": 0}}', 2e-2),  # torch's path rounds activations to bf16
         ('{"linear:int8": {"groupsize": 32}}', 2e-2),
-        ('{"precision": {"dtype": "bf16"}, "linear:int4": {"groupsize": 32}}', 3e-2),
-        # exact integer products in prefill vs torch's bf16-rounded fake-quantized activations;
-        # a small difference flips some of the next layer's int8 codes
+        # prefill's integer GEMMs: int4 on activations rounded to 8 bits per 32 values (as
+        # llama.cpp's Q4_0 prefill) vs torch's bf16 activations; 8da4w's exact integer products
+        # vs torch's bf16-rounded fake-quantized activations, where a small difference flips
+        # some of the next layer's int8 codes
+        ('{"precision": {"dtype": "bf16"}, "linear:int4": {"groupsize": 32}}', 6e-2),
         ('{"precision": {"dtype": "bf16"}, "linear:8da4w": {"groupsize": 32}}', 6e-2),
         ('{"precision": {"dtype": "bf16"}}', 3e-2),
     ],
@@ -440,8 +487,8 @@ def test_model_decode_on_kernels_matches_torch_ops(spec, tol):
     if spec and "bf16" in spec:
         model = model.to(torch.bfloat16)
         model.setup_caches(1, 32)
-    # a prefill of 10 rows (the many-row paths: oneDNN fp32, bf16 GEMMs on int8/int4 weights,
-    # 8da4w's integer GEMM)
+    # a prefill of 10 rows (the many-row paths: oneDNN fp32, bf16 GEMMs on int8 weights, the
+    # integer GEMMs of int4 and 8da4w)
     tokens = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(0))
     fast = prefill_then_decode(model, tokens, 10)
     with kernels.disabled():

@@ -26,13 +26,15 @@ from torchchat.kernels.library import ENV, ENV_ISA  # noqa: F401  (re-exported)
 MAX_ROWS = 8  # the C++ kMaxRows: more tokens at once is prefill, where torch's GEMM wins
 
 # simd_level bits: the families of kernels the selected table runs (cpu/common/kernels.h's
-# kFewRows, kBf16, kInt8Gemm, kBf16Gemm, kGgml, kGgmlGemm). Every level has the first three on a CPU it runs on.
+# kFewRows, kBf16, kInt8Gemm, kBf16Gemm, kGgml, kGgmlGemm, kInt4Q8Gemm). Every level has the first
+# three on a CPU it runs on.
 FEW_ROWS = 1  # float and int8 linears, attention, the fused decode step
 INT4 = 2  # int4 linears, bf16 GEMMs on int4/int8 tiles
 INT8_GEMM = 4  # 8da4w's integer prefill GEMM
 BF16_GEMM = 8  # bf16 dot products in hardware; without: prefill's bf16/fp16 GEMMs widened to fp32
 GGML = 16  # GGUF's block-quantized weights in place (torchchat.kernels.ggml)
 GGML_GEMM = 32  # prefill on GGUF K-quants (Q4_K, Q5_K, Q6_K) in integers, as decode sums
+INT4_Q8_GEMM = 64  # int4 prefill in integers on 8-bit activations (as llama.cpp's Q4_0 x Q8_0)
 
 _enabled = True
 
@@ -321,6 +323,23 @@ def gemm_8da4w(
     if not prefill_ok(x) or not simd_level() & INT8_GEMM or x.numel() <= MAX_ROWS * x.shape[-1]:
         return None  # a few rows (decode): the int4 kernel on fake-quantized activations
     y = torch.ops.torchchat.gemm_8da4w(
+        x.reshape(-1, x.shape[-1]), packed, scales_and_zeros, groupsize
+    )
+    return y.reshape(*x.shape[:-1], packed.shape[0])
+
+
+def int4_gemm_q8(
+    x: Tensor, packed: Tensor, scales_and_zeros: Tensor, groupsize: int
+) -> Tensor | None:
+    """int4 x @ W.T for many rows (prefill) in integers, or None: x rounded to 8 bits per 32
+    values (scale max|x| / 127, as llama.cpp's Q8_0 activations for Q4_0 weights), the codes'
+    products summed exactly and scaled in fp32 (cpu/common/kernels.h gives the sum). The result
+    is (..., packed rows) in x's dtype."""
+    if packed.dtype != torch.uint8 or scales_and_zeros.dtype != torch.bfloat16 or groupsize % 32:
+        return None
+    if not prefill_ok(x) or not simd_level() & INT4_Q8_GEMM or x.numel() <= MAX_ROWS * x.shape[-1]:
+        return None  # a few rows (decode): the int4 kernel on bf16 activations
+    y = torch.ops.torchchat.gemm_int4_q8(
         x.reshape(-1, x.shape[-1]), packed, scales_and_zeros, groupsize
     )
     return y.reshape(*x.shape[:-1], packed.shape[0])

@@ -148,6 +148,10 @@ def _register_fakes() -> None:
     def _(x, w, scales_and_zeros, group):
         return x.new_empty(x.shape[0], w.shape[0])
 
+    @torch.library.register_fake("torchchat::gemm_int4_q8")
+    def _(x, w, scales_and_zeros, group):
+        return x.new_empty(x.shape[0], w.shape[0])
+
     @torch.library.register_fake("torchchat::attention")
     def _(q, k, v, mask, scale):
         return torch.empty_like(q, memory_format=torch.contiguous_format)

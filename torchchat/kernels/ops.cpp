@@ -252,6 +252,36 @@ at::Tensor gemm_8da4w_cpu(const at::Tensor& x, const at::Tensor& w, const at::Te
   return y.to(x.scalar_type());
 }
 
+// int4 prefill in integers: x (M, Kx <= K) of any float dtype quantized here to 8 bits per 32
+// values (quantize_rows_q8), int4 weights in torch's CPU pack layout with (scale, zero)
+// pairs. Returns (M, N) in x's dtype.
+at::Tensor gemm_int4_q8_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sz,
+                            int64_t group) {
+  const auto& kt = kernels("torchchat::gemm_int4_q8", cpu::kInt4Q8Gemm);
+  const int64_t K = check_int4("torchchat::gemm_int4_q8", w, sz, group, 32), N = w.size(0);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) <= K && at::isFloatingType(x.scalar_type()),
+              "torchchat::gemm_int4_q8: x must be float (M, <= ", K, "), got ", x.sizes());
+  const int64_t M = x.size(0), Kx = x.size(1), nb = K / 32;
+  const auto xf = x.to(at::kFloat).contiguous();
+  auto y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  std::vector<int8_t> q(M * K);
+  std::vector<float> d(M * nb), e(M * nb);
+  const float* xp = xf.data_ptr<float>();
+  at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+    kt.quantize_rows_q8(xp, Kx, K, q.data(), d.data(), e.data(), m0, m1);
+  });
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, (N + 63) / 64, 1, [&](int64_t b0, int64_t b1) {
+    // torch's CPU allocator aligns to 64 bytes, as the kernels' aligned loads need
+    const auto wt = at::empty({K * 64}, at::kChar), ft = at::empty({M * 64}, at::kFloat);
+    const auto st = at::empty({(K / group) * 128}, at::kFloat);
+    const cpu::Buffers8da4w buf{wt.data_ptr<int8_t>(), ft.data_ptr<float>(), st.data_ptr<float>()};
+    kt.gemm_int4_q8(q.data(), d.data(), e.data(), M, K, w.data_ptr<uint8_t>(), ptr<bf16_t>(sz), N,
+                    group, yp, b0, b1, buf);
+  });
+  return y.to(x.scalar_type());
+}
+
 // Rows of query q[b, h, s] against its sequence's keys and values: kv(b, j) gives the k and v
 // base of batch row b, kv head j, and where each of its `len` positions' rows lie.
 template <typename T, typename A, typename KV>
@@ -508,6 +538,7 @@ TORCH_LIBRARY(torchchat, m) {
   m.def("gemm_int8(Tensor x, Tensor w, Tensor scales) -> Tensor");
   m.def("gemm_wide(Tensor x, Tensor w) -> Tensor");
   m.def("gemm_8da4w(Tensor x, Tensor w, Tensor scales_and_zeros, int group) -> Tensor");
+  m.def("gemm_int4_q8(Tensor x, Tensor w, Tensor scales_and_zeros, int group) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(torchchat, CPU, m) {
@@ -521,4 +552,5 @@ TORCH_LIBRARY_IMPL(torchchat, CPU, m) {
   m.impl("gemm_int8", &gemm_int8_cpu);
   m.impl("gemm_wide", &gemm_wide_cpu);
   m.impl("gemm_8da4w", &gemm_8da4w_cpu);
+  m.impl("gemm_int4_q8", &gemm_int4_q8_cpu);
 }

@@ -115,7 +115,9 @@ class KernelInt8Linear(Int8Linear):
 
 class KernelInt4Linear(Int4Linear):
     """int4 weights in torch's CPU pack layout: torchchat's GEMV for a few rows; for prefill,
-    8da4w's integer GEMM or bf16 GEMMs on tiles of dequantized weights."""
+    GEMMs in integers (8da4w's on its per-token int8 activations; weight-only int4 on
+    activations rounded to 8 bits per 32 values, as llama.cpp's Q4_0 prefill), else bf16 GEMMs
+    on tiles of dequantized weights."""
 
     def forward(self, x: Tensor) -> Tensor:
         y = self._cpu_kernels(x) if self.weight.device.type == "cpu" else None
@@ -130,6 +132,8 @@ class KernelInt4Linear(Int4Linear):
                 return y
             x = quantize_activations_per_token(x)
         y = kernels.int4_linear(x, self.weight, self.scales_and_zeros, self.groupsize)
+        if y is None:
+            y = kernels.int4_gemm_q8(x, self.weight, self.scales_and_zeros, self.groupsize)
         if y is None:
             xp = F.pad(x, (0, self.k - self.in_features)) if self.k != self.in_features else x
             y = kernels.int4_gemm(xp, self.weight, self.scales_and_zeros, self.groupsize)

@@ -1,4 +1,5 @@
-// 8da4w prefill: the many-row GEMM in integers, as cpu/avx512/prefill_vnni.cpp derives it:
+// int4 prefill in integers: gemm_int4_q8 (weight-only int4 on activations quantized to 8 bits
+// per 32 values, kernels.h) and 8da4w's GEMM, as cpu/avx512/prefill_vnni.cpp derives it:
 // activations quantized per token to u = q + 128 (unsigned bytes, scale s_a, zero z_a), int4
 // weights w = c - 8 (signed), per group g and output row
 //   I_g = sum_k u_k w_k,   y = s_a * (sum_g s_w,g I_g - (128 + z_a) R),   R = sum_g s_w,g W_g
@@ -26,10 +27,13 @@ inline int64_t row_of(int64_t v, int64_t l) {
   return 32 * (v / 4) + 4 * (v % 4) + (l % 4) + 16 * (l / 4);
 }
 
-// Block rows n0..n0 + 64 (bs of them real) -> wbuf[K/4][8][8 lanes][4 bytes], scales
-// sbuf[G][64] fp32 and r[64] = sum_g s_w,g W_g, all in wbuf's lane order.
-void unpack_8da4w_block(const uint8_t* w, const bf16_t* sz, int64_t N, int64_t K, int64_t group,
-                        int64_t n0, int8_t* wbuf, float* sbuf, float* r) {
+// Block rows n0..n0 + 64 (bs of them real) -> wbuf[K/4][8][8 lanes][4 bytes]. kSigned (8da4w):
+// w = c - 8, scales sbuf[G][64] fp32 and r[64] = sum_g s_w,g W_g. Else (gemm_int4_q8): the
+// codes c, sbuf[G][2][64] = s, z - 8 s. All in wbuf's lane order.
+template <bool kSigned>
+void unpack_int4_block(const uint8_t* w, const bf16_t* sz, int64_t N, int64_t K, int64_t group,
+                       int64_t n0, int8_t* wbuf, float* sbuf, float* r) {
+  constexpr int8_t kOffset = kSigned ? 8 : 0;
   const int64_t bs = std::min<int64_t>(64, N - n0), G = K / group;
   const uint8_t* blk = w + n0 * (K / 2);
   if (bs < 64) {  // a short last block: byte d of each k holds rows 2d (low), 2d + 1 (high)
@@ -42,8 +46,20 @@ void unpack_8da4w_block(const uint8_t* w, const bf16_t* sz, int64_t N, int64_t K
           if (i >= bs) continue;
           const uint8_t byte = blk[k * half + i / 2];
           wbuf[(k / 4) * 256 + v * 32 + l * 4 + k % 4] =
-              (int8_t)((i % 2 ? byte >> 4 : byte & 15) - 8);
+              (int8_t)((i % 2 ? byte >> 4 : byte & 15) - kOffset);
         }
+    if constexpr (!kSigned) {
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t v = 0; v < 8; ++v)
+          for (int64_t l = 0; l < 8; ++l) {
+            const int64_t i = row_of(v, l);
+            const float sc = i < bs ? scalar_bf16(sz[(g * N + n0 + i) * 2]) : 0.0f;
+            const float z = i < bs ? scalar_bf16(sz[(g * N + n0 + i) * 2 + 1]) : 0.0f;
+            sbuf[g * 128 + v * 8 + l] = sc;
+            sbuf[g * 128 + 64 + v * 8 + l] = z - 8.0f * sc;
+          }
+      return;
+    }
     for (int64_t v = 0; v < 8; ++v)
       for (int64_t l = 0; l < 8; ++l) {
         const int64_t i = row_of(v, l);
@@ -60,7 +76,7 @@ void unpack_8da4w_block(const uint8_t* w, const bf16_t* sz, int64_t N, int64_t K
       }
     return;
   }
-  const __m256i low4 = _mm256_set1_epi8(15), eight = _mm256_set1_epi8(8);
+  const __m256i low4 = _mm256_set1_epi8(15), eight = _mm256_set1_epi8(kOffset);
   const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
   __m256 rv[8];
 #pragma GCC unroll 8
@@ -93,22 +109,33 @@ void unpack_8da4w_block(const uint8_t* w, const bf16_t* sz, int64_t N, int64_t K
         for (int i = 0; i < 4; ++i) {
           const int v = 4 * n + i;
           _mm256_store_si256((__m256i*)(wbuf + kq * 256 + v * 32), q[i]);
-          wsum[v] = _mm256_add_epi32(wsum[v],
-                                     _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, q[i]), ones16));
+          if constexpr (kSigned)
+            wsum[v] = _mm256_add_epi32(
+                wsum[v], _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, q[i]), ones16));
         }
       }
     }
 #pragma GCC unroll 8
-    for (int v = 0; v < 8; ++v) {  // scales: the low halves of (scale, zero) pairs
+    for (int v = 0; v < 8; ++v) {  // (scale, zero) pairs, the scale the low half
       const bf16_t* p = sz + (g * N + n0 + row_of(v, 0)) * 2;
       const __m256i sv = _mm256_loadu2_m128i((const __m128i*)(p + 32), (const __m128i*)p);
       const __m256 sc = _mm256_castsi256_ps(_mm256_slli_epi32(sv, 16));
-      _mm256_store_ps(sbuf + g * 64 + v * 8, sc);
-      rv[v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(wsum[v]), sc, rv[v]);
+      if constexpr (kSigned) {
+        _mm256_store_ps(sbuf + g * 64 + v * 8, sc);
+        rv[v] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(wsum[v]), sc, rv[v]);
+      } else {  // z - 8 s: 8 s is exact, one rounding as the reference's
+        const __m256 z = _mm256_castsi256_ps(
+            _mm256_and_si256(sv, _mm256_set1_epi32((int)0xFFFF0000u)));
+        _mm256_store_ps(sbuf + g * 128 + v * 8, sc);
+        _mm256_store_ps(sbuf + g * 128 + 64 + v * 8,
+                        _mm256_sub_ps(z, _mm256_mul_ps(_mm256_set1_ps(8.0f), sc)));
+      }
     }
   }
+  if constexpr (kSigned) {
 #pragma GCC unroll 8
-  for (int v = 0; v < 8; ++v) _mm256_storeu_ps(r + v * 8, rv[v]);
+    for (int v = 0; v < 8; ++v) _mm256_storeu_ps(r + v * 8, rv[v]);
+  }
 }
 
 // One group (kq0..kq0 + nkq) of one token x the 32 rows of vectors v0..v0 + 3 of an unpacked
@@ -147,6 +174,65 @@ inline void gemm_8da4w_group(const uint8_t* u, int64_t kq0, int64_t nkq, const i
     const __m256 s = _mm256_load_ps(sw + (v0 + i) * 8);
     _mm256_store_ps(fi, _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[i]), s, _mm256_load_ps(fi)));
   }
+}
+
+// One group (kq0..kq0 + nkq, its 32-value blocks one after another) of one token x the 32 rows
+// of vectors v0..v0 + 3 of a block unpacked as codes: vpmaddubsw of the codes (unsigned) with
+// the token's 8-bit values (signed) sums byte pairs into int16 (|c0 q0 + c1 q1| <= 15 * 127 * 2 =
+// 3810; a block's eight: 30480 < 32767, exact), widened by vpmaddwd; then per block
+// f += I s d and f += (z - 8 s) e, the block's d and e from d[i], e[i]. (nkq comes from the
+// group at run time: a constant count let the compiler hoist the block's 32 weight vectors out
+// of the token loop and spill them, 0.6x the speed.)
+__attribute__((always_inline)) inline void gemm_q8_group(const int8_t* q, int64_t kq0, int64_t nkq,
+                                                        const int8_t* wbuf, int v0,
+                          const float* s, const float* z, const float* d, const float* e,
+                          float* f) {
+  const __m256i ones16 = _mm256_set1_epi16(1);
+  __m256 acc[4];
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) acc[i] = _mm256_load_ps(f + (v0 + i) * 8);
+  for (int64_t c0 = kq0; c0 < kq0 + nkq; c0 += 8) {
+    __m256i s16[4];
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) s16[i] = _mm256_setzero_si256();
+    const int64_t c1 = std::min(c0 + 8, kq0 + nkq);  // always c0 + 8 (see above)
+#pragma GCC unroll 8
+    for (int64_t kq = c0; kq < c1; ++kq) {
+      const int8_t* wq = wbuf + kq * 256 + v0 * 32;
+      int32_t four;
+      std::memcpy(&four, q + kq * 4, 4);
+      const __m256i a = _mm256_set1_epi32(four);
+#pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i)
+        s16[i] = _mm256_add_epi16(
+            s16[i], _mm256_maddubs_epi16(_mm256_load_si256((const __m256i*)(wq + 32 * i)), a));
+    }
+    const int64_t b = (c0 - kq0) / 8;
+    const __m256 dv = _mm256_set1_ps(d[b]), ev = _mm256_set1_ps(e[b]);
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) {
+      const __m256 sd = _mm256_mul_ps(_mm256_load_ps(s + (v0 + i) * 8), dv);
+      const __m256 t = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16[i], ones16));
+      acc[i] = _mm256_fmadd_ps(_mm256_load_ps(z + (v0 + i) * 8), ev, _mm256_fmadd_ps(t, sd, acc[i]));
+    }
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) _mm256_store_ps(f + (v0 + i) * 8, acc[i]);
+}
+
+// Rows of the unpacked block back in row order: f[m][v * 8 + l] is row row_of(v, l).
+void store_block(const float* f, int64_t M, int64_t N, int64_t n0, int64_t bs, float* y) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int v = 0; v < 8; ++v)
+      for (int h = 0; h < 2; ++h) {  // lanes 4h..4h + 3: rows row_of(v, 4h) + 0..3
+        const int64_t i = row_of(v, 4 * h);
+        const float* src = f + m * 64 + v * 8 + 4 * h;
+        float* dst = y + m * N + n0 + i;
+        if (i + 4 <= bs)
+          std::memcpy(dst, src, 16);
+        else
+          for (int64_t j = 0; i + j < bs; ++j) dst[j] = src[j];
+      }
 }
 
 inline float hmin(__m256 v) {
@@ -207,7 +293,7 @@ void gemm_8da4w(const uint8_t* u, int64_t M, int64_t K, const float* sa, const f
   alignas(32) float r[64];
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t n0 = b * 64, bs = std::min<int64_t>(64, N - n0);
-    unpack_8da4w_block(w, sz, N, K, group, n0, wbuf, sbuf, r);
+    unpack_int4_block<true>(w, sz, N, K, group, n0, wbuf, sbuf, r);
     std::memset(f, 0, M * 64 * sizeof(float));
     // 64 tokens at a time: their fp32 sums (16 KB) stay in L1 across the groups
     for (int64_t mb = 0; mb < M; mb += 64) {
@@ -220,23 +306,84 @@ void gemm_8da4w(const uint8_t* u, int64_t M, int64_t K, const float* sa, const f
             gemm_8da4w_group(u + m * K, kq0, nkq, wbuf, v0, sw, f + m * 64);
       }
     }
-    for (int64_t m = 0; m < M; ++m) {  // y = s_a * (f - (128 + z_a) * R), back in row order
+    for (int64_t m = 0; m < M; ++m) {  // y = s_a * (f - (128 + z_a) * R)
       const __m256 s = _mm256_set1_ps(sa[m]), c = _mm256_set1_ps(128.0f + za[m]);
       for (int v = 0; v < 8; ++v) {
-        const __m256 out = _mm256_mul_ps(
-            s, _mm256_fnmadd_ps(c, _mm256_load_ps(r + v * 8), _mm256_load_ps(f + m * 64 + v * 8)));
-        alignas(32) float o[8];
-        _mm256_store_ps(o, out);
-        for (int h = 0; h < 2; ++h) {  // lanes 4h..4h + 3: rows row_of(v, 4h) + 0..3
-          const int64_t i = row_of(v, 4 * h);
-          float* dst = y + m * N + n0 + i;
-          if (i + 4 <= bs)
-            std::memcpy(dst, o + 4 * h, 16);
-          else
-            for (int64_t j = 0; i + j < bs; ++j) dst[j] = o[4 * h + j];
-        }
+        float* fv = f + m * 64 + v * 8;
+        _mm256_store_ps(fv, _mm256_mul_ps(s, _mm256_fnmadd_ps(c, _mm256_load_ps(r + v * 8),
+                                                              _mm256_load_ps(fv))));
       }
     }
+    store_block(f, M, N, n0, bs, y);
+  }
+}
+
+void quantize_rows_q8(const float* xp, int64_t Kx, int64_t K, int8_t* q, float* d, float* e,
+                      int64_t m0, int64_t m1) {
+  const __m256 zero = _mm256_setzero_ps();
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* row = xp + m * Kx;
+    for (int64_t k = 0; k < K; k += 32) {
+      __m256 v[4], bad8 = zero, amax8 = zero;
+#pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i) {
+        v[i] = _mm256_maskload_ps(row + k + 8 * i, lanes(Kx - k - 8 * i));  // zeros past Kx
+        bad8 = _mm256_add_ps(bad8, _mm256_mul_ps(v[i], zero));  // NaN if an inf or NaN
+        amax8 = _mm256_max_ps(amax8, _mm256_and_ps(v[i], absmask));
+      }
+      const bool finite = hsum(bad8) == 0.0f;
+      const float db = finite ? hmax(amax8) / 127.0f : std::numeric_limits<float>::quiet_NaN();
+      int32_t sum = 0;
+      if (finite && db > 0.0f) {
+        const __m256 dv = _mm256_set1_ps(db);
+        __m256i qi[4];
+#pragma GCC unroll 4
+        for (int i = 0; i < 4; ++i)
+          qi[i] = _mm256_cvtps_epi32(_mm256_round_ps(
+              _mm256_div_ps(v[i], dv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        // int32 -> int8 in order: packs interleave the 128-bit halves, the permute undoes it
+        const __m256i p16a = _mm256_packs_epi32(qi[0], qi[1]), p16b = _mm256_packs_epi32(qi[2], qi[3]);
+        const __m256i p8 = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(p16a, p16b),
+                                                       _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256((__m256i*)(q + m * K + k), p8);
+        const __m256i s32 = _mm256_add_epi32(_mm256_add_epi32(qi[0], qi[1]),
+                                             _mm256_add_epi32(qi[2], qi[3]));
+        alignas(32) int32_t t[8];
+        _mm256_store_si256((__m256i*)t, s32);
+        for (int i = 0; i < 8; ++i) sum += t[i];
+      } else {
+        std::memset(q + m * K + k, 0, 32);
+      }
+      d[m * (K / 32) + k / 32] = db;
+      e[m * (K / 32) + k / 32] = db * (float)sum;
+    }
+  }
+}
+
+void gemm_int4_q8(const int8_t* q, const float* d, const float* e, int64_t M, int64_t K,
+                  const uint8_t* w, const bf16_t* sz, int64_t N, int64_t group, float* y,
+                  int64_t b0, int64_t b1, const Buffers8da4w& buf) {
+  int8_t* wbuf = buf.wbuf;
+  float *f = buf.f, *sbuf = buf.sbuf;
+  const int64_t nb = K / 32;
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t n0 = b * 64, bs = std::min<int64_t>(64, N - n0);
+    unpack_int4_block<false>(w, sz, N, K, group, n0, wbuf, sbuf, nullptr);
+    std::memset(f, 0, M * 64 * sizeof(float));
+    // 64 tokens at a time: their fp32 sums (16 KB) stay in L1 across the blocks
+    for (int64_t mb = 0; mb < M; mb += 64) {
+      const int64_t me = std::min<int64_t>(M, mb + 64);
+      for (int64_t g = 0; g < K / group; ++g) {
+        const float* s = sbuf + g * 128;
+        const int64_t j = g * group / 32;  // the group's first block
+        for (int v0 = 0; v0 < 8; v0 += 4)
+          for (int64_t m = mb; m < me; ++m)
+            gemm_q8_group(q + m * K, g * group / 4, group / 4, wbuf, v0, s, s + 64,
+                          d + m * nb + j, e + m * nb + j, f + m * 64);
+      }
+    }
+    store_block(f, M, N, n0, bs, y);
   }
 }
 

@@ -8,7 +8,7 @@ const Kernels* kernels() {
   static const Kernels table = [] {
     Kernels t{};
     t.name = "avx2";
-    t.features = kFewRows | kBf16 | kInt8Gemm | kGgml;
+    t.features = kFewRows | kBf16 | kInt8Gemm | kInt4Q8Gemm | kGgml;
     t.linear_f32 = linear_f32;
     t.linear_bf16 = linear_bf16;
     t.linear_f16 = linear_f16;
@@ -22,6 +22,8 @@ const Kernels* kernels() {
     t.int8_to_bf16 = int8_to_bf16;
     t.quantize_rows_8da4w = quantize_rows_8da4w;
     t.gemm_8da4w = gemm_8da4w;
+    t.quantize_rows_q8 = quantize_rows_q8;
+    t.gemm_int4_q8 = gemm_int4_q8;
     t.linear_ggml = linear_ggml;
     t.ggml_dequantize = ggml_dequantize;
     return t;

@@ -1,4 +1,6 @@
-// 8da4w prefill with AVX512-VNNI (and VBMI's byte permutes): the many-row GEMM in integers, as
+// int4 prefill with AVX512-VNNI (and VBMI's byte permutes): the many-row GEMMs in integers.
+// gemm_int4_q8 (weight-only int4, zero points) multiplies the codes by activations quantized to
+// 8 bits per 32 values, as llama.cpp's Q4_0 x Q8_0 (kernels.h gives the sum). 8da4w, as
 // the format intends: activations quantized per token to int8 (q, scale s_a, zero z_a), weights
 // int4 symmetric per group (codes c = q_w + 8, scale s_w). With u = q + 128 (unsigned) and
 // w = c - 8 (signed), vpdpbusd sums 4 products u * w per 32-bit lane -- twice the products per
@@ -20,9 +22,12 @@ namespace torchchat::cpu::avx512 {
 namespace {
 
 // Block rows n0..n0 + 64 (bs of them real) -> wbuf[K/4][4][64 bytes] (rows 16v + lane, k 4kq + t
-// at byte 4 lane + t), scales sbuf[G][64] fp32 and r[64] = sum_g s_w,g W_g.
-void unpack_8da4w_block(const uint8_t* w, const bf16_t* sz, int64_t N, int64_t K, int64_t group,
-                        int64_t n0, int8_t* wbuf, float* sbuf, float* r) {
+// at byte 4 lane + t). kSigned (8da4w): w = c - 8, scales sbuf[G][64] fp32 and
+// r[64] = sum_g s_w,g W_g. Else (gemm_int4_q8): the codes c, sbuf[G][2][64] = s, z - 8 s.
+template <bool kSigned>
+void unpack_int4_block(const uint8_t* w, const bf16_t* sz, int64_t N, int64_t K, int64_t group,
+                       int64_t n0, int8_t* wbuf, float* sbuf, float* r) {
+  constexpr int8_t kOffset = kSigned ? 8 : 0;
   const int64_t bs = std::min<int64_t>(64, N - n0), G = K / group;
   const uint8_t* blk = w + n0 * (K / 2);
   if (bs < 64) {  // a short last block: byte d of each k holds rows 2d (low), 2d + 1 (high)
@@ -32,8 +37,18 @@ void unpack_8da4w_block(const uint8_t* w, const bf16_t* sz, int64_t N, int64_t K
       for (int64_t i = 0; i < bs; ++i) {
         const uint8_t byte = blk[k * half + i / 2];
         wbuf[(k / 4) * 256 + (i / 16) * 64 + (i % 16) * 4 + k % 4] =
-            (int8_t)((i % 2 ? byte >> 4 : byte & 15) - 8);
+            (int8_t)((i % 2 ? byte >> 4 : byte & 15) - kOffset);
       }
+    if constexpr (!kSigned) {
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t i = 0; i < 64; ++i) {
+          const float sc = i < bs ? (float)sz[(g * N + n0 + i) * 2] : 0.0f;
+          const float z = i < bs ? (float)sz[(g * N + n0 + i) * 2 + 1] : 0.0f;
+          sbuf[g * 128 + i] = sc;
+          sbuf[g * 128 + 64 + i] = z - 8.0f * sc;
+        }
+      return;
+    }
     for (int64_t i = 0; i < 64; ++i) {
       float t = 0.0f;
       for (int64_t g = 0; g < G; ++g) {
@@ -59,7 +74,8 @@ void unpack_8da4w_block(const uint8_t* w, const bf16_t* sz, int64_t N, int64_t K
     }
   const __m512i i0 = _mm512_load_si512((const void*)idx[0]);
   const __m512i i1 = _mm512_load_si512((const void*)idx[1]);
-  const __m512i low4 = _mm512_set1_epi8(15), eight = _mm512_set1_epi8(8), ones = _mm512_set1_epi8(1);
+  const __m512i low4 = _mm512_set1_epi8(15), eight = _mm512_set1_epi8(kOffset);
+  const __m512i ones = _mm512_set1_epi8(1);
   __m512 rv[4];
   for (int v = 0; v < 4; ++v) rv[v] = _mm512_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
@@ -77,17 +93,26 @@ void unpack_8da4w_block(const uint8_t* w, const bf16_t* sz, int64_t N, int64_t K
           _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(p1, 4), low4), eight)};
       for (int v = 0; v < 4; ++v) {
         _mm512_store_si512(wbuf + kq * 256 + v * 64, q[v]);
-        wsum[v] = _mm512_dpbusd_epi32(wsum[v], ones, q[v]);
+        if constexpr (kSigned) wsum[v] = _mm512_dpbusd_epi32(wsum[v], ones, q[v]);
       }
     }
-    for (int v = 0; v < 4; ++v) {  // scales of rows 16v..: the low halves of (scale, zero) pairs
+    for (int v = 0; v < 4; ++v) {  // rows 16v..: (scale, zero) pairs, the scale the low half
       const __m512i sv = _mm512_loadu_si512((const void*)(sz + (g * N + n0 + 16 * v) * 2));
       const __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(sv, 16));
-      _mm512_store_ps(sbuf + g * 64 + v * 16, sc);
-      rv[v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(wsum[v]), sc, rv[v]);
+      if constexpr (kSigned) {
+        _mm512_store_ps(sbuf + g * 64 + v * 16, sc);
+        rv[v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(wsum[v]), sc, rv[v]);
+      } else {  // z - 8 s: 8 s is exact, one rounding as the reference's
+        const __m512 z = _mm512_castsi512_ps(
+            _mm512_and_si512(sv, _mm512_set1_epi32((int)0xFFFF0000u)));
+        _mm512_store_ps(sbuf + g * 128 + v * 16, sc);
+        _mm512_store_ps(sbuf + g * 128 + 64 + v * 16,
+                        _mm512_sub_ps(z, _mm512_mul_ps(_mm512_set1_ps(8.0f), sc)));
+      }
     }
   }
-  for (int v = 0; v < 4; ++v) _mm512_storeu_ps(r + v * 16, rv[v]);
+  if constexpr (kSigned)
+    for (int v = 0; v < 4; ++v) _mm512_storeu_ps(r + v * 16, rv[v]);
 }
 
 // One group (kq0..kq0 + group/4) of MR tokens x the 64 rows of an unpacked block, added into
@@ -125,6 +150,47 @@ inline void gemm_8da4w_group(const uint8_t* u, int64_t K, int64_t kq0, int64_t n
       _mm512_store_ps(f + m * 64 + v * 16,
                       _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m][v]), s,
                                       _mm512_load_ps(f + m * 64 + v * 16)));
+  }
+}
+
+// One 32-value block (8 kq from kq0) of MR tokens x the 64 rows of a block unpacked as codes:
+// vpdpbusd of the codes (unsigned) with the tokens' 8-bit values (signed), exact, then
+// f += I s d and f += (z - 8 s) e per row, the tokens' d and e for this block nb apart.
+template <int MR>
+inline void gemm_q8_block(const int8_t* q, int64_t K, int64_t kq0, const int8_t* wbuf,
+                          const float* s, const float* z, const float* d, const float* e,
+                          int64_t nb, float* f) {
+  __m512i acc[MR][4];
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m)
+#pragma GCC unroll 4
+    for (int v = 0; v < 4; ++v) acc[m][v] = _mm512_setzero_si512();
+#pragma GCC unroll 8
+  for (int64_t kq = kq0; kq < kq0 + 8; ++kq) {
+    const int8_t* wq = wbuf + kq * 256;
+    const __m512i w0 = _mm512_load_si512(wq), w1 = _mm512_load_si512(wq + 64);
+    const __m512i w2 = _mm512_load_si512(wq + 128), w3 = _mm512_load_si512(wq + 192);
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) {
+      int32_t four;
+      std::memcpy(&four, q + m * K + kq * 4, 4);
+      const __m512i a = _mm512_set1_epi32(four);
+      acc[m][0] = _mm512_dpbusd_epi32(acc[m][0], w0, a);
+      acc[m][1] = _mm512_dpbusd_epi32(acc[m][1], w1, a);
+      acc[m][2] = _mm512_dpbusd_epi32(acc[m][2], w2, a);
+      acc[m][3] = _mm512_dpbusd_epi32(acc[m][3], w3, a);
+    }
+  }
+#pragma GCC unroll 4
+  for (int v = 0; v < 4; ++v) {
+    const __m512 sv = _mm512_loadu_ps(s + v * 16), zv = _mm512_loadu_ps(z + v * 16);
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) {
+      float* fm = f + m * 64 + v * 16;
+      const __m512 sd = _mm512_mul_ps(sv, _mm512_set1_ps(d[m * nb]));
+      const __m512 t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[m][v]), sd, _mm512_load_ps(fm));
+      _mm512_store_ps(fm, _mm512_fmadd_ps(zv, _mm512_set1_ps(e[m * nb]), t));
+    }
   }
 }
 
@@ -172,7 +238,7 @@ void gemm_8da4w(const uint8_t* u, int64_t M, int64_t K, const float* sa, const f
   alignas(64) float r[64];
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t n0 = b * 64, bs = std::min<int64_t>(64, N - n0);
-    unpack_8da4w_block(w, sz, N, K, group, n0, wbuf, sbuf, r);
+    unpack_int4_block<true>(w, sz, N, K, group, n0, wbuf, sbuf, r);
     std::memset(f, 0, M * 64 * sizeof(float));
     // 64 tokens at a time: their fp32 sums (16 KB) stay in L1 across the groups
     for (int64_t mb = 0; mb < M; mb += 64) {
@@ -200,6 +266,78 @@ void gemm_8da4w(const uint8_t* u, int64_t M, int64_t K, const float* sa, const f
         _mm512_mask_storeu_ps(y + m * N + n0 + v * 16, mask16(bs - v * 16), out);
       }
     }
+  }
+}
+
+void quantize_rows_q8(const float* xp, int64_t Kx, int64_t K, int8_t* q, float* d, float* e,
+                      int64_t m0, int64_t m1) {
+  const __m512 zero = _mm512_setzero_ps();
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* row = xp + m * Kx;
+    for (int64_t k = 0; k < K; k += 32) {
+      const __m512 v0 = _mm512_maskz_loadu_ps(mask16(Kx - k), row + k);  // zeros past Kx
+      const __m512 v1 = _mm512_maskz_loadu_ps(mask16(Kx - k - 16), row + k + 16);
+      // an inf or NaN makes v * 0 NaN
+      const float bad = _mm512_reduce_add_ps(
+          _mm512_add_ps(_mm512_mul_ps(v0, zero), _mm512_mul_ps(v1, zero)));
+      const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+      const bool finite = bad == 0.0f;
+      const float db = finite ? amax / 127.0f : std::numeric_limits<float>::quiet_NaN();
+      int32_t sum = 0;
+      if (finite && db > 0.0f) {
+        const __m512 dv = _mm512_set1_ps(db);
+        const __m512i q0 = _mm512_cvtps_epi32(_mm512_roundscale_ps(
+            _mm512_div_ps(v0, dv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        const __m512i q1 = _mm512_cvtps_epi32(_mm512_roundscale_ps(
+            _mm512_div_ps(v1, dv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        _mm_storeu_si128((__m128i*)(q + m * K + k), _mm512_cvtepi32_epi8(q0));
+        _mm_storeu_si128((__m128i*)(q + m * K + k + 16), _mm512_cvtepi32_epi8(q1));
+        sum = _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+      } else {
+        std::memset(q + m * K + k, 0, 32);
+      }
+      d[m * (K / 32) + k / 32] = db;
+      e[m * (K / 32) + k / 32] = db * (float)sum;
+    }
+  }
+}
+
+void gemm_int4_q8(const int8_t* q, const float* d, const float* e, int64_t M, int64_t K,
+                  const uint8_t* w, const bf16_t* sz, int64_t N, int64_t group, float* y,
+                  int64_t b0, int64_t b1, const Buffers8da4w& buf) {
+  constexpr int MR = 4;
+  int8_t* wbuf = buf.wbuf;
+  float *f = buf.f, *sbuf = buf.sbuf;
+  const int64_t nb = K / 32;
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t n0 = b * 64, bs = std::min<int64_t>(64, N - n0);
+    unpack_int4_block<false>(w, sz, N, K, group, n0, wbuf, sbuf, nullptr);
+    std::memset(f, 0, M * 64 * sizeof(float));
+    // 64 tokens at a time: their fp32 sums (16 KB) stay in L1 across the blocks
+    for (int64_t mb = 0; mb < M; mb += 64) {
+      const int64_t me = std::min<int64_t>(M, mb + 64);
+      for (int64_t j = 0; j < nb; ++j) {
+        const float* s = sbuf + (j * 32 / group) * 128;
+        int64_t m = mb;
+        for (; m + MR <= me; m += MR)
+          gemm_q8_block<MR>(q + m * K, K, j * 8, wbuf, s, s + 64, d + m * nb + j, e + m * nb + j,
+                            nb, f + m * 64);
+        const int64_t left = me - m;
+        if (left == 3)
+          gemm_q8_block<3>(q + m * K, K, j * 8, wbuf, s, s + 64, d + m * nb + j, e + m * nb + j,
+                           nb, f + m * 64);
+        else if (left == 2)
+          gemm_q8_block<2>(q + m * K, K, j * 8, wbuf, s, s + 64, d + m * nb + j, e + m * nb + j,
+                           nb, f + m * 64);
+        else if (left == 1)
+          gemm_q8_block<1>(q + m * K, K, j * 8, wbuf, s, s + 64, d + m * nb + j, e + m * nb + j,
+                           nb, f + m * 64);
+      }
+    }
+    for (int64_t m = 0; m < M; ++m)
+      for (int v = 0; v < 4 && v * 16 < bs; ++v)
+        _mm512_mask_storeu_ps(y + m * N + n0 + v * 16, mask16(bs - v * 16),
+                              _mm512_load_ps(f + m * 64 + v * 16));
   }
 }
 

@@ -56,13 +56,17 @@ Kernels make_table(bool bf16, bool vnni, const Kernels* fill) {
     t.int8_to_bf16 = fill->int8_to_bf16;
   }
   if (vnni) {
-    t.features |= kInt8Gemm;
+    t.features |= kInt8Gemm | kInt4Q8Gemm;
     t.quantize_rows_8da4w = quantize_rows_8da4w;
     t.gemm_8da4w = gemm_8da4w;
+    t.quantize_rows_q8 = quantize_rows_q8;
+    t.gemm_int4_q8 = gemm_int4_q8;
   } else if (fill != nullptr && (fill->features & kInt8Gemm)) {
-    t.features |= kInt8Gemm;
+    t.features |= fill->features & (kInt8Gemm | kInt4Q8Gemm);
     t.quantize_rows_8da4w = fill->quantize_rows_8da4w;
     t.gemm_8da4w = fill->gemm_8da4w;
+    t.quantize_rows_q8 = fill->quantize_rows_q8;
+    t.gemm_int4_q8 = fill->gemm_int4_q8;
   }
   return t;
 }

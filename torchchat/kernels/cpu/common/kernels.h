@@ -125,9 +125,10 @@ constexpr int64_t kInt8Gemm = 4;    // 8da4w's integer prefill GEMM
 constexpr int64_t kBf16Gemm = 8;
 constexpr int64_t kGgml = 16;  // GGUF's block-quantized weights in place (ggml.h)
 constexpr int64_t kGgmlGemm = 32;  // gemm_ggml: prefill on some GGUF types in integers
+constexpr int64_t kInt4Q8Gemm = 64;  // gemm_int4_q8: int4 prefill on 8-bit activations
 
-// Per-thread buffers of gemm_8da4w, 64-byte aligned: wbuf K * 64 bytes, f M * 64 and
-// sbuf (K / group) * 64 floats.
+// Per-thread buffers of gemm_8da4w and gemm_int4_q8, 64-byte aligned: wbuf K * 64 bytes, f M * 64
+// and sbuf (K / group) * 128 floats.
 struct Buffers8da4w {
   int8_t* wbuf;
   float* f;
@@ -179,6 +180,20 @@ struct Kernels {
   void (*gemm_8da4w)(const uint8_t* u, int64_t M, int64_t K, const float* sa, const float* za,
                      const uint8_t* w, const bf16_t* sz, int64_t N, int64_t group, float* y,
                      int64_t b0, int64_t b1, const Buffers8da4w& buf);
+  // Rows [m0, m1) of x (M, Kx) as 8-bit codes in blocks of 32 (K columns, K % 32 == 0, zeros
+  // past Kx), as ggml's Q8_0 with fp32 scales: per block d = max|x| / 127, q = x / d rounded half
+  // to even (0 where d is 0; a block with an inf or NaN: codes 0, d NaN), e = d * sum q; q rows
+  // K apart, d and e K / 32. Bit-equal on every level.
+  void (*quantize_rows_q8)(const float* x, int64_t Kx, int64_t K, int8_t* q, float* d, float* e,
+                           int64_t m0, int64_t m1);
+  // int4 prefill in integers, as llama.cpp's Q4_0 x Q8_0: y (M, N) fp32 for 64-row blocks
+  // [b0, b1) of int4 weights with (scale, zero) pairs against x quantized by quantize_rows_q8,
+  //   y = sum_b d_b (s_g I_b + (z_g - 8 s_g) X_b),   I_b = sum_{k in b} q_k c_k  (exact)
+  // over x's 32-value blocks b (group g holds b), codes c = 0..15: x @ W.T with x rounded to
+  // 8 bits per block, summed in fp32.
+  void (*gemm_int4_q8)(const int8_t* q, const float* d, const float* e, int64_t M, int64_t K,
+                       const uint8_t* w, const bf16_t* sz, int64_t N, int64_t group, float* y,
+                       int64_t b0, int64_t b1, const Buffers8da4w& buf);
   // GGUF blocks (ggml.h). Rows [n0, n1) of a (ggml type a.type, rows a.ld bytes apart) against
   // M activation rows quantized to the type's activation blocks (ggml_quantize_row), xq rows
   // xld bytes apart; K a multiple of the type's block.

@@ -164,13 +164,66 @@ void gemm_8da4w(const uint8_t* u, int64_t M, int64_t K, const float* sa, const f
   }
 }
 
+void quantize_rows_q8(const float* x, int64_t Kx, int64_t K, int8_t* q, float* d, float* e,
+                      int64_t m0, int64_t m1) {
+  // |x / d| <= 127: adding and taking away 1.5 * 2^23 rounds it half to even in the current
+  // (default) rounding mode, which the compiler vectorizes without SSE4.1's roundps
+  constexpr float kRound = 12582912.0f;
+  for (int64_t m = m0; m < m1; ++m) {
+    const float* row = x + m * Kx;
+    for (int64_t b = 0; b < K / 32; ++b) {
+      float v[32], amax = 0.0f, bad = 0.0f;  // bad: NaN if the block holds an inf or a NaN
+      for (int j = 0; j < 32; ++j) {
+        v[j] = b * 32 + j < Kx ? row[b * 32 + j] : 0.0f;
+        amax = std::max(amax, std::fabs(v[j]));
+        bad += v[j] * 0.0f;
+      }
+      const bool finite = bad == 0.0f;
+      // a block that is not finite gets codes 0 and d NaN: its outputs come out NaN, as floats'
+      const float db = finite ? amax / 127.0f : std::numeric_limits<float>::quiet_NaN();
+      int32_t sum = 0;
+      for (int j = 0; j < 32; ++j) {
+        const float r = finite && db > 0.0f ? (v[j] / db + kRound) - kRound : 0.0f;
+        q[m * K + b * 32 + j] = (int8_t)r;
+        sum += (int32_t)r;
+      }
+      d[m * (K / 32) + b] = db;
+      e[m * (K / 32) + b] = db * (float)sum;
+    }
+  }
+}
+
+// y = sum_b d_b (s_g I_b + (z_g - 8 s_g) X_b) over x's 32-value blocks, in block order, each
+// term as the vector kernels round it: fma(I_b, s_g d_b, f), then fma(z_g - 8 s_g, e_b, f).
+void gemm_int4_q8(const int8_t* q, const float* d, const float* e, int64_t M, int64_t K,
+                  const uint8_t* w, const bf16_t* sz, int64_t N, int64_t group, float* y,
+                  int64_t b0, int64_t b1, const Buffers8da4w&) {
+  const int64_t nb = K / 32;
+  for (int64_t n = b0 * 64; n < std::min(N, b1 * 64); ++n) {
+    const int64_t n0 = n / 64 * 64, r = n - n0;
+    for (int64_t m = 0; m < M; ++m) {
+      float f = 0.0f;
+      for (int64_t b = 0; b < nb; ++b) {
+        int32_t sum = 0;
+        for (int64_t k = b * 32; k < b * 32 + 32; ++k)
+          sum += (int32_t)q[m * K + k] * int4_code(w, N, K, n0, r, k);
+        const bf16_t* p = sz + ((b * 32 / group) * N + n) * 2;
+        const float s = (float)p[0], z = (float)p[1] - 8.0f * (float)p[0];
+        f = std::fma((float)sum, s * d[m * nb + b], f);
+        f = std::fma(z, e[m * nb + b], f);
+      }
+      y[m * N + n] = f;
+    }
+  }
+}
+
 }  // namespace
 
 const Kernels& scalar_kernels() {
   static const Kernels table = [] {
     Kernels t{};
     t.name = "scalar";
-    t.features = kFewRows | kBf16 | kInt8Gemm | kGgml;
+    t.features = kFewRows | kBf16 | kInt8Gemm | kInt4Q8Gemm | kGgml;
     t.linear_f32 = float_rows<float>;
     t.linear_bf16 = float_rows<bf16_t>;
     t.linear_f16 = float_rows<fp16_t>;
@@ -184,6 +237,8 @@ const Kernels& scalar_kernels() {
     t.int8_to_bf16 = int8_to_bf16;
     t.quantize_rows_8da4w = quantize_rows_8da4w;
     t.gemm_8da4w = gemm_8da4w;
+    t.quantize_rows_q8 = quantize_rows_q8;
+    t.gemm_int4_q8 = gemm_int4_q8;
     t.linear_ggml = ggml_linear_ref;  // ggml_ref.cpp
     t.ggml_dequantize = ggml_dequantize_ref;
     return t;

@@ -19,6 +19,8 @@
 //   int4_dequantize_block_t           one bf16 ulp (an FMA against a multiply and an add)
 //   int8_to_bf16, quantize_rows_8da4w bit-exact (same arithmetic)
 //   gemm_8da4w                        |got - ref| <= 1e-5 * s_a (sum |s_w u w| + |128 + z_a| |R|)
+//   quantize_rows_q8, gemm_int4_q8    bit-exact (same arithmetic, the same fma order); NaN where
+//                                     the reference has NaN (a block holding an inf or a NaN)
 //   ggml_dequantize                   exact (and the reference bit-equal to ggml: tests/gguf)
 //   linear_ggml                       |got - ref| <= 2e-5 * sum_k |w_k x_k| (w, x dequantized), and
 //                                     the reference within 1e-5 of that of the exact float64 sum
@@ -324,6 +326,54 @@ void check_8da4w(Tally& t, const Kernels& kt, const Kernels& ref) {
   }
 }
 
+void check_int4_q8(Tally& t, const Kernels& kt, const Kernels& ref) {
+  t.kernels += 2;  // quantize_rows_q8, gemm_int4_q8
+  for (int trial = 0; trial < 20; ++trial) {
+    const int64_t M = pick({1, 3, 9, 64, 70}), group = pick({32, 64, 128}),
+                  K = group * pick({1, 2, 4}), Kx = K - pick({0, 0, 5, 16, 40}) % K,
+                  N = pick({16, 64, 80, 128}), nb = K / 32;
+    auto x = values(M * Kx, 3.0f);
+    if (M > 2) {  // a zero block, a tie (x / d = 0.5 * odd), an inf and a NaN
+      for (int64_t k = 0; k < std::min<int64_t>(32, Kx); ++k) x[k] = 0.0f;
+      x[Kx] = 127.0f, x[Kx + 1] = 2.5f;
+      x[2 * Kx] = INFINITY, x[2 * Kx + Kx - 1] = NAN;
+    }
+    std::vector<int8_t> q(M * K), qr(M * K);
+    std::vector<float> d(M * nb), e(M * nb), dr(M * nb), er(M * nb);
+    t.kernel = "quantize_rows_q8";
+    kt.quantize_rows_q8(x.data(), Kx, K, q.data(), d.data(), e.data(), 0, M);
+    ref.quantize_rows_q8(x.data(), Kx, K, qr.data(), dr.data(), er.data(), 0, M);
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t b = 0; b < nb; ++b) {  // bit-exact, NaN where the reference has NaN
+        const float dd = d[m * nb + b], ddr = dr[m * nb + b];
+        t.check(std::isnan(ddr) ? (float)!std::isnan(dd) : dd, std::isnan(ddr) ? 0.0f : ddr, 0.0f,
+                shape({M, K, m, b}) + " d");
+        t.check(std::isnan(ddr) ? 0.0f : e[m * nb + b], std::isnan(ddr) ? 0.0f : er[m * nb + b],
+                0.0f, shape({M, K, m, b}) + " e");
+      }
+      for (int64_t k = 0; k < K; ++k) t.check(q[m * K + k], qr[m * K + k], 0.0f, shape({M, K, m, k}));
+    }
+    const auto w = bytes(N * K / 2);
+    auto sz = int4_scales((K / group) * N);
+    Aligned<int8_t> wbuf(K * 64);
+    Aligned<float> f(M * 64), sbuf((K / group) * 128);
+    const Buffers8da4w buf{wbuf.p, f.p, sbuf.p};
+    std::vector<float> y(M * N), yr(M * N);
+    const int64_t blocks = (N + 63) / 64;
+    t.kernel = "gemm_int4_q8";  // the same fma order as the reference: bit-exact
+    kt.gemm_int4_q8(qr.data(), dr.data(), er.data(), M, K, w.data(), sz.data(), N, group, y.data(),
+                    0, blocks, buf);
+    ref.gemm_int4_q8(qr.data(), dr.data(), er.data(), M, K, w.data(), sz.data(), N, group,
+                     yr.data(), 0, blocks, buf);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) {
+        const float a = y[m * N + n], b = yr[m * N + n];
+        t.check(std::isnan(b) ? (float)!std::isnan(a) : a, std::isnan(b) ? 0.0f : b, 0.0f,
+                shape({M, K, N, group, m, n}));
+      }
+  }
+}
+
 // The weight types and the offsets of their blocks' fp16 scales (random bits there could be
 // NaN or infinite: they get finite values, zero among them).
 const std::vector<std::pair<int32_t, std::vector<size_t>>> kGgmlTypes = {
@@ -505,6 +555,7 @@ Tally run(const Kernels& kt, const Kernels& ref) {
     check_prefill_bf16(t, kt, ref);
   }
   if (kt.features & kInt8Gemm) check_8da4w(t, kt, ref);
+  if (kt.features & kInt4Q8Gemm) check_int4_q8(t, kt, ref);
   if (kt.features & kGgml) check_ggml(t, kt, ref);
   if (kt.features & kGgmlGemm) check_ggml_gemm(t, kt, ref);
   return t;
