@@ -129,23 +129,29 @@ def test_prefill_and_table_rows_use_the_exact_weights(name, blocks_models):
     assert torch.equal(ggml.rows(table.weight, table.ggml_type, table.dim, ids), full[ids])
 
 
-@pytest.mark.parametrize("name", ["Q4_K_M", "Q5_K_M", "Q6_K"])
-def test_prefill_on_k_quants_sums_as_decode(name, blocks_models):
-    """Where a level has the integer prefill GEMM (GGML_GEMM: Q4_K, Q5_K, Q6_K), it sums what
-    decode sums -- x quantized to Q8_K, exact integer sums scaled in fp32 -- so prefill's rows
-    equal decode's to fp32 rounding (2e-6 of sum |w x|), on 40 tokens (a partial 16)."""
+# The types a level prefills in integers, by its feature bits.
+INTEGER_PREFILL = {kernels.GGML_GEMM: (12, 13, 14), kernels.INT4_Q8_GEMM: (2,)}
+
+
+@pytest.mark.parametrize("name", ["Q4_K_M", "Q5_K_M", "Q6_K", "Q4_0"])
+def test_integer_prefill_sums_as_decode(name, blocks_models):
+    """Where a level has an integer prefill GEMM (GGML_GEMM: Q4_K, Q5_K, Q6_K with VNNI;
+    INT4_Q8_GEMM: Q4_0), it sums what decode sums -- x quantized to Q8_K or Q8_0 as ggml does,
+    exact integer sums scaled in fp32 -- so prefill's rows equal decode's to fp32 rounding (2e-6
+    of sum |w x|), on 40 tokens (a partial 16 and, for Q4_0, 64-row blocks)."""
     model = blocks_models[name]
     g = torch.Generator().manual_seed(3)
     tested = 0
     for level in _kernel_levels():
         kernels.select_isa(level)
         try:
-            if not kernels.simd_level() & kernels.GGML_GEMM:
-                continue
+            types = [t for bit, ts in INTEGER_PREFILL.items() if kernels.simd_level() & bit
+                     for t in ts]  # fmt: skip
             for n, m in model.named_modules():
-                if not isinstance(m, GGUFLinear) or m.ggml_type not in (12, 13, 14):
+                if not isinstance(m, GGUFLinear) or m.ggml_type not in types:
                     continue
                 x = torch.randn(40, m.in_features, generator=g)
+                x[1, :32] = 0.0  # a block of zeros: scale 0
                 y = ggml.gemm(x, m.weight, m.ggml_type)
                 ref = torch.cat([ggml.linears(x[i : i + 8], [m.weight], [m.ggml_type])[0]
                                  for i in range(0, 40, 8)])  # fmt: skip
@@ -156,7 +162,7 @@ def test_prefill_on_k_quants_sums_as_decode(name, blocks_models):
         finally:
             kernels.select_isa(kernels.available_isas()[0])
     if not tested:
-        pytest.skip("no level of this CPU has the integer prefill GEMM (AVX512-VNNI)")
+        pytest.skip(f"no level of this CPU prefills {name} in integers (K-quants: AVX512-VNNI)")
 
 
 @pytest.mark.parametrize("name", QUANTIZED)

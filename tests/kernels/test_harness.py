@@ -34,8 +34,10 @@ def load_build_script():
 @pytest.mark.parametrize("sanitize", [False, True], ids=["plain", "asan-ubsan"])
 def test_every_level_matches_the_scalar_reference(sanitize, tmp_path):
     """Each level this CPU runs (and, on a CPU with AVX512-BF16/VNNI, the AVX-512 table of CPUs
-    without them, "avx512_base"): all 15 kernels (16 where the table has the integer GGUF
-    prefill GEMM: VNNI), 0 failures."""
+    without them, "avx512_base"): all 15 kernels, the x86 levels 18 (int4 and Q4_0 prefill on
+    8-bit activations: quantize_rows_q8, gemm_int4_q8, gemm_q4_0) and 19 where the table has the
+    integer K-quant prefill GEMM (VNNI); the scalar level's reference runs those only as the
+    others' reference. 0 failures."""
     binary = load_build_script().build(tmp_path / "harness", sanitize=sanitize)
     run = subprocess.run([str(binary)], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
@@ -43,7 +45,8 @@ def test_every_level_matches_the_scalar_reference(sanitize, tmp_path):
     assert len(counts) == len(run.stdout.splitlines()), run.stdout  # every line: 0 failures
     # every level has every kernel; the AVX-512 VNNI table also its integer GGUF prefill GEMM
     vnni = kernels.isa() == "avx512" and kernels.simd_level() & kernels.GGML_GEMM
-    assert counts == {lv: "16" if lv == "avx512" and vnni else "15" for lv in counts}, run.stdout
+    want = {"avx512": "19" if vnni else "18", "avx512_base": "18", "avx2": "18", "scalar": "15"}
+    assert counts == {lv: want[lv] for lv in counts}, run.stdout
     expected = {lv for lv in kernels.available_isas() if lv != "off"}
     if "avx512" in expected and "avx2" in expected:
         expected.add("avx512_base")
@@ -113,9 +116,10 @@ def run_under_qemu(aarch64_harness, cpu: str, sanitize: bool = False) -> dict[st
 @pytest.mark.parametrize("sanitize", [False, True], ids=["plain", "asan-ubsan"])
 def test_neon_kernels_match_the_scalar_reference_under_qemu(aarch64_harness, sanitize):
     """-cpu max has every extension: "neon" is the I8MM + BF16 table, "neon_base" the one for
-    CPUs with dotprod and fp16 only; every kernel of both against the reference."""
+    CPUs with dotprod and fp16 only; every kernel of both against the reference (17: with int4
+    prefill on 8-bit activations, quantize_rows_q8 and gemm_int4_q8)."""
     counts = run_under_qemu(aarch64_harness, "max", sanitize)
-    assert counts == {"neon": "15", "neon_base": "15", "scalar": "15"}
+    assert counts == {"neon": "17", "neon_base": "17", "scalar": "15"}
 
 
 @pytest.mark.parametrize(

@@ -3,9 +3,13 @@
 // file -- and the ggml type id says how to read them (cpu/common/ggml.h).
 //   linear_ggml: decode's few rows, x quantized per block as ggml does, integer dot products.
 //   gemm_ggml:   prefill's many rows: integer GEMMs on x quantized as decode's (the K-quants
-//                with VNNI), else fp32/bf16 GEMMs on tiles of the weights dequantized just before.
+//                with VNNI; Q4_0 on AVX2 and AVX-512 with VNNI), else fp32/bf16 GEMMs on tiles
+//                of the weights dequantized just before.
 //   ggml_rows:   the rows of an embedding table that a batch of tokens looks up.
 #include <torch/library.h>
+
+#include <cstring>
+#include <vector>
 
 #include "cpu/common/ggml.h"
 #include "ops.h"
@@ -46,6 +50,39 @@ at::Tensor linear_ggml_cpu(const at::Tensor& x, at::TensorList ws, at::IntArrayR
   return rows_from(y, M, total_rows(ws), x);
 }
 
+// Q4_0 prefill in integers: x's rows quantized to Q8_0 as decode's (ggml_quantize_row: ggml's
+// fp16 scale and rounding), the codes of each 32 values times the weights' codes summed exactly,
+// scaled per block in fp32 (Kernels::gemm_q4_0) into y (M, N) fp32.
+void gemm_q4_0(const cpu::Kernels& kt, const at::Tensor& x, const at::Tensor& w, at::Tensor& y) {
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0), nb = K / 32;
+  const at::Tensor xf = x.detach().to(at::kFloat).contiguous();
+  const float* xp = xf.data_ptr<float>();
+  std::vector<int8_t> q(M * K);
+  std::vector<float> d(M * nb), e(M * nb);
+  at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+    std::vector<cpu::BlockQ8_0> blocks(nb);
+    for (int64_t m = m0; m < m1; ++m) {
+      cpu::ggml_quantize_row(cpu::kGgmlQ8_0, xp + m * K, K, blocks.data());
+      for (int64_t b = 0; b < nb; ++b) {
+        int32_t sum = 0;
+        for (int j = 0; j < 32; ++j) sum += blocks[b].qs[j];
+        std::memcpy(q.data() + m * K + b * 32, blocks[b].qs, 32);
+        d[m * nb + b] = cpu::half_to_float(blocks[b].d);
+        e[m * nb + b] = d[m * nb + b] * (float)sum;
+      }
+    }
+  });
+  cpu::Matrix a{w.data_ptr<uint8_t>(), w.stride(0), nullptr, N, y.data_ptr<float>(), N};
+  a.type = cpu::kGgmlQ4_0;
+  at::parallel_for(0, (N + 63) / 64, 1, [&](int64_t b0, int64_t b1) {
+    // torch's CPU allocator aligns to 64 bytes, as the kernels' aligned loads need
+    const auto wt = at::empty({K * 64}, at::kChar), ft = at::empty({M * 64}, at::kFloat);
+    const auto st = at::empty({nb * 128}, at::kFloat);
+    const cpu::Buffers8da4w buf{wt.data_ptr<int8_t>(), ft.data_ptr<float>(), st.data_ptr<float>()};
+    kt.gemm_q4_0(q.data(), d.data(), e.data(), M, K, a, b0, b1, buf);
+  });
+}
+
 // x (M, K) of any float dtype @ w.T for many rows: GEMMs on tiles of w dequantized just before,
 // each thread its own tiles (as bf16_gemm_tiles in ops.cpp); the result in x's dtype. Where the
 // CPU has bf16 dot products (kBf16Gemm), tiles and x are rounded to bf16 and the GEMM's sums come
@@ -65,6 +102,10 @@ at::Tensor gemm_ggml_cpu(const at::Tensor& x, const at::Tensor& w, int64_t type)
     a.type = (int32_t)type;
     if (cpu::gemm_ggml(kt, parallel, xf.data_ptr<float>(), M, K, a))
       return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+  }
+  if (type == cpu::kGgmlQ4_0 && (kt.features & cpu::kInt4Q8Gemm) && kt.gemm_q4_0 != nullptr) {
+    gemm_q4_0(kt, x, w, y);
+    return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
   }
   const int64_t rows = tile_rows(N, 1);
   const bool bf16 = kt.features & cpu::kBf16Gemm;

@@ -361,29 +361,86 @@ void quantize_rows_q8(const float* xp, int64_t Kx, int64_t K, int8_t* q, float* 
   }
 }
 
+namespace {
+
+// The GEMM of gemm_int4_q8 and gemm_q4_0 on an unpacked block: f (M x 64, wbuf's lane order) =
+// the 64 rows' sums for every token, scales sbuf[g][2][64] (s, z - 8 s) per group of `group`.
+void gemm_q8_unpacked(const int8_t* q, const float* d, const float* e, int64_t M, int64_t K,
+                      int64_t group, const int8_t* wbuf, const float* sbuf, float* f) {
+  const int64_t nb = K / 32;
+  std::memset(f, 0, M * 64 * sizeof(float));
+  // 64 tokens at a time: their fp32 sums (16 KB) stay in L1 across the blocks
+  for (int64_t mb = 0; mb < M; mb += 64) {
+    const int64_t me = std::min<int64_t>(M, mb + 64);
+    for (int64_t g = 0; g < K / group; ++g) {
+      const float* s = sbuf + g * 128;
+      const int64_t j = g * group / 32;  // the group's first block
+      for (int v0 = 0; v0 < 8; v0 += 4)
+        for (int64_t m = mb; m < me; ++m)
+          gemm_q8_group(q + m * K, g * group / 4, group / 4, wbuf, v0, s, s + 64,
+                        d + m * nb + j, e + m * nb + j, f + m * 64);
+    }
+  }
+}
+
+// Rows n0..n0 + 64 (bs of them real) of a GGUF Q4_0 matrix (rows ld bytes apart; per 32 values
+// an fp16 scale d and 16 bytes, value j in byte j's low nibble, value 16 + j in its high) ->
+// wbuf in unpack_int4_block's lane order (codes 0..15) and sbuf[b][2][64] = d, -8 d per block:
+// w = d (c - 8). 8 rows at a time by 32-bit gathers (4 bytes of each row: 4 values' low and 4
+// values' high nibbles); rows past bs: codes and scales 0.
+void unpack_q4_0_block(const uint8_t* w, int64_t ld, int64_t N, int64_t K, int64_t n0,
+                       int8_t* wbuf, float* sbuf) {
+  const int64_t bs = std::min<int64_t>(64, N - n0), nb = K / 32;
+  const __m256i low4 = _mm256_set1_epi8(15), zero = _mm256_setzero_si256();
+  const __m256i half = _mm256_set1_epi32(0xFFFF);
+  const uint8_t* rows = w + n0 * ld;
+  for (int v = 0; v < 8; ++v) {
+    alignas(32) int32_t off[8], live[8];
+    for (int l = 0; l < 8; ++l) {
+      off[l] = (int32_t)(row_of(v, l) * ld);
+      live[l] = row_of(v, l) < bs ? -1 : 0;
+    }
+    const __m256i idx = _mm256_load_si256((const __m256i*)off);
+    const __m256i in = _mm256_load_si256((const __m256i*)live);
+    for (int64_t b = 0; b < nb; ++b) {
+      const int* blk = (const int*)(rows + b * 18);
+      const __m256i dw = _mm256_and_si256(_mm256_mask_i32gather_epi32(zero, blk, idx, in, 1), half);
+      const __m256 sc = _mm256_cvtph_ps(
+          _mm_packus_epi32(_mm256_castsi256_si128(dw), _mm256_extracti128_si256(dw, 1)));
+      _mm256_store_ps(sbuf + b * 128 + 8 * v, sc);
+      _mm256_store_ps(sbuf + b * 128 + 64 + 8 * v, _mm256_mul_ps(_mm256_set1_ps(-8.0f), sc));
+      for (int j = 0; j < 4; ++j) {
+        const __m256i g = _mm256_mask_i32gather_epi32(
+            zero, (const int*)(rows + b * 18 + 2 + 4 * j), idx, in, 1);
+        _mm256_store_si256((__m256i*)(wbuf + (b * 8 + j) * 256 + v * 32),
+                           _mm256_and_si256(g, low4));
+        _mm256_store_si256((__m256i*)(wbuf + (b * 8 + 4 + j) * 256 + v * 32),
+                           _mm256_and_si256(_mm256_srli_epi32(g, 4), low4));
+      }
+    }
+  }
+}
+
+}  // namespace
+
 void gemm_int4_q8(const int8_t* q, const float* d, const float* e, int64_t M, int64_t K,
                   const uint8_t* w, const bf16_t* sz, int64_t N, int64_t group, float* y,
                   int64_t b0, int64_t b1, const Buffers8da4w& buf) {
-  int8_t* wbuf = buf.wbuf;
-  float *f = buf.f, *sbuf = buf.sbuf;
-  const int64_t nb = K / 32;
   for (int64_t b = b0; b < b1; ++b) {
-    const int64_t n0 = b * 64, bs = std::min<int64_t>(64, N - n0);
-    unpack_int4_block<false>(w, sz, N, K, group, n0, wbuf, sbuf, nullptr);
-    std::memset(f, 0, M * 64 * sizeof(float));
-    // 64 tokens at a time: their fp32 sums (16 KB) stay in L1 across the blocks
-    for (int64_t mb = 0; mb < M; mb += 64) {
-      const int64_t me = std::min<int64_t>(M, mb + 64);
-      for (int64_t g = 0; g < K / group; ++g) {
-        const float* s = sbuf + g * 128;
-        const int64_t j = g * group / 32;  // the group's first block
-        for (int v0 = 0; v0 < 8; v0 += 4)
-          for (int64_t m = mb; m < me; ++m)
-            gemm_q8_group(q + m * K, g * group / 4, group / 4, wbuf, v0, s, s + 64,
-                          d + m * nb + j, e + m * nb + j, f + m * 64);
-      }
-    }
-    store_block(f, M, N, n0, bs, y);
+    const int64_t n0 = b * 64;
+    unpack_int4_block<false>(w, sz, N, K, group, n0, buf.wbuf, buf.sbuf, nullptr);
+    gemm_q8_unpacked(q, d, e, M, K, group, buf.wbuf, buf.sbuf, buf.f);
+    store_block(buf.f, M, N, n0, std::min<int64_t>(64, N - n0), y);
+  }
+}
+
+void gemm_q4_0(const int8_t* q, const float* d, const float* e, int64_t M, int64_t K,
+               const Matrix& a, int64_t b0, int64_t b1, const Buffers8da4w& buf) {
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t n0 = b * 64;
+    unpack_q4_0_block(static_cast<const uint8_t*>(a.w), a.ld, a.N, K, n0, buf.wbuf, buf.sbuf);
+    gemm_q8_unpacked(q, d, e, M, K, 32, buf.wbuf, buf.sbuf, buf.f);
+    store_block(buf.f, M, a.ldy, n0, std::min<int64_t>(64, a.N - n0), a.y);
   }
 }
 

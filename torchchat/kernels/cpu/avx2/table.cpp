@@ -24,6 +24,7 @@ const Kernels* kernels() {
     t.gemm_8da4w = gemm_8da4w;
     t.quantize_rows_q8 = quantize_rows_q8;
     t.gemm_int4_q8 = gemm_int4_q8;
+    t.gemm_q4_0 = gemm_q4_0;
     t.linear_ggml = linear_ggml;
     t.ggml_dequantize = ggml_dequantize;
     return t;

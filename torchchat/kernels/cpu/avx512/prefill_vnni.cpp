@@ -302,42 +302,96 @@ void quantize_rows_q8(const float* xp, int64_t Kx, int64_t K, int8_t* q, float* 
   }
 }
 
+namespace {
+
+// The GEMM of gemm_int4_q8 and gemm_q4_0 on an unpacked block: f (M x 64) = the 64 rows' sums for
+// every token, scales sbuf[g][2][64] (s, z - 8 s) per group of `group` values.
+void gemm_q8_unpacked(const int8_t* q, const float* d, const float* e, int64_t M, int64_t K,
+                      int64_t group, const int8_t* wbuf, const float* sbuf, float* f) {
+  constexpr int MR = 4;
+  const int64_t nb = K / 32;
+  std::memset(f, 0, M * 64 * sizeof(float));
+  // 64 tokens at a time: their fp32 sums (16 KB) stay in L1 across the blocks
+  for (int64_t mb = 0; mb < M; mb += 64) {
+    const int64_t me = std::min<int64_t>(M, mb + 64);
+    for (int64_t j = 0; j < nb; ++j) {
+      const float* s = sbuf + (j * 32 / group) * 128;
+      int64_t m = mb;
+      for (; m + MR <= me; m += MR)
+        gemm_q8_block<MR>(q + m * K, K, j * 8, wbuf, s, s + 64, d + m * nb + j, e + m * nb + j,
+                          nb, f + m * 64);
+      const int64_t left = me - m;
+      if (left == 3)
+        gemm_q8_block<3>(q + m * K, K, j * 8, wbuf, s, s + 64, d + m * nb + j, e + m * nb + j,
+                         nb, f + m * 64);
+      else if (left == 2)
+        gemm_q8_block<2>(q + m * K, K, j * 8, wbuf, s, s + 64, d + m * nb + j, e + m * nb + j,
+                         nb, f + m * 64);
+      else if (left == 1)
+        gemm_q8_block<1>(q + m * K, K, j * 8, wbuf, s, s + 64, d + m * nb + j, e + m * nb + j,
+                         nb, f + m * 64);
+    }
+  }
+}
+
+void store_block(const float* f, int64_t M, int64_t N, int64_t n0, int64_t bs, float* y) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int v = 0; v < 4 && v * 16 < bs; ++v)
+      _mm512_mask_storeu_ps(y + m * N + n0 + v * 16, mask16(bs - v * 16),
+                            _mm512_load_ps(f + m * 64 + v * 16));
+}
+
+// Rows n0..n0 + 64 (bs of them real) of a GGUF Q4_0 matrix (rows ld bytes apart; per 32 values
+// an fp16 scale d and 16 bytes, value j in byte j's low nibble, value 16 + j in its high) ->
+// wbuf in unpack_int4_block's layout (codes 0..15) and sbuf[b][2][64] = d, -8 d per block:
+// w = d (c - 8). 16 rows at a time by 32-bit gathers (4 bytes of each row: 4 values' low and 4
+// values' high nibbles); rows past bs: codes and scales 0.
+void unpack_q4_0_block(const uint8_t* w, int64_t ld, int64_t N, int64_t K, int64_t n0,
+                       int8_t* wbuf, float* sbuf) {
+  const int64_t bs = std::min<int64_t>(64, N - n0), nb = K / 32;
+  const __m512i low4 = _mm512_set1_epi8(15), zero = _mm512_setzero_si512();
+  const __m512i idx = _mm512_mullo_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+      _mm512_set1_epi32((int32_t)ld));
+  for (int v = 0; v < 4; ++v) {
+    const __mmask16 live = mask16(bs - 16 * v);
+    const uint8_t* rows = w + (n0 + 16 * v) * ld;
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* blk = rows + b * 18;
+      const __m512i dw = _mm512_mask_i32gather_epi32(zero, live, idx, blk, 1);
+      const __m512 sc = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dw));  // the low halves: d
+      _mm512_store_ps(sbuf + b * 128 + 16 * v, sc);
+      _mm512_store_ps(sbuf + b * 128 + 64 + 16 * v, _mm512_mul_ps(_mm512_set1_ps(-8.0f), sc));
+      for (int j = 0; j < 4; ++j) {
+        const __m512i g = _mm512_mask_i32gather_epi32(zero, live, idx, blk + 2 + 4 * j, 1);
+        _mm512_store_si512(wbuf + (b * 8 + j) * 256 + v * 64, _mm512_and_si512(g, low4));
+        _mm512_store_si512(wbuf + (b * 8 + 4 + j) * 256 + v * 64,
+                           _mm512_and_si512(_mm512_srli_epi32(g, 4), low4));
+      }
+    }
+  }
+}
+
+}  // namespace
+
 void gemm_int4_q8(const int8_t* q, const float* d, const float* e, int64_t M, int64_t K,
                   const uint8_t* w, const bf16_t* sz, int64_t N, int64_t group, float* y,
                   int64_t b0, int64_t b1, const Buffers8da4w& buf) {
-  constexpr int MR = 4;
-  int8_t* wbuf = buf.wbuf;
-  float *f = buf.f, *sbuf = buf.sbuf;
-  const int64_t nb = K / 32;
   for (int64_t b = b0; b < b1; ++b) {
-    const int64_t n0 = b * 64, bs = std::min<int64_t>(64, N - n0);
-    unpack_int4_block<false>(w, sz, N, K, group, n0, wbuf, sbuf, nullptr);
-    std::memset(f, 0, M * 64 * sizeof(float));
-    // 64 tokens at a time: their fp32 sums (16 KB) stay in L1 across the blocks
-    for (int64_t mb = 0; mb < M; mb += 64) {
-      const int64_t me = std::min<int64_t>(M, mb + 64);
-      for (int64_t j = 0; j < nb; ++j) {
-        const float* s = sbuf + (j * 32 / group) * 128;
-        int64_t m = mb;
-        for (; m + MR <= me; m += MR)
-          gemm_q8_block<MR>(q + m * K, K, j * 8, wbuf, s, s + 64, d + m * nb + j, e + m * nb + j,
-                            nb, f + m * 64);
-        const int64_t left = me - m;
-        if (left == 3)
-          gemm_q8_block<3>(q + m * K, K, j * 8, wbuf, s, s + 64, d + m * nb + j, e + m * nb + j,
-                           nb, f + m * 64);
-        else if (left == 2)
-          gemm_q8_block<2>(q + m * K, K, j * 8, wbuf, s, s + 64, d + m * nb + j, e + m * nb + j,
-                           nb, f + m * 64);
-        else if (left == 1)
-          gemm_q8_block<1>(q + m * K, K, j * 8, wbuf, s, s + 64, d + m * nb + j, e + m * nb + j,
-                           nb, f + m * 64);
-      }
-    }
-    for (int64_t m = 0; m < M; ++m)
-      for (int v = 0; v < 4 && v * 16 < bs; ++v)
-        _mm512_mask_storeu_ps(y + m * N + n0 + v * 16, mask16(bs - v * 16),
-                              _mm512_load_ps(f + m * 64 + v * 16));
+    const int64_t n0 = b * 64;
+    unpack_int4_block<false>(w, sz, N, K, group, n0, buf.wbuf, buf.sbuf, nullptr);
+    gemm_q8_unpacked(q, d, e, M, K, group, buf.wbuf, buf.sbuf, buf.f);
+    store_block(buf.f, M, N, n0, std::min<int64_t>(64, N - n0), y);
+  }
+}
+
+void gemm_q4_0(const int8_t* q, const float* d, const float* e, int64_t M, int64_t K,
+               const Matrix& a, int64_t b0, int64_t b1, const Buffers8da4w& buf) {
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t n0 = b * 64;
+    unpack_q4_0_block(static_cast<const uint8_t*>(a.w), a.ld, a.N, K, n0, buf.wbuf, buf.sbuf);
+    gemm_q8_unpacked(q, d, e, M, K, 32, buf.wbuf, buf.sbuf, buf.f);
+    store_block(buf.f, M, a.ldy, n0, std::min<int64_t>(64, a.N - n0), a.y);
   }
 }
 

@@ -11,7 +11,7 @@ namespace {
 Kernels make_table(bool i8mm, bool bf16) {
   Kernels t{};
   t.name = "neon";
-  t.features = kFewRows | kBf16 | kInt8Gemm | kGgml | (bf16 ? kBf16Gemm : 0);
+  t.features = kFewRows | kBf16 | kInt8Gemm | kInt4Q8Gemm | kGgml | (bf16 ? kBf16Gemm : 0);
   t.linear_f32 = linear_f32;
   t.linear_bf16 = bf16 ? linear_bf16_dp : linear_bf16;
   t.linear_f16 = linear_f16;
@@ -25,6 +25,8 @@ Kernels make_table(bool i8mm, bool bf16) {
   t.int8_to_bf16 = int8_to_bf16;
   t.quantize_rows_8da4w = quantize_rows_8da4w;
   t.gemm_8da4w = i8mm ? gemm_8da4w_mmla : gemm_8da4w;
+  t.quantize_rows_q8 = quantize_rows_q8;
+  t.gemm_int4_q8 = gemm_int4_q8;
   t.linear_ggml = ggml_linear_ref;  // GGUF blocks: the scalar reference until NEON kernels
   t.ggml_dequantize = ggml_dequantize_ref;
   return t;

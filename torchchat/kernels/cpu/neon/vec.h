@@ -112,6 +112,11 @@ void quantize_rows_8da4w(const float* x, int64_t Kx, int64_t K, uint8_t* u, floa
 void gemm_8da4w(const uint8_t* u, int64_t M, int64_t K, const float* sa, const float* za,
                 const uint8_t* w, const bf16_t* sz, int64_t N, int64_t group, float* y,
                 int64_t b0, int64_t b1, const Buffers8da4w& buf);
+void quantize_rows_q8(const float* x, int64_t Kx, int64_t K, int8_t* q, float* d, float* e,
+                      int64_t m0, int64_t m1);
+void gemm_int4_q8(const int8_t* q, const float* d, const float* e, int64_t M, int64_t K,
+                  const uint8_t* w, const bf16_t* sz, int64_t N, int64_t group, float* y,
+                  int64_t b0, int64_t b1, const Buffers8da4w& buf);
 // FEAT_BF16 (files *_bf16.cpp): BFDOT.
 void linear_bf16_dp(const bf16_t* x, int64_t M, int64_t K, const Matrix& a, int64_t n0,
                     int64_t n1);
