@@ -129,13 +129,15 @@ def test_prefill_and_table_rows_use_the_exact_weights(name, blocks_models):
     assert torch.equal(ggml.rows(table.weight, table.ggml_type, table.dim, ids), full[ids])
 
 
-# The types a level prefills in integers, by its feature bits.
-INTEGER_PREFILL = {kernels.GGML_GEMM: (12, 13, 14), kernels.INT4_Q8_GEMM: (2,)}
+# The types a level prefills in integers, by its feature bits: with VNNI (GGML_GEMM) the
+# K-quants and Q8_0 (vpdpbusd on codes + 128; AVX2's int16 pairs would overflow there), with
+# the int4 GEMM on 8-bit activations (AVX2, AVX-512) Q4_0.
+INTEGER_PREFILL = {kernels.GGML_GEMM: (12, 13, 14, 8), kernels.INT4_Q8_GEMM: (2,)}
 
 
-@pytest.mark.parametrize("name", ["Q4_K_M", "Q5_K_M", "Q6_K", "Q4_0"])
+@pytest.mark.parametrize("name", ["Q4_K_M", "Q5_K_M", "Q6_K", "Q4_0", "Q8_0"])
 def test_integer_prefill_sums_as_decode(name, blocks_models):
-    """Where a level has an integer prefill GEMM (GGML_GEMM: Q4_K, Q5_K, Q6_K with VNNI;
+    """Where a level has an integer prefill GEMM (GGML_GEMM: Q4_K, Q5_K, Q6_K, Q8_0 with VNNI;
     INT4_Q8_GEMM: Q4_0), it sums what decode sums -- x quantized to Q8_K or Q8_0 as ggml does,
     exact integer sums scaled in fp32 -- so prefill's rows equal decode's to fp32 rounding (2e-6
     of sum |w x|), on 40 tokens (a partial 16 and, for Q4_0, 64-row blocks)."""

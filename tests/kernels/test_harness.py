@@ -35,7 +35,7 @@ def load_build_script():
 def test_every_level_matches_the_scalar_reference(sanitize, tmp_path):
     """Each level this CPU runs (and, on a CPU with AVX512-BF16/VNNI, the AVX-512 table of CPUs
     without them, "avx512_base"): all 15 kernels, the x86 levels 18 (int4 and Q4_0 prefill on
-    8-bit activations: quantize_rows_q8, gemm_int4_q8, gemm_q4_0) and 19 where the table has the
+    8-bit activations: quantize_rows_q8, gemm_int4_q8, gemm_ggml_q8) and 19 where the table has the
     integer K-quant prefill GEMM (VNNI); the scalar level's reference runs those only as the
     others' reference. 0 failures."""
     binary = load_build_script().build(tmp_path / "harness", sanitize=sanitize)

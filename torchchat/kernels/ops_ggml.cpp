@@ -3,7 +3,7 @@
 // file -- and the ggml type id says how to read them (cpu/common/ggml.h).
 //   linear_ggml: decode's few rows, x quantized per block as ggml does, integer dot products.
 //   gemm_ggml:   prefill's many rows: integer GEMMs on x quantized as decode's (the K-quants
-//                with VNNI; Q4_0 on AVX2 and AVX-512 with VNNI), else fp32/bf16 GEMMs on tiles
+//                with VNNI; Q4_0 on AVX2, Q4_0 and Q8_0 with VNNI), else fp32/bf16 GEMMs on tiles
 //                of the weights dequantized just before.
 //   ggml_rows:   the rows of an embedding table that a batch of tokens looks up.
 #include <torch/library.h>
@@ -50,10 +50,11 @@ at::Tensor linear_ggml_cpu(const at::Tensor& x, at::TensorList ws, at::IntArrayR
   return rows_from(y, M, total_rows(ws), x);
 }
 
-// Q4_0 prefill in integers: x's rows quantized to Q8_0 as decode's (ggml_quantize_row: ggml's
-// fp16 scale and rounding), the codes of each 32 values times the weights' codes summed exactly,
-// scaled per block in fp32 (Kernels::gemm_q4_0) into y (M, N) fp32.
-void gemm_q4_0(const cpu::Kernels& kt, const at::Tensor& x, const at::Tensor& w, at::Tensor& y) {
+// Q4_0/Q8_0 prefill in integers: x's rows quantized to Q8_0 as decode's (ggml_quantize_row:
+// ggml's fp16 scale and rounding), the codes of each 32 values times the weights' codes summed
+// exactly, scaled per block in fp32 (Kernels::gemm_ggml_q8) into y (M, N) fp32.
+void gemm_ggml_q8(const cpu::Kernels& kt, const at::Tensor& x, const at::Tensor& w, int64_t type,
+                  at::Tensor& y) {
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0), nb = K / 32;
   const at::Tensor xf = x.detach().to(at::kFloat).contiguous();
   const float* xp = xf.data_ptr<float>();
@@ -73,13 +74,13 @@ void gemm_q4_0(const cpu::Kernels& kt, const at::Tensor& x, const at::Tensor& w,
     }
   });
   cpu::Matrix a{w.data_ptr<uint8_t>(), w.stride(0), nullptr, N, y.data_ptr<float>(), N};
-  a.type = cpu::kGgmlQ4_0;
+  a.type = (int32_t)type;
   at::parallel_for(0, (N + 63) / 64, 1, [&](int64_t b0, int64_t b1) {
     // torch's CPU allocator aligns to 64 bytes, as the kernels' aligned loads need
     const auto wt = at::empty({K * 64}, at::kChar), ft = at::empty({M * 64}, at::kFloat);
     const auto st = at::empty({nb * 128}, at::kFloat);
     const cpu::Buffers8da4w buf{wt.data_ptr<int8_t>(), ft.data_ptr<float>(), st.data_ptr<float>()};
-    kt.gemm_q4_0(q.data(), d.data(), e.data(), M, K, a, b0, b1, buf);
+    kt.gemm_ggml_q8(q.data(), d.data(), e.data(), M, K, a, b0, b1, buf);
   });
 }
 
@@ -103,8 +104,8 @@ at::Tensor gemm_ggml_cpu(const at::Tensor& x, const at::Tensor& w, int64_t type)
     if (cpu::gemm_ggml(kt, parallel, xf.data_ptr<float>(), M, K, a))
       return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
   }
-  if (type == cpu::kGgmlQ4_0 && (kt.features & cpu::kInt4Q8Gemm) && kt.gemm_q4_0 != nullptr) {
-    gemm_q4_0(kt, x, w, y);
+  if ((kt.features & cpu::kInt4Q8Gemm) && (kt.gemm_ggml_q8_types >> type & 1)) {
+    gemm_ggml_q8(kt, x, w, type, y);
     return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
   }
   const int64_t rows = tile_rows(N, 1);

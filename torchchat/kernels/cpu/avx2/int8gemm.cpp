@@ -363,7 +363,7 @@ void quantize_rows_q8(const float* xp, int64_t Kx, int64_t K, int8_t* q, float* 
 
 namespace {
 
-// The GEMM of gemm_int4_q8 and gemm_q4_0 on an unpacked block: f (M x 64, wbuf's lane order) =
+// The GEMM of gemm_int4_q8 and gemm_ggml_q8 on an unpacked block: f (M x 64, wbuf's lane order) =
 // the 64 rows' sums for every token, scales sbuf[g][2][64] (s, z - 8 s) per group of `group`.
 void gemm_q8_unpacked(const int8_t* q, const float* d, const float* e, int64_t M, int64_t K,
                       int64_t group, const int8_t* wbuf, const float* sbuf, float* f) {
@@ -434,8 +434,9 @@ void gemm_int4_q8(const int8_t* q, const float* d, const float* e, int64_t M, in
   }
 }
 
-void gemm_q4_0(const int8_t* q, const float* d, const float* e, int64_t M, int64_t K,
-               const Matrix& a, int64_t b0, int64_t b1, const Buffers8da4w& buf) {
+// Q4_0 only (table.cpp): Q8_0's codes + 128 times 8-bit values overflow vpmaddubsw's int16 pairs.
+void gemm_ggml_q8(const int8_t* q, const float* d, const float* e, int64_t M, int64_t K,
+                  const Matrix& a, int64_t b0, int64_t b1, const Buffers8da4w& buf) {
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t n0 = b * 64;
     unpack_q4_0_block(static_cast<const uint8_t*>(a.w), a.ld, a.N, K, n0, buf.wbuf, buf.sbuf);

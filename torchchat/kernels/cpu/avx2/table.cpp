@@ -1,5 +1,6 @@
 // The AVX2 table (with FMA and F16C; dispatch.cpp checks the CPU has all three before calling
 // this): every kernel, every feature bit.
+#include "../common/ggml.h"
 #include "vec.h"
 
 namespace torchchat::cpu::avx2 {
@@ -24,7 +25,8 @@ const Kernels* kernels() {
     t.gemm_8da4w = gemm_8da4w;
     t.quantize_rows_q8 = quantize_rows_q8;
     t.gemm_int4_q8 = gemm_int4_q8;
-    t.gemm_q4_0 = gemm_q4_0;
+    t.gemm_ggml_q8_types = 1 << kGgmlQ4_0;
+    t.gemm_ggml_q8 = gemm_ggml_q8;
     t.linear_ggml = linear_ggml;
     t.ggml_dequantize = ggml_dequantize;
     return t;

@@ -16,6 +16,7 @@
 #include <cstring>
 #include <limits>
 
+#include "../common/ggml.h"
 #include "vec.h"
 
 namespace torchchat::cpu::avx512 {
@@ -304,7 +305,7 @@ void quantize_rows_q8(const float* xp, int64_t Kx, int64_t K, int8_t* q, float* 
 
 namespace {
 
-// The GEMM of gemm_int4_q8 and gemm_q4_0 on an unpacked block: f (M x 64) = the 64 rows' sums for
+// The GEMM of gemm_int4_q8 and gemm_ggml_q8 on an unpacked block: f (M x 64) = the 64 rows' sums for
 // every token, scales sbuf[g][2][64] (s, z - 8 s) per group of `group` values.
 void gemm_q8_unpacked(const int8_t* q, const float* d, const float* e, int64_t M, int64_t K,
                       int64_t group, const int8_t* wbuf, const float* sbuf, float* f) {
@@ -372,6 +373,33 @@ void unpack_q4_0_block(const uint8_t* w, int64_t ld, int64_t N, int64_t K, int64
   }
 }
 
+// Rows n0..n0 + 64 (bs of them real) of a GGUF Q8_0 matrix (rows ld bytes apart; per 32 values
+// an fp16 scale d and 32 int8 values) -> wbuf as unpack_q4_0_block's with codes q + 128 (bytes
+// vpdpbusd reads as unsigned) and sbuf[b][2][64] = d, -128 d: w = d (c - 128).
+void unpack_q8_0_block(const uint8_t* w, int64_t ld, int64_t N, int64_t K, int64_t n0,
+                       int8_t* wbuf, float* sbuf) {
+  const int64_t bs = std::min<int64_t>(64, N - n0), nb = K / 32;
+  const __m512i flip = _mm512_set1_epi8((char)0x80), zero = _mm512_setzero_si512();
+  const __m512i idx = _mm512_mullo_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+      _mm512_set1_epi32((int32_t)ld));
+  for (int v = 0; v < 4; ++v) {
+    const __mmask16 live = mask16(bs - 16 * v);
+    const uint8_t* rows = w + (n0 + 16 * v) * ld;
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* blk = rows + b * 34;
+      const __m512i dw = _mm512_mask_i32gather_epi32(zero, live, idx, blk, 1);
+      const __m512 sc = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dw));
+      _mm512_store_ps(sbuf + b * 128 + 16 * v, sc);
+      _mm512_store_ps(sbuf + b * 128 + 64 + 16 * v, _mm512_mul_ps(_mm512_set1_ps(-128.0f), sc));
+      for (int j = 0; j < 8; ++j) {  // rows past bs: code 128 (weight 0), scale 0
+        const __m512i g = _mm512_mask_i32gather_epi32(zero, live, idx, blk + 2 + 4 * j, 1);
+        _mm512_store_si512(wbuf + (b * 8 + j) * 256 + v * 64, _mm512_xor_si512(g, flip));
+      }
+    }
+  }
+}
+
 }  // namespace
 
 void gemm_int4_q8(const int8_t* q, const float* d, const float* e, int64_t M, int64_t K,
@@ -385,11 +413,15 @@ void gemm_int4_q8(const int8_t* q, const float* d, const float* e, int64_t M, in
   }
 }
 
-void gemm_q4_0(const int8_t* q, const float* d, const float* e, int64_t M, int64_t K,
-               const Matrix& a, int64_t b0, int64_t b1, const Buffers8da4w& buf) {
+void gemm_ggml_q8(const int8_t* q, const float* d, const float* e, int64_t M, int64_t K,
+                  const Matrix& a, int64_t b0, int64_t b1, const Buffers8da4w& buf) {
+  const auto* w = static_cast<const uint8_t*>(a.w);
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t n0 = b * 64;
-    unpack_q4_0_block(static_cast<const uint8_t*>(a.w), a.ld, a.N, K, n0, buf.wbuf, buf.sbuf);
+    if (a.type == kGgmlQ8_0)
+      unpack_q8_0_block(w, a.ld, a.N, K, n0, buf.wbuf, buf.sbuf);
+    else
+      unpack_q4_0_block(w, a.ld, a.N, K, n0, buf.wbuf, buf.sbuf);
     gemm_q8_unpacked(q, d, e, M, K, 32, buf.wbuf, buf.sbuf, buf.f);
     store_block(buf.f, M, a.ldy, n0, std::min<int64_t>(64, a.N - n0), a.y);
   }

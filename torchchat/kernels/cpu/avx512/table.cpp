@@ -61,14 +61,16 @@ Kernels make_table(bool bf16, bool vnni, const Kernels* fill) {
     t.gemm_8da4w = gemm_8da4w;
     t.quantize_rows_q8 = quantize_rows_q8;
     t.gemm_int4_q8 = gemm_int4_q8;
-    t.gemm_q4_0 = gemm_q4_0;
+    t.gemm_ggml_q8_types = 1 << kGgmlQ4_0 | 1 << kGgmlQ8_0;
+    t.gemm_ggml_q8 = gemm_ggml_q8;
   } else if (fill != nullptr && (fill->features & kInt8Gemm)) {
     t.features |= fill->features & (kInt8Gemm | kInt4Q8Gemm);
     t.quantize_rows_8da4w = fill->quantize_rows_8da4w;
     t.gemm_8da4w = fill->gemm_8da4w;
     t.quantize_rows_q8 = fill->quantize_rows_q8;
     t.gemm_int4_q8 = fill->gemm_int4_q8;
-    t.gemm_q4_0 = fill->gemm_q4_0;
+    t.gemm_ggml_q8_types = fill->gemm_ggml_q8_types;
+    t.gemm_ggml_q8 = fill->gemm_ggml_q8;
   }
   return t;
 }

@@ -98,8 +98,8 @@ void quantize_rows_q8(const float* x, int64_t Kx, int64_t K, int8_t* q, float* d
 void gemm_int4_q8(const int8_t* q, const float* d, const float* e, int64_t M, int64_t K,
                   const uint8_t* w, const bf16_t* sz, int64_t N, int64_t group, float* y,
                   int64_t b0, int64_t b1, const Buffers8da4w& buf);
-void gemm_q4_0(const int8_t* q, const float* d, const float* e, int64_t M, int64_t K,
-               const Matrix& a, int64_t b0, int64_t b1, const Buffers8da4w& buf);
+void gemm_ggml_q8(const int8_t* q, const float* d, const float* e, int64_t M, int64_t K,
+                  const Matrix& a, int64_t b0, int64_t b1, const Buffers8da4w& buf);
 // GGUF blocks (ggml_vnni.cpp: Q4_0; ggml_k_vnni.cpp: Q4_K, Q5_K, Q6_K): linear_ggml for
 // the types these files run; false, and nothing written, for the others.
 bool linear_ggml_vnni(const void* xq, int64_t xld, int64_t M, int64_t K, const Matrix& a,

@@ -20,7 +20,7 @@
 //   int8_to_bf16, quantize_rows_8da4w bit-exact (same arithmetic)
 //   gemm_8da4w                        |got - ref| <= 1e-5 * s_a (sum |s_w u w| + |128 + z_a| |R|)
 //   quantize_rows_q8, gemm_int4_q8    bit-exact (same arithmetic, the same fma order); NaN where
-//   gemm_q4_0                         the reference has NaN (a block holding an inf or a NaN)
+//   gemm_ggml_q8                      the reference has NaN (a block holding an inf or a NaN)
 //   ggml_dequantize                   exact (and the reference bit-equal to ggml: tests/gguf)
 //   linear_ggml                       |got - ref| <= 2e-5 * sum_k |w_k x_k| (w, x dequantized), and
 //                                     the reference within 1e-5 of that of the exact float64 sum
@@ -537,33 +537,37 @@ void check_ggml_gemm(Tally& t, const Kernels& kt, const Kernels& ref) {
   }
 }
 
-// GGUF Q4_0 prefill: random blocks (finite fp16 scales, zero among them), rows ld >= the row's
-// bytes apart, outputs ldy apart (the columns past N must stay untouched), x quantized by the
-// reference quantize_rows_q8; bit-exact against the reference (the same fma order).
-void check_gemm_q4_0(Tally& t, const Kernels& kt, const Kernels& ref) {
+// GGUF prefill on Q8_0 activations (gemm_ggml_q8, each type of the table's gemm_ggml_q8_types):
+// random blocks (finite fp16 scales, zero among them), rows ld >= the row's bytes apart,
+// outputs ldy apart (the columns past N must stay untouched), x quantized by the reference
+// quantize_rows_q8; bit-exact against the reference (the same fma order).
+void check_gemm_ggml_q8(Tally& t, const Kernels& kt, const Kernels& ref) {
   t.kernels += 1;
-  t.kernel = "gemm_q4_0";
-  for (int trial = 0; trial < 12; ++trial) {
-    const int64_t M = pick({9, 16, 17, 40, 70}), N = pick({1, 5, 16, 37, 64, 100}),
-                  K = 32 * pick({1, 2, 3, 8}), nb = K / 32,
-                  ld = ggml_row_bytes(kGgmlQ4_0, K) + 2 * (rng() % 3), ldy = N + 3;
-    const auto w = ggml_weights(kGgmlQ4_0, kGgmlTypes[0].second, N, K, ld);
-    const auto x = values(M * K);
-    std::vector<int8_t> q(M * K);
-    std::vector<float> d(M * nb), e(M * nb);
-    ref.quantize_rows_q8(x.data(), K, K, q.data(), d.data(), e.data(), 0, M);
-    std::vector<float> y(M * ldy, -7.0f), yr = y;
-    Matrix a{w.data(), ld, nullptr, N, y.data(), ldy}, ar = a;
-    a.type = ar.type = kGgmlQ4_0;
-    ar.y = yr.data();
-    Aligned<int8_t> wbuf(K * 64);
-    Aligned<float> f(M * 64), sbuf(nb * 128);
-    const Buffers8da4w buf{wbuf.p, f.p, sbuf.p};
-    kt.gemm_q4_0(q.data(), d.data(), e.data(), M, K, a, 0, (N + 63) / 64, buf);
-    ref.gemm_q4_0(q.data(), d.data(), e.data(), M, K, ar, 0, (N + 63) / 64, buf);
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t n = 0; n < ldy; ++n)
-        t.check(y[m * ldy + n], yr[m * ldy + n], 0.0f, shape({M, K, N, m, n}));
+  t.kernel = "gemm_ggml_q8";
+  for (const auto& [type, halves] : kGgmlTypes) {
+    if (!(kt.gemm_ggml_q8_types >> type & 1)) continue;
+    for (int trial = 0; trial < 12; ++trial) {
+      const int64_t M = pick({9, 16, 17, 40, 70}), N = pick({1, 5, 16, 37, 64, 100}),
+                    K = 32 * pick({1, 2, 3, 8}), nb = K / 32,
+                    ld = ggml_row_bytes(type, K) + 2 * (rng() % 3), ldy = N + 3;
+      const auto w = ggml_weights(type, halves, N, K, ld);
+      const auto x = values(M * K);
+      std::vector<int8_t> q(M * K);
+      std::vector<float> d(M * nb), e(M * nb);
+      ref.quantize_rows_q8(x.data(), K, K, q.data(), d.data(), e.data(), 0, M);
+      std::vector<float> y(M * ldy, -7.0f), yr = y;
+      Matrix a{w.data(), ld, nullptr, N, y.data(), ldy}, ar = a;
+      a.type = ar.type = type;
+      ar.y = yr.data();
+      Aligned<int8_t> wbuf(K * 64);
+      Aligned<float> f(M * 64), sbuf(nb * 128);
+      const Buffers8da4w buf{wbuf.p, f.p, sbuf.p};
+      kt.gemm_ggml_q8(q.data(), d.data(), e.data(), M, K, a, 0, (N + 63) / 64, buf);
+      ref.gemm_ggml_q8(q.data(), d.data(), e.data(), M, K, ar, 0, (N + 63) / 64, buf);
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = 0; n < ldy; ++n)
+          t.check(y[m * ldy + n], yr[m * ldy + n], 0.0f, shape({type, M, K, N, m, n}));
+    }
   }
 }
 
@@ -586,7 +590,7 @@ Tally run(const Kernels& kt, const Kernels& ref) {
   }
   if (kt.features & kInt8Gemm) check_8da4w(t, kt, ref);
   if (kt.features & kInt4Q8Gemm) check_int4_q8(t, kt, ref);
-  if ((kt.features & kInt4Q8Gemm) && kt.gemm_q4_0 != nullptr) check_gemm_q4_0(t, kt, ref);
+  if ((kt.features & kInt4Q8Gemm) && kt.gemm_ggml_q8_types) check_gemm_ggml_q8(t, kt, ref);
   if (kt.features & kGgml) check_ggml(t, kt, ref);
   if (kt.features & kGgmlGemm) check_ggml_gemm(t, kt, ref);
   return t;
