@@ -16,6 +16,7 @@ from torchchat.quant.apply import quantize
 from torchchat.quant.config import load_quantize_spec
 from torchchat.quant.linear import Int4Linear, Int8Linear
 from torchchat.quant.primitives import quantize_per_token_int8
+from torchchat.runtime import kernel_modules
 from torchchat.runtime.kernel_modules import KernelLinear, project, use_kernels
 
 pytestmark = pytest.mark.skipif(
@@ -497,6 +498,32 @@ def test_model_decode_on_kernels_matches_torch_ops(spec, tol):
     with kernels.disabled():
         slow = prefill_then_decode(model, tokens, 10)
     assert max_rel(fast, slow) < tol
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_attends_only_the_keys_its_rows_see(dtype, monkeypatch):
+    """A 12-token prompt in a 32-position cache: the kernel-backed attention cuts the keys after
+    the last one a row sees (the 20 masked ones weigh exp(-inf) = 0): SDPA is given 12 keys, not
+    32, and the logits are those of attending over the whole cache to rounding."""
+    model = small_model().to(dtype)
+    model.setup_caches(1, 32)
+    tokens = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(4))
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        seen.append(k.shape[2])
+        return sdpa(q, k, v, **kw)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    with torch.inference_mode():
+        cut = model(tokens, torch.arange(12))
+        assert seen and set(seen) == {12}
+        monkeypatch.setattr(kernel_modules, "_open_keys", lambda k, v, mask: (k, v, mask))
+        whole = model(tokens, torch.arange(12))
+    assert set(seen) == {12, 32}
+    # SDPA blocks 12 keys otherwise than 32: its sums' rounding (fp32; bf16 rounds each layer)
+    assert max_rel(cut, whole) < (2e-6 if dtype == torch.float32 else 3e-2)
 
 
 @needs_bf16
