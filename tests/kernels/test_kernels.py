@@ -3,6 +3,8 @@ that use them against the same models on torch's ops, torch.compile and export a
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -446,6 +448,24 @@ def test_a_missing_library_falls_back_and_a_forced_level_fails_in_one_line(monke
     monkeypatch.delenv(library.ENV_ISA)
     monkeypatch.setenv(kernels.ENV, "0")
     assert library._initial().level == "off"
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="reads Linux's /proc/cpuinfo")
+def test_every_level_the_cpu_runs_was_built():
+    """setup.py leaves out a level whose folder fails to compile (an old compiler without its
+    flags), and the kernel tests then skip that level as if the CPU lacked it: on this CPU, each
+    level whose instructions /proc/cpuinfo lists must be there."""
+    flags = set()
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith(("flags", "Features")):
+            flags |= set(line.split(":", 1)[1].split())
+    needs = {
+        "avx512": {"avx512f", "avx512bw", "avx512vl", "avx512dq", "fma", "f16c"},
+        "avx2": {"avx2", "fma", "f16c"},
+        "neon": {"asimdhp", "asimddp", "fphp"},
+    }
+    runs = {level for level, need in needs.items() if need <= flags}
+    assert runs <= set(kernels.available_isas())
 
 
 def small_model(quantize_spec: str | None = None, kernels_on: bool = True) -> Transformer:
