@@ -99,7 +99,8 @@ def describe_bits(bits: int) -> str:
     families += ["8da4w integer prefill"] * bool(bits & 4)
     families += ["bf16 prefill GEMMs" if bits & 8 else "prefill GEMMs widened to fp32"]
     families += ["GGUF blocks"] * bool(bits & 16)
-    families += ["GGUF K-quant integer prefill"] * bool(bits & 32)
+    families += ["GGUF K-quant and Q8_0 integer prefill"] * bool(bits & 32)
+    families += ["int4 and GGUF Q4_0 integer prefill"] * bool(bits & 64)
     return ", ".join(families)
 
 
