@@ -255,7 +255,7 @@ class KernelAttention(Attention):
         y = kernels.attention(q, k, v, mask)  # each row on its own: batch-invariant too
         if y is not None:
             return y
-        if not torch.compiler.is_compiling():  # eager: a data-dependent length is fine
+        if kernels.prefill_ok(q):  # eager, kernels on (off: exactly the plain model's math)
             k, v, mask = _open_keys(k, v, mask)
         return super().attend(q, k, v, mask, per_row)
 
