@@ -241,11 +241,7 @@ at::Tensor gemm_8da4w_cpu(const at::Tensor& x, const at::Tensor& w, const at::Te
     kt.quantize_rows_8da4w(xp, Kx, K, u.data(), sa.data(), za.data(), m0, m1);
   });
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, (N + 63) / 64, 1, [&](int64_t b0, int64_t b1) {
-    // torch's CPU allocator aligns to 64 bytes, as the kernels' aligned loads need
-    const auto wt = at::empty({K * 64}, at::kChar), ft = at::empty({M * 64}, at::kFloat);
-    const auto st = at::empty({(K / group) * 64}, at::kFloat);
-    const cpu::Buffers8da4w buf{wt.data_ptr<int8_t>(), ft.data_ptr<float>(), st.data_ptr<float>()};
+  int4_row_blocks(N, K, M, (K / group) * 64, [&](int64_t b0, int64_t b1, const auto& buf) {
     kt.gemm_8da4w(u.data(), M, K, sa.data(), za.data(), w.data_ptr<uint8_t>(), ptr<bf16_t>(sz), N,
                   group, yp, b0, b1, buf);
   });
@@ -271,11 +267,7 @@ at::Tensor gemm_int4_q8_cpu(const at::Tensor& x, const at::Tensor& w, const at::
     kt.quantize_rows_q8(xp, Kx, K, q.data(), d.data(), e.data(), m0, m1);
   });
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, (N + 63) / 64, 1, [&](int64_t b0, int64_t b1) {
-    // torch's CPU allocator aligns to 64 bytes, as the kernels' aligned loads need
-    const auto wt = at::empty({K * 64}, at::kChar), ft = at::empty({M * 64}, at::kFloat);
-    const auto st = at::empty({(K / group) * 128}, at::kFloat);
-    const cpu::Buffers8da4w buf{wt.data_ptr<int8_t>(), ft.data_ptr<float>(), st.data_ptr<float>()};
+  int4_row_blocks(N, K, M, (K / group) * 128, [&](int64_t b0, int64_t b1, const auto& buf) {
     kt.gemm_int4_q8(q.data(), d.data(), e.data(), M, K, w.data_ptr<uint8_t>(), ptr<bf16_t>(sz), N,
                     group, yp, b0, b1, buf);
   });

@@ -119,4 +119,16 @@ inline int64_t tile_rows(int64_t N, int64_t align) {
   return up((per_thread + tiles_each - 1) / tiles_each);
 }
 
+// f(b0, b1, buf) over the 64-row blocks of N output rows on torch's threads, each thread with its
+// own Buffers8da4w for M tokens of K values and `sbuf` floats of scales (kernels.h sizes them);
+// torch's CPU allocator aligns them to 64 bytes, as the kernels' aligned loads need.
+template <typename F>
+void int4_row_blocks(int64_t N, int64_t K, int64_t M, int64_t sbuf, const F& f) {
+  at::parallel_for(0, (N + 63) / 64, 1, [&](int64_t b0, int64_t b1) {
+    const auto wt = at::empty({K * 64}, at::kChar), ft = at::empty({M * 64}, at::kFloat);
+    const auto st = at::empty({sbuf}, at::kFloat);
+    f(b0, b1, cpu::Buffers8da4w{wt.data_ptr<int8_t>(), ft.data_ptr<float>(), st.data_ptr<float>()});
+  });
+}
+
 }  // namespace torchchat::ops

@@ -75,11 +75,7 @@ void gemm_ggml_q8(const cpu::Kernels& kt, const at::Tensor& x, const at::Tensor&
   });
   cpu::Matrix a{w.data_ptr<uint8_t>(), w.stride(0), nullptr, N, y.data_ptr<float>(), N};
   a.type = (int32_t)type;
-  at::parallel_for(0, (N + 63) / 64, 1, [&](int64_t b0, int64_t b1) {
-    // torch's CPU allocator aligns to 64 bytes, as the kernels' aligned loads need
-    const auto wt = at::empty({K * 64}, at::kChar), ft = at::empty({M * 64}, at::kFloat);
-    const auto st = at::empty({nb * 128}, at::kFloat);
-    const cpu::Buffers8da4w buf{wt.data_ptr<int8_t>(), ft.data_ptr<float>(), st.data_ptr<float>()};
+  int4_row_blocks(N, K, M, nb * 128, [&](int64_t b0, int64_t b1, const auto& buf) {
     kt.gemm_ggml_q8(q.data(), d.data(), e.data(), M, K, a, b0, b1, buf);
   });
 }
