@@ -1,19 +1,22 @@
 """Run a job on N real ranks: spawned processes joined by a gloo process group on 127.0.0.1,
-started through `init_from_env` from the same environment torchrun sets."""
+started through `init_from_env` from the same environment torchrun sets. As under torchrun, the
+launcher (this process) hosts the rendezvous store on a port it already holds, so no rank has to
+bind a port picked earlier (a free port picked, released and bound later can be taken between)."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tests.support import free_port
 from torchchat.distributed.group import init_from_env, shutdown
 
 
@@ -24,6 +27,7 @@ def _rank_main(rank: int, world: int, port: int, job: Callable, job_args: tuple,
         LOCAL_RANK=str(rank),
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
+        TORCHELASTIC_USE_AGENT_STORE="True",  # connect to the launcher's store, as torchrun's ranks do
     )
     torch.set_num_threads(1)  # as torchrun does: two ranks on two cores
     group = init_from_env(world, "cpu")
@@ -34,13 +38,21 @@ def _rank_main(rank: int, world: int, port: int, job: Callable, job_args: tuple,
         shutdown()
 
 
-def spawn(job: Callable[..., object], *job_args, world: int = 2, timeout: float = 90) -> list:
-    """job(group: TensorParallelGroup, *job_args) on every rank; returns each rank's result (its
-    exit code if it died without one). Fails, killing the ranks, if any runs past `timeout` s."""
+def spawn(
+    job: Callable[..., object],
+    *job_args,
+    world: int = 2,
+    timeout: float = 90,
+    may_die: bool = False,
+) -> list:
+    """job(group: TensorParallelGroup, *job_args) on every rank; returns each rank's result.
+    A rank that dies without one fails the test with its traceback, unless `may_die`: then its
+    exit code stands for it. Fails, killing the ranks, if any runs past `timeout` s."""
+    store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False)
     with tempfile.TemporaryDirectory() as out:
         ctx = mp.start_processes(
             _rank_main,
-            args=(world, free_port(), job, job_args, out),
+            args=(world, store.port, job, job_args, out),
             nprocs=world,
             join=False,
             start_method="spawn",
@@ -52,12 +64,27 @@ def spawn(job: Callable[..., object], *job_args, world: int = 2, timeout: float 
         for p in ctx.processes:
             if p.is_alive():
                 p.kill()
-        assert not hung, f"ranks {hung} still running after {timeout} s"
+        assert not hung, f"ranks {hung} still running after {timeout} s{_tracebacks(ctx)}"
         results = []
         for rank, p in enumerate(ctx.processes):
             path = Path(out) / f"rank{rank}.pt"
-            results.append(torch.load(path, weights_only=False) if path.exists() else p.exitcode)
+            if path.exists():
+                results.append(torch.load(path, weights_only=False))
+            else:
+                assert may_die, f"rank {rank} died (exit code {p.exitcode}){_tracebacks(ctx)}"
+                results.append(p.exitcode)
         return results
+
+
+def _tracebacks(ctx: mp.ProcessContext) -> str:
+    """The tracebacks of the ranks that raised (torch.multiprocessing writes each to a file)."""
+    found = []
+    for rank, name in enumerate(ctx.error_files):
+        path = Path(name)
+        if path.exists() and path.stat().st_size:
+            with path.open("rb") as f:
+                found.append(f"\n--- rank {rank} raised:\n{pickle.load(f)}")
+    return "".join(found)
 
 
 @contextlib.contextmanager

@@ -197,11 +197,11 @@ def dying_leader_job(group):
 
 @pytest.mark.slow
 def test_a_dead_follower_fails_rank_0_instead_of_hanging():
-    leader, follower = spawn(dying_follower_job, timeout=60)
+    leader, follower = spawn(dying_follower_job, timeout=60, may_die=True)
     assert leader in ("TorchchatError", "RuntimeError") and follower == 3
 
 
 @pytest.mark.slow
 def test_a_dead_rank_0_fails_the_followers_instead_of_hanging():
-    leader, follower = spawn(dying_leader_job, timeout=60)
+    leader, follower = spawn(dying_leader_job, timeout=60, may_die=True)
     assert leader == 3 and follower.startswith("lost contact with rank 0")
