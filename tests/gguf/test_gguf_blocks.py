@@ -132,25 +132,22 @@ def test_prefill_and_table_rows_use_the_exact_weights(name, blocks_models):
 # The types a level prefills in integers, by its feature bits: with VNNI (GGML_GEMM) the
 # K-quants and Q8_0 (vpdpbusd on codes + 128; AVX2's int16 pairs would overflow there), with
 # the int4 GEMM on 8-bit activations (AVX2, AVX-512) Q4_0.
-INTEGER_PREFILL = {kernels.GGML_GEMM: (12, 13, 14, 8), kernels.INT4_Q8_GEMM: (2,)}
-
-
-@pytest.mark.parametrize("name", ["Q4_K_M", "Q5_K_M", "Q6_K", "Q4_0", "Q8_0"])
+@pytest.mark.parametrize("name", QUANTIZED)
 def test_integer_prefill_sums_as_decode(name, blocks_models):
-    """Where a level has an integer prefill GEMM (GGML_GEMM: Q4_K, Q5_K, Q6_K, Q8_0 with VNNI;
-    INT4_Q8_GEMM: Q4_0), it sums what decode sums -- x quantized to Q8_K or Q8_0 as ggml does,
-    exact integer sums scaled in fp32 -- so prefill's rows equal decode's to fp32 rounding (2e-6
-    of sum |w x|), on 40 tokens (a partial 16 and, for Q4_0, 64-row blocks)."""
+    """Where a level prefills a type in integers (torchchat::ggml_gemm_types: AVX512-VNNI Q4_0,
+    Q8_0 and the K-quants; AVX2 Q4_0, Q4_1, Q5_0, Q5_1, Q4_K), it sums what decode sums -- x
+    quantized to Q8_0, Q8_1 or Q8_K as ggml does, exact integer sums scaled in fp32 -- so
+    prefill's rows equal decode's to fp32 rounding (2e-6 of sum |w x|), on 40 tokens (a partial
+    16, and 64-row blocks)."""
     model = blocks_models[name]
     g = torch.Generator().manual_seed(3)
-    tested = 0
+    tested = set()
     for level in _kernel_levels():
         kernels.select_isa(level)
         try:
-            types = [t for bit, ts in INTEGER_PREFILL.items() if kernels.simd_level() & bit
-                     for t in ts]  # fmt: skip
+            types = torch.ops.torchchat.ggml_gemm_types()
             for n, m in model.named_modules():
-                if not isinstance(m, GGUFLinear) or m.ggml_type not in types:
+                if not isinstance(m, GGUFLinear) or not types >> m.ggml_type & 1:
                     continue
                 x = torch.randn(40, m.in_features, generator=g)
                 x[1, :32] = 0.0  # a block of zeros: scale 0
@@ -160,11 +157,11 @@ def test_integer_prefill_sums_as_decode(name, blocks_models):
                 w = m.dequantize()
                 bound = 2e-6 * (x.abs() @ w.abs().T) + 1e-30
                 assert ((y - ref).abs() <= bound).all(), (level, n)
-                tested += 1
+                tested.add(m.ggml_type)
         finally:
             kernels.select_isa(kernels.available_isas()[0])
     if not tested:
-        pytest.skip(f"no level of this CPU prefills {name} in integers (K-quants: AVX512-VNNI)")
+        pytest.skip(f"no level of this CPU prefills {name}'s types in integers")
 
 
 @pytest.mark.parametrize("name", QUANTIZED)

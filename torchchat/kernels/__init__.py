@@ -33,8 +33,10 @@ INT4 = 2  # int4 linears, bf16 GEMMs on int4/int8 tiles
 INT8_GEMM = 4  # 8da4w's integer prefill GEMM
 BF16_GEMM = 8  # bf16 dot products in hardware; without: prefill's bf16/fp16 GEMMs widened to fp32
 GGML = 16  # GGUF's block-quantized weights in place (torchchat.kernels.ggml)
-GGML_GEMM = 32  # prefill on GGUF K-quants (Q4_K, Q5_K, Q6_K) in integers, as decode sums
-INT4_Q8_GEMM = 64  # int4 prefill in integers on 8-bit activations (as llama.cpp's Q4_0 x Q8_0)
+GGML_GEMM = 32  # GGUF K-quant prefill in integers, tokens in lanes (AVX512-VNNI; ggml_gemm_types)
+INT4_Q8_GEMM = (
+    64  # int4 and GGUF prefill in integers on 8-bit activations (llama.cpp's Q4_0 x Q8_0)
+)
 
 _enabled = True
 
@@ -75,7 +77,8 @@ def describe() -> str:
         return "off (torch's kernels)"
     if isa() == "scalar":
         return "scalar (reference kernels, slow)"
-    return f"{isa()} ({library.describe_bits(level)})"
+    gguf = int(torch.ops.torchchat.ggml_gemm_types())
+    return f"{isa()} ({library.describe_bits(level, gguf)})"
 
 
 @contextlib.contextmanager

@@ -90,17 +90,22 @@ def _initial() -> State:
 def _select(level: str, available: tuple[str, ...]) -> State:
     bits = int(torch.ops.torchchat.select_isa(level))
     assert bits >= 0, level  # in `available`: the library has it
-    return State(level, bits, f"CPU kernels: {level} ({describe_bits(bits)})", available)
+    gguf = int(torch.ops.torchchat.ggml_gemm_types())
+    return State(level, bits, f"CPU kernels: {level} ({describe_bits(bits, gguf)})", available)
 
 
-def describe_bits(bits: int) -> str:
-    """The kernel families a table's feature bits turn on."""
+def describe_bits(bits: int, gguf_integer: int = 0) -> str:
+    """The kernel families a table's feature bits turn on; gguf_integer: the GGUF types it
+    prefills in integers (1 << type, torch.ops.torchchat.ggml_gemm_types)."""
     families = ["float/int8 decode"] + ["int4"] * bool(bits & 2)
     families += ["8da4w integer prefill"] * bool(bits & 4)
     families += ["bf16 prefill GEMMs" if bits & 8 else "prefill GEMMs widened to fp32"]
     families += ["GGUF blocks"] * bool(bits & 16)
-    families += ["GGUF K-quant and Q8_0 integer prefill"] * bool(bits & 32)
-    families += ["int4 and GGUF Q4_0 integer prefill"] * bool(bits & 64)
+    families += ["int4 integer prefill"] * bool(bits & 64)
+    from torchchat.kernels.ggml import BLOCKS  # here: ggml imports this package
+
+    names = [name for t, (name, _, _) in BLOCKS.items() if gguf_integer >> t & 1]
+    families += [f"GGUF {'/'.join(names)} integer prefill"] * bool(names)
     return ", ".join(families)
 
 

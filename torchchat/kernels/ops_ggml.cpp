@@ -50,26 +50,51 @@ at::Tensor linear_ggml_cpu(const at::Tensor& x, at::TensorList ws, at::IntArrayR
   return rows_from(y, M, total_rows(ws), x);
 }
 
-// Q4_0/Q8_0 prefill in integers: x's rows quantized to Q8_0 as decode's (ggml_quantize_row:
-// ggml's fp16 scale and rounding), the codes of each 32 values times the weights' codes summed
-// exactly, scaled per block in fp32 (Kernels::gemm_ggml_q8) into y (M, N) fp32.
+// GGUF prefill in integers: x's rows quantized as decode's (ggml_quantize_row to the type's
+// activation blocks: Q8_0, Q8_1 or Q8_K, ggml's scales and rounding), the codes of each block
+// times the weights' codes summed exactly, scaled per block in fp32 (Kernels::gemm_ggml_q8)
+// into y (M, N) fp32. Per block of bk values: d (Q8_K: its super-block's) and e = d * the
+// codes' sum (Q8_1: the block's own fp16 s, as decode takes it).
 void gemm_ggml_q8(const cpu::Kernels& kt, const at::Tensor& x, const at::Tensor& w, int64_t type,
                   at::Tensor& y) {
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0), nb = K / 32;
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  const int64_t bk = cpu::ggml_q8_block((int32_t)type), nb = K / bk;
+  const int32_t act = cpu::ggml_layout((int32_t)type)->act;
+  const int64_t abytes = cpu::ggml_row_bytes(act, K), ablock = act == cpu::kGgmlQ8_K ? 256 : 32;
   const at::Tensor xf = x.detach().to(at::kFloat).contiguous();
   const float* xp = xf.data_ptr<float>();
   std::vector<int8_t> q(M * K);
   std::vector<float> d(M * nb), e(M * nb);
   at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
-    std::vector<cpu::BlockQ8_0> blocks(nb);
+    std::vector<uint8_t> row(abytes);
     for (int64_t m = m0; m < m1; ++m) {
-      cpu::ggml_quantize_row(cpu::kGgmlQ8_0, xp + m * K, K, blocks.data());
-      for (int64_t b = 0; b < nb; ++b) {
-        int32_t sum = 0;
-        for (int j = 0; j < 32; ++j) sum += blocks[b].qs[j];
-        std::memcpy(q.data() + m * K + b * 32, blocks[b].qs, 32);
-        d[m * nb + b] = cpu::half_to_float(blocks[b].d);
-        e[m * nb + b] = d[m * nb + b] * (float)sum;
+      cpu::ggml_quantize_row(act, xp + m * K, K, row.data());
+      for (int64_t a = 0; a < K / ablock; ++a) {
+        const uint8_t* blk = row.data() + a * (abytes / (K / ablock));
+        const int8_t* codes;
+        float da, s = 0.0f;
+        if (act == cpu::kGgmlQ8_K) {
+          const auto* b = reinterpret_cast<const cpu::BlockQ8_K*>(blk);
+          codes = b->qs;
+          da = b->d;
+        } else if (act == cpu::kGgmlQ8_1) {
+          const auto* b = reinterpret_cast<const cpu::BlockQ8_1*>(blk);
+          codes = b->qs;
+          da = cpu::half_to_float(b->d);
+          s = cpu::half_to_float(b->s);
+        } else {
+          const auto* b = reinterpret_cast<const cpu::BlockQ8_0*>(blk);
+          codes = b->qs;
+          da = cpu::half_to_float(b->d);
+        }
+        std::memcpy(q.data() + m * K + a * ablock, codes, ablock);
+        for (int64_t j = 0; j < ablock / bk; ++j) {
+          int32_t sum = 0;
+          for (int64_t k = 0; k < bk; ++k) sum += codes[j * bk + k];
+          const int64_t i = m * nb + a * (ablock / bk) + j;
+          d[i] = da;
+          e[i] = act == cpu::kGgmlQ8_1 ? s : da * (float)sum;
+        }
       }
     }
   });
@@ -149,7 +174,15 @@ at::Tensor ggml_rows_cpu(const at::Tensor& w, int64_t type, int64_t K, const at:
 
 }  // namespace
 
+// The GGUF types whose prefill the selected table runs in integers (1 << type), 0 if none.
+int64_t ggml_gemm_types() {
+  if (table == nullptr || !(table->features & cpu::kGgml)) return 0;
+  return table->gemm_ggml_types |
+         (table->features & cpu::kInt4Q8Gemm ? table->gemm_ggml_q8_types : 0);
+}
+
 TORCH_LIBRARY_FRAGMENT(torchchat, m) {
+  m.def("ggml_gemm_types() -> int", &ggml_gemm_types);
   m.def("linear_ggml(Tensor x, Tensor[] w, int[] types) -> Tensor");
   m.def("gemm_ggml(Tensor x, Tensor w, int type) -> Tensor");
   m.def("ggml_rows(Tensor w, int type, int K, Tensor ids) -> Tensor");

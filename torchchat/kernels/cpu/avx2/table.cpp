@@ -25,7 +25,12 @@ const Kernels* kernels() {
     t.gemm_8da4w = gemm_8da4w;
     t.quantize_rows_q8 = quantize_rows_q8;
     t.gemm_int4_q8 = gemm_int4_q8;
-    t.gemm_ggml_q8_types = 1 << kGgmlQ4_0;
+    // Prefill in integers where it beat fp32 GEMMs on dequantized tiles (64 tokens, TinyLlama
+    // shapes, 2 threads, 2026-12-06): Q4_0, Q4_1 and Q4_K 1.3-1.4x, Q5_0 and Q5_1 1.05-1.2x; Q5_K
+    // about even and Q6_K 0.8x (their 5- and 6-bit codes widen int16 sums 2-4x as often, and
+    // Q6_K's 16-value blocks double the fp32 scaling), so those two stay on the tiles.
+    t.gemm_ggml_q8_types =
+        1 << kGgmlQ4_0 | 1 << kGgmlQ4_1 | 1 << kGgmlQ5_0 | 1 << kGgmlQ5_1 | 1 << kGgmlQ4_K;
     t.gemm_ggml_q8 = gemm_ggml_q8;
     t.linear_ggml = linear_ggml;
     t.ggml_dequantize = ggml_dequantize;

@@ -41,6 +41,18 @@ const GgmlLayout* ggml_layout(int32_t type);
 // Bytes of a row of K values of `type` (weights or activations); K a multiple of its block.
 int64_t ggml_row_bytes(int32_t type, int64_t K);
 
+// Prefill in integers (Kernels::gemm_ggml_q8) reads a row as codes: value k is s_b * c_k + z_b
+// with c_k an unsigned code (0..255) and (s_b, z_b) fp32 per block of ggml_q8_block(type)
+// values -- 16 for the types that scale 16 values (Q2_K, Q3_K, Q6_K), else 32. c is the file's
+// code plus the type's offset o (Q4_0 8, Q5_0 16, Q8_0 128, Q3_K 4, Q6_K 32), s = d * sc and
+// z = -o * s or -dmin * mn (Q4_1, Q5_1: + m): each one exact product, so s c + z is the value.
+int64_t ggml_q8_block(int32_t type);
+void ggml_codes_ref(int32_t type, const void* row, int64_t K, uint8_t* codes, float* s, float* z);
+// Every weight type, as bits of Kernels::gemm_ggml_q8_types.
+constexpr int64_t kGgmlQ8Every = 1 << kGgmlQ4_0 | 1 << kGgmlQ4_1 | 1 << kGgmlQ5_0 | 1 << kGgmlQ5_1 |
+                                 1 << kGgmlQ8_0 | 1 << kGgmlQ2_K | 1 << kGgmlQ3_K |
+                                 1 << kGgmlQ4_K | 1 << kGgmlQ5_K | 1 << kGgmlQ6_K;
+
 // ggml's block structs, as the file stores them (no padding: every member is 1- or 2-byte
 // aligned but Q8_K's float, which starts the block).
 struct BlockQ4_0 { uint16_t d; uint8_t qs[16]; };

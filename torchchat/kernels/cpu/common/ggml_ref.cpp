@@ -281,6 +281,33 @@ void ggml_dequantize_ref(int32_t type, const void* w, int64_t ld, int64_t K, int
   }
 }
 
+int64_t ggml_q8_block(int32_t type) {
+  return type == kGgmlQ2_K || type == kGgmlQ3_K || type == kGgmlQ6_K ? 16 : 32;
+}
+
+void ggml_codes_ref(int32_t type, const void* row, int64_t K, uint8_t* codes, float* s,
+                    float* z) {
+  const GgmlLayout& l = *ggml_layout(type);
+  const int64_t bk = ggml_q8_block(type);
+  const int off = type == kGgmlQ4_0   ? 8
+                  : type == kGgmlQ5_0 ? 16
+                  : type == kGgmlQ8_0 ? 128
+                  : type == kGgmlQ3_K ? 4
+                  : type == kGgmlQ6_K ? 32
+                                      : 0;
+  Decoded d;
+  for (int64_t b = 0; b < K / l.block; ++b) {
+    decode(type, static_cast<const uint8_t*>(row) + b * l.bytes, d);
+    for (int i = 0; i < l.block; ++i) codes[b * l.block + i] = (uint8_t)(d.q[i] + off);
+    for (int64_t j = 0; j < l.block / bk; ++j) {
+      const int g = (int)(j * bk / 16);  // Decoded keeps a scale per 16 values
+      float& sj = s[b * l.block / bk + j];
+      sj = d.d * (float)d.sc[g];
+      z[b * l.block / bk + j] = off ? -(float)off * sj : -(d.dmin * (float)d.mn[g]);
+    }
+  }
+}
+
 float ggml_dot_ref(int32_t type, int64_t K, const void* w, const void* xq) {
   const GgmlLayout& l = *ggml_layout(type);
   const int64_t xbytes = any_layout(l.act)->bytes;

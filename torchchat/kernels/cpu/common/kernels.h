@@ -194,12 +194,13 @@ struct Kernels {
   void (*gemm_int4_q8)(const int8_t* q, const float* d, const float* e, int64_t M, int64_t K,
                        const uint8_t* w, const bf16_t* sz, int64_t N, int64_t group, float* y,
                        int64_t b0, int64_t b1, const Buffers8da4w& buf);
-  // GGUF prefill in integers on the Q8_0-activation types of bits gemm_ggml_q8_types (1 << type;
-  // 0: none, prefill dequantizes tiles): y = a.y (rows a.ldy apart) for 64-row blocks [b0, b1)
-  // of a (rows a.ld bytes apart) against x quantized to ggml's Q8_0 (as decode's,
-  // ggml_quantize_row) in quantize_rows_q8's arrays: gemm_int4_q8's sum with each block's
-  // s = d and z = 0 over codes c = q + 8 (Q4_0: w = d (c - 8)) or c = q + 128 (Q8_0:
-  // w = d (c - 128), z - 128 s in place of z - 8 s).
+  // GGUF prefill in integers on the types of bits gemm_ggml_q8_types (1 << type; 0: none,
+  // prefill dequantizes tiles): y = a.y (rows a.ldy apart) for 64-row blocks [b0, b1) of a (rows
+  // a.ld bytes apart) against x's 8-bit codes q (M, K), per block b of ggml_q8_block(type)
+  // values a scale d and e = d * (the block's sum of codes) (M, K / block):
+  //   y = sum_b fma(I_b, s_b d_b, .) then fma(z_b, e_b, .),   I_b = sum_{k in b} q_k c_k (exact)
+  // over the weights as codes (ggml_codes_ref: w = s_b c + z_b). The caller quantizes x as
+  // decode does (ggml_quantize_row to the type's activation blocks), so both sum the same.
   int64_t gemm_ggml_q8_types;
   void (*gemm_ggml_q8)(const int8_t* q, const float* d, const float* e, int64_t M, int64_t K,
                        const Matrix& a, int64_t b0, int64_t b1, const Buffers8da4w& buf);

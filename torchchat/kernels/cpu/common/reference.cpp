@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <vector>
 
 #include "ggml.h"
 #include "kernels.h"
@@ -219,32 +220,23 @@ void gemm_int4_q8(const int8_t* q, const float* d, const float* e, int64_t M, in
 
 void gemm_ggml_q8(const int8_t* q, const float* d, const float* e, int64_t M, int64_t K,
                   const Matrix& a, int64_t b0, int64_t b1, const Buffers8da4w&) {
-  const int64_t nb = K / 32;
-  const bool q8 = a.type == kGgmlQ8_0;
-  const auto* w = static_cast<const uint8_t*>(a.w);
-  for (int64_t n = b0 * 64; n < std::min(a.N, b1 * 64); ++n)
+  const int64_t bk = ggml_q8_block(a.type), nb = K / bk;
+  std::vector<uint8_t> c(K);
+  std::vector<float> s(nb), z(nb);
+  for (int64_t n = b0 * 64; n < std::min(a.N, b1 * 64); ++n) {
+    ggml_codes_ref(a.type, static_cast<const uint8_t*>(a.w) + n * a.ld, K, c.data(), s.data(),
+                   z.data());
     for (int64_t m = 0; m < M; ++m) {
       float f = 0.0f;
       for (int64_t b = 0; b < nb; ++b) {
-        const int8_t* x = q + m * K + b * 32;
-        int32_t sum = 0;  // sum_k x_k c_k, codes c unsigned
-        float s;
-        if (q8) {
-          const auto& blk = reinterpret_cast<const BlockQ8_0*>(w + n * a.ld)[b];
-          for (int k = 0; k < 32; ++k) sum += (int32_t)x[k] * (blk.qs[k] + 128);
-          s = half_to_float(blk.d);
-        } else {
-          const auto& blk = reinterpret_cast<const BlockQ4_0*>(w + n * a.ld)[b];
-          for (int j = 0; j < 16; ++j)
-            sum += (int32_t)x[j] * (blk.qs[j] & 15) + (int32_t)x[16 + j] * (blk.qs[j] >> 4);
-          s = half_to_float(blk.d);
-        }
-        const float z = (q8 ? -128.0f : -8.0f) * s;
-        f = std::fma((float)sum, s * d[m * nb + b], f);
-        f = std::fma(z, e[m * nb + b], f);
+        int32_t sum = 0;  // sum_k x_k c_k
+        for (int64_t k = b * bk; k < (b + 1) * bk; ++k) sum += (int32_t)q[m * K + k] * c[k];
+        f = std::fma((float)sum, s[b] * d[m * nb + b], f);
+        f = std::fma(z[b], e[m * nb + b], f);
       }
       a.y[m * a.ldy + n] = f;
     }
+  }
 }
 
 }  // namespace
@@ -271,7 +263,7 @@ const Kernels& scalar_kernels() {
     t.gemm_8da4w = gemm_8da4w;
     t.quantize_rows_q8 = quantize_rows_q8;
     t.gemm_int4_q8 = gemm_int4_q8;
-    t.gemm_ggml_q8_types = 1 << kGgmlQ4_0 | 1 << kGgmlQ8_0;
+    t.gemm_ggml_q8_types = kGgmlQ8Every;
     t.gemm_ggml_q8 = gemm_ggml_q8;
     t.linear_ggml = ggml_linear_ref;  // ggml_ref.cpp
     t.ggml_dequantize = ggml_dequantize_ref;

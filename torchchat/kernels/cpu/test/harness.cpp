@@ -537,24 +537,32 @@ void check_ggml_gemm(Tally& t, const Kernels& kt, const Kernels& ref) {
   }
 }
 
-// GGUF prefill on Q8_0 activations (gemm_ggml_q8, each type of the table's gemm_ggml_q8_types):
-// random blocks (finite fp16 scales, zero among them), rows ld >= the row's bytes apart,
-// outputs ldy apart (the columns past N must stay untouched), x quantized by the reference
-// quantize_rows_q8; bit-exact against the reference (the same fma order).
+// GGUF prefill in integers (gemm_ggml_q8, each type of the table's gemm_ggml_q8_types): random
+// blocks (finite fp16 scales, zero among them), rows ld >= the row's bytes apart, outputs ldy
+// apart (the columns past N must stay untouched), x quantized by the reference quantize_rows_q8
+// (per 32 values; for 16-value blocks each half keeps its d, e from its own codes); bit-exact
+// against the reference (the same fma order).
 void check_gemm_ggml_q8(Tally& t, const Kernels& kt, const Kernels& ref) {
   t.kernels += 1;
   t.kernel = "gemm_ggml_q8";
   for (const auto& [type, halves] : kGgmlTypes) {
     if (!(kt.gemm_ggml_q8_types >> type & 1)) continue;
     for (int trial = 0; trial < 12; ++trial) {
+      const int64_t sb = ggml_layout(type)->block, bk = ggml_q8_block(type);
       const int64_t M = pick({9, 16, 17, 40, 70}), N = pick({1, 5, 16, 37, 64, 100}),
-                    K = 32 * pick({1, 2, 3, 8}), nb = K / 32,
+                    K = sb * (sb == 256 ? pick({1, 2, 3}) : pick({1, 2, 3, 8})), nb = K / bk,
                     ld = ggml_row_bytes(type, K) + 2 * (rng() % 3), ldy = N + 3;
       const auto w = ggml_weights(type, halves, N, K, ld);
       const auto x = values(M * K);
       std::vector<int8_t> q(M * K);
-      std::vector<float> d(M * nb), e(M * nb);
-      ref.quantize_rows_q8(x.data(), K, K, q.data(), d.data(), e.data(), 0, M);
+      std::vector<float> d32(M * K / 32), e32(M * K / 32), d(M * nb), e(M * nb);
+      ref.quantize_rows_q8(x.data(), K, K, q.data(), d32.data(), e32.data(), 0, M);
+      for (int64_t i = 0; i < M * nb; ++i) {
+        int32_t sum = 0;
+        for (int64_t k = 0; k < bk; ++k) sum += q[i * bk + k];
+        d[i] = d32[i * bk / 32];
+        e[i] = bk == 32 ? e32[i] : d[i] * (float)sum;
+      }
       std::vector<float> y(M * ldy, -7.0f), yr = y;
       Matrix a{w.data(), ld, nullptr, N, y.data(), ldy}, ar = a;
       a.type = ar.type = type;
