@@ -412,7 +412,7 @@ void unpack_codes_block(const Matrix& a, int64_t K, int64_t n0, int8_t* wbuf, fl
     const int64_t values = std::min<int64_t>(256, K - u0);
     float* su = sbuf + u0 / bk * 128;
     for (int64_t r = 0; r < bs; ++r)
-      ggml_unit_codes(a.type, rows + r * a.ld + u0 / l.block * l.bytes, values, codes[r],
+      ggml_unit_codes<half_at>(a.type, rows + r * a.ld + u0 / l.block * l.bytes, values, codes[r],
                       su + lane_of(r), 64);
     for (int64_t j = 0; j < values / bk; ++j)
       for (int64_t r = bs; r < 64; ++r) su[128 * j + lane_of(r)] = su[128 * j + 64 + lane_of(r)] = 0.0f;

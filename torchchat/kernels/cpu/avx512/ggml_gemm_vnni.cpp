@@ -64,8 +64,8 @@ inline void weight_sum(Unpacked& u, int32_t bias) {
 
 // Q4_K's and Q5_K's d, dmin and 8 (scale, min) pairs, then the codes' scaled sum.
 void scales_mins(uint16_t d, uint16_t dmin, const uint8_t* scales, Unpacked& u) {
-  u.d = half_to_float(d);
-  u.dmin = half_to_float(dmin);
+  u.d = half_at(&d);
+  u.dmin = half_at(&dmin);
   for (int j = 0; j < 8; ++j) {
     int m;
     ggml_scale_min_k4(scales, j, u.sc[j], m);
@@ -118,7 +118,7 @@ void unpack_q6_k(const BlockQ6_K& b, Unpacked& u) {
     _mm512_store_si512((void*)(u.codes + 128 * h), _mm512_sub_epi8(a, off));
     _mm512_store_si512((void*)(u.codes + 128 * h + 64), _mm512_sub_epi8(c, off));
   }
-  u.d = half_to_float(b.d);
+  u.d = half_at(&b.d);
   u.dmin = 0.0f;
   for (int j = 0; j < 16; ++j) u.sc[j] = b.scales[j];
   weight_sum<16>(u, 32);

@@ -76,8 +76,9 @@ inline float half_to_float(uint16_t h) {
 
 // Q4_K and Q5_K pack 8 pairs of 6-bit (scale, min) in 12 bytes: pairs 0-3 in the low 6 bits of
 // bytes 0-3 (scales) and 4-7 (mins); pairs 4-7 in the nibbles of bytes 8-11 (scale low, min
-// high), their top 2 bits in the top bits of bytes 0-3 (scales) and 4-7 (mins).
-inline void ggml_scale_min_k4(const uint8_t* s, int j, int& sc, int& mn) {
+// high), their top 2 bits in the top bits of bytes 0-3 (scales) and 4-7 (mins). Static: every
+// folder that calls it gets its own copy, compiled with its own flags.
+static inline void ggml_scale_min_k4(const uint8_t* s, int j, int& sc, int& mn) {
   if (j < 4) {
     sc = s[j] & 63;
     mn = s[j + 4] & 63;

@@ -2,7 +2,9 @@
 // in k order and each block's (s, z), for up to 256 values at a time -- one K-quant super-block
 // or up to 8 blocks of 32. Plain loops over whole byte runs, which the compiler vectorizes for
 // each instruction set that includes this header; the values are ggml_codes_ref's to the bit
-// (the harness checks every level against the reference).
+// (the harness checks every level against the reference). Internal linkage, and fp16 read by
+// the including folder's Half (its own conversion): nothing here may be emitted out of line with
+// one instruction set's flags and picked by the linker for another (see avx2/vec.h).
 #pragma once
 
 #include <cstring>
@@ -10,11 +12,14 @@
 #include "ggml.h"
 
 namespace torchchat::cpu {
+namespace {
 
 // The unit of `type` at p holding `values` values (256; a multiple of 32 for the 32-value types)
 // -> codes[0, values) and, for its j-th block of ggml_q8_block(type) values, s[stride * 2 j] and
 // z = s[stride * (2 j + 1)]. Q4_0, Q4_1, Q5_0, Q5_1 and Q4_K (the types AVX2 prefills in
 // integers); false for the others.
+// Half(p): the fp16 number at p as fp32.
+template <float (*Half)(const void*)>
 inline bool ggml_unit_codes(int32_t type, const uint8_t* p, int64_t values, uint8_t* codes,
                             float* s, int64_t stride) {
   switch (type) {
@@ -26,9 +31,6 @@ inline bool ggml_unit_codes(int32_t type, const uint8_t* p, int64_t values, uint
       const bool mins = type == kGgmlQ4_1 || type == kGgmlQ5_1;
       const int64_t bytes = ggml_layout(type)->bytes;
       for (int64_t b = 0; b < values / 32; ++b, p += bytes, codes += 32) {
-        uint16_t d, m = 0;
-        std::memcpy(&d, p, 2);
-        if (mins) std::memcpy(&m, p + 2, 2);
         const uint8_t* qs = p + (mins ? 4 : 2) + (q5 ? 4 : 0);
         uint32_t qh = 0;
         if (q5) std::memcpy(&qh, p + (mins ? 4 : 2), 4);
@@ -36,9 +38,9 @@ inline bool ggml_unit_codes(int32_t type, const uint8_t* p, int64_t values, uint
           codes[j] = (uint8_t)((qs[j] & 15) | (q5 ? (qh >> j & 1) << 4 : 0));
           codes[16 + j] = (uint8_t)((qs[j] >> 4) | (q5 ? (qh >> (16 + j) & 1) << 4 : 0));
         }
-        const float dv = half_to_float(d);
+        const float dv = Half(p);
         s[stride * 2 * b] = dv;
-        s[stride * (2 * b + 1)] = mins ? half_to_float(m) : (q5 ? -16.0f : -8.0f) * dv;
+        s[stride * (2 * b + 1)] = mins ? Half(p + 2) : (q5 ? -16.0f : -8.0f) * dv;
       }
       return true;
     }
@@ -49,7 +51,7 @@ inline bool ggml_unit_codes(int32_t type, const uint8_t* p, int64_t values, uint
           codes[64 * h + l] = (uint8_t)(b.qs[32 * h + l] & 15);
           codes[64 * h + 32 + l] = (uint8_t)(b.qs[32 * h + l] >> 4);
         }
-      const float d = half_to_float(b.d), dmin = half_to_float(b.dmin);
+      const float d = Half(&b.d), dmin = Half(&b.dmin);
       for (int j = 0; j < 8; ++j) {
         int sc, mn;
         ggml_scale_min_k4(b.scales, j, sc, mn);
@@ -62,4 +64,5 @@ inline bool ggml_unit_codes(int32_t type, const uint8_t* p, int64_t values, uint
   }
 }
 
+}  // namespace
 }  // namespace torchchat::cpu
