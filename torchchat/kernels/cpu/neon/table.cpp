@@ -27,8 +27,8 @@ Kernels make_table(bool i8mm, bool bf16) {
   t.gemm_8da4w = i8mm ? gemm_8da4w_mmla : gemm_8da4w;
   t.quantize_rows_q8 = quantize_rows_q8;
   t.gemm_int4_q8 = gemm_int4_q8;
-  t.linear_ggml = ggml_linear_ref;  // GGUF blocks: the scalar reference until NEON kernels
-  t.ggml_dequantize = ggml_dequantize_ref;
+  t.linear_ggml = linear_ggml;
+  t.ggml_dequantize = ggml_dequantize;
   return t;
 }
 

@@ -107,6 +107,11 @@ void attend_f16(const fp16_t* q, const fp16_t* k, const fp16_t* v, CacheRows row
 void int4_dequantize_block_t(const uint8_t* w, const bf16_t* sz, int64_t N, int64_t K,
                              int64_t group, int64_t n0, bf16_t* out, int64_t ldo);
 void int8_to_bf16(const int8_t* src, int64_t K, bf16_t* dst);
+// GGUF blocks (ggml.cpp): every type.
+void linear_ggml(const void* xq, int64_t xld, int64_t M, int64_t K, const Matrix& a, int64_t n0,
+                 int64_t n1);
+void ggml_dequantize(int32_t type, const void* w, int64_t ld, int64_t K, int64_t r0, int64_t r1,
+                     float* out);
 void quantize_rows_8da4w(const float* x, int64_t Kx, int64_t K, uint8_t* u, float* sa, float* za,
                          int64_t m0, int64_t m1);
 void gemm_8da4w(const uint8_t* u, int64_t M, int64_t K, const float* sa, const float* za,
