@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from tests.support import STORIES_BIN, random_args, run_torchchat
+from tests.support import REPO, STORIES_BIN, random_args, run_torchchat
 from torchchat import cli, kernels
 from torchchat.bench import llamacpp
 from torchchat.bench.bandwidth import read_bandwidth
@@ -98,6 +100,30 @@ def test_gguf_files_are_written_in_a_child(tmp_path):
     bad = random_args(dim=64, hidden_dim=100, vocab_size=96)
     with pytest.raises(TorchchatError, match="multiple of the 32-value block"):
         write_ggufs(bad, random_weights(bad), {"Q4_0": tmp_path / "c.gguf"})
+
+
+BF16_IN_CHILD = """
+import pathlib, sys, torch
+from tests.support import random_args
+from torchchat.bench.run import random_weights, write_ggufs
+from torchchat.checkpoint.gguf import load_gguf
+torch.set_num_threads(2)
+torch.randn(64, 256).bfloat16().float()  # the parent's thread pool has run
+args = random_args(dim=256, hidden_dim=512, vocab_size=256)
+sd = {k: v.bfloat16() for k, v in random_weights(args).items()}
+path = pathlib.Path(sys.argv[1])
+write_ggufs(args, sd, {"F32": path})
+got = load_gguf(path)[1]["tok_embeddings.weight"]
+assert torch.equal(got, sd["tok_embeddings.weight"].float()), "values"
+"""
+
+
+def test_bf16_weights_are_written_in_a_child_without_torch(tmp_path):
+    """bf16 -> fp32 of a 65k-value tensor in the forked child ran on torch's thread pool, which
+    does not survive fork: the writer hung. It converts with numpy now, exactly."""
+    run = subprocess.run([sys.executable, "-c", BF16_IN_CHILD, str(tmp_path / "a.gguf")],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 0, run.stderr
 
 
 def test_compare_without_llama_cpp_says_how_to_install(monkeypatch, capsys, tmp_path):

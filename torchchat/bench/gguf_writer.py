@@ -101,6 +101,17 @@ def _header(args: ModelArgs, ftype: LlamaFileType, name: str) -> GGUFWriter:
     return w
 
 
+def _float32(t: torch.Tensor) -> np.ndarray:
+    """t's values as a float32 array by numpy alone: write_ggufs runs this in a forked child,
+    where a torch op that takes its thread pool (bf16 -> fp32 of a large tensor) hangs (OpenMP
+    does not survive fork). bf16 is fp32's high half."""
+    t = t.detach()  # no .contiguous(): a copy is a torch op too
+    if t.dtype == torch.bfloat16:
+        bits = t.view(torch.int16).numpy().view(np.uint16).astype(np.uint32) << 16
+        return bits.view(np.float32)
+    return t.numpy().astype(np.float32, copy=False)
+
+
 def write_gguf(
     path: str | Path,
     args: ModelArgs,
@@ -121,7 +132,7 @@ def write_gguf(
     for native, t in sd.items():
         if native == "output.weight" and args.tie_embeddings:
             continue  # llama.cpp reads the token embedding as the output when output is absent
-        data = t.detach().float().numpy()
+        data = _float32(t)
         ggml_type = matrix_type if data.ndim == 2 else _Q.F32
         if ggml_type in (_Q.Q8_0, _Q.Q4_0) and data.shape[1] % BLOCK:
             raise TorchchatError(
