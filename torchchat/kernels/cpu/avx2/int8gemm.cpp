@@ -404,18 +404,11 @@ inline int64_t lane_of(int64_t i) { return 8 * (4 * (i / 32) + i % 16 / 4) + i %
 // decoded into a 16 KB buffer, then moved 4 bytes of 8 rows a time by 32-bit gathers.
 void unpack_codes_block(const Matrix& a, int64_t K, int64_t n0, int8_t* wbuf, float* sbuf) {
   const int64_t bs = std::min<int64_t>(64, a.N - n0), bk = ggml_q8_block(a.type);
-  const GgmlLayout& l = *ggml_layout(a.type);
   alignas(32) uint8_t codes[64][256];
   if (bs < 64) std::memset(codes[bs], 0, (64 - bs) * 256);
-  const uint8_t* rows = static_cast<const uint8_t*>(a.w) + n0 * a.ld;
   for (int64_t u0 = 0; u0 < K; u0 += 256) {
     const int64_t values = std::min<int64_t>(256, K - u0);
-    float* su = sbuf + u0 / bk * 128;
-    for (int64_t r = 0; r < bs; ++r)
-      ggml_unit_codes<half_at>(a.type, rows + r * a.ld + u0 / l.block * l.bytes, values, codes[r],
-                      su + lane_of(r), 64);
-    for (int64_t j = 0; j < values / bk; ++j)
-      for (int64_t r = bs; r < 64; ++r) su[128 * j + lane_of(r)] = su[128 * j + 64 + lane_of(r)] = 0.0f;
+    ggml_rows_codes<half_at, lane_of>(a, n0, bs, u0, values, codes, sbuf + u0 / bk * 128);
     for (int v = 0; v < 8; ++v) {
       alignas(32) int32_t off[8];
       for (int i = 0; i < 8; ++i) off[i] = (int32_t)(row_of(v, i) * 256);

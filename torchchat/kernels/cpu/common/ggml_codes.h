@@ -16,7 +16,7 @@ namespace {
 
 // The unit of `type` at p holding `values` values (256; a multiple of 32 for the 32-value types)
 // -> codes[0, values) and, for its j-th block of ggml_q8_block(type) values, s[stride * 2 j] and
-// z = s[stride * (2 j + 1)]. Q4_0, Q4_1, Q5_0, Q5_1 and Q4_K (the types AVX2 prefills in
+// z = s[stride * (2 j + 1)]. Q4_0, Q4_1, Q5_0, Q5_1 and Q4_K (the types AVX2 and NEON prefill in
 // integers); false for the others.
 // Half(p): the fp16 number at p as fp32.
 template <float (*Half)(const void*)>
@@ -62,6 +62,20 @@ inline bool ggml_unit_codes(int32_t type, const uint8_t* p, int64_t values, uint
     }
     default: return false;
   }
+}
+
+// The unit of `values` values at u0 of the 64 rows n0.. of a (bs of them real) -> codes[r] and
+// each block j's (s, z) at su[128 j + Pos(r)] and su[128 j + 64 + Pos(r)], Pos(r) a row's lane
+// in the caller's layout; rows past bs: scales 0 (their codes stay the caller's zeros).
+template <float (*Half)(const void*), int64_t (*Pos)(int64_t)>
+inline void ggml_rows_codes(const Matrix& a, int64_t n0, int64_t bs, int64_t u0, int64_t values,
+                            uint8_t (*codes)[256], float* su) {
+  const GgmlLayout& l = *ggml_layout(a.type);
+  const uint8_t* rows = static_cast<const uint8_t*>(a.w) + n0 * a.ld + u0 / l.block * l.bytes;
+  for (int64_t r = 0; r < bs; ++r)
+    ggml_unit_codes<Half>(a.type, rows + r * a.ld, values, codes[r], su + Pos(r), 64);
+  for (int64_t j = 0; j < values / ggml_q8_block(a.type); ++j)
+    for (int64_t r = bs; r < 64; ++r) su[128 * j + Pos(r)] = su[128 * j + 64 + Pos(r)] = 0.0f;
 }
 
 }  // namespace

@@ -1,4 +1,4 @@
-// Weight-only int4 prefill in integers on NEON (base dotprod), as cpu/common/kernels.h defines
+// Weight-only int4 and GGUF prefill in integers on NEON (base dotprod), as cpu/common/kernels.h defines
 // gemm_int4_q8: activations rounded to 8 bits per 32 values (quantize_rows_q8, bit-equal to the
 // reference), the block's codes (0..15, unpacked by gemm_8da4w.h in UDOT's layout: they are
 // non-negative int8 too) times them by SDOT, exact per 32-value block, then
@@ -8,6 +8,7 @@
 #include <cstring>
 #include <limits>
 
+#include "../common/ggml_codes.h"
 #include "gemm_8da4w.h"
 
 namespace torchchat::cpu::neon {
@@ -122,12 +123,72 @@ void quantize_rows_q8(const float* xp, int64_t Kx, int64_t K, int8_t* q, float* 
   }
 }
 
+namespace {
+
+// f (M x 64) = the unpacked block's 64 rows' sums for every token, groups of `group` values with
+// scales s = sbuf + g * sstride and z = s + zoff.
+void gemm_unpacked(const int8_t* q, const float* d, const float* e, int64_t M, int64_t K,
+                   int64_t group, const int8_t* wbuf, const float* sbuf, int64_t sstride,
+                   int64_t zoff, float* f) {
+  const int64_t nb = K / 32;
+  std::memset(f, 0, M * 64 * sizeof(float));
+  // 64 tokens at a time: their fp32 sums (16 KB) stay in L1 across the groups
+  for (int64_t mb = 0; mb < M; mb += 64) {
+    const int64_t me = std::min<int64_t>(M, mb + 64);
+    for (int64_t g = 0; g < K / group; ++g) {
+      const int64_t k0 = g * group, k1 = k0 + group;
+      const float *s = sbuf + g * sstride, *z = s + zoff;
+      for (int64_t m = mb; m < me; m += 4) {
+        const int8_t* qm = q + m * K;
+        const float *dm = d + m * nb, *em = e + m * nb;
+        switch (std::min<int64_t>(4, me - m)) {
+          case 1: tokens<1>(qm, dm, em, K, nb, k0, k1, wbuf, s, z, f + m * 64); break;
+          case 2: tokens<2>(qm, dm, em, K, nb, k0, k1, wbuf, s, z, f + m * 64); break;
+          case 3: tokens<3>(qm, dm, em, K, nb, k0, k1, wbuf, s, z, f + m * 64); break;
+          default: tokens<4>(qm, dm, em, K, nb, k0, k1, wbuf, s, z, f + m * 64); break;
+        }
+      }
+    }
+  }
+}
+
+// Rows n0..n0 + 64 of a GGUF matrix of a type ggml_unit_codes decodes (blocks of 32) -> wbuf
+// in the layout above (row r's codes of k 4 kq.. at byte 256 kq + 4 r) and sbuf[b][2][64] =
+// (s, z) per block; rows past a.N: codes and scales 0. 256 values of the 64 rows at a time
+// decoded into a 16 KB buffer, then moved by 4 x 4 transposes of 32-bit words.
+inline int64_t row_lane(int64_t r) { return r; }
+
+void unpack_codes_block(const Matrix& a, int64_t K, int64_t n0, int8_t* wbuf, float* sbuf) {
+  const int64_t bs = std::min<int64_t>(64, a.N - n0);
+  alignas(16) uint8_t codes[64][256];
+  if (bs < 64) std::memset(codes[bs], 0, (64 - bs) * 256);
+  for (int64_t u0 = 0; u0 < K; u0 += 256) {
+    const int64_t values = std::min<int64_t>(256, K - u0);
+    ggml_rows_codes<half_at, row_lane>(a, n0, bs, u0, values, codes, sbuf + u0 / 32 * 128);
+    for (int r = 0; r < 64; r += 4)
+      for (int64_t kq = 0; kq < values / 4; kq += 4) {
+        uint32x4_t v[4];
+        for (int i = 0; i < 4; ++i) v[i] = vld1q_u32((const uint32_t*)(codes[r + i] + 4 * kq));
+        const uint32x4_t t0 = vtrn1q_u32(v[0], v[1]), t1 = vtrn2q_u32(v[0], v[1]);
+        const uint32x4_t t2 = vtrn1q_u32(v[2], v[3]), t3 = vtrn2q_u32(v[2], v[3]);
+        const uint64x2_t w0 = vreinterpretq_u64_u32(t0), w1 = vreinterpretq_u64_u32(t1);
+        const uint64x2_t w2 = vreinterpretq_u64_u32(t2), w3 = vreinterpretq_u64_u32(t3);
+        const uint64x2_t out[4] = {vtrn1q_u64(w0, w2), vtrn1q_u64(w1, w3), vtrn2q_u64(w0, w2),
+                                   vtrn2q_u64(w1, w3)};  // k 4 (kq + j): rows r..r + 3
+        for (int j = 0; j < 4; ++j)
+          vst1q_u64((uint64_t*)(wbuf + (u0 / 4 + kq + j) * 256 + 4 * r), out[j]);
+      }
+  }
+}
+
+}  // namespace
+
 void gemm_int4_q8(const int8_t* q, const float* d, const float* e, int64_t M, int64_t K,
                   const uint8_t* w, const bf16_t* sz, int64_t N, int64_t group, float* y,
                   int64_t b0, int64_t b1, const Buffers8da4w& buf) {
   int8_t* wbuf = buf.wbuf;
   float *f = buf.f, *sbuf = buf.sbuf;
-  const int64_t G = K / group, nb = K / 32;
+  const int64_t G = K / group;
   float* zbuf = sbuf + G * 64;  // z - 8 s, beside the scales unpack_8da4w_block writes
   alignas(16) float r[64];      // unpack's 8da4w sums: not used here
   for (int64_t b = b0; b < b1; ++b) {
@@ -137,26 +198,21 @@ void gemm_int4_q8(const int8_t* q, const float* d, const float* e, int64_t M, in
       for (int64_t i = 0; i < 64; ++i)
         zbuf[g * 64 + i] = i < bs ? (float)sz[(g * N + n0 + i) * 2 + 1] - 8.0f * sbuf[g * 64 + i]
                                   : 0.0f;
-    std::memset(f, 0, M * 64 * sizeof(float));
-    // 64 tokens at a time: their fp32 sums (16 KB) stay in L1 across the groups
-    for (int64_t mb = 0; mb < M; mb += 64) {
-      const int64_t me = std::min<int64_t>(M, mb + 64);
-      for (int64_t g = 0; g < G; ++g) {
-        const int64_t k0 = g * group, k1 = k0 + group;
-        const float *s = sbuf + g * 64, *z = zbuf + g * 64;
-        for (int64_t m = mb; m < me; m += 4) {
-          const int8_t* qm = q + m * K;
-          const float *dm = d + m * nb, *em = e + m * nb;
-          switch (std::min<int64_t>(4, me - m)) {
-            case 1: tokens<1>(qm, dm, em, K, nb, k0, k1, wbuf, s, z, f + m * 64); break;
-            case 2: tokens<2>(qm, dm, em, K, nb, k0, k1, wbuf, s, z, f + m * 64); break;
-            case 3: tokens<3>(qm, dm, em, K, nb, k0, k1, wbuf, s, z, f + m * 64); break;
-            default: tokens<4>(qm, dm, em, K, nb, k0, k1, wbuf, s, z, f + m * 64); break;
-          }
-        }
-      }
-    }
+    gemm_unpacked(q, d, e, M, K, group, wbuf, sbuf, 64, G * 64, f);
     for (int64_t m = 0; m < M; ++m) std::memcpy(y + m * N + n0, f + m * 64, bs * sizeof(float));
+  }
+}
+
+// GGUF prefill on the types of the table's gemm_ggml_q8_types: codes 0..31, non-negative int8
+// for SDOT as int4's are.
+void gemm_ggml_q8(const int8_t* q, const float* d, const float* e, int64_t M, int64_t K,
+                  const Matrix& a, int64_t b0, int64_t b1, const Buffers8da4w& buf) {
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t n0 = b * 64, bs = std::min<int64_t>(64, a.N - n0);
+    unpack_codes_block(a, K, n0, buf.wbuf, buf.sbuf);
+    gemm_unpacked(q, d, e, M, K, 32, buf.wbuf, buf.sbuf, 128, 64, buf.f);
+    for (int64_t m = 0; m < M; ++m)
+      std::memcpy(a.y + m * a.ldy + n0, buf.f + m * 64, bs * sizeof(float));
   }
 }
 

@@ -20,12 +20,6 @@
 namespace torchchat::cpu::neon {
 namespace {
 
-inline float half_at(const void* p) {
-  uint16_t h;
-  std::memcpy(&h, p, 2);
-  return vgetq_lane_f32(vcvt_f32_f16(vreinterpret_f16_u16(vdup_n_u16(h))), 0);
-}
-
 // One unit of a weight row: codes in value order, each block's s and m.
 struct Unit {
   alignas(16) int8_t q[256];

@@ -27,6 +27,10 @@ Kernels make_table(bool i8mm, bool bf16) {
   t.gemm_8da4w = i8mm ? gemm_8da4w_mmla : gemm_8da4w;
   t.quantize_rows_q8 = quantize_rows_q8;
   t.gemm_int4_q8 = gemm_int4_q8;
+  // GGUF prefill in integers: the types whose codes are non-negative int8 in blocks of 32
+  t.gemm_ggml_q8_types =
+      1 << kGgmlQ4_0 | 1 << kGgmlQ4_1 | 1 << kGgmlQ5_0 | 1 << kGgmlQ5_1 | 1 << kGgmlQ4_K;
+  t.gemm_ggml_q8 = gemm_ggml_q8;
   t.linear_ggml = linear_ggml;
   t.ggml_dequantize = ggml_dequantize;
   return t;

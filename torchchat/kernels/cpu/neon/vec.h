@@ -12,10 +12,19 @@
 
 #include <arm_neon.h>
 
+#include <cstring>
+
 #include "../common/rows.h"
 
 namespace torchchat::cpu::neon {
 namespace {
+
+// The fp16 number at p as fp32 (FCVTL, exact).
+inline float half_at(const void* p) {
+  uint16_t h;
+  std::memcpy(&h, p, 2);
+  return vgetq_lane_f32(vcvt_f32_f16(vreinterpret_f16_u16(vdup_n_u16(h))), 0);
+}
 
 // 8 weights or activations as fp32 (two vectors of 4). fp16 by FCVTL (exact), bf16 by a shift
 // into the high half of each fp32 lane (exact).
@@ -119,6 +128,8 @@ void gemm_8da4w(const uint8_t* u, int64_t M, int64_t K, const float* sa, const f
                 int64_t b0, int64_t b1, const Buffers8da4w& buf);
 void quantize_rows_q8(const float* x, int64_t Kx, int64_t K, int8_t* q, float* d, float* e,
                       int64_t m0, int64_t m1);
+void gemm_ggml_q8(const int8_t* q, const float* d, const float* e, int64_t M, int64_t K,
+                  const Matrix& a, int64_t b0, int64_t b1, const Buffers8da4w& buf);
 void gemm_int4_q8(const int8_t* q, const float* d, const float* e, int64_t M, int64_t K,
                   const uint8_t* w, const bf16_t* sz, int64_t N, int64_t group, float* y,
                   int64_t b0, int64_t b1, const Buffers8da4w& buf);
