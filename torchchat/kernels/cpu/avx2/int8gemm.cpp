@@ -177,16 +177,16 @@ inline void gemm_8da4w_group(const uint8_t* u, int64_t kq0, int64_t nkq, const i
   }
 }
 
-// One group (kq0..kq0 + nkq, its blocks of bkq * 4 values one after another) of one token x the
-// 32 rows of vectors v0..v0 + 3 of a block unpacked as codes: vpmaddubsw of the codes (unsigned)
-// with the token's 8-bit values (signed) sums byte pairs into int16 (|c0 q0 + c1 q1| <= 2 * 127
-// c_max), widened by vpmaddwd every wkq of them while int16 holds their sum exactly (4-bit codes:
-// 8 * 2 * 15 * 127 = 30480 < 32767; 5-bit: 4); then per block f += I s d and
-// f += z e, the block's d and e from d[i], e[i]. (nkq, bkq and wkq come at run time: constant
-// counts let the compiler hoist the block's 32 weight vectors out of the token loop and spill
-// them, 0.6x the speed.)
+// One group (kq0..kq0 + nkq, its 32-value blocks one after another) of one token x the 32 rows
+// of vectors v0..v0 + 3 of a block unpacked as codes: vpmaddubsw of the codes (unsigned) with
+// the token's 8-bit values (signed) sums byte pairs into int16 (|c0 q0 + c1 q1| <= 2 * 127
+// c_max), widened by vpmaddwd every W of them while int16 holds their sum exactly (4-bit codes:
+// 8 * 2 * 15 * 127 = 30480 < 32767, W = 8, a block's all; 5-bit: W = 4); then per block
+// f += I s d and f += z e, the block's d and e from d[i], e[i]. (nkq comes from the group at
+// run time: a constant count let the compiler hoist the block's 32 weight vectors out of the
+// token loop and spill them, 0.6x the speed.)
+template <int W>
 __attribute__((always_inline)) inline void gemm_q8_group(const int8_t* q, int64_t kq0, int64_t nkq,
-                                                        int64_t bkq, int64_t wkq,
                                                         const int8_t* wbuf, int v0,
                           const float* s, const float* z, const float* d, const float* e,
                           float* f) {
@@ -194,17 +194,16 @@ __attribute__((always_inline)) inline void gemm_q8_group(const int8_t* q, int64_
   __m256 acc[4];
 #pragma GCC unroll 4
   for (int i = 0; i < 4; ++i) acc[i] = _mm256_load_ps(f + (v0 + i) * 8);
-  for (int64_t c0 = kq0; c0 < kq0 + nkq; c0 += bkq) {
+  for (int64_t c0 = kq0; c0 < kq0 + nkq; c0 += 8) {
     __m256i s32[4];
-#pragma GCC unroll 4
-    for (int i = 0; i < 4; ++i) s32[i] = _mm256_setzero_si256();
-    for (int64_t w0 = c0; w0 < c0 + bkq; w0 += wkq) {
+#pragma GCC unroll 2
+    for (int h = 0; h < 8 / W; ++h) {
       __m256i s16[4];
 #pragma GCC unroll 4
       for (int i = 0; i < 4; ++i) s16[i] = _mm256_setzero_si256();
-      const int64_t c1 = std::min(w0 + wkq, c0 + bkq);
+      const int64_t c1 = std::min(c0 + (h + 1) * W, kq0 + nkq);  // always c0 + (h + 1) W
 #pragma GCC unroll 8
-      for (int64_t kq = w0; kq < c1; ++kq) {
+      for (int64_t kq = c0 + h * W; kq < c1; ++kq) {
         const int8_t* wq = wbuf + kq * 256 + v0 * 32;
         int32_t four;
         std::memcpy(&four, q + kq * 4, 4);
@@ -215,9 +214,12 @@ __attribute__((always_inline)) inline void gemm_q8_group(const int8_t* q, int64_
               s16[i], _mm256_maddubs_epi16(_mm256_load_si256((const __m256i*)(wq + 32 * i)), a));
       }
 #pragma GCC unroll 4
-      for (int i = 0; i < 4; ++i) s32[i] = _mm256_add_epi32(s32[i], _mm256_madd_epi16(s16[i], ones16));
+      for (int i = 0; i < 4; ++i) {
+        const __m256i w = _mm256_madd_epi16(s16[i], ones16);
+        s32[i] = h ? _mm256_add_epi32(s32[i], w) : w;
+      }
     }
-    const int64_t b = (c0 - kq0) / bkq;
+    const int64_t b = (c0 - kq0) / 8;
     const __m256 dv = _mm256_set1_ps(d[b]), ev = _mm256_set1_ps(e[b]);
 #pragma GCC unroll 4
     for (int i = 0; i < 4; ++i) {
@@ -374,23 +376,23 @@ void quantize_rows_q8(const float* xp, int64_t Kx, int64_t K, int8_t* q, float* 
 namespace {
 
 // The GEMM of gemm_int4_q8 and gemm_ggml_q8 on an unpacked block: f (M x 64, wbuf's lane order) =
-// the 64 rows' sums for every token over x's blocks of bk values, scales sbuf[g][2][64] (s, z)
-// per group of `group`, int16 sums widened every wkq (gemm_q8_group).
+// the 64 rows' sums for every token over x's 32-value blocks, scales sbuf[g][2][64] (s, z) per
+// group of `group`, int16 sums widened every W steps (gemm_q8_group).
+template <int W>
 void gemm_q8_unpacked(const int8_t* q, const float* d, const float* e, int64_t M, int64_t K,
-                      int64_t group, int64_t bk, int64_t wkq, const int8_t* wbuf,
-                      const float* sbuf, float* f) {
-  const int64_t nb = K / bk;
+                      int64_t group, const int8_t* wbuf, const float* sbuf, float* f) {
+  const int64_t nb = K / 32;
   std::memset(f, 0, M * 64 * sizeof(float));
   // 64 tokens at a time: their fp32 sums (16 KB) stay in L1 across the blocks
   for (int64_t mb = 0; mb < M; mb += 64) {
     const int64_t me = std::min<int64_t>(M, mb + 64);
     for (int64_t g = 0; g < K / group; ++g) {
       const float* s = sbuf + g * 128;
-      const int64_t j = g * group / bk;  // the group's first block
+      const int64_t j = g * group / 32;  // the group's first block
       for (int v0 = 0; v0 < 8; v0 += 4)
         for (int64_t m = mb; m < me; ++m)
-          gemm_q8_group(q + m * K, g * group / 4, group / 4, bk / 4, wkq, wbuf, v0, s, s + 64,
-                        d + m * nb + j, e + m * nb + j, f + m * 64);
+          gemm_q8_group<W>(q + m * K, g * group / 4, group / 4, wbuf, v0, s, s + 64,
+                           d + m * nb + j, e + m * nb + j, f + m * 64);
     }
   }
 }
@@ -466,7 +468,7 @@ void gemm_int4_q8(const int8_t* q, const float* d, const float* e, int64_t M, in
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t n0 = b * 64;
     unpack_int4_block<false>(w, sz, N, K, group, n0, buf.wbuf, buf.sbuf, nullptr);
-    gemm_q8_unpacked(q, d, e, M, K, group, 32, 8, buf.wbuf, buf.sbuf, buf.f);
+    gemm_q8_unpacked<8>(q, d, e, M, K, group, buf.wbuf, buf.sbuf, buf.f);
     store_block(buf.f, M, N, n0, std::min<int64_t>(64, N - n0), y);
   }
 }
@@ -475,16 +477,18 @@ void gemm_int4_q8(const int8_t* q, const float* d, const float* e, int64_t M, in
 // overflow vpmaddubsw's int16 pairs.
 void gemm_ggml_q8(const int8_t* q, const float* d, const float* e, int64_t M, int64_t K,
                   const Matrix& a, int64_t b0, int64_t b1, const Buffers8da4w& buf) {
-  const int64_t bk = ggml_q8_block(a.type);
   // vpmaddubsw pairs summed in int16: 8 of 4-bit codes, 4 of 5-bit (Q5_0, Q5_1)
-  const int64_t wkq = a.type == kGgmlQ5_0 || a.type == kGgmlQ5_1 ? 4 : 8;
+  const bool five = a.type == kGgmlQ5_0 || a.type == kGgmlQ5_1;
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t n0 = b * 64;
     if (a.type == kGgmlQ4_0)
       unpack_q4_0_block(static_cast<const uint8_t*>(a.w), a.ld, a.N, K, n0, buf.wbuf, buf.sbuf);
     else
       unpack_codes_block(a, K, n0, buf.wbuf, buf.sbuf);
-    gemm_q8_unpacked(q, d, e, M, K, bk, bk, wkq, buf.wbuf, buf.sbuf, buf.f);
+    if (five)
+      gemm_q8_unpacked<4>(q, d, e, M, K, 32, buf.wbuf, buf.sbuf, buf.f);
+    else
+      gemm_q8_unpacked<8>(q, d, e, M, K, 32, buf.wbuf, buf.sbuf, buf.f);
     store_block(buf.f, M, a.ldy, n0, std::min<int64_t>(64, a.N - n0), a.y);
   }
 }
