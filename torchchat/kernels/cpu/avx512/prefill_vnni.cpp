@@ -16,7 +16,7 @@
 #include <cstring>
 #include <limits>
 
-#include "../common/ggml.h"
+#include "../common/ggml_codes.h"
 #include "vec.h"
 
 namespace torchchat::cpu::avx512 {
@@ -400,6 +400,29 @@ void unpack_q8_0_block(const uint8_t* w, int64_t ld, int64_t N, int64_t K, int64
   }
 }
 
+inline int64_t row_lane(int64_t r) { return r; }
+
+// Rows n0..n0 + 64 of a GGUF matrix of a type ggml_unit_codes decodes (blocks of 32) -> wbuf in
+// unpack_q4_0_block's layout (row r's 4 codes of k 4 kq.. at byte 256 kq + 4 r, unsigned) and
+// sbuf[b][2][64] = (s, z) per block; rows past a.N: codes and scales 0. 256 values of the 64
+// rows at a time decoded into a 16 KB buffer, then moved by 32-bit gathers of 16 rows.
+void unpack_codes_block(const Matrix& a, int64_t K, int64_t n0, int8_t* wbuf, float* sbuf) {
+  const int64_t bs = std::min<int64_t>(64, a.N - n0);
+  alignas(64) uint8_t codes[64][256];
+  if (bs < 64) std::memset(codes[bs], 0, (64 - bs) * 256);
+  const __m512i idx = _mm512_mullo_epi32(
+      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+      _mm512_set1_epi32(256));
+  for (int64_t u0 = 0; u0 < K; u0 += 256) {
+    const int64_t values = std::min<int64_t>(256, K - u0);
+    ggml_rows_codes<half_at, row_lane>(a, n0, bs, u0, values, codes, sbuf + u0 / 32 * 128);
+    for (int64_t kq = 0; kq < values / 4; ++kq)
+      for (int v = 0; v < 4; ++v)
+        _mm512_store_si512(wbuf + (u0 / 4 + kq) * 256 + v * 64,
+                           _mm512_i32gather_epi32(idx, codes[16 * v] + 4 * kq, 1));
+  }
+}
+
 }  // namespace
 
 void gemm_int4_q8(const int8_t* q, const float* d, const float* e, int64_t M, int64_t K,
@@ -420,8 +443,10 @@ void gemm_ggml_q8(const int8_t* q, const float* d, const float* e, int64_t M, in
     const int64_t n0 = b * 64;
     if (a.type == kGgmlQ8_0)
       unpack_q8_0_block(w, a.ld, a.N, K, n0, buf.wbuf, buf.sbuf);
-    else
+    else if (a.type == kGgmlQ4_0)
       unpack_q4_0_block(w, a.ld, a.N, K, n0, buf.wbuf, buf.sbuf);
+    else
+      unpack_codes_block(a, K, n0, buf.wbuf, buf.sbuf);
     gemm_q8_unpacked(q, d, e, M, K, 32, buf.wbuf, buf.sbuf, buf.f);
     store_block(buf.f, M, a.ldy, n0, std::min<int64_t>(64, a.N - n0), a.y);
   }

@@ -16,7 +16,7 @@ namespace {
 
 // The unit of `type` at p holding `values` values (256; a multiple of 32 for the 32-value types)
 // -> codes[0, values) and, for its j-th block of ggml_q8_block(type) values, s[stride * 2 j] and
-// z = s[stride * (2 j + 1)]. Q4_0, Q4_1, Q5_0, Q5_1 and Q4_K (the types AVX2 and NEON prefill in
+// z = s[stride * (2 j + 1)]. Q4_0, Q4_1, Q5_0, Q5_1 and Q4_K (the types the levels prefill in
 // integers); false for the others.
 // Half(p): the fp16 number at p as fp32.
 template <float (*Half)(const void*)>
