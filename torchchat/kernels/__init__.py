@@ -34,9 +34,7 @@ INT8_GEMM = 4  # 8da4w's integer prefill GEMM
 BF16_GEMM = 8  # bf16 dot products in hardware; without: prefill's bf16/fp16 GEMMs widened to fp32
 GGML = 16  # GGUF's block-quantized weights in place (torchchat.kernels.ggml)
 GGML_GEMM = 32  # GGUF K-quant prefill in integers, tokens in lanes (AVX512-VNNI; ggml_gemm_types)
-INT4_Q8_GEMM = (
-    64  # int4 and GGUF prefill in integers on 8-bit activations (llama.cpp's Q4_0 x Q8_0)
-)
+INT4_Q8_GEMM = 64  # int4 and GGUF prefill in integers on 8-bit activations (as Q4_0 x Q8_0)
 
 _enabled = True
 

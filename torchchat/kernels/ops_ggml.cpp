@@ -60,7 +60,8 @@ void gemm_ggml_q8(const cpu::Kernels& kt, const at::Tensor& x, const at::Tensor&
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   const int64_t bk = cpu::ggml_q8_block((int32_t)type), nb = K / bk;
   const int32_t act = cpu::ggml_layout((int32_t)type)->act;
-  const int64_t abytes = cpu::ggml_row_bytes(act, K), ablock = act == cpu::kGgmlQ8_K ? 256 : 32;
+  const int64_t ablock = act == cpu::kGgmlQ8_K ? 256 : 32;
+  const int64_t abytes = cpu::ggml_row_bytes(act, K), blk_bytes = cpu::ggml_row_bytes(act, ablock);
   const at::Tensor xf = x.detach().to(at::kFloat).contiguous();
   const float* xp = xf.data_ptr<float>();
   std::vector<int8_t> q(M * K);
@@ -70,7 +71,7 @@ void gemm_ggml_q8(const cpu::Kernels& kt, const at::Tensor& x, const at::Tensor&
     for (int64_t m = m0; m < m1; ++m) {
       cpu::ggml_quantize_row(act, xp + m * K, K, row.data());
       for (int64_t a = 0; a < K / ablock; ++a) {
-        const uint8_t* blk = row.data() + a * (abytes / (K / ablock));
+        const uint8_t* blk = row.data() + a * blk_bytes;
         const int8_t* codes;
         float da, s = 0.0f;
         if (act == cpu::kGgmlQ8_K) {

@@ -398,9 +398,11 @@ void gemm_q8_unpacked(const int8_t* q, const float* d, const float* e, int64_t M
 }
 
 // Block position of row i in wbuf's lane order: the inverse of row_of.
-inline int64_t lane_of(int64_t i) { return 8 * (4 * (i / 32) + i % 16 / 4) + i % 4 + 4 * (i % 32 / 16); }
+inline int64_t lane_of(int64_t i) {
+  return 8 * (4 * (i / 32) + i % 16 / 4) + i % 4 + 4 * (i % 32 / 16);
+}
 
-// Rows n0..n0 + 64 (bs of them real) of a GGUF matrix of a type ggml_unit_codes decodes -> wbuf
+// Rows n0..n0 + 64 (bs of them real) of a GGUF matrix of a type of gemm_ggml_q8_types -> wbuf
 // in unpack_int4_block's lane order (unsigned codes) and sbuf[b][2][64] = (s, z) per block of
 // ggml_q8_block(type) values; rows past bs: codes and scales 0. 256 values of 64 rows at a time
 // decoded into a 16 KB buffer, then moved 4 bytes of 8 rows a time by 32-bit gathers.

@@ -402,7 +402,7 @@ void unpack_q8_0_block(const uint8_t* w, int64_t ld, int64_t N, int64_t K, int64
 
 inline int64_t row_lane(int64_t r) { return r; }
 
-// Rows n0..n0 + 64 of a GGUF matrix of a type ggml_unit_codes decodes (blocks of 32) -> wbuf in
+// Rows n0..n0 + 64 of a GGUF matrix of a type of gemm_ggml_q8_types (blocks of 32) -> wbuf in
 // unpack_q4_0_block's layout (row r's 4 codes of k 4 kq.. at byte 256 kq + 4 r, unsigned) and
 // sbuf[b][2][64] = (s, z) per block; rows past a.N: codes and scales 0. 256 values of the 64
 // rows at a time decoded into a 16 KB buffer, then moved by 32-bit gathers of 16 rows.

@@ -47,6 +47,8 @@ int64_t ggml_row_bytes(int32_t type, int64_t K);
 // code plus the type's offset o (Q4_0 8, Q5_0 16, Q8_0 128, Q3_K 4, Q6_K 32), s = d * sc and
 // z = -o * s or -dmin * mn (Q4_1, Q5_1: + m): each one exact product, so s c + z is the value.
 int64_t ggml_q8_block(int32_t type);
+// The offset o of a type's codes (0 for the types with mins, whose z carries them).
+int ggml_code_offset(int32_t type);
 void ggml_codes_ref(int32_t type, const void* row, int64_t K, uint8_t* codes, float* s, float* z);
 // Every weight type, as bits of Kernels::gemm_ggml_q8_types.
 constexpr int64_t kGgmlQ8Every = 1 << kGgmlQ4_0 | 1 << kGgmlQ4_1 | 1 << kGgmlQ5_0 | 1 << kGgmlQ5_1 |

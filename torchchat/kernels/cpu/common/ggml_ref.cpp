@@ -285,16 +285,22 @@ int64_t ggml_q8_block(int32_t type) {
   return type == kGgmlQ2_K || type == kGgmlQ3_K || type == kGgmlQ6_K ? 16 : 32;
 }
 
+int ggml_code_offset(int32_t type) {
+  switch (type) {
+    case kGgmlQ4_0: return 8;
+    case kGgmlQ5_0: return 16;
+    case kGgmlQ8_0: return 128;
+    case kGgmlQ3_K: return 4;
+    case kGgmlQ6_K: return 32;
+    default: return 0;
+  }
+}
+
 void ggml_codes_ref(int32_t type, const void* row, int64_t K, uint8_t* codes, float* s,
                     float* z) {
   const GgmlLayout& l = *ggml_layout(type);
   const int64_t bk = ggml_q8_block(type);
-  const int off = type == kGgmlQ4_0   ? 8
-                  : type == kGgmlQ5_0 ? 16
-                  : type == kGgmlQ8_0 ? 128
-                  : type == kGgmlQ3_K ? 4
-                  : type == kGgmlQ6_K ? 32
-                                      : 0;
+  const int off = ggml_code_offset(type);
   Decoded d;
   for (int64_t b = 0; b < K / l.block; ++b) {
     decode(type, static_cast<const uint8_t*>(row) + b * l.bytes, d);

@@ -1,8 +1,9 @@
-// Weight-only int4 and GGUF prefill in integers on NEON (base dotprod), as cpu/common/kernels.h defines
-// gemm_int4_q8: activations rounded to 8 bits per 32 values (quantize_rows_q8, bit-equal to the
-// reference), the block's codes (0..15, unpacked by gemm_8da4w.h in UDOT's layout: they are
-// non-negative int8 too) times them by SDOT, exact per 32-value block, then
-// f += I s d and f += (z - 8 s) e in fp32, in the reference's order.
+// Weight-only int4 and GGUF prefill in integers on NEON (base dotprod), as cpu/common/kernels.h
+// defines gemm_int4_q8 and gemm_ggml_q8: activations rounded to 8 bits per 32 values (int4:
+// quantize_rows_q8, bit-equal to the reference; GGUF: as decode's), the block's codes (int4
+// 0..15, unpacked by gemm_8da4w.h in UDOT's layout; GGUF up to 31: non-negative int8 too) times
+// them by SDOT, exact per 32-value block, then f += I s d and f += z e in fp32, in the
+// reference's order.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -152,12 +153,12 @@ void gemm_unpacked(const int8_t* q, const float* d, const float* e, int64_t M, i
   }
 }
 
-// Rows n0..n0 + 64 of a GGUF matrix of a type ggml_unit_codes decodes (blocks of 32) -> wbuf
+inline int64_t row_lane(int64_t r) { return r; }  // a row's lane in wbuf: its own
+
+// Rows n0..n0 + 64 of a GGUF matrix of a type of gemm_ggml_q8_types (blocks of 32) -> wbuf
 // in the layout above (row r's codes of k 4 kq.. at byte 256 kq + 4 r) and sbuf[b][2][64] =
 // (s, z) per block; rows past a.N: codes and scales 0. 256 values of the 64 rows at a time
 // decoded into a 16 KB buffer, then moved by 4 x 4 transposes of 32-bit words.
-inline int64_t row_lane(int64_t r) { return r; }
-
 void unpack_codes_block(const Matrix& a, int64_t K, int64_t n0, int8_t* wbuf, float* sbuf) {
   const int64_t bs = std::min<int64_t>(64, a.N - n0);
   alignas(16) uint8_t codes[64][256];
