@@ -12,13 +12,20 @@ import torch
 from torch import nn
 
 from tests.support import REPO, SHARED, STORIES_BIN, STORIES_TOK, greedy
+from torchchat import kernels
 from torchchat.builder import build_model
 from torchchat.errors import TorchchatError
 from torchchat.options import ExecutionOptions, ModelOptions, QuantizeOptions, SourceOptions
 from torchchat.quant.config import load_quantize_spec
 from torchchat.quant.embedding import QuantizedEmbedding
 from torchchat.quant.gptq import _collect_hessians, quantize_linear_gptq
-from torchchat.quant.linear import Int4Linear, Int8Linear
+from torchchat.quant.linear import (
+    Int4Linear,
+    Int8Linear,
+    aten_packs_as_torchchat,
+    pack_int4_cpu,
+    unpack_int4_cpu,
+)
 
 WIKI = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
 SCHEMES = {
@@ -33,6 +40,36 @@ SCHEMES = {
         "linear:gptq": {"groupsize": 32, "calibration_file": str(WIKI), "calibration_samples": 4}
     },
 }
+
+
+@pytest.mark.parametrize("n", [64, 80, 128, 176, 16])
+def test_int4_cpu_layout_is_the_same_on_every_machine(n):
+    """torchchat packs int4 in one layout on every CPU (aten packs for the CPU it runs on: 64-row
+    blocks with AVX-512, 32 with AVX2, byte pairs without), so a checkpoint means the same
+    weights everywhere. Known bytes for known codes (rows of 64 k-major, low nibbles rows 0-31,
+    high 32-63; a short last block by row pairs), the inverse unpacks it, and aten's own int4
+    kernel (with kernels off) computes with it on this machine, repacked where its layout
+    differs."""
+    codes = torch.arange(n * 64, dtype=torch.int32).reshape(n, 64) * 5 % 16
+    packed = pack_int4_cpu(codes)
+    assert packed.shape == (n, 32) and packed.dtype == torch.uint8
+    flat, full = packed.reshape(-1), n // 64 * 64
+    if full:  # block 0, k = 3: byte j = row j | row 32 + j << 4
+        assert flat[3 * 32 + 5] == codes[5, 3] | codes[37, 3] << 4
+    if n > full:  # the short block, k = 2: byte d = row 2d | row 2d + 1 << 4
+        tail, d = flat[full * 32 :], 3
+        half = (n - full) // 2
+        assert tail[2 * half + d] == codes[full + 2 * d, 2] | codes[full + 2 * d + 1, 2] << 4
+    assert torch.equal(unpack_int4_cpu(packed), codes)
+    if aten_packs_as_torchchat():  # a CPU with AVX-512: aten's own layout is this one
+        assert torch.equal(torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1), packed)
+    torch.manual_seed(n)
+    m = Int4Linear.from_float(nn.Linear(64, n, bias=False), 32)
+    x = torch.randn(3, 64)
+    with kernels.disabled():
+        y = m(x.bfloat16()).float()  # aten._weight_int4pack_mm_for_cpu
+    ref = x.bfloat16().float() @ m.dequantize().T
+    assert (y - ref).abs().max() <= 2e-2 * ref.abs().max()
 
 
 def greedy_tokens(built, n=40):

@@ -90,7 +90,8 @@ class Int8Linear(nn.Module):
 
 
 class Int4Linear(nn.Module):
-    """int4 groupwise weights in the device's packed layout (`_weight_int4pack_mm*`).
+    """int4 groupwise weights in the device's packed layout (`_weight_int4pack_mm*`; on CPU
+    torchchat's, `pack_int4_cpu`).
 
     symmetric=False: asymmetric codes with a float zero per group (linear:int4, GPTQ).
     symmetric=True with dynamic int8 activations: 8da4w (zeros fixed at 0).
@@ -114,6 +115,8 @@ class Int4Linear(nn.Module):
         self.n = out_features + (-out_features) % 16
         # Saved checkpoints (and meta-device skeletons) use the CPU kernel's layout.
         gpu = device is not None and torch.device(device).type in ("cuda", "mps")
+        if not gpu:
+            aten_packs_as_torchchat()  # known before any tracing reads it
         packed_shape = _gpu_packed_shape(self.n, self.k) if gpu else (self.n, self.k // 2)
         packed_dtype = torch.int32 if gpu else torch.uint8
         self.register_buffer("weight", torch.zeros(packed_shape, dtype=packed_dtype, device=device))
@@ -175,14 +178,34 @@ class Int4Linear(nn.Module):
         )
 
     def dequantize(self) -> Tensor:
-        """The float weight (out, in), read back through the kernel itself (fp32 identity input)."""
-        eye = torch.eye(self.k, device=self.weight.device)
+        """The float weight (out, in): (code - 8) * scale + zero in fp32 (on CUDA/MPS read back
+        through the kernel itself, an fp32 identity input)."""
         sz = self.scales_and_zeros.float()
         if self.weight.device.type == "cpu":
-            wt = torch.ops.aten._weight_int4pack_mm_for_cpu(eye, self.weight, self.groupsize, sz)
-        else:
-            wt = torch.ops.aten._weight_int4pack_mm(eye, self.weight, self.groupsize, sz)
+            codes = unpack_int4_cpu(self.weight).float().reshape(self.n, -1, self.groupsize)
+            scale, zero = sz.transpose(0, 1).unsqueeze(-1).unbind(-2)  # (n, groups, 1) each
+            w = ((codes - 8) * scale + zero).reshape(self.n, self.k)
+            return w[: self.out_features, : self.in_features]
+        eye = torch.eye(self.k, device=self.weight.device)
+        wt = torch.ops.aten._weight_int4pack_mm(eye, self.weight, self.groupsize, sz)
         return wt.T[: self.out_features, : self.in_features]
+
+    def aten_weight(self) -> Tensor:
+        """The CPU weight in the layout this machine's aten kernel reads: the buffer itself, or
+        one repacked by aten -- in traced code (torch.compile, export) as part of the graph,
+        eagerly once per weight tensor, kept beside it."""
+        if _aten_same:
+            return self.weight
+        if torch.compiler.is_compiling():
+            return torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                unpack_int4_cpu(self.weight), 1
+            )
+        key = (self.weight.data_ptr(), self.weight._version)
+        if getattr(self, "_aten_key", None) != key:
+            codes = unpack_int4_cpu(self.weight)
+            self._aten_weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+            self._aten_key = key
+        return self._aten_weight
 
     def forward(self, x: Tensor) -> Tensor:
         xq = quantize_activations_per_token(x) if self.dynamic_activations else x
@@ -190,7 +213,9 @@ class Int4Linear(nn.Module):
         x2 = F.pad(xq.reshape(-1, x.shape[-1]).to(dt), (0, self.k - self.in_features))
         sz = self.scales_and_zeros.to(dt)
         if self.weight.device.type == "cpu":
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, self.groupsize, sz)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x2, self.aten_weight(), self.groupsize, sz
+            )
         else:
             y = torch.ops.aten._weight_int4pack_mm(x2, self.weight, self.groupsize, sz)
         y = y[:, : self.out_features].reshape(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -198,11 +223,58 @@ class Int4Linear(nn.Module):
 
 
 def pack_for_device(codes: Tensor) -> Tensor:
-    """int32 codes (n, k) in [0, 15] -> the packed layout the device's int4 matmul reads."""
+    """int32 codes (n, k) in [0, 15] -> the packed layout the device's int4 matmul reads (on
+    CPU torchchat's, `pack_int4_cpu`)."""
     if codes.device.type == "cpu":
-        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        return pack_int4_cpu(codes)
     nibbles = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8)  # cuda/mps take uint8 pairs
     return torch.ops.aten._convert_weight_to_int4pack(nibbles, 8)
+
+
+# torchchat's CPU int4 layout is torch's from a CPU with AVX-512, on every machine: aten's
+# _convert_weight_to_int4pack_for_cpu packs for the CPU it runs on (blocks of 64 rows with
+# AVX-512, 32 with AVX2, byte pairs without either), so a checkpoint packed there would read as
+# other weights elsewhere. torchchat's kernels (cpu/avx2/int4.cpp gives the layout) and saved
+# checkpoints use this one; aten's kernel gets a copy in its own layout where that differs.
+def pack_int4_cpu(codes: Tensor) -> Tensor:
+    """int codes (n, k) in [0, 15], n a multiple of 16 and k even -> (n, k / 2) uint8: rows in
+    blocks of 64, each stored k-major, 32 bytes a k whose low nibbles are the block's rows 0-31
+    and high nibbles rows 32-63; a last block of fewer rows (16, 32 or 48) stores rows 2d (low)
+    and 2d + 1 (high) in byte d of each k."""
+    n, k = codes.shape
+    c = codes.to(torch.uint8)
+    full = n // 64 * 64
+    blocks = c[:full].reshape(-1, 64, k)
+    body = (blocks[:, :32] | blocks[:, 32:] << 4).transpose(1, 2)  # (blocks, k, 32)
+    tail = (c[full::2] | c[full + 1 :: 2] << 4).T  # (k, rows / 2)
+    return torch.cat([body.reshape(-1), tail.reshape(-1)]).reshape(n, k // 2)
+
+
+def unpack_int4_cpu(packed: Tensor) -> Tensor:
+    """The inverse of pack_int4_cpu: (n, k / 2) uint8 -> int32 codes (n, k)."""
+    n, k = packed.shape[0], packed.shape[1] * 2
+    flat = packed.reshape(-1)
+    full = n // 64 * 64
+    body = flat[: full * k // 2].reshape(-1, k, 32).transpose(1, 2)  # (blocks, 32, k)
+    rows = torch.cat([body & 15, body >> 4], dim=1).reshape(full, k)
+    tail = flat[full * k // 2 :].reshape(k, -1).T  # (rows / 2, k)
+    pairs = torch.stack([tail & 15, tail >> 4], dim=1).reshape(-1, k)
+    return torch.cat([rows, pairs]).to(torch.int32)
+
+
+_aten_same: bool | None = None
+
+
+def aten_packs_as_torchchat() -> bool:
+    """Whether this machine's aten int4 CPU kernel reads torchchat's layout (it reads the one
+    its own packing op writes, which depends on the CPU: see pack_int4_cpu). Found once, by
+    packing a probe; Int4Linear asks at construction, so traced code only reads the answer."""
+    global _aten_same
+    if _aten_same is None:
+        probe = torch.arange(64 * 32, dtype=torch.int32).reshape(64, 32) * 7 % 16
+        aten = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1)
+        _aten_same = torch.equal(aten.reshape(-1), pack_int4_cpu(probe).reshape(-1))
+    return _aten_same
 
 
 def _gpu_packed_shape(n: int, k: int) -> tuple[int, ...]:
