@@ -257,10 +257,15 @@ def test_int4_q8_gemm_is_the_integer_product(m, k, n, group):
                 assert torch.equal(y, kernels.int4_gemm_q8(x, w.weight, w.scales_and_zeros, group))
         finally:
             kernels.select_isa(level)
+    for rows in (1, 3, 8):  # decode: prefill's sums to the bit where the level decodes so
+        few = kernels.int4_gemm_q8(x[:rows], w.weight, w.scales_and_zeros, group)
+        if kernels.q8_decode(group):
+            assert torch.equal(few, y[:rows])
+        else:
+            assert few is None  # the int4 kernel on bf16 activations takes them
     x[1, 5] = float("inf")
     y = kernels.int4_gemm_q8(x, w.weight, w.scales_and_zeros, group)
     assert y[1].isnan().all() and y[torch.arange(m) != 1].isfinite().all()
-    assert kernels.int4_gemm_q8(x[:8], w.weight, w.scales_and_zeros, group) is None  # decode rows
 
 
 needs_vnni = pytest.mark.skipif(
@@ -283,6 +288,12 @@ def test_8da4w_gemm_is_the_integer_product(m, k, n, group):
     q, scale, zero = quantize_per_token_int8(x)  # the codes the op must have found
     reference = F.linear(((q - zero) * scale).double(), w.dequantize().double())
     assert max_rel(y[:, :n], reference) < 1e-5
+    for rows in (1, 3, 8):  # decode: prefill's sums to the bit where the level decodes so
+        few = kernels.gemm_8da4w(x[:rows], w.weight, w.scales_and_zeros, group)
+        if kernels.q8_decode(group):
+            assert torch.equal(few, y[:rows])
+        else:
+            assert few is None  # the int4 kernel on fake-quantized activations takes them
 
 
 @needs_vnni

@@ -35,6 +35,7 @@ BF16_GEMM = 8  # bf16 dot products in hardware; without: prefill's bf16/fp16 GEM
 GGML = 16  # GGUF's block-quantized weights in place (torchchat.kernels.ggml)
 GGML_GEMM = 32  # GGUF K-quant prefill in integers, tokens in lanes (AVX512-VNNI; ggml_gemm_types)
 INT4_Q8_GEMM = 64  # int4 and GGUF prefill in integers on 8-bit activations (as Q4_0 x Q8_0)
+Q8_DECODE = 128  # int4 and 8da4w decode in integers too: the same activations and sums as prefill
 
 _enabled = True
 
@@ -197,6 +198,30 @@ def int4_linears(
     return _split(x, y, packed)
 
 
+def int4_linears_q8(
+    x: Tensor,
+    packed: Sequence[Tensor],
+    scales_and_zeros: Sequence[Tensor],
+    groupsize: int,
+    dynamic: bool,
+) -> list[Tensor] | None:
+    """Decode's x @ W.T for each int4 W (as int4_linears) in integers, or None where the level
+    does not decode so (q8_decode): x rounded to 8 bits per 32 values as int4_gemm_q8 does, or
+    per token as gemm_8da4w does (`dynamic`), the same sums as those ops."""
+    if not x.is_floating_point() or not q8_decode(groupsize):
+        return None
+    rows = _rows(x, Q8_DECODE)
+    if rows is None:
+        return None
+    for w, sz in zip(packed, scales_and_zeros, strict=True):
+        if w.dtype != torch.uint8 or sz.dtype != torch.bfloat16:
+            return None
+    y = torch.ops.torchchat.linear_int4_q8(
+        x.reshape(rows, x.shape[-1]), packed, scales_and_zeros, groupsize, dynamic
+    )
+    return _split(x, y, packed)
+
+
 def int4_linear(
     x: Tensor, packed: Tensor, scales_and_zeros: Tensor, groupsize: int
 ) -> Tensor | None:
@@ -321,7 +346,9 @@ def gemm_8da4w(
     result is (..., packed rows) in x's dtype."""
     if packed.dtype != torch.uint8 or scales_and_zeros.dtype != torch.bfloat16 or groupsize % 4:
         return None
-    if not prefill_ok(x) or not simd_level() & INT8_GEMM or x.numel() <= MAX_ROWS * x.shape[-1]:
+    if not prefill_ok(x) or not simd_level() & INT8_GEMM:
+        return None
+    if x.numel() <= MAX_ROWS * x.shape[-1] and not q8_decode(groupsize):
         return None  # a few rows (decode): the int4 kernel on fake-quantized activations
     y = torch.ops.torchchat.gemm_8da4w(
         x.reshape(-1, x.shape[-1]), packed, scales_and_zeros, groupsize
@@ -338,12 +365,20 @@ def int4_gemm_q8(
     is (..., packed rows) in x's dtype."""
     if packed.dtype != torch.uint8 or scales_and_zeros.dtype != torch.bfloat16 or groupsize % 32:
         return None
-    if not prefill_ok(x) or not simd_level() & INT4_Q8_GEMM or x.numel() <= MAX_ROWS * x.shape[-1]:
+    if not prefill_ok(x) or not simd_level() & INT4_Q8_GEMM:
+        return None
+    if x.numel() <= MAX_ROWS * x.shape[-1] and not q8_decode(groupsize):
         return None  # a few rows (decode): the int4 kernel on bf16 activations
     y = torch.ops.torchchat.gemm_int4_q8(
         x.reshape(-1, x.shape[-1]), packed, scales_and_zeros, groupsize
     )
     return y.reshape(*x.shape[:-1], packed.shape[0])
+
+
+def q8_decode(groupsize: int) -> bool:
+    """Whether int4 and 8da4w decode (a few rows) run in integers on this level, as their prefill
+    does (the fused step decides the same way): groups of whole 32-value blocks."""
+    return bool(simd_level() & Q8_DECODE) and groupsize % 32 == 0
 
 
 def prefill_ok(x: Tensor) -> bool:

@@ -102,6 +102,7 @@ def describe_bits(bits: int, gguf_integer: int = 0) -> str:
     families += ["bf16 prefill GEMMs" if bits & 8 else "prefill GEMMs widened to fp32"]
     families += ["GGUF blocks"] * bool(bits & 16)
     families += ["int4 integer prefill"] * bool(bits & 64)
+    families += ["int4/8da4w integer decode"] * bool(bits & 128)
     from torchchat.kernels.ggml import BLOCKS  # here: ggml imports this package
 
     names = [name for t, (name, _, _) in BLOCKS.items() if gguf_integer >> t & 1]
@@ -136,6 +137,10 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("torchchat::linear_int4")
     def _(x, w, scales_and_zeros, group):
+        return x.new_empty(x.shape[0], sum(t.shape[0] for t in w))
+
+    @torch.library.register_fake("torchchat::linear_int4_q8")
+    def _(x, w, scales_and_zeros, group, dynamic):
         return x.new_empty(x.shape[0], sum(t.shape[0] for t in w))
 
     @torch.library.register_fake("torchchat::gemm_int4")

@@ -124,6 +124,25 @@ at::Tensor linear_int4_cpu(const at::Tensor& x, at::TensorList ws, at::TensorLis
   return rows_from(y, M, total_rows(ws), x);
 }
 
+// int4 (or 8da4w: dynamic) decode in integers, grouped as linear_int4: x (M <= kMaxRows, Kx <= K)
+// quantized once as gemm_int4_q8 (gemm_8da4w) quantizes it, the same sums as those ops.
+at::Tensor linear_int4_q8_cpu(const at::Tensor& x, at::TensorList ws, at::TensorList sz,
+                              int64_t group, bool dynamic) {
+  const char* op = "torchchat::linear_int4_q8";
+  const auto& kt = kernels(op, cpu::kQ8Decode);
+  check_group(op, ws, sz, true);
+  const int64_t Kw = check_int4(op, ws[0], sz[0], group, 32);
+  for (size_t i = 1; i < ws.size(); ++i)
+    TORCH_CHECK(check_int4(op, ws[i], sz[i], group, 32) == Kw, op, ": K differs");
+  const int64_t M = x.size(0), Kx = x.size(1);
+  check_rows(x, Kw);
+  std::vector<float> xf, y;
+  rows_to(x, Kx, xf);
+  const auto mats = matrices(ws, sz, M, y);
+  cpu::linear_int4_q8(kt, parallel, dynamic, xf.data(), M, Kx, Kw, group, mats);
+  return rows_from(y, M, total_rows(ws), x);
+}
+
 // fill(n0, tn, buf, ld) writes rows n0..n0 + tn of W as bf16 into buf: transposed (K x ld,
 // k_major) or not (ld x K). The result (M, N) bf16, each column times scale[n] if scale is given
 // (the product rounded once more to bf16).
@@ -220,7 +239,18 @@ at::Tensor gemm_wide_cpu(const at::Tensor& x, const at::Tensor& w) {
   return y;
 }
 
-// 8da4w prefill: x (M, Kx <= K) of any float dtype, quantized here per token to int8 exactly as
+// An int4 matrix in torch's layout (scales [G][N][2]) for the decode entries, results y (M, N).
+cpu::Matrix int4_matrix(const at::Tensor& w, const at::Tensor& sz, float* y) {
+  cpu::Matrix a{};
+  a.w = w.data_ptr<uint8_t>();
+  a.s = ptr<bf16_t>(sz);
+  a.N = w.size(0);
+  a.y = y;
+  a.ldy = a.N;
+  return a;
+}
+
+// 8da4w prefill (and decode where the level has kQ8Decode): x (M, Kx <= K) of any float dtype, quantized here per token to int8 exactly as
 // torchchat.quant.primitives.quantize_per_token_int8 does (fp32 arithmetic, round half to even;
 // missing columns count as zeros); int4 weights in torch's CPU pack layout with zero points 0.
 // Returns (M, N) in x's dtype.
@@ -241,6 +271,13 @@ at::Tensor gemm_8da4w_cpu(const at::Tensor& x, const at::Tensor& w, const at::Te
     kt.quantize_rows_8da4w(xp, Kx, K, u.data(), sa.data(), za.data(), m0, m1);
   });
   float* yp = y.data_ptr<float>();
+  if (M <= cpu::kMaxRows && (kt.features & cpu::kQ8Decode) && group % 32 == 0) {  // decode
+    const cpu::Matrix a = int4_matrix(w, sz, yp);
+    at::parallel_for(0, (N + 63) / 64, 1, [&](int64_t b0, int64_t b1) {
+      kt.linear_8da4w(u.data(), sa.data(), za.data(), M, K, group, a, b0, b1);
+    });
+    return y.to(x.scalar_type());
+  }
   int4_row_blocks(N, K, M, (K / group) * 64, [&](int64_t b0, int64_t b1, const auto& buf) {
     kt.gemm_8da4w(u.data(), M, K, sa.data(), za.data(), w.data_ptr<uint8_t>(), ptr<bf16_t>(sz), N,
                   group, yp, b0, b1, buf);
@@ -248,9 +285,9 @@ at::Tensor gemm_8da4w_cpu(const at::Tensor& x, const at::Tensor& w, const at::Te
   return y.to(x.scalar_type());
 }
 
-// int4 prefill in integers: x (M, Kx <= K) of any float dtype quantized here to 8 bits per 32
-// values (quantize_rows_q8), int4 weights in torch's CPU pack layout with (scale, zero)
-// pairs. Returns (M, N) in x's dtype.
+// int4 prefill (and decode where the level has kQ8Decode) in integers: x (M, Kx <= K) of any
+// float dtype quantized here to 8 bits per 32 values (quantize_rows_q8), int4 weights in torch's
+// CPU pack layout with (scale, zero) pairs. Returns (M, N) in x's dtype.
 at::Tensor gemm_int4_q8_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sz,
                             int64_t group) {
   const auto& kt = kernels("torchchat::gemm_int4_q8", cpu::kInt4Q8Gemm);
@@ -267,6 +304,13 @@ at::Tensor gemm_int4_q8_cpu(const at::Tensor& x, const at::Tensor& w, const at::
     kt.quantize_rows_q8(xp, Kx, K, q.data(), d.data(), e.data(), m0, m1);
   });
   float* yp = y.data_ptr<float>();
+  if (M <= cpu::kMaxRows && (kt.features & cpu::kQ8Decode)) {  // decode: the same sums
+    const cpu::Matrix a = int4_matrix(w, sz, yp);
+    at::parallel_for(0, (N + 63) / 64, 1, [&](int64_t b0, int64_t b1) {
+      kt.linear_int4_q8(q.data(), d.data(), e.data(), M, K, group, a, b0, b1);
+    });
+    return y.to(x.scalar_type());
+  }
   int4_row_blocks(N, K, M, (K / group) * 128, [&](int64_t b0, int64_t b1, const auto& buf) {
     kt.gemm_int4_q8(q.data(), d.data(), e.data(), M, K, w.data_ptr<uint8_t>(), ptr<bf16_t>(sz), N,
                     group, yp, b0, b1, buf);
@@ -482,9 +526,13 @@ at::Tensor decode_layers_cpu(const at::Tensor& x, at::TensorList norms, double e
     proj.push_back({{mat(b + 4, F, g.data(), 2 * F), mat(b + 5, F, g.data() + F, 2 * F)}, K1});
     proj.push_back({{mat(b + 6, D, y2.data(), D)}, K2});
   }
+  // int4 and 8da4w decode in integers where the modules do: levels with kQ8Decode, groups of
+  // whole 32-value blocks, bf16 models (other models' modules keep float scales, which the ops
+  // leave to aten's kernel on bf16 activations)
+  const bool q8 = int4 && (kt.features & cpu::kQ8Decode) && group % 32 == 0 && dt == at::kBFloat16;
   const bool bf16_out = int4 && dt == at::kFloat;
-  const cpu::StepArgs a{L, D, n_heads, KVH, Dh, F, len, p, kind, group, bf16_scales, bf16_out,
-                        (float)eps};
+  const cpu::StepArgs a{L,     D,           n_heads,  KVH, Dh,         F, len, p, kind,
+                        group, bf16_scales, bf16_out, q8,  (float)eps};
   std::vector<const void*> norm_ptrs;
   for (const auto& n : norms) norm_ptrs.push_back(n.const_data_ptr());
   std::vector<void*> k_ptrs, v_ptrs;
@@ -518,6 +566,9 @@ TORCH_LIBRARY(torchchat, m) {
   m.def("linear(Tensor x, Tensor[] w) -> Tensor");
   m.def("linear_int8(Tensor x, Tensor[] w, Tensor[] scales, int group) -> Tensor");
   m.def("linear_int4(Tensor x, Tensor[] w, Tensor[] scales_and_zeros, int group) -> Tensor");
+  m.def(
+      "linear_int4_q8(Tensor x, Tensor[] w, Tensor[] scales_and_zeros, int group, bool dynamic) "
+      "-> Tensor");
   m.def("attention(Tensor q, Tensor k, Tensor v, Tensor mask, float scale) -> Tensor");
   m.def(
       "attention_paged(Tensor q, Tensor k, Tensor v, Tensor index, Tensor mask, float scale) -> "
@@ -537,6 +588,7 @@ TORCH_LIBRARY_IMPL(torchchat, CPU, m) {
   m.impl("linear", &linear_cpu);
   m.impl("linear_int8", &linear_int8_cpu);
   m.impl("linear_int4", &linear_int4_cpu);
+  m.impl("linear_int4_q8", &linear_int4_q8_cpu);
   m.impl("attention", &attention_cpu);
   m.impl("attention_paged", &attention_paged_cpu);
   m.impl("decode_layers", &decode_layers_cpu);

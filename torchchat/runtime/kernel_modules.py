@@ -114,10 +114,10 @@ class KernelInt8Linear(Int8Linear):
 
 
 class KernelInt4Linear(Int4Linear):
-    """int4 weights in torch's CPU pack layout: torchchat's GEMV for a few rows; for prefill,
-    GEMMs in integers (8da4w's on its per-token int8 activations; weight-only int4 on
-    activations rounded to 8 bits per 32 values, as llama.cpp's Q4_0 prefill), else bf16 GEMMs
-    on tiles of dequantized weights."""
+    """int4 weights in torchchat's CPU pack layout: torchchat's GEMV for a few rows (in integers
+    where the level decodes so: kernels.q8_decode); for prefill, GEMMs in integers (8da4w's on
+    its per-token int8 activations; weight-only int4 on activations rounded to 8 bits per 32
+    values, as llama.cpp's Q4_0 prefill), else bf16 GEMMs on tiles of dequantized weights."""
 
     def forward(self, x: Tensor) -> Tensor:
         y = self._cpu_kernels(x) if self.weight.device.type == "cpu" else None
@@ -126,6 +126,11 @@ class KernelInt4Linear(Int4Linear):
         return _finish(y[..., : self.out_features] if self.n != self.out_features else y, self)
 
     def _cpu_kernels(self, x: Tensor) -> Tensor | None:
+        ys = kernels.int4_linears_q8(
+            x, [self.weight], [self.scales_and_zeros], self.groupsize, self.dynamic_activations
+        )
+        if ys is not None:  # decode in integers
+            return ys[0]
         if self.dynamic_activations:
             y = kernels.gemm_8da4w(x, self.weight, self.scales_and_zeros, self.groupsize)
             if y is not None:
@@ -147,12 +152,14 @@ class KernelInt4Linear(Int4Linear):
         scheme = (first.groupsize, first.k, first.dynamic_activations)
         if any((m.groupsize, m.k, m.dynamic_activations) != scheme for m in linears):
             return None
+        ws, szs = [m.weight for m in linears], [m.scales_and_zeros for m in linears]
+        ys = kernels.int4_linears_q8(x, ws, szs, first.groupsize, first.dynamic_activations)
+        if ys is not None:  # decode in integers
+            return [_finish(y[..., : m.out_features], m) for y, m in zip(ys, linears, strict=True)]
         if first.dynamic_activations and not kernels.takes_rows(x, kernels.INT4):
             return None  # not a decode step on the kernels: no quantization here
         xq = quantize_activations_per_token(x) if first.dynamic_activations else x
-        ys = kernels.int4_linears(
-            xq, [m.weight for m in linears], [m.scales_and_zeros for m in linears], first.groupsize
-        )
+        ys = kernels.int4_linears(xq, ws, szs, first.groupsize)
         if ys is None:
             return None
         return [_finish(y[..., : m.out_features], m) for y, m in zip(ys, linears, strict=True)]

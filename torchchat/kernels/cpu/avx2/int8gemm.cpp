@@ -15,6 +15,7 @@
 // token passes over it.
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 
@@ -253,6 +254,158 @@ inline float hmin(__m256 v) {
   return _mm_cvtss_f32(_mm_min_ss(s, _mm_movehdup_ps(s)));
 }
 
+// A few tokens (decode): torch's layout read in place, no unpacked copy. Rows r and 32 + r of a
+// k share byte r of its 32; vpunpck{l,h}bw of the bytes of k and k + 1 put each row's (k, k + 1)
+// byte pair in one 16-bit lane -- lane j of a 128-bit half holds row j (low half) or 16 + j
+// (high) of the unpacklo, 8 + j or 24 + j of the unpackhi; the low nibbles are rows 0-31's codes,
+// the high ones rows 32-63's -- and one vpmaddubsw of those codes (unsigned) against the token's
+// two 8-bit values (signed) adds the row's two products in its lane. 19 instructions for 64 bytes
+// of codes (the bf16 kernel, int4.cpp: 48). Eight pairs add up in int16 exactly (8 * 2 * 15 * 127
+// = 30480 < 32767) before they widen to int32. Same sums and fp32 steps as gemm_q8_group.
+//
+// The codes of k and k + 1 (64 bytes at blk + 32 k) as 4 vectors of 16 rows' byte pairs, rows
+// {0-7, 16-23}, {8-15, 24-31}, {32-39, 48-55}, {40-47, 56-63}; and one token's two values
+// there (x + k) broadcast to every 16-bit lane.
+template <typename X>
+inline __m256i pair_codes(const uint8_t* blk, const X* x, int64_t k, __m256i* c) {
+  const __m256i low4 = _mm256_set1_epi8(15);
+  const __m256i a0 = _mm256_loadu_si256((const __m256i*)(blk + k * 32));
+  const __m256i a1 = _mm256_loadu_si256((const __m256i*)(blk + k * 32 + 32));
+  _mm_prefetch((const char*)(blk + k * 32 + kPrefetch), _MM_HINT_T0);  // a line a pair
+  const __m256i lo = _mm256_unpacklo_epi8(a0, a1), hi = _mm256_unpackhi_epi8(a0, a1);
+  c[0] = _mm256_and_si256(lo, low4);
+  c[1] = _mm256_and_si256(hi, low4);
+  c[2] = _mm256_and_si256(_mm256_srli_epi16(lo, 4), low4);
+  c[3] = _mm256_and_si256(_mm256_srli_epi16(hi, 4), low4);
+  int16_t two;
+  std::memcpy(&two, x + k, 2);
+  return _mm256_set1_epi16(two);
+}
+
+// The 4 vectors of int16 row sums (pair_codes' order) added into I (8 vectors of int32, rows
+// 8v..8v + 7): s[i]'s halves are vectors 4 (i / 2) + i % 2 and that + 2.
+inline void widen_rows(const __m256i* s, __m256i* I) {
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {
+    const int v = 4 * (i / 2) + i % 2;
+    I[v] = _mm256_add_epi32(I[v], _mm256_cvtepi16_epi32(_mm256_castsi256_si128(s[i])));
+    I[v + 2] = _mm256_add_epi32(I[v + 2], _mm256_cvtepi16_epi32(_mm256_extracti128_si256(s[i], 1)));
+  }
+}
+
+// One token's sums over 8 pairs from k0 (codes times its 8-bit values q), added into I.
+inline void q8_pairs(const uint8_t* blk, const int8_t* q, int64_t k0, __m256i* I) {
+  __m256i s[4];
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) s[i] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+  for (int p = 0; p < 8; ++p) {
+    __m256i c[4];
+    const __m256i x = pair_codes(blk, q, k0 + 2 * p, c);
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) s[i] = _mm256_add_epi16(s[i], _mm256_maddubs_epi16(c[i], x));
+  }
+  widen_rows(s, I);
+}
+
+// The (scale, zero) pairs of a block's 64 rows for one group: 4 cache lines.
+inline void prefetch_pairs(const bf16_t* p) {
+  for (int q = 0; q < 4; ++q) _mm_prefetch((const char*)(p + q * 32), _MM_HINT_T0);
+}
+
+// One full 64-row block (torch's layout at blk) for one token: out (64, row order) = its sums.
+void int4_q8_block(const uint8_t* blk, const int8_t* q, const float* d, const float* e,
+                   int64_t K, int64_t group, const bf16_t* sz, bool blocked, int64_t N,
+                   int64_t n0, float* out) {
+  const int64_t G = K / group;
+  const __m256 eight = _mm256_set1_ps(8.0f);
+  const __m256i high16 = _mm256_set1_epi32((int)0xFFFF0000u);
+  for (int v = 0; v < 8; ++v) _mm256_store_ps(out + 8 * v, _mm256_setzero_ps());
+  for (int64_t b = 0; b < K / 32; ++b) {
+    __m256i I[8];
+#pragma GCC unroll 8
+    for (int v = 0; v < 8; ++v) I[v] = _mm256_setzero_si256();
+    if (!blocked && b + 2 < K / 32)  // torch's layout: a group's scales are N * 4 bytes apart
+      prefetch_pairs(sz + int4_scale_offset(false, (b + 2) * 32 / group, G, N, n0, 64));
+    q8_pairs(blk, q, b * 32, I);
+    q8_pairs(blk, q, b * 32 + 16, I);
+    const bf16_t* szg = sz + int4_scale_offset(blocked, b * 32 / group, G, N, n0, 64);
+    const __m256 dv = _mm256_set1_ps(d[b]), ev = _mm256_set1_ps(e[b]);
+#pragma GCC unroll 8
+    for (int v = 0; v < 8; ++v) {  // (scale, zero) pairs of rows 8v..8v + 7, the scale low
+      const __m256i sv = _mm256_loadu_si256((const __m256i*)(szg + 16 * v));
+      const __m256 s = _mm256_castsi256_ps(_mm256_slli_epi32(sv, 16));
+      const __m256 z = _mm256_fnmadd_ps(eight, s, _mm256_castsi256_ps(_mm256_and_si256(sv, high16)));
+      const __m256 f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(I[v]), _mm256_mul_ps(s, dv),
+                                       _mm256_load_ps(out + 8 * v));
+      _mm256_store_ps(out + 8 * v, _mm256_fmadd_ps(z, ev, f));
+    }
+  }
+}
+
+// 8da4w's sums for a few tokens, as int4_q8_block reads the codes: the token's unsigned values
+// u (pairs broadcast) times the codes c as signed bytes (c <= 15) by vpmaddubsw, four pairs in
+// int16 (4 * 2 * 255 * 15 = 30600 < 32767); per group I_g = sum u c - 8 U_g (U_g: the token's sum
+// of u over the group) is gemm_8da4w's sum u (c - 8), exactly. kSums: also R = sum_g s_g W_g
+// (W_g = sum (c - 8), the codes' byte sums over 4 pairs widened by vpmaddubsw with ones) into r.
+// f (64, row order) = sum_g s_g I_g in gemm_8da4w_group's order.
+template <bool kSums>
+void int4_8da4w_block(const uint8_t* blk, const uint8_t* u, const int32_t* U, int64_t K,
+                      int64_t group, const bf16_t* sz, bool blocked, int64_t N, int64_t n0,
+                      float* f, float* r) {
+  const int64_t G = K / group;
+  const __m256i ones8 = _mm256_set1_epi8(1);
+  for (int v = 0; v < 8; ++v) {
+    _mm256_store_ps(f + 8 * v, _mm256_setzero_ps());
+    if (kSums) _mm256_store_ps(r + 8 * v, _mm256_setzero_ps());
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    __m256i I[8], w16[4];
+#pragma GCC unroll 8
+    for (int v = 0; v < 8; ++v) I[v] = _mm256_setzero_si256();
+#pragma GCC unroll 4
+    for (int i = 0; i < 4; ++i) w16[i] = _mm256_setzero_si256();
+    if (!blocked && g + 2 < G)  // torch's layout: a group's scales are N * 4 bytes apart
+      prefetch_pairs(sz + int4_scale_offset(false, g + 2, G, N, n0, 64));
+    for (int64_t k0 = g * group; k0 < (g + 1) * group; k0 += 8) {
+      __m256i s[4], c8[4];
+#pragma GCC unroll 4
+      for (int i = 0; i < 4; ++i) s[i] = c8[i] = _mm256_setzero_si256();
+#pragma GCC unroll 4
+      for (int p = 0; p < 4; ++p) {
+        __m256i c[4];
+        const __m256i x = pair_codes(blk, u, k0 + 2 * p, c);
+#pragma GCC unroll 4
+        for (int i = 0; i < 4; ++i) {
+          s[i] = _mm256_add_epi16(s[i], _mm256_maddubs_epi16(x, c[i]));
+          if (kSums) c8[i] = _mm256_add_epi8(c8[i], c[i]);
+        }
+      }
+      widen_rows(s, I);
+      if (kSums)
+#pragma GCC unroll 4
+        for (int i = 0; i < 4; ++i) w16[i] = _mm256_add_epi16(w16[i], _mm256_maddubs_epi16(c8[i], ones8));
+    }
+    const bf16_t* szg = sz + int4_scale_offset(blocked, g, G, N, n0, 64);
+    const __m256i off = _mm256_set1_epi32(8 * U[g]);
+#pragma GCC unroll 8
+    for (int v = 0; v < 8; ++v) {  // (scale, zero) pairs of rows 8v..8v + 7, the scale low
+      const __m256 sc = _mm256_castsi256_ps(
+          _mm256_slli_epi32(_mm256_loadu_si256((const __m256i*)(szg + 16 * v)), 16));
+      const __m256 t = _mm256_cvtepi32_ps(_mm256_sub_epi32(I[v], off));
+      _mm256_store_ps(f + 8 * v, _mm256_fmadd_ps(t, sc, _mm256_load_ps(f + 8 * v)));
+      if (kSums) {
+        const __m256i wv = w16[2 * (v / 4) + v % 2];  // the inverse of v = 4 (i / 2) + i % 2
+        const __m128i h = (v / 2) % 2 ? _mm256_extracti128_si256(wv, 1) : _mm256_castsi256_si128(wv);
+        const __m256i W = _mm256_sub_epi32(_mm256_cvtepi16_epi32(h),
+                                           _mm256_set1_epi32((int)(8 * group)));
+        _mm256_store_ps(r + 8 * v,
+                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(W), sc, _mm256_load_ps(r + 8 * v)));
+      }
+    }
+  }
+}
+
 }  // namespace
 
 // x (M, Kx) fp32 -> u (M, K) = per-token int8 codes + 128 (columns past Kx: the zero point,
@@ -327,6 +480,64 @@ void gemm_8da4w(const uint8_t* u, int64_t M, int64_t K, const float* sa, const f
       }
     }
     store_block(f, M, N, n0, bs, y);
+  }
+}
+
+// Decode's entries: full blocks token by token from the codes in place (int4_q8_block,
+// int4_8da4w_block); a short last block (small layers only) through the reference's loops.
+void linear_8da4w(const uint8_t* u, const float* sa, const float* za, int64_t M, int64_t K,
+                  int64_t group, const Matrix& a, int64_t b0, int64_t b1) {
+  const int64_t G = K / group;
+  // Each token's sum of u over each group (malloc: no library templates in this folder)
+  int32_t* U = static_cast<int32_t*>(std::malloc(M * G * sizeof(int32_t)));
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < G; ++g) {
+      int32_t t = 0;
+      for (int64_t k = g * group; k < (g + 1) * group; ++k) t += u[m * K + k];
+      U[m * G + g] = t;
+    }
+  const uint8_t* w = static_cast<const uint8_t*>(a.w);
+  const bf16_t* sz = static_cast<const bf16_t*>(a.s);
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t n0 = b * 64;
+    if (a.N - n0 < 64) {
+      scalar_kernels().linear_8da4w(u, sa, za, M, K, group, a, b, b + 1);
+      continue;
+    }
+    alignas(32) float f[64], r[64];
+    for (int64_t m = 0; m < M; ++m) {
+      if (m == 0)
+        int4_8da4w_block<true>(w + n0 * (K / 2), u, U, K, group, sz, a.blocked, a.N, n0, f, r);
+      else
+        int4_8da4w_block<false>(w + n0 * (K / 2), u + m * K, U + m * G, K, group, sz, a.blocked,
+                                a.N, n0, f, r);
+      const __m256 s = _mm256_set1_ps(sa[m]), c = _mm256_set1_ps(128.0f + za[m]);
+      for (int v = 0; v < 8; ++v)  // y = s_a * (f - (128 + z_a) * R), as gemm_8da4w
+        _mm256_storeu_ps(a.y + m * a.ldy + n0 + 8 * v,
+                         _mm256_mul_ps(s, _mm256_fnmadd_ps(c, _mm256_load_ps(r + 8 * v),
+                                                           _mm256_load_ps(f + 8 * v))));
+    }
+  }
+  std::free(U);
+}
+
+void linear_int4_q8(const int8_t* q, const float* d, const float* e, int64_t M, int64_t K,
+                    int64_t group, const Matrix& a, int64_t b0, int64_t b1) {
+  const int64_t nb = K / 32;
+  const uint8_t* w = static_cast<const uint8_t*>(a.w);
+  const bf16_t* sz = static_cast<const bf16_t*>(a.s);
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t n0 = b * 64;
+    if (a.N - n0 < 64) {
+      scalar_kernels().linear_int4_q8(q, d, e, M, K, group, a, b, b + 1);
+      continue;
+    }
+    for (int64_t m = 0; m < M; ++m) {
+      alignas(32) float out[64];
+      int4_q8_block(w + n0 * (K / 2), q + m * K, d + m * nb, e + m * nb, K, group, sz, a.blocked,
+                    a.N, n0, out);
+      std::memcpy(a.y + m * a.ldy + n0, out, sizeof out);
+    }
   }
 }
 

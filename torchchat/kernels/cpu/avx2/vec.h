@@ -144,6 +144,10 @@ void quantize_rows_q8(const float* x, int64_t Kx, int64_t K, int8_t* q, float* d
 void gemm_int4_q8(const int8_t* q, const float* d, const float* e, int64_t M, int64_t K,
                   const uint8_t* w, const bf16_t* sz, int64_t N, int64_t group, float* y,
                   int64_t b0, int64_t b1, const Buffers8da4w& buf);
+void linear_int4_q8(const int8_t* q, const float* d, const float* e, int64_t M, int64_t K,
+                    int64_t group, const Matrix& a, int64_t b0, int64_t b1);
+void linear_8da4w(const uint8_t* u, const float* sa, const float* za, int64_t M, int64_t K,
+                  int64_t group, const Matrix& a, int64_t b0, int64_t b1);
 void gemm_ggml_q8(const int8_t* q, const float* d, const float* e, int64_t M, int64_t K,
                   const Matrix& a, int64_t b0, int64_t b1, const Buffers8da4w& buf);
 // GGUF blocks (ggml.cpp: blocks of 32 and the table's entries; ggml_k.cpp: the K-quants).

@@ -59,6 +59,8 @@ void project_row(const Kernels& kt, ParallelFor pf, const StepArgs& a, const Pro
     sc.xf.assign(p.K, 0.0f);
     std::copy(x, x + K0, sc.xf.begin());
     linear_int8(kt, pf, a.bf16_scales, sc.xf.data(), 1, p.K, a.group, p.mats);
+  } else if (a.q8) {
+    linear_int4_q8(kt, pf, a.kind == kInt4DynW, x, 1, K0, p.K, a.group, p.mats);
   } else {
     sc.xb.assign(p.K, bf16_t(0.0f));
     for (int64_t k = 0; k < K0; ++k) sc.xb[k] = bf16_t(x[k]);
@@ -104,7 +106,7 @@ void layers(const Kernels& kt, ParallelFor pf, const StepArgs& a, const StepData
             float* y2) {
   const int64_t D = a.D, H = a.H, KVH = a.KVH, Dh = a.Dh, F = a.F;
   const int64_t Nq = H * Dh, Nkv = KVH * Dh, group = H / KVH;
-  const bool dyn = a.kind == kInt4DynW;
+  const bool dyn = a.kind == kInt4DynW && !a.q8;  // fake-quantized for the bf16 kernel
   const bool* mrow = data.mask_row;
   const auto span = open_span(mrow, a.len);
   const int64_t lo = span.first, hi = span.second;  // not a structured binding: lambdas take them

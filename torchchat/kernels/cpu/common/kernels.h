@@ -126,6 +126,9 @@ constexpr int64_t kBf16Gemm = 8;
 constexpr int64_t kGgml = 16;  // GGUF's block-quantized weights in place (ggml.h)
 constexpr int64_t kGgmlGemm = 32;  // gemm_ggml: prefill on some GGUF types in integers
 constexpr int64_t kInt4Q8Gemm = 64;  // gemm_int4_q8: int4 prefill on 8-bit activations
+// int4 and 8da4w decode in integers (linear_int4_q8, linear_8da4w): the same 8-bit activations
+// and sums as their prefill; without it int4 decodes on bf16 activations (linear_int4).
+constexpr int64_t kQ8Decode = 128;
 
 // Per-thread buffers of gemm_8da4w and gemm_int4_q8, 64-byte aligned: wbuf K * 64 bytes, f M * 64
 // and sbuf (K / group) * 128 floats.
@@ -139,7 +142,7 @@ struct Buffers8da4w {
 // [b0, b1)) of one matrix for M <= kMaxRows activation rows, x rows K apart.
 struct Kernels {
   const char* name;  // "avx512", "scalar", ...
-  int64_t features;  // kFewRows | kBf16 | kInt8Gemm | kBf16Gemm | kGgml | kGgmlGemm
+  int64_t features;  // kFewRows | kBf16 | kInt8Gemm | kBf16Gemm | kGgml | kGgmlGemm | ...
   void (*linear_f32)(const float* x, int64_t M, int64_t K, const Matrix& a, int64_t n0,
                      int64_t n1);
   void (*linear_bf16)(const bf16_t* x, int64_t M, int64_t K, const Matrix& a, int64_t n0,
@@ -194,6 +197,13 @@ struct Kernels {
   void (*gemm_int4_q8)(const int8_t* q, const float* d, const float* e, int64_t M, int64_t K,
                        const uint8_t* w, const bf16_t* sz, int64_t N, int64_t group, float* y,
                        int64_t b0, int64_t b1, const Buffers8da4w& buf);
+  // Decode in integers (kQ8Decode): a few rows (M <= kMaxRows) of x quantized as for gemm_int4_q8
+  // (q, d, e) or gemm_8da4w (u, sa, za), the sums of those entries to the bit, for the 64-row
+  // blocks [b0, b1) of int4 matrix a (scales as a.blocked lays them) into a.y (rows a.ldy apart).
+  void (*linear_int4_q8)(const int8_t* q, const float* d, const float* e, int64_t M, int64_t K,
+                         int64_t group, const Matrix& a, int64_t b0, int64_t b1);
+  void (*linear_8da4w)(const uint8_t* u, const float* sa, const float* za, int64_t M, int64_t K,
+                       int64_t group, const Matrix& a, int64_t b0, int64_t b1);
   // GGUF prefill in integers on the types of bits gemm_ggml_q8_types (1 << type; 0: none,
   // prefill dequantizes tiles): y = a.y (rows a.ldy apart) for 64-row blocks [b0, b1) of a (rows
   // a.ld bytes apart) against x's 8-bit codes q (M, K), per block b of ggml_q8_block(type)

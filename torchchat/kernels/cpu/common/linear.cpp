@@ -64,6 +64,25 @@ void linear_int4(const Kernels& kt, ParallelFor pf, const bf16_t* x, int64_t M, 
   });
 }
 
+void linear_int4_q8(const Kernels& kt, ParallelFor pf, bool dynamic, const float* x, int64_t M,
+                    int64_t Kx, int64_t K, int64_t group, const std::vector<Matrix>& mats) {
+  if (dynamic) {
+    std::vector<uint8_t> u(M * K);
+    std::vector<float> sa(M), za(M);
+    kt.quantize_rows_8da4w(x, Kx, K, u.data(), sa.data(), za.data(), 0, M);
+    for_units(pf, mats, 64, 1, [&](const Matrix& a, int64_t b0, int64_t b1) {
+      kt.linear_8da4w(u.data(), sa.data(), za.data(), M, K, group, a, b0, b1);
+    });
+    return;
+  }
+  std::vector<int8_t> q(M * K);
+  std::vector<float> d(M * K / 32), e(M * K / 32);
+  kt.quantize_rows_q8(x, Kx, K, q.data(), d.data(), e.data(), 0, M);
+  for_units(pf, mats, 64, 1, [&](const Matrix& a, int64_t b0, int64_t b1) {
+    kt.linear_int4_q8(q.data(), d.data(), e.data(), M, K, group, a, b0, b1);
+  });
+}
+
 void linear_ggml(const Kernels& kt, ParallelFor pf, const float* x, int64_t M, int64_t K,
                  const std::vector<Matrix>& mats) {
   struct Quantized {  // x as one activation type's blocks

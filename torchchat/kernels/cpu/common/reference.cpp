@@ -137,12 +137,30 @@ void quantize_rows_8da4w(const float* x, int64_t Kx, int64_t K, uint8_t* u, floa
   }
 }
 
+// Row n's (scale, zero) pair of group g, as a.blocked lays them (int4_scale_offset).
+const bf16_t* int4_pair(const Matrix& a, int64_t G, int64_t g, int64_t n) {
+  const int64_t n0 = n / 64 * 64, bs = std::min<int64_t>(64, a.N - n0);
+  return static_cast<const bf16_t*>(a.s) + int4_scale_offset(a.blocked, g, G, a.N, n0, bs) +
+         2 * (n - n0);
+}
+
+// The matrix of a gemm entry's arguments: torch's layout, results M x N.
+Matrix int4_matrix(const uint8_t* w, const bf16_t* sz, int64_t N, float* y) {
+  Matrix a{};
+  a.w = w;
+  a.s = sz;
+  a.N = N;
+  a.y = y;
+  a.ldy = N;
+  return a;
+}
+
 // y = s_a * (sum_g s_w,g I_g - (128 + z_a) R) with exact integer sums I_g = sum_k u_k w_k and
 // R = sum_g s_w,g W_g (prefill_vnni.cpp derives it).
-void gemm_8da4w(const uint8_t* u, int64_t M, int64_t K, const float* sa, const float* za,
-                const uint8_t* w, const bf16_t* sz, int64_t N, int64_t group, float* y,
-                int64_t b0, int64_t b1, const Buffers8da4w&) {
-  const int64_t G = K / group;
+void linear_8da4w(const uint8_t* u, const float* sa, const float* za, int64_t M, int64_t K,
+                  int64_t group, const Matrix& a, int64_t b0, int64_t b1) {
+  const int64_t G = K / group, N = a.N;
+  const uint8_t* w = static_cast<const uint8_t*>(a.w);
   for (int64_t n = b0 * 64; n < std::min(N, b1 * 64); ++n) {
     const int64_t n0 = n / 64 * 64, r = n - n0;
     float R = 0.0f;
@@ -150,7 +168,7 @@ void gemm_8da4w(const uint8_t* u, int64_t M, int64_t K, const float* sa, const f
       int32_t wsum = 0;
       for (int64_t k = g * group; k < (g + 1) * group; ++k)
         wsum += int4_code(w, N, K, n0, r, k) - 8;
-      R += (float)sz[(g * N + n) * 2] * (float)wsum;
+      R += (float)int4_pair(a, G, g, n)[0] * (float)wsum;
     }
     for (int64_t m = 0; m < M; ++m) {
       float f = 0.0f;
@@ -158,11 +176,17 @@ void gemm_8da4w(const uint8_t* u, int64_t M, int64_t K, const float* sa, const f
         int32_t sum = 0;
         for (int64_t k = g * group; k < (g + 1) * group; ++k)
           sum += (int32_t)u[m * K + k] * (int4_code(w, N, K, n0, r, k) - 8);
-        f += (float)sum * (float)sz[(g * N + n) * 2];
+        f += (float)sum * (float)int4_pair(a, G, g, n)[0];
       }
-      y[m * N + n] = sa[m] * (f - (128.0f + za[m]) * R);
+      a.y[m * a.ldy + n] = sa[m] * (f - (128.0f + za[m]) * R);
     }
   }
+}
+
+void gemm_8da4w(const uint8_t* u, int64_t M, int64_t K, const float* sa, const float* za,
+                const uint8_t* w, const bf16_t* sz, int64_t N, int64_t group, float* y,
+                int64_t b0, int64_t b1, const Buffers8da4w&) {
+  linear_8da4w(u, sa, za, M, K, group, int4_matrix(w, sz, N, y), b0, b1);
 }
 
 void quantize_rows_q8(const float* x, int64_t Kx, int64_t K, int8_t* q, float* d, float* e,
@@ -196,10 +220,10 @@ void quantize_rows_q8(const float* x, int64_t Kx, int64_t K, int8_t* q, float* d
 
 // y = sum_b d_b (s_g I_b + (z_g - 8 s_g) X_b) over x's 32-value blocks, in block order, each
 // term as the vector kernels round it: fma(I_b, s_g d_b, f), then fma(z_g - 8 s_g, e_b, f).
-void gemm_int4_q8(const int8_t* q, const float* d, const float* e, int64_t M, int64_t K,
-                  const uint8_t* w, const bf16_t* sz, int64_t N, int64_t group, float* y,
-                  int64_t b0, int64_t b1, const Buffers8da4w&) {
-  const int64_t nb = K / 32;
+void linear_int4_q8(const int8_t* q, const float* d, const float* e, int64_t M, int64_t K,
+                    int64_t group, const Matrix& a, int64_t b0, int64_t b1) {
+  const int64_t nb = K / 32, N = a.N;
+  const uint8_t* w = static_cast<const uint8_t*>(a.w);
   for (int64_t n = b0 * 64; n < std::min(N, b1 * 64); ++n) {
     const int64_t n0 = n / 64 * 64, r = n - n0;
     for (int64_t m = 0; m < M; ++m) {
@@ -208,14 +232,20 @@ void gemm_int4_q8(const int8_t* q, const float* d, const float* e, int64_t M, in
         int32_t sum = 0;
         for (int64_t k = b * 32; k < b * 32 + 32; ++k)
           sum += (int32_t)q[m * K + k] * int4_code(w, N, K, n0, r, k);
-        const bf16_t* p = sz + ((b * 32 / group) * N + n) * 2;
+        const bf16_t* p = int4_pair(a, K / group, b * 32 / group, n);
         const float s = (float)p[0], z = (float)p[1] - 8.0f * (float)p[0];
         f = std::fma((float)sum, s * d[m * nb + b], f);
         f = std::fma(z, e[m * nb + b], f);
       }
-      y[m * N + n] = f;
+      a.y[m * a.ldy + n] = f;
     }
   }
+}
+
+void gemm_int4_q8(const int8_t* q, const float* d, const float* e, int64_t M, int64_t K,
+                  const uint8_t* w, const bf16_t* sz, int64_t N, int64_t group, float* y,
+                  int64_t b0, int64_t b1, const Buffers8da4w&) {
+  linear_int4_q8(q, d, e, M, K, group, int4_matrix(w, sz, N, y), b0, b1);
 }
 
 void gemm_ggml_q8(const int8_t* q, const float* d, const float* e, int64_t M, int64_t K,
@@ -263,6 +293,8 @@ const Kernels& scalar_kernels() {
     t.gemm_8da4w = gemm_8da4w;
     t.quantize_rows_q8 = quantize_rows_q8;
     t.gemm_int4_q8 = gemm_int4_q8;
+    t.linear_int4_q8 = linear_int4_q8;  // kQ8Decode's too: the reference, not the bit
+    t.linear_8da4w = linear_8da4w;
     t.gemm_ggml_q8_types = kGgmlQ8Every;
     t.gemm_ggml_q8 = gemm_ggml_q8;
     t.linear_ggml = ggml_linear_ref;  // ggml_ref.cpp

@@ -18,6 +18,10 @@ void linear_int8(const Kernels& kt, ParallelFor pf, bool bf16_scales, const floa
 // int4 weights in torch's CPU pack layout; x bf16 (M, K), K a multiple of group.
 void linear_int4(const Kernels& kt, ParallelFor pf, const bf16_t* x, int64_t M, int64_t K,
                  int64_t group, const std::vector<Matrix>& mats);
+// int4 (kInt4W) or 8da4w (kInt4DynW) on 8-bit activations (kQ8Decode): x fp32 (M, Kx), quantized
+// here as gemm_int4_q8 or gemm_8da4w quantize it, zero-padded to K.
+void linear_int4_q8(const Kernels& kt, ParallelFor pf, bool dynamic, const float* x, int64_t M,
+                    int64_t Kx, int64_t K, int64_t group, const std::vector<Matrix>& mats);
 // GGUF blocks (ggml.h), each matrix of its own type (Matrix::type); x fp32 (M, K), quantized
 // here once to each activation type the matrices take.
 void linear_ggml(const Kernels& kt, ParallelFor pf, const float* x, int64_t M, int64_t K,
@@ -40,6 +44,7 @@ struct StepArgs {
   int64_t L, D, H, KVH, Dh, F, len, pos, kind, group;
   bool bf16_scales;
   bool bf16_out;  // int4 behind fp32 activations: outputs rounded to bf16, as aten's kernel does
+  bool q8;        // int4 and 8da4w in integers (Kernels::linear_int4_q8, linear_8da4w)
   float eps;
 };
 

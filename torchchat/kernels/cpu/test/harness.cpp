@@ -284,10 +284,11 @@ void check_prefill_bf16(Tally& t, const Kernels& kt, const Kernels& ref) {
 }
 
 void check_8da4w(Tally& t, const Kernels& kt, const Kernels& ref) {
-  t.kernels += 2;  // quantize_rows_8da4w, gemm_8da4w
-  for (int trial = 0; trial < 20; ++trial) {
-    const int64_t M = pick({1, 3, 9, 64, 70}), group = pick({32, 64}), K = group * pick({1, 2, 4}),
-                  Kx = K - pick({0, 0, 5, 16}), N = pick({16, 64, 80, 128});
+  t.kernels += kt.features & kQ8Decode ? 3 : 2;  // quantize_rows_8da4w, gemm_8da4w, linear_8da4w
+  for (int trial = 0; trial < 30; ++trial) {
+    const int64_t M = pick({1, 2, 3, 4, 9, 64, 70}), group = pick({32, 64}),
+                  K = group * pick({1, 2, 4}), Kx = K - pick({0, 0, 5, 16}),
+                  N = pick({16, 64, 80, 128});
     auto x = values(M * Kx, 3.0f);
     for (int64_t m = 0; m < M; ++m)  // skewed rows: zero points far from 0
       for (int64_t k = 0; k < Kx; ++k) x[m * Kx + k] += (float)(m % 5);
@@ -323,13 +324,35 @@ void check_8da4w(Tally& t, const Kernels& kt, const Kernels& ref) {
         t.check(y[m * N + n], yr[m * N + n], 1e-5f * sar[m] * mag + 1e-30f,
                    shape({M, K, N, group, m, n}));
       }
+    if (!(kt.features & kQ8Decode) || M > kMaxRows) continue;
+    t.kernel = "linear_8da4w";  // decode's entry: the reference's sums, either scale layout
+    for (const bool blocked : {false, true}) {
+      std::vector<float> yd(M * N), ydr(M * N);
+      Matrix a{w.data(), K / 2, sz.data(), N, yd.data(), N, blocked}, ar = a;
+      ar.y = ydr.data();
+      kt.linear_8da4w(ur.data(), sar.data(), zar.data(), M, K, group, a, 0, blocks);
+      ref.linear_8da4w(ur.data(), sar.data(), zar.data(), M, K, group, ar, 0, blocks);
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = 0; n < N; ++n) {
+          float mag = 0.0f;
+          for (int64_t k = 0; k < K; ++k) {
+            const float s = std::fabs((float)sz[int4_scale_offset(blocked, k / group, K / group, N,
+                                                                  n / 64 * 64,
+                                                                  std::min<int64_t>(64, N - n / 64 * 64)) +
+                                                2 * (n % 64)]);
+            mag += s * 15.0f * (ur[m * K + k] + std::fabs(128.0f + zar[m]));
+          }
+          t.check(yd[m * N + n], ydr[m * N + n], 1e-5f * sar[m] * mag + 1e-30f,
+                  shape({M, K, N, group, blocked, m, n}));
+        }
+    }
   }
 }
 
 void check_int4_q8(Tally& t, const Kernels& kt, const Kernels& ref) {
-  t.kernels += 2;  // quantize_rows_q8, gemm_int4_q8
-  for (int trial = 0; trial < 20; ++trial) {
-    const int64_t M = pick({1, 3, 9, 64, 70}), group = pick({32, 64, 128}),
+  t.kernels += kt.features & kQ8Decode ? 3 : 2;  // quantize_rows_q8, gemm_int4_q8, linear_int4_q8
+  for (int trial = 0; trial < 30; ++trial) {
+    const int64_t M = pick({1, 2, 3, 4, 9, 64, 70}), group = pick({32, 64, 128}),
                   K = group * pick({1, 2, 4}), Kx = K - pick({0, 0, 5, 16, 40}) % K,
                   N = pick({16, 64, 80, 128}), nb = K / 32;
     auto x = values(M * Kx, 3.0f);
@@ -371,6 +394,23 @@ void check_int4_q8(Tally& t, const Kernels& kt, const Kernels& ref) {
         t.check(std::isnan(b) ? (float)!std::isnan(a) : a, std::isnan(b) ? 0.0f : b, 0.0f,
                 shape({M, K, N, group, m, n}));
       }
+    if (!(kt.features & kQ8Decode) || M > kMaxRows) continue;
+    t.kernel = "linear_int4_q8";  // decode's entry: bit-exact too, either scale layout
+    for (const bool blocked : {false, true}) {
+      std::vector<float> yd(M * N), ydr(M * N);
+      Matrix a{w.data(), K / 2, sz.data(), N, yd.data(), N, blocked}, ar = a;
+      ar.y = ydr.data();
+      kt.linear_int4_q8(qr.data(), dr.data(), er.data(), M, K, group, a, 0, blocks);
+      ref.linear_int4_q8(qr.data(), dr.data(), er.data(), M, K, group, ar, 0, blocks);
+      for (int64_t i = 0; i < M * N; ++i) {
+        const float a = yd[i], b = ydr[i];
+        t.check(std::isnan(b) ? (float)!std::isnan(a) : a, std::isnan(b) ? 0.0f : b, 0.0f,
+                shape({M, K, N, group, blocked, i / N, i % N}));
+        if (!blocked)  // = the prefill entry's sums
+          t.check(std::isnan(b) ? 0.0f : yr[i], std::isnan(b) ? 0.0f : b, 0.0f,
+                  shape({M, K, N, group, i / N, i % N}) + " vs gemm");
+      }
+    }
   }
 }
 
