@@ -10,6 +10,7 @@ from torch.export import Dim, ExportedProgram, export
 
 from torchchat import __version__
 from torchchat.model.transformer import Transformer
+from torchchat.quant.linear import prepare_aten_int4
 
 METADATA_VERSION = "1"
 
@@ -17,6 +18,7 @@ METADATA_VERSION = "1"
 def export_program(model: Transformer, max_seq_len: int) -> ExportedProgram:
     """One program serving both a whole-prompt prefill and single-token decode steps."""
     model.setup_caches(1, max_seq_len)
+    prepare_aten_int4(model)  # int4 weights in the layout this machine's aten kernel reads
     seq = Dim("seq", min=1, max=max_seq_len - 1)
     example = (torch.zeros(1, 2, dtype=torch.long), torch.arange(2))
     # The plain model (no runtime swapped torchchat's kernels in): only torch's own ops in the

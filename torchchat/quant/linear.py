@@ -196,7 +196,10 @@ class Int4Linear(nn.Module):
         eagerly once per weight tensor, kept beside it."""
         if _aten_same:
             return self.weight
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+            made = self.__dict__.get("_aten_weight")  # prepare_aten_int4's, made before tracing
+            if made is not None:
+                return made
             return torch.ops.aten._convert_weight_to_int4pack_for_cpu(
                 unpack_int4_cpu(self.weight), 1
             )
@@ -263,6 +266,15 @@ def unpack_int4_cpu(packed: Tensor) -> Tensor:
 
 
 _aten_same: bool | None = None
+
+
+def prepare_aten_int4(model: nn.Module) -> None:
+    """Make every CPU Int4Linear's copy for aten's kernel now, before torch.compile or export
+    trace the model (they then hold it as a constant), where this machine's aten packs int4 in
+    another layout than torchchat's; nothing elsewhere."""
+    for m in model.modules():
+        if isinstance(m, Int4Linear) and m.weight.device.type == "cpu":
+            m.aten_weight()
 
 
 def aten_packs_as_torchchat() -> bool:

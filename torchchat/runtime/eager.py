@@ -12,6 +12,7 @@ from torchchat import kernels
 from torchchat.errors import TorchchatError
 from torchchat.kernels import fused
 from torchchat.model.transformer import AttentionGroup, PagedStep, Transformer
+from torchchat.quant.linear import prepare_aten_int4
 from torchchat.runtime.base import ModelRuntime, SeqChunk
 from torchchat.runtime.kernel_modules import decode_plan, use_kernels
 
@@ -87,6 +88,8 @@ class EagerRuntime(ModelRuntime):
         self._prefill_fn = self._forward_last
         self._solo: tuple[int, int] | None = None  # (sequence, positions) the static cache holds
         self._gather: tuple[Tensor, Tensor] | None = None  # paged steps' key/value copies
+        if (compile and not self.fused_decode) or compile_prefill:
+            prepare_aten_int4(model)  # aten's int4 layout, made before tracing
         if compile and not self.fused_decode:
             # Static shapes for one-token decode: one graph, reused at every position.
             self._decode_fn = torch.compile(

@@ -4,7 +4,9 @@
 // cpu/avx512/int4_bf16.cpp: acc = sum_k (128 + q_k) x_k per group, then
 // scale * acc + (zero - 136 * scale) * xsum.
 //
-// torch's CPU int4 layout (aten::_convert_weight_to_int4pack_for_cpu, [N, K/2] uint8): output
+// torch's CPU int4 layout as aten::_convert_weight_to_int4pack_for_cpu packs it on a CPU with
+// AVX-512 (elsewhere aten packs otherwise; torchchat packs this one on every machine:
+// quant/linear.py pack_int4_cpu), [N, K/2] uint8: output
 // rows in blocks of 64, each block stored k-major: for every k, 32 bytes whose low nibbles are
 // rows 0-31 of the block and high nibbles rows 32-63. A last block of fewer rows (bs, a multiple
 // of 16) stores bs/2 bytes per k, byte d holding rows 2d (low) and 2d+1 (high).
