@@ -36,6 +36,7 @@ GGML = 16  # GGUF's block-quantized weights in place (torchchat.kernels.ggml)
 GGML_GEMM = 32  # GGUF K-quant prefill in integers, tokens in lanes (AVX512-VNNI; ggml_gemm_types)
 INT4_Q8_GEMM = 64  # int4 and GGUF prefill in integers on 8-bit activations (as Q4_0 x Q8_0)
 Q8_DECODE = 128  # int4 and 8da4w decode in integers too: the same activations and sums as prefill
+FEW_8DA4W = 3  # up to this many rows the grouped 8da4w decode op (ops.cpp kFew8da4w)
 
 _enabled = True
 
@@ -211,8 +212,8 @@ def int4_linears_q8(
     if not x.is_floating_point() or not q8_decode(groupsize):
         return None
     rows = _rows(x, Q8_DECODE)
-    if rows is None:
-        return None
+    if rows is None or (dynamic and rows > FEW_8DA4W):
+        return None  # 8da4w: more rows on gemm_8da4w's GEMM (ops.cpp kFew8da4w)
     for w, sz in zip(packed, scales_and_zeros, strict=True):
         if w.dtype != torch.uint8 or sz.dtype != torch.bfloat16:
             return None
