@@ -330,6 +330,16 @@ def test_grouped_ops_reject_mismatched_lists():
         torch.ops.torchchat.linear_int4(
             x, [a.weight, b.weight], [a.scales_and_zeros, b.scales_and_zeros], 32
         )
+    if not kernels.q8_decode(32):
+        with pytest.raises(RuntimeError, match="linear_int4_q8: not among the"):
+            torch.ops.torchchat.linear_int4_q8(x, [a.weight], [a.scales_and_zeros], 32, False)
+        return
+    with pytest.raises(RuntimeError, match="linear_int4_q8: 1 weights but 0 scales tensors"):
+        torch.ops.torchchat.linear_int4_q8(x, [a.weight], [], 32, True)
+    with pytest.raises(RuntimeError, match="linear_int4_q8: K differs"):
+        torch.ops.torchchat.linear_int4_q8(
+            x, [a.weight, b.weight], [a.scales_and_zeros, b.scales_and_zeros], 32, False
+        )
 
 
 @needs_bf16

@@ -88,8 +88,8 @@ class EagerRuntime(ModelRuntime):
         self._prefill_fn = self._forward_last
         self._solo: tuple[int, int] | None = None  # (sequence, positions) the static cache holds
         self._gather: tuple[Tensor, Tensor] | None = None  # paged steps' key/value copies
-        if (compile and not self.fused_decode) or compile_prefill:
-            prepare_aten_int4(model)  # aten's int4 layout, made before tracing
+        if compile_prefill:  # dynamic shapes reach aten's int4 kernel (decode: torchchat's ops)
+            prepare_aten_int4(model)  # its layout, made before tracing
         if compile and not self.fused_decode:
             # Static shapes for one-token decode: one graph, reused at every position.
             self._decode_fn = torch.compile(
