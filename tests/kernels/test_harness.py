@@ -30,6 +30,7 @@ def load_build_script():
     return module
 
 
+@pytest.mark.slow  # builds every level's kernels with g++ (~1-2 min each)
 @pytest.mark.skipif(shutil.which("g++") is None, reason="needs g++")
 @pytest.mark.parametrize("sanitize", [False, True], ids=["plain", "asan-ubsan"])
 def test_every_level_matches_the_scalar_reference(sanitize, tmp_path):
@@ -114,6 +115,7 @@ def run_under_qemu(aarch64_harness, cpu: str, sanitize: bool = False) -> dict[st
     return counts
 
 
+@pytest.mark.slow  # cross-builds the kernels, runs them under emulation
 @pytest.mark.parametrize("sanitize", [False, True], ids=["plain", "asan-ubsan"])
 def test_neon_kernels_match_the_scalar_reference_under_qemu(aarch64_harness, sanitize):
     """-cpu max has every extension: "neon" is the I8MM + BF16 table, "neon_base" the one for

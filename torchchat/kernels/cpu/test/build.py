@@ -22,6 +22,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 CPU = Path(__file__).resolve().parent.parent
@@ -54,11 +55,14 @@ def build(output: Path, sanitize: bool = False, cxx: str | None = None,
     common += SANITIZE if sanitize else []
     link = ["-static"] if target and not sanitize else []
     with tempfile.TemporaryDirectory() as tmp:
-        objects = []
+        commands, objects = [], []
         for i, (src, flags) in enumerate(sources(target)):
             obj = Path(tmp) / f"{i}-{src.stem}.o"
-            subprocess.run([cxx, *common, *flags, "-c", str(src), "-o", str(obj)], check=True)
+            commands.append([cxx, *common, *flags, "-c", str(src), "-o", str(obj)])
             objects.append(str(obj))
+        # one compiler a core (the translation units are independent)
+        with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+            list(pool.map(lambda cmd: subprocess.run(cmd, check=True), commands))
         subprocess.run([cxx, *common, *objects, *link, "-o", str(output)], check=True)
     return output
 
