@@ -1,6 +1,7 @@
 """A GGUF bigger than half the machine's free memory runs without being copied: its blocks stay
-views of the mapped file (issue #21). The file is write_zero_gguf's: a Q4_K_M of the size asked
-for, all weights zero and written as a hole, so it costs no disk and no time to make."""
+views of the mapped file (issue #21), and so do its float tensors. The big file is
+write_zero_gguf's: a Q4_K_M of the size asked for, all weights zero and written as a hole, so it
+costs no disk and no time to make."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import pytest
 import torch
 
 from tests.gguf.gguf_files import QUANTS
-from torchchat.bench.gguf_writer import write_zero_gguf
+from torchchat.bench.gguf_writer import write_gguf, write_zero_gguf
+from torchchat.bench.run import random_weights
 from torchchat.builder import build_model, gguf_block_types
 from torchchat.checkpoint import load_checkpoint
 from torchchat.checkpoint.gguf import load_gguf
@@ -57,3 +59,21 @@ def test_gguf_larger_than_half_of_free_memory_is_never_copied(tmp_path):
     # Every page of the file was read, none copied: the pages are the page cache's, which
     # the system reclaims under pressure; anonymous memory grew by activations only.
     assert _status_mb("RssAnon") - anon < 300
+
+
+@pytest.mark.parametrize("file_type", ["F32", "F16", "BF16"])
+def test_float_tensors_are_views_of_the_mapped_file(tmp_path, file_type):
+    """F32/F16/BF16 weights load as views of one mapping of the file (nothing read into memory
+    until used, so a cast or quantize on load releases their pages), with the file's values."""
+    args = ModelArgs(dim=64, hidden_dim=96, n_heads=4, n_kv_heads=2, vocab_size=96, n_layers=2)
+    sd = random_weights(args)
+    write_gguf(tmp_path / "m.gguf", args, sd, file_type)
+    _, loaded, info = load_gguf(tmp_path / "m.gguf")
+    storages = {t.untyped_storage().data_ptr() for t in loaded.values()}
+    assert len(storages) == 1  # one mapping holds them all
+    assert storages.pop() == next(iter(loaded.values())).untyped_storage().data_ptr()
+    for name, t in sd.items():
+        dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[
+            info.tensor_types[name]
+        ]
+        assert loaded[name].dtype == dtype and torch.equal(loaded[name], t.to(dtype)), name

@@ -26,6 +26,7 @@ from torchchat.checkpoint.gguf_header import (
 )
 from torchchat.errors import TorchchatError
 from torchchat.model.config import ModelArgs, RopeScaling
+from torchchat.pages import release
 
 _Q = GGMLQuantizationType
 
@@ -83,19 +84,20 @@ def load_gguf(
             if rope_freqs is not None:
                 factors = _read_bytes(f, rope_freqs).view(np.float32)
                 args.rope_scaling = _rope_scaling_from_freqs(path, rope_freqs, factors, args)
-            mapped = _map(f) if blocks else None
+            mapped = _map(f)
             for name, info in native.items():
-                if mapped is not None and _in_blocks(name, info):
-                    sd[name] = mapped[info.offset : info.offset + info.nbytes].view(
-                        info.shape[0], -1
-                    )
-                    continue
-                data = _read_bytes(f, info)
-                if name == "output.weight" and _same_data(f, data, info, native):
+                if name == "output.weight" and _same_data(mapped, info, native):
                     # Some converters (llama2.c's) write the shared embedding twice: keep one copy.
                     args.tie_embeddings = True
                     continue
-                sd[name] = _to_tensor(data, info)
+                if blocks and _in_blocks(name, info):
+                    sd[name] = mapped[info.offset : info.offset + info.nbytes].view(
+                        info.shape[0], -1
+                    )
+                elif (view := _float_view(mapped, info)) is not None:
+                    sd[name] = view  # mapped, not read: a cast or quantize releases its pages
+                else:
+                    sd[name] = _to_tensor(_read_bytes(f, info), info)
     except OSError as e:
         raise TorchchatError(f"cannot read {path}: {e.strerror or e}") from None
     if "output.weight" in sd and _same_tensor(sd, "output.weight", "tok_embeddings.weight"):
@@ -142,14 +144,31 @@ def _same_tensor(sd: dict[str, torch.Tensor], a: str, b: str) -> bool:
     return x.shape == y.shape and (x.data_ptr() == y.data_ptr() or torch.equal(x, y))
 
 
-def _same_data(
-    f: BinaryIO, data: np.ndarray, info: TensorInfo, native: dict[str, TensorInfo]
-) -> bool:
-    """True when `data` (output.weight) is a byte-for-byte copy of the token embedding."""
+def _same_data(mapped: torch.Tensor, info: TensorInfo, native: dict[str, TensorInfo]) -> bool:
+    """True when the tensor of `info` (output.weight) is a byte-for-byte copy of the token
+    embedding; the pages compared are dropped from the resident set again."""
     emb = native.get("tok_embeddings.weight")
     if emb is None or (emb.ggml_type, emb.dims) != (info.ggml_type, info.dims):
         return False
-    return np.array_equal(data, _read_bytes(f, emb))
+    a = mapped[info.offset : info.offset + info.nbytes]
+    b = mapped[emb.offset : emb.offset + emb.nbytes]
+    same = torch.equal(a, b)
+    release(a, b)
+    return same
+
+
+# Float tensors that load as views of the mapped file (GGUF aligns tensor data to 32 bytes by
+# default; a file that does not align one gets it read into memory instead).
+_FLOAT_VIEWS = {_Q.F32: torch.float32, _Q.F16: torch.float16, _Q.BF16: torch.bfloat16}
+
+
+def _float_view(mapped: torch.Tensor, info: TensorInfo) -> torch.Tensor | None:
+    """An F32/F16/BF16 tensor as a view of the mapping (the file's values, nothing read until
+    used); None for other types or a misaligned offset."""
+    dtype = _FLOAT_VIEWS.get(info.ggml_type)
+    if dtype is None or info.offset % dtype.itemsize:
+        return None
+    return mapped[info.offset : info.offset + info.nbytes].view(dtype).view(info.shape)
 
 
 def _zero_missing_biases(args: ModelArgs, sd: dict[str, torch.Tensor]) -> None:
