@@ -69,11 +69,31 @@ def test_float_tensors_are_views_of_the_mapped_file(tmp_path, file_type):
     sd = random_weights(args)
     write_gguf(tmp_path / "m.gguf", args, sd, file_type)
     _, loaded, info = load_gguf(tmp_path / "m.gguf")
-    storages = {t.untyped_storage().data_ptr() for t in loaded.values()}
-    assert len(storages) == 1  # one mapping holds them all
-    assert storages.pop() == next(iter(loaded.values())).untyped_storage().data_ptr()
+    storages = {
+        (t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()) for t in loaded.values()
+    }
+    # one storage holds them all: the mapping of the whole file
+    assert [size for _, size in storages] == [(tmp_path / "m.gguf").stat().st_size]
     for name, t in sd.items():
         dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[
             info.tensor_types[name]
         ]
         assert loaded[name].dtype == dtype and torch.equal(loaded[name], t.to(dtype)), name
+
+
+@pytest.mark.parametrize("file_type", ["F32", "Q8_0"])
+def test_output_that_copies_the_embedding_loads_as_one_table(tmp_path, file_type):
+    """An output matrix written as a byte-for-byte copy of the token table (llama2.c's converter
+    does so) loads tied, floats and blocks alike; a different one stays its own."""
+    args = ModelArgs(dim=64, hidden_dim=96, n_heads=4, n_kv_heads=2, vocab_size=96, n_layers=1)
+    sd = random_weights(args)
+    for copy, tied in ((True, True), (False, False)):
+        if copy:
+            sd["output.weight"] = sd["tok_embeddings.weight"].clone()
+        else:
+            sd["output.weight"] = sd["tok_embeddings.weight"] + 1
+        write_gguf(tmp_path / "m.gguf", args, sd, file_type)
+        for blocks in (False, True):
+            loaded_args, loaded, _ = load_gguf(tmp_path / "m.gguf", blocks=blocks)
+            assert loaded_args.tie_embeddings is tied
+            assert (loaded["output.weight"] is loaded["tok_embeddings.weight"]) is tied

@@ -100,9 +100,6 @@ def load_gguf(
                     sd[name] = _to_tensor(_read_bytes(f, info), info)
     except OSError as e:
         raise TorchchatError(f"cannot read {path}: {e.strerror or e}") from None
-    if "output.weight" in sd and _same_tensor(sd, "output.weight", "tok_embeddings.weight"):
-        args.tie_embeddings = True  # the same blocks twice: one table
-        del sd["output.weight"]
     if args.attention_bias:
         _zero_missing_biases(args, sd)
     if args.tie_embeddings and "tok_embeddings.weight" in sd:
@@ -136,20 +133,15 @@ def _map(f: BinaryIO) -> torch.Tensor:
     return torch.frombuffer(mapped, dtype=torch.uint8)
 
 
-def _same_tensor(sd: dict[str, torch.Tensor], a: str, b: str) -> bool:
-    """Whether two block tensors are views of the same bytes or hold equal bytes."""
-    x, y = sd.get(a), sd.get(b)
-    if x is None or y is None or x.dtype != torch.uint8 or y.dtype != torch.uint8:
-        return False
-    return x.shape == y.shape and (x.data_ptr() == y.data_ptr() or torch.equal(x, y))
-
-
 def _same_data(mapped: torch.Tensor, info: TensorInfo, native: dict[str, TensorInfo]) -> bool:
     """True when the tensor of `info` (output.weight) is a byte-for-byte copy of the token
-    embedding; the pages compared are dropped from the resident set again."""
+    embedding, of any type (blocks or floats: either way one table is kept); the pages compared
+    are dropped from the resident set again."""
     emb = native.get("tok_embeddings.weight")
     if emb is None or (emb.ggml_type, emb.dims) != (info.ggml_type, info.dims):
         return False
+    if info.offset == emb.offset:  # one tensor's bytes named twice
+        return True
     a = mapped[info.offset : info.offset + info.nbytes]
     b = mapped[emb.offset : emb.offset + emb.nbytes]
     same = torch.equal(a, b)
