@@ -69,7 +69,7 @@ def spawn(
         for rank, p in enumerate(ctx.processes):
             path = Path(out) / f"rank{rank}.pt"
             if path.exists():
-                results.append(torch.load(path, weights_only=False))
+                results.append(torch.load(path, weights_only=True))
             else:
                 assert may_die, f"rank {rank} died (exit code {p.exitcode}){_tracebacks(ctx)}"
                 results.append(p.exitcode)
