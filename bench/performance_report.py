@@ -197,7 +197,8 @@ def main() -> None:
         f"{os.cpu_count()} cores, {header_versions}, "
         f"`torchchat bench --shape SHAPE ... --prompt-tokens {'/'.join(map(str, a.prompt_tokens))} "
         "--new-tokens 64 --repeats 3`.",
-        "Random N(0, 0.02) weights of each known shape; medians of 3 runs."
+        "Random N(0, 0.02) weights of each known shape, written to a checkpoint by a child process "
+        "and loaded (and quantized) from it as a user's checkpoint is; medians of 3 runs."
         + (f" {a.note}" if a.note else ""),
         "",
         f"Memory read bandwidth (torchchat bench's probe: the faster of summing a 384 MB fp32 tensor whole "

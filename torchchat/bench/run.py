@@ -28,13 +28,14 @@ from torchchat.bench.llamacpp import LlamaCppWorker, llama_cpp_version, require_
 from torchchat.builder import (
     build_model,
     make_runtime,
+    model_from_checkpoint,
     quantized_model,
     recipe_settings,
     resolve_dtype,
 )
 from torchchat.errors import TorchchatError
 from torchchat.model.config import ModelArgs, known_model_args, known_model_names
-from torchchat.options import ModelOptions
+from torchchat.options import ModelOptions, SourceOptions
 from torchchat.quant.config import load_quantize_spec
 from torchchat.runtime.base import ModelRuntime, peak_rss_mb
 
@@ -69,7 +70,7 @@ class BenchResult:
     ttft_s: list[float]
     weight_bytes: int  # read per decoded token
     peak_rss_mb: float
-    setup_s: float  # build (+ quantize), or llama.cpp's load
+    setup_s: float  # load (+ quantize), or llama.cpp's load
     compile_s: float | None = None  # first call of a compiled model: compile + one run
     probe_gbps: float | None = None  # the machine's read bandwidth, see bandwidth.py
 
@@ -188,24 +189,45 @@ def write_ggufs(args: ModelArgs, sd: dict[str, torch.Tensor], paths: dict[str, P
     """Write sd once per file type, in a forked child: its memory never counts in our peak RSS.
 
     The child only runs numpy (gguf's quantizers), which is safe after fork."""
-    ctx = multiprocessing.get_context("fork")
+    _in_child(multiprocessing.get_context("fork"), _write_ggufs, args, sd, paths)
+
+
+def write_random_checkpoint(args: ModelArgs, path: Path, ggufs: dict[str, Path]) -> None:
+    """`random_weights(args)` saved as a checkpoint at path and as each GGUF of `ggufs`, by a
+    spawned child: the float weights never count in our peak RSS, and the bench then loads them
+    as a user's checkpoint loads (mapped, converted or quantized tensor by tensor)."""
+    _in_child(multiprocessing.get_context("spawn"), _write_random, args, path, ggufs)
+
+
+def _write_ggufs(args: ModelArgs, sd: dict[str, torch.Tensor], paths: dict[str, Path]) -> None:
+    for file_type, path in paths.items():
+        write_gguf(path, args, sd, file_type)
+
+
+def _write_random(args: ModelArgs, path: Path, ggufs: dict[str, Path]) -> None:
+    sd = random_weights(args)
+    torch.save(sd, path)
+    _write_ggufs(args, sd, ggufs)
+
+
+def _child(send, fn: Callable, *fn_args) -> None:
+    try:
+        fn(*fn_args)
+        send.send(None)
+    except TorchchatError as e:
+        send.send(str(e))
+
+
+def _in_child(ctx, fn: Callable, *fn_args) -> None:
+    """fn(*fn_args) in a child process of context ctx; its TorchchatError raised here."""
     receive, send = ctx.Pipe(duplex=False)
-
-    def child() -> None:
-        try:
-            for file_type, path in paths.items():
-                write_gguf(path, args, sd, file_type)
-            send.send(None)
-        except TorchchatError as e:
-            send.send(str(e))
-
-    proc = ctx.Process(target=child)
+    proc = ctx.Process(target=_child, args=(send, fn, *fn_args))
     proc.start()
     send.close()
     try:
         error = receive.recv()
     except EOFError:
-        error = "the GGUF writer died"
+        error = "the bench's weight writer died"
     proc.join()
     if error:
         raise TorchchatError(error)
@@ -255,7 +277,7 @@ def run_bench(mopts: ModelOptions, opts: BenchOptions, label: str) -> BenchRepor
     versions = {"torch": torch.__version__, "torchchat CPU kernels": kernels.describe()}
     with tempfile.TemporaryDirectory(prefix="torchchat-bench-") as tmp:
         paths = {t: Path(tmp) / f"{opts.shape}-{t}.gguf" for t in file_types}
-        runtime, setup = _build(mopts, opts, paths)
+        runtime, setup = _build(mopts, opts, paths, Path(tmp))
         if source is not None:  # a GGUF file: llama.cpp runs the very same file
             require_llama_cpp()
             paths = {"same file": source}
@@ -316,26 +338,27 @@ def _compared_gguf_types(mopts: ModelOptions, opts: BenchOptions) -> list[str]:
 
 
 def _build(
-    mopts: ModelOptions, opts: BenchOptions, gguf_paths: dict[str, Path]
+    mopts: ModelOptions, opts: BenchOptions, gguf_paths: dict[str, Path], tmp: Path
 ) -> tuple[ModelRuntime, float]:
-    """The runtime to measure and its setup time (random weights + build + quantize; the GGUF
-    files for llama.cpp are written on the side and not counted)."""
+    """The runtime to measure and its setup time: a checkpoint's load (and quantization), for
+    --shape of random weights written first to a checkpoint in tmp (with the GGUF files for
+    llama.cpp, by a child process: neither counts, in time or in peak RSS)."""
     max_seq = opts.prompt_tokens + opts.new_tokens
-    t0 = time.perf_counter()
+    execution = mopts.execution  # an exported program's cache size is fixed
+    if not mopts.source.exported:
+        execution = replace(execution, max_seq_length=max_seq)
     if opts.shape:
-        args = shape_args(opts.shape)
-        sd = random_weights(args)
-        setup = time.perf_counter() - t0
-        write_ggufs(args, sd, gguf_paths)
+        checkpoint = tmp / f"{opts.shape}.pth"
+        write_random_checkpoint(shape_args(opts.shape), checkpoint, gguf_paths)
+        source = SourceOptions(checkpoint_path=checkpoint, params_table=opts.shape)
+        mopts = replace(mopts, source=source, execution=execution)
         t0 = time.perf_counter()
-        runtime = random_runtime(opts.shape, mopts, max_seq, sd)
+        model, _, _ = model_from_checkpoint(mopts)
+        runtime = make_runtime(model, max_seq, execution, mopts.distribution)
     else:
-        setup = 0.0
-        execution = mopts.execution  # an exported program's cache size is fixed
-        if not mopts.source.exported:
-            execution = replace(execution, max_seq_length=max_seq)
+        t0 = time.perf_counter()
         runtime = build_model(replace(mopts, execution=execution)).runtime
-    setup += time.perf_counter() - t0
+    setup = time.perf_counter() - t0
     if max_seq > runtime.max_seq_len:
         raise TorchchatError(
             f"prompt + new tokens ({max_seq}) exceed the context {runtime.max_seq_len}"
