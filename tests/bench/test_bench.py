@@ -15,7 +15,14 @@ from tests.support import REPO, STORIES_BIN, random_args, run_torchchat
 from torchchat import cli, kernels
 from torchchat.bench import llamacpp
 from torchchat.bench.bandwidth import read_bandwidth
-from torchchat.bench.run import BenchReport, BenchResult, gguf_types, random_weights, write_ggufs
+from torchchat.bench.run import (
+    BenchReport,
+    BenchResult,
+    gguf_types,
+    random_weights,
+    write_ggufs,
+    write_random_checkpoint,
+)
 from torchchat.checkpoint.gguf import load_gguf
 from torchchat.errors import TorchchatError
 from torchchat.options import ExecutionOptions, ModelOptions, QuantizeOptions
@@ -100,6 +107,23 @@ def test_gguf_files_are_written_in_a_child(tmp_path):
     bad = random_args(dim=64, hidden_dim=100, vocab_size=96)
     with pytest.raises(TorchchatError, match="multiple of the 32-value block"):
         write_ggufs(bad, random_weights(bad), {"Q4_0": tmp_path / "c.gguf"})
+
+
+def test_random_weights_are_written_by_a_child_as_checkpoint_and_ggufs(tmp_path):
+    """bench --shape measures a checkpoint a child wrote: random_weights' values exactly, in the
+    .pth torchchat loads and in the GGUF llama.cpp runs; a folder it cannot write: one line."""
+    args = random_args(dim=64, hidden_dim=96, vocab_size=96)
+    write_random_checkpoint(args, tmp_path / "m.pth", {"F32": tmp_path / "m.gguf"})
+    expected = random_weights(args)
+    saved = torch.load(tmp_path / "m.pth", weights_only=True)
+    assert saved.keys() == expected.keys()
+    assert all(torch.equal(saved[k], expected[k]) for k in expected)
+    gguf = load_gguf(tmp_path / "m.gguf")[1]
+    assert torch.equal(gguf["layers.0.feed_forward.w2.weight"],
+                       expected["layers.0.feed_forward.w2.weight"])  # fmt: skip
+    with pytest.raises(TorchchatError, match="^the bench cannot write its weights: .+") as e:
+        write_random_checkpoint(args, tmp_path / "missing" / "m.pth", {})
+    assert "\n" not in str(e.value)
 
 
 BF16_IN_CHILD = """

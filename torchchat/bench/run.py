@@ -216,6 +216,8 @@ def _child(send, fn: Callable, *fn_args) -> None:
         send.send(None)
     except TorchchatError as e:
         send.send(str(e))
+    except (OSError, RuntimeError) as e:  # a full or missing temporary folder (torch.save)
+        send.send(f"the bench cannot write its weights: {str(e).splitlines()[0]}")
 
 
 def _in_child(ctx, fn: Callable, *fn_args) -> None:
