@@ -1,5 +1,5 @@
 """Two real ranks (gloo on 127.0.0.1): sharded models give one process's greedy tokens (quantized
-ones bit for bit), and a rank that dies ends the others with an error instead of a hang."""
+ones' linears bit for bit), and a rank that dies ends the others with an error instead of a hang."""
 
 from __future__ import annotations
 
@@ -143,7 +143,11 @@ def stories_job(group, prompts):
 
 
 @pytest.mark.slow
-def test_quantized_stories260K_on_two_ranks_is_one_process_bit_for_bit():
+def test_quantized_stories260K_on_two_ranks_is_one_process():
+    """Every linear output element is one process's (whole rows, same kernels and scales), but
+    torch's F.silu is not: it computes a tensor's last few elements by its scalar path, an ulp
+    from its vector one, and a rank's half of the hidden units puts other elements there (int4
+    here: 5.7e-6 at most in the logits). Greedy tokens equal; logits to 1e-5."""
     prompts = stories_prompts()
     with one_thread():
         expected = stories_runs(1, prompts)
@@ -151,7 +155,7 @@ def test_quantized_stories260K_on_two_ranks_is_one_process_bit_for_bit():
     assert len(leader) == len(expected) == 4
     for (tokens, logits), (ref_tokens, ref_logits) in zip(leader, expected, strict=True):
         assert len(tokens) == STEPS and tokens == ref_tokens
-        assert torch.equal(logits, ref_logits)
+        torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
     assert [t for t, _ in follower] == [t for t, _ in leader]
 
 

@@ -29,8 +29,8 @@ FUSED_SPECS = [
     ('{"linear:int8": {"groupsize": 0}}', torch.bfloat16, 2e-2),
     ('{"linear:int8": {"groupsize": 32}}', None, 1e-5),
     ('{"linear:int4": {"groupsize": 32}}', torch.bfloat16, 2e-2),
-    # an fp32 model: its modules run aten's int4 kernel (scales cast to fp32), whose outputs
-    # the fused step rounds to bf16 as aten does (sums in another order: a flip here and there)
+    # an fp32 model: its scales stay bf16, so its modules run the int4 kernels the step runs;
+    # where those round x to 8 bits, a sum in another order upstream may flip one code
     ('{"linear:int4": {"groupsize": 32}}', None, 2e-2),
     ('{"linear:8da4w": {"groupsize": 32}}', torch.bfloat16, 2e-2),
 ]

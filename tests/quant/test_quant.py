@@ -210,6 +210,14 @@ def test_quantize_verb_saves_checkpoint_that_reloads_identically(tmp_path, name)
         assert (out / "model.pth").stat().st_size < 0.6 * STORIES_BIN.stat().st_size
     reloaded = build_model(ModelOptions(SourceOptions(checkpoint_path=out)))
     assert greedy_tokens(reloaded) == direct
+    # and in a fresh process, as a user runs it (the model is built on the meta device first)
+    p = subprocess.run(
+        [sys.executable, "-m", "torchchat", "generate", str(out), "--prompt", "Once upon a time",
+         "--max-new-tokens", "40", "--temperature", "0", "--quiet"],
+        capture_output=True, text=True, cwd=REPO,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == greedy(reloaded, "Once upon a time", 40)[0].strip()
     with pytest.raises(TorchchatError, match="already quantized"):
         build_model(
             ModelOptions(

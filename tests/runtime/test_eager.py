@@ -35,7 +35,9 @@ def test_fused_decode_applies_only_where_it_runs_the_same_model():
     assert not EagerRuntime(fused_model(None, None, attention_bias=True), 40).fused_decode
     if kernels.simd_level() & kernels.INT4:  # int4 scales that are not bf16 values
         model = fused_model('{"linear:int4": {"groupsize": 32}}', None)
-        model.layers[0].attention.wq.scales_and_zeros[0, 0, 0] += 1e-6
+        wq = model.layers[0].attention.wq
+        wq.scales_and_zeros = wq.scales_and_zeros.float()  # as a checkpoint may hold them
+        wq.scales_and_zeros[0, 0, 0] += 1e-6
         assert not EagerRuntime(model, 40).fused_decode
 
 
@@ -117,3 +119,27 @@ def test_fused_decode_follows_dtype_changes_and_loaded_weights(monkeypatch):
     model.load_state_dict(other.to(torch.bfloat16).state_dict(), strict=False)
     fused, modules = fused_then_modules(runtime)
     assert max_rel(fused, modules) < 2e-2
+
+
+@pytest.mark.skipif(not kernels.simd_level() & kernels.INT4, reason="no int4 kernels at this level")
+def test_an_fp32_int4_model_keeps_bf16_scales_and_prefills_on_torchchats_kernels(monkeypatch):
+    """Scales made in bf16 stay bf16 when the model is cast to fp32, so its prefill runs on
+    torchchat's kernels, never aten's (which kept a repacked copy of every weight beside it)."""
+    from torchchat.quant.linear import Int4Linear
+
+    model = fused_model('{"linear:int4": {"groupsize": 32}}', torch.float32)
+    int4 = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    assert int4 and all(m.scales_and_zeros.dtype == torch.bfloat16 for m in int4)
+    assert model.norm.weight.dtype == torch.float32
+    monkeypatch.setattr(
+        Int4Linear, "aten_weight", lambda self: pytest.fail("aten's int4 kernel ran")
+    )
+    runtime = EagerRuntime(model, 40)
+    tokens = torch.randint(0, 128, (1, 18), generator=torch.Generator().manual_seed(3))
+    logits = runtime.prefill(tokens, 0)
+    assert logits.shape == (128,) and torch.isfinite(logits).all()
+    # scales that are not bf16 values (a checkpoint's fp32 ones) stay as they are
+    wq = int4[0]
+    wq.scales_and_zeros = wq.scales_and_zeros.float()
+    wq.scales_and_zeros[0, 0, 0] += 1e-6
+    assert wq.to(torch.float32).scales_and_zeros.dtype == torch.float32

@@ -532,12 +532,9 @@ at::Tensor decode_layers_cpu(const at::Tensor& x, at::TensorList norms, double e
     proj.push_back({{mat(b + 6, D, y2.data(), D)}, K2});
   }
   // int4 and 8da4w decode in integers where the modules do: levels with kQ8Decode, groups of
-  // whole 32-value blocks, bf16 models (other models' modules keep float scales, which the ops
-  // leave to aten's kernel on bf16 activations)
-  const bool q8 = int4 && (kt.features & cpu::kQ8Decode) && group % 32 == 0 && dt == at::kBFloat16;
-  const bool bf16_out = int4 && dt == at::kFloat;
-  const cpu::StepArgs a{L,     D,           n_heads,  KVH, Dh,         F, len, p, kind,
-                        group, bf16_scales, bf16_out, q8,  (float)eps};
+  // whole 32-value blocks (models of any float dtype: their scales stay bf16, Int4Linear._apply)
+  const bool q8 = int4 && (kt.features & cpu::kQ8Decode) && group % 32 == 0;
+  const cpu::StepArgs a{L, D, n_heads, KVH, Dh, F, len, p, kind, group, bf16_scales, q8, (float)eps};
   std::vector<const void*> norm_ptrs;
   for (const auto& n : norms) norm_ptrs.push_back(n.const_data_ptr());
   std::vector<void*> k_ptrs, v_ptrs;

@@ -111,10 +111,7 @@ void layers(const Kernels& kt, ParallelFor pf, const StepArgs& a, const StepData
   const auto span = open_span(mrow, a.len);
   const int64_t lo = span.first, hi = span.second;  // not a structured binding: lambdas take them
   const float scale = 1.0f / std::sqrt((float)Dh);
-  const bool bf16_out = a.bf16_out;
-  auto out = [bf16_out](float v) {  // a projection's output as the modules hand it on
-    return round_to<T>(bf16_out ? round_to<bf16_t>(v) : v);
-  };
+  auto out = [](float v) { return round_to<T>(v); };  // a projection's output as the modules'
   const auto attend = attend_kernel<T>(kt);
   std::vector<float> xn(std::max(D, F)), att(Nq), act(F);
   std::vector<T> qt(Nq), yt(Nq);

@@ -43,7 +43,6 @@ struct Projection {
 struct StepArgs {
   int64_t L, D, H, KVH, Dh, F, len, pos, kind, group;
   bool bf16_scales;
-  bool bf16_out;  // int4 behind fp32 activations: outputs rounded to bf16, as aten's kernel does
   bool q8;        // int4 and 8da4w in integers (Kernels::linear_int4_q8, linear_8da4w)
   float eps;
 };
