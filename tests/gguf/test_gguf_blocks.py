@@ -135,13 +135,15 @@ def test_prefill_and_table_rows_use_the_exact_weights(name, blocks_models):
 # The types a level prefills in integers, by its feature bits: with VNNI (GGML_GEMM) the
 # K-quants and Q8_0 (vpdpbusd on codes + 128; AVX2's int16 pairs would overflow there), with
 # the int4 GEMM on 8-bit activations (AVX2, AVX-512) Q4_0.
+@pytest.mark.parametrize("path", ["integer GEMM", "decode's kernel"])
 @pytest.mark.parametrize("name", QUANTIZED)
-def test_integer_prefill_sums_as_decode(name, blocks_models):
+def test_prefill_sums_as_decode(name, path, blocks_models):
     """Where a level prefills a type in integers (torchchat::ggml_gemm_types: AVX512-VNNI Q4_0,
     Q8_0 and the K-quants; AVX2 Q4_0, Q4_1, Q5_0, Q5_1, Q4_K), it sums what decode sums -- x
     quantized to Q8_0, Q8_1 or Q8_K as ggml does, exact integer sums scaled in fp32 -- so
     prefill's rows equal decode's to fp32 rounding (2e-6 of sum |w x|), on 40 tokens (a partial
-    16, and 64-row blocks)."""
+    16, and 64-row blocks). Up to torchchat::ggml_rows_prefill(type) tokens (AVX2: a few dozen,
+    any type) prefill runs decode's kernel itself, 8 tokens at a time: decode's very sums."""
     model = blocks_models[name]
     g = torch.Generator().manual_seed(3)
     tested = set()
@@ -150,21 +152,29 @@ def test_integer_prefill_sums_as_decode(name, blocks_models):
         try:
             types = torch.ops.torchchat.ggml_gemm_types()
             for n, m in model.named_modules():
-                if not isinstance(m, GGUFLinear) or not types >> m.ggml_type & 1:
+                if not isinstance(m, GGUFLinear):
                     continue
-                x = torch.randn(40, m.in_features, generator=g)
+                rows = torch.ops.torchchat.ggml_rows_prefill(m.ggml_type)
+                tokens = 40 if path == "integer GEMM" else min(21, rows)
+                if (path == "integer GEMM") != (types >> m.ggml_type & 1 and rows < tokens):
+                    continue
+                if tokens <= kernels.MAX_ROWS:
+                    continue
+                x = torch.randn(tokens, m.in_features, generator=g)
                 x[1, :32] = 0.0  # a block of zeros: scale 0
                 y = ggml.gemm(x, m.weight, m.ggml_type)
                 ref = torch.cat([ggml.linears(x[i : i + 8], [m.weight], [m.ggml_type])[0]
-                                 for i in range(0, 40, 8)])  # fmt: skip
-                w = m.dequantize()
-                bound = 2e-6 * (x.abs() @ w.abs().T) + 1e-30
-                assert ((y - ref).abs() <= bound).all(), (level, n)
+                                 for i in range(0, tokens, 8)])  # fmt: skip
+                if path == "integer GEMM":
+                    bound = 2e-6 * (x.abs() @ m.dequantize().abs().T) + 1e-30
+                    assert ((y - ref).abs() <= bound).all(), (level, n)
+                else:
+                    assert torch.equal(y, ref), (level, n)
                 tested.add(m.ggml_type)
         finally:
             kernels.select_isa(kernels.available_isas()[0])
     if not tested:
-        pytest.skip(f"no level of this CPU prefills {name}'s types in integers")
+        pytest.skip(f"no level of this CPU prefills {name}'s types on its {path}")
 
 
 @pytest.mark.parametrize("name", QUANTIZED)

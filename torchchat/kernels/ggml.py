@@ -2,8 +2,9 @@
 tensor (rows, bytes a row) of a file's blocks as they are, and a ggml type id.
 
 `linears` (decode: x quantized per block as ggml does, integer dot products), `gemm` (prefill:
-fp32 GEMMs on tiles dequantized just before) and `rows` (an embedding's looked-up rows) return
-None where the kernels do not apply; the caller then runs the plain computation.
+decode's kernel for a few dozen tokens where the level says so, integer GEMMs where it has them,
+else fp32 GEMMs on tiles dequantized just before) and `rows` (an embedding's looked-up rows)
+return None where the kernels do not apply; the caller then runs the plain computation.
 """
 
 from __future__ import annotations

@@ -2,9 +2,10 @@
 // tensor (N, row bytes) holding the file's blocks as they are -- usually a view of the mapped
 // file -- and the ggml type id says how to read them (cpu/common/ggml.h).
 //   linear_ggml: decode's few rows, x quantized per block as ggml does, integer dot products.
-//   gemm_ggml:   prefill's many rows: integer GEMMs on x quantized as decode's (the K-quants
-//                with VNNI; Q4_0 on AVX2, Q4_0 and Q8_0 with VNNI), else fp32/bf16 GEMMs on tiles
-//                of the weights dequantized just before.
+//   gemm_ggml:   prefill's many rows: up to a few dozen, decode's kernel 8 tokens at a time
+//                (ggml_rows_prefill, AVX2); else integer GEMMs on x quantized as decode's (the
+//                K-quants with VNNI; Q4_0, Q4_1, Q5_0, Q5_1, Q4_K on AVX2, Q4_0 and Q8_0 with
+//                VNNI), else fp32/bf16 GEMMs on tiles of the weights dequantized just before.
 //   ggml_rows:   the rows of an embedding table that a batch of tokens looks up.
 #include <torch/library.h>
 
@@ -106,6 +107,16 @@ void gemm_ggml_q8(const cpu::Kernels& kt, const at::Tensor& x, const at::Tensor&
   });
 }
 
+// The GGUF types table kt prefills in integers (1 << type).
+int64_t integer_types(const cpu::Kernels& kt) {
+  return kt.gemm_ggml_types | (kt.features & cpu::kInt4Q8Gemm ? kt.gemm_ggml_q8_types : 0);
+}
+
+// At most how many tokens of prefill run on decode's kernel (linear_ggml_tiled) for `type`.
+int64_t rows_prefill(const cpu::Kernels& kt, int64_t type) {
+  return integer_types(kt) >> type & 1 ? kt.ggml_rows_prefill_int : kt.ggml_rows_prefill;
+}
+
 // x (M, K) of any float dtype @ w.T for many rows: GEMMs on tiles of w dequantized just before,
 // each thread its own tiles (as bf16_gemm_tiles in ops.cpp); the result in x's dtype. Where the
 // CPU has bf16 dot products (kBf16Gemm), tiles and x are rounded to bf16 and the GEMM's sums come
@@ -119,6 +130,13 @@ at::Tensor gemm_ggml_cpu(const at::Tensor& x, const at::Tensor& w, int64_t type)
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   check_ggml(op, w, type, K);
   auto y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  if (M <= rows_prefill(kt, type)) {  // a few dozen tokens: decode's kernel, the same sums
+    const at::Tensor xf = x.detach().to(at::kFloat).contiguous();
+    cpu::Matrix a{w.data_ptr<uint8_t>(), w.stride(0), nullptr, N, y.data_ptr<float>(), N};
+    a.type = (int32_t)type;
+    cpu::linear_ggml_tiled(kt, parallel, xf.data_ptr<float>(), M, K, a);
+    return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+  }
   if (kt.gemm_ggml_types >> type & 1) {  // in integers where the table can: K-quants, VNNI
     const at::Tensor xf = x.detach().to(at::kFloat).contiguous();
     cpu::Matrix a{w.data_ptr<uint8_t>(), w.stride(0), nullptr, N, y.data_ptr<float>(), N};
@@ -178,12 +196,19 @@ at::Tensor ggml_rows_cpu(const at::Tensor& w, int64_t type, int64_t K, const at:
 // The GGUF types whose prefill the selected table runs in integers (1 << type), 0 if none.
 int64_t ggml_gemm_types() {
   if (table == nullptr || !(table->features & cpu::kGgml)) return 0;
-  return table->gemm_ggml_types |
-         (table->features & cpu::kInt4Q8Gemm ? table->gemm_ggml_q8_types : 0);
+  return integer_types(*table);
+}
+
+// At most how many tokens of a `type` prefill the selected table runs on decode's kernel, with
+// decode's sums (0: none).
+int64_t ggml_rows_prefill(int64_t type) {
+  if (table == nullptr || !(table->features & cpu::kGgml)) return 0;
+  return rows_prefill(*table, type);
 }
 
 TORCH_LIBRARY_FRAGMENT(torchchat, m) {
   m.def("ggml_gemm_types() -> int", &ggml_gemm_types);
+  m.def("ggml_rows_prefill(int type) -> int", &ggml_rows_prefill);
   m.def("linear_ggml(Tensor x, Tensor[] w, int[] types) -> Tensor");
   m.def("gemm_ggml(Tensor x, Tensor w, int type) -> Tensor");
   m.def("ggml_rows(Tensor w, int type, int K, Tensor ids) -> Tensor");

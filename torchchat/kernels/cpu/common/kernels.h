@@ -228,6 +228,10 @@ struct Kernels {
   // writes them.
   int64_t gemm_ggml_types;
   void (*gemm_ggml)(const GgmlGemmActs& x, int64_t K, const Matrix& a, int64_t n0, int64_t n1);
+  // Prefill of at most this many tokens runs decode's linear_ggml, kMaxRows tokens at a time over
+  // tiles of the weights (the same sums as decode): for a type prefilled in integers
+  // (gemm_ggml_types, gemm_ggml_q8_types) and for the others; 0: never.
+  int64_t ggml_rows_prefill_int, ggml_rows_prefill;
 };
 
 // The scalar reference kernels (reference.cpp): every entry, every feature bit.

@@ -110,6 +110,28 @@ void linear_ggml(const Kernels& kt, ParallelFor pf, const float* x, int64_t M, i
   });
 }
 
+void linear_ggml_tiled(const Kernels& kt, ParallelFor pf, const float* x, int64_t M, int64_t K,
+                       const Matrix& a) {
+  const int32_t act = ggml_layout(a.type)->act;
+  const int64_t ld = ggml_row_bytes(act, K);
+  std::vector<uint8_t> rows(M * ld);
+  pf(M, 4, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) ggml_quantize_row(act, x + m * K, K, rows.data() + m * ld);
+  });
+  // Tiles of ~256 KB of weights: read from memory once, then from L2 for every kMaxRows tokens.
+  const int64_t tile = std::max<int64_t>(16, (256 << 10) / a.ld);
+  pf((a.N + tile - 1) / tile, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * tile, n1 = std::min(a.N, n0 + tile);
+      for (int64_t m = 0; m < M; m += kMaxRows) {
+        Matrix am = a;
+        am.y = a.y + m * a.ldy;
+        kt.linear_ggml(rows.data() + m * ld, ld, std::min(kMaxRows, M - m), K, am, n0, n1);
+      }
+    }
+  });
+}
+
 bool gemm_ggml(const Kernels& kt, ParallelFor pf, const float* x, int64_t M, int64_t K,
                const Matrix& a) {
   if (kt.gemm_ggml == nullptr || !(kt.gemm_ggml_types >> a.type & 1) || K % 256) return false;

@@ -26,6 +26,10 @@ void linear_int4_q8(const Kernels& kt, ParallelFor pf, bool dynamic, const float
 // here once to each activation type the matrices take.
 void linear_ggml(const Kernels& kt, ParallelFor pf, const float* x, int64_t M, int64_t K,
                  const std::vector<Matrix>& mats);
+// A few dozen tokens of prefill on decode's kernel (Kernels::ggml_rows_prefill): y of a (a.y,
+// a.ldy) for M tokens of x (M, K) fp32, quantized once, kMaxRows at a time over tiles of a.
+void linear_ggml_tiled(const Kernels& kt, ParallelFor pf, const float* x, int64_t M, int64_t K,
+                       const Matrix& a);
 // Prefill's GEMM on GGUF blocks in integers (Kernels::gemm_ggml): y of a (a.y, a.ldy) for M
 // tokens of x (M, K) fp32; false, and nothing written, when the table has none for a's type.
 bool gemm_ggml(const Kernels& kt, ParallelFor pf, const float* x, int64_t M, int64_t K,
