@@ -147,9 +147,8 @@ class Int4Linear(nn.Module):
             dynamic_activations,
             codes.device,
         )
-        codes = F.pad(
-            codes.to(torch.uint8), (0, 0, 0, m.n - out_features)
-        )  # not int32: 4x the bytes
+        # uint8, not int32 (4x the bytes: 0.5 GB for a 32000 x 4096 output layer)
+        codes = F.pad(codes.to(torch.uint8), (0, 0, 0, m.n - out_features))
         m.weight = pack_for_device(codes)
         sz = torch.stack([scales, zeros], dim=-1).float()  # (out, groups, 2)
         sz = F.pad(sz, (0, 0, 0, 0, 0, m.n - out_features))
