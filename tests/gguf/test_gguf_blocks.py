@@ -177,6 +177,13 @@ def test_prefill_sums_as_decode(name, path, blocks_models):
         pytest.skip(f"no level of this CPU prefills {name}'s types on its {path}")
 
 
+def test_rows_prefill_names_an_unknown_type():
+    for bad in (1, 15, -1, 1 << 40):  # F16, Q8_K (an activation type), nonsense
+        with pytest.raises(RuntimeError, match=f"ggml type {bad} is not one the kernels run"):
+            torch.ops.torchchat.ggml_rows_prefill(bad)
+    assert torch.ops.torchchat.ggml_rows_prefill(14) >= 0  # Q6_K
+
+
 @pytest.mark.parametrize("name", QUANTIZED)
 def test_logits_within_activation_rounding_of_the_dequantized_model(name):
     blocks = build_model(_opts(name))

@@ -202,6 +202,8 @@ int64_t ggml_gemm_types() {
 // At most how many tokens of a `type` prefill the selected table runs on decode's kernel, with
 // decode's sums (0: none).
 int64_t ggml_rows_prefill(int64_t type) {
+  TORCH_CHECK(type >= 0 && type < 64 && cpu::ggml_layout((int32_t)type) != nullptr,
+              "torchchat::ggml_rows_prefill: ggml type ", type, " is not one the kernels run");
   if (table == nullptr || !(table->features & cpu::kGgml)) return 0;
   return rows_prefill(*table, type);
 }
