@@ -12,6 +12,7 @@ from torchchat import kernels
 from torchchat.model.transformer import Transformer
 from torchchat.quant.apply import quantize
 from torchchat.quant.config import load_quantize_spec
+from torchchat.runtime.base import SeqChunk
 from torchchat.runtime.eager import EagerRuntime
 
 pytestmark = pytest.mark.skipif(
@@ -93,6 +94,94 @@ def test_fused_decode_matches_the_modules(spec, dtype, tol, shape, monkeypatch):
         assert max_rel(a, b) < tol
 
 
+def paged_run(
+    model: Transformer, fused: bool, monkeypatch, n: int = 7
+) -> tuple[torch.Tensor, list, int]:
+    """n sequences of different lengths (block tables out of order) prefilled in one paged step,
+    then 6 decode steps of all of them on fixed tokens: the logits of every step, the pools
+    after, and how many fused paged calls ran (one a step for up to 8 sequences)."""
+    calls = []
+    real = kernels.decode_layers_paged
+    monkeypatch.setattr(kernels, "decode_layers_paged", lambda *a: calls.append(1) or real(*a))
+    runtime = EagerRuntime(model, 40, fused_decode=fused)
+    runtime.setup_paged(4)
+    runtime.reserve_blocks(80)
+    gen = torch.Generator().manual_seed(3)
+    order = torch.randperm(80, generator=gen).tolist()
+    tables = [order[8 * i : 8 * i + 8] for i in range(n)]
+    prompts = [torch.randint(0, 128, (1 + 2 * i,), generator=gen).tolist() for i in range(n)]
+    logits = runtime.step([SeqChunk(i, p, 0, tables[i]) for i, p in enumerate(prompts)])
+    out, pos = [logits], [len(p) for p in prompts]
+    fed = torch.randint(0, 128, (6, n), generator=gen).tolist()
+    for step in fed:
+        out.append(runtime.step([SeqChunk(i, [t], pos[i], tables[i]) for i, t in enumerate(step)]))
+        pos = [p + 1 for p in pos]
+    pools = [t.clone() for layer in model.layers for t in (layer.attention.paged.k,
+                                                           layer.attention.paged.v)]  # fmt: skip
+    return torch.stack(out), pools, len(calls)
+
+
+@pytest.mark.parametrize("spec,dtype,tol", FUSED_SPECS)
+@pytest.mark.usefixtures("isa")
+def test_fused_paged_step_matches_the_modules(spec, dtype, tol, monkeypatch):
+    """One token of each of 7 sequences in a paged pool, all layers in one kernel call: the
+    logits and pool rows of the modules' paged step (their linears on the same few-row
+    kernels)."""
+    if spec and "4" in spec and not kernels.simd_level() & kernels.INT4:
+        pytest.skip(f"the {kernels.isa()} kernels have no int4 linear")
+    model = fused_model(spec, dtype)
+    ref, ref_pools, none = paged_run(model, False, monkeypatch)
+    got, got_pools, calls = paged_run(model, True, monkeypatch)
+    assert (none, calls) == (0, 6)
+    assert max_rel(got, ref) < tol
+    for a, b in zip(got_pools, ref_pools, strict=True):
+        assert max_rel(a, b) < tol
+
+
+@pytest.mark.usefixtures("isa")
+def test_fused_paged_step_takes_8_sequences_a_call(monkeypatch):
+    """10 sequences: a call for 8 and one for 2, the modules' logits (theirs on torch's GEMM for
+    10 rows) to fp32 rounding."""
+    model = fused_model(None, None)
+    ref, ref_pools, _ = paged_run(model, False, monkeypatch, n=10)
+    got, got_pools, calls = paged_run(model, True, monkeypatch, n=10)
+    assert calls == 12
+    assert max_rel(got, ref) < 1e-5
+    for a, b in zip(got_pools, ref_pools, strict=True):
+        assert max_rel(a, b) < 1e-5
+
+
+@pytest.mark.usefixtures("isa")
+def test_decode_layers_paged_rejects_what_it_cannot_read():
+    model = fused_model(None, None)
+    runtime = EagerRuntime(model, 40)
+    runtime.setup_paged(4)
+    runtime.reserve_blocks(4)
+    p = runtime._plan
+    pools = [layer.attention.paged for layer in model.layers]
+
+    def call(rows=2, pos=(3, 5), index=None):
+        index = torch.arange(16).repeat(len(pos), 1) if index is None else index
+        return torch.ops.torchchat.decode_layers_paged(
+            torch.zeros(rows, 64), p.norms, 1e-5, model.freqs, torch.tensor(pos), index,
+            [t.k for t in pools], [t.v for t in pools], p.weights, [], 0, 0, 4,
+        )  # fmt: skip
+
+    assert call().shape == (2, 64)
+    with pytest.raises(RuntimeError, match=r"x must be \(1 to 8, dim\)"):
+        call(rows=9, pos=tuple(range(9)))
+    with pytest.raises(RuntimeError, match="position 16 is outside the index"):
+        call(pos=(3, 16))
+    outside = torch.arange(16).repeat(2, 1)
+    outside[1, 5] = 16  # the pool has 16 rows; row 1 reads (and writes) position 5
+    with pytest.raises(RuntimeError, match="index 16 outside the pool"):
+        call(index=outside)
+    outside[1, 5], outside[1, 6] = 5, 16  # past its position: never read
+    assert call(index=outside).shape == (2, 64)
+    with pytest.raises(RuntimeError, match="pos must be 2 int64"):
+        call(pos=(3,), index=torch.arange(16).repeat(2, 1))
+
+
 def test_int4_blocked_scales_put_each_blocks_pairs_together():
     groups, n = 3, 64 * 2 + 48  # two full blocks and a tail of 48 rows
     sz = torch.arange(groups * n * 2, dtype=torch.float32).view(groups, n, 2).to(torch.bfloat16)
@@ -117,7 +206,7 @@ def test_decode_layers_rejects_inconsistent_arguments():
             k_caches or p.k_caches, p.v_caches, weights or p.weights, [], 0, 0, 4,
         )  # fmt: skip
 
-    with pytest.raises(RuntimeError, match="2 layers need 2 v caches, 4 norms, 14 weights"):
+    with pytest.raises(RuntimeError, match="2 layers need 4 norms, 14 weights"):
         call(weights=p.weights[:7])
     with pytest.raises(RuntimeError, match="position 40 is outside the cache"):
         call(pos=40)

@@ -311,6 +311,36 @@ def decode_layers(
     )  # fmt: skip
 
 
+def decode_layers_paged(
+    x: Tensor,
+    norms: Sequence[Tensor],
+    eps: float,
+    freqs: Tensor,
+    pos: Tensor,
+    index: Tensor,
+    k_pools: Sequence[Tensor],
+    v_pools: Sequence[Tensor],
+    weights: Sequence[Tensor],
+    scales: Sequence[Tensor],
+    kind: int,
+    groupsize: int,
+    n_heads: int,
+    types: Sequence[int] = (),
+) -> Tensor | None:
+    """`decode_layers` for one token of each of up to MAX_ROWS sequences in a paged KV pool:
+    x (M, dim) their embeddings, pos (M,) their positions, index (M, T) the pool rows of each
+    one's positions 0..T-1 (its block table spelled out); each token attends its sequence's
+    positions up to its own, its keys and values written into the pools (rows, kv_heads,
+    head_dim) in place. A row's result does not depend on the others in the call, up to the
+    rounding of the linears' kernels for another row count. None when the kernels are off."""
+    if _rows(x, decode_layers_needs(kind)) is None or torch.compiler.is_compiling():
+        return None
+    return torch.ops.torchchat.decode_layers_paged(
+        x, norms, eps, freqs, pos, index, k_pools, v_pools, weights, scales, kind, groupsize,
+        n_heads, list(types),
+    )  # fmt: skip
+
+
 def int4_gemm(x: Tensor, packed: Tensor, scales_and_zeros: Tensor, groupsize: int) -> Tensor | None:
     """x @ W.T for many rows (prefill) of int4 weights in torch's CPU pack layout, as bf16 GEMMs
     on tiles of W dequantized on the fly (bf16 activations and result), or None."""

@@ -1,5 +1,6 @@
 """The fused one-token decode step (`torchchat::decode_layers`): one kernel call runs every layer
-of a one-token step of one sequence -- RMSNorm, q/k/v, RoPE, cache write, attention, wo and
+of a one-token step of one sequence (or, `torchchat::decode_layers_paged`, of a few sequences in
+a paged pool) -- RMSNorm, q/k/v, RoPE, cache write, attention, wo and
 residual, RMSNorm, w1/w3, SiLU gate, w2 and residual -- rounded where the modules round.
 
 What it runs on is described here with types: each linear says what it gives the step
@@ -81,6 +82,25 @@ def decode_step(
     return kernels.decode_layers(
         x, plan.norms, plan.eps, freqs, mask, pos, plan.k_caches, plan.v_caches, plan.weights,
         plan.scales, int(plan.kind), plan.linears[0].groupsize, plan.n_heads, plan.types,
+    )  # fmt: skip
+
+
+def decode_step_paged(
+    plan: DecodePlan,
+    x: Tensor,
+    freqs: Tensor,
+    pos: Tensor,
+    index: Tensor,
+    k_pools: list[Tensor],
+    v_pools: list[Tensor],
+) -> Tensor | None:
+    """The embeddings x (M, dim) of one token of each of M <= MAX_ROWS sequences through every
+    layer of `plan`, their keys and values in paged pools (`kernels.decode_layers_paged`: pos
+    (M,) their positions, index (M, T) the pool rows of their positions), or None when the
+    kernels are off. The plan's own caches are not touched."""
+    return kernels.decode_layers_paged(
+        x, plan.norms, plan.eps, freqs, pos, index, k_pools, v_pools, plan.weights, plan.scales,
+        int(plan.kind), plan.linears[0].groupsize, plan.n_heads, plan.types,
     )  # fmt: skip
 
 

@@ -172,6 +172,11 @@ def _register_fakes() -> None:
           types=()):  # fmt: skip
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
+    @torch.library.register_fake("torchchat::decode_layers_paged")
+    def _(x, norms, eps, freqs, pos, index, k_pools, v_pools, w, scales, kind, group, n_heads,
+          types=()):  # fmt: skip
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
     @torch.library.register_fake("torchchat::linear_ggml")
     def _(x, w, types):
         return x.new_empty(x.shape[0], sum(t.shape[0] for t in w))

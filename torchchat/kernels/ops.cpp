@@ -424,53 +424,30 @@ at::Tensor attention_paged_cpu(const at::Tensor& q, const at::Tensor& k, const a
 }
 
 
-// One token through L layers (cpu::decode_step): x (1, 1, D), the token's embedding; norms 2L
-// weights (attention, feed-forward) of x's dtype; freqs (len, Dh/2, 2) fp32; mask (len, len)
-// bool; pos (1,) int64; caches (1, KVH, len, Dh) of x's dtype, written at pos; w 7 weights a
-// layer (wq, wk, wv, wo, w1, w3, w2) of one kind, s their scales (none for float weights and
-// GGUF blocks; int4's blocked, see int4_scale_offset); types: GGUF blocks' ggml type, one a weight.
-at::Tensor decode_layers_cpu(const at::Tensor& x, at::TensorList norms, double eps,
-                             const at::Tensor& freqs, const at::Tensor& mask,
-                             const at::Tensor& pos, at::TensorList kc, at::TensorList vc,
-                             at::TensorList w, at::TensorList s, int64_t kind, int64_t group,
-                             int64_t n_heads, at::IntArrayRef types) {
-  const char* op = "torchchat::decode_layers";
+// The layers of a fused decode step (cpu::decode_step) for the M rows of x (M, D): checks the
+// weights (7 a layer: wq, wk, wv, wo, w1, w3, w2, of one kind; s their scales, none for float
+// weights and GGUF blocks, int4's blocked, see int4_scale_offset; types: GGUF blocks' ggml type,
+// one a weight) and norms (2 a layer of x's dtype), runs the step on `data`'s caches and
+// returns the new hidden states.
+at::Tensor step_layers(const char* op, const at::Tensor& x, at::TensorList norms, double eps,
+                       at::TensorList w, at::TensorList s, int64_t kind, int64_t group,
+                       int64_t n_heads, at::IntArrayRef types, int64_t L, int64_t KVH, int64_t Dh,
+                       cpu::StepData data) {
   TORCH_CHECK(kind >= cpu::kFloatW && kind <= cpu::kGgmlW, op, ": unknown weight kind ", kind);
   const bool int4 = kind == cpu::kInt4W || kind == cpu::kInt4DynW, ggml = kind == cpu::kGgmlW;
   const auto& kt = kernels(op, int4 ? cpu::kBf16 : ggml ? cpu::kGgml : cpu::kFewRows);
-  const int64_t L = kc.size(), n_scales = kind == cpu::kFloatW || ggml ? 0 : 7 * L;
-  TORCH_CHECK(L > 0 && (int64_t)vc.size() == L && (int64_t)norms.size() == 2 * L &&
-                  (int64_t)w.size() == 7 * L && (int64_t)s.size() == n_scales &&
-                  (int64_t)types.size() == (ggml ? 7 * L : 0),
-              op, ": ", L, " layers need ", L, " v caches, ", 2 * L, " norms, ", 7 * L,
-              " weights, ", n_scales, " scales tensors and ", ggml ? 7 * L : 0, " types");
+  const int64_t n_scales = kind == cpu::kFloatW || ggml ? 0 : 7 * L;
+  TORCH_CHECK((int64_t)norms.size() == 2 * L && (int64_t)w.size() == 7 * L &&
+                  (int64_t)s.size() == n_scales && (int64_t)types.size() == (ggml ? 7 * L : 0),
+              op, ": ", L, " layers need ", 2 * L, " norms, ", 7 * L, " weights, ", n_scales,
+              " scales tensors and ", ggml ? 7 * L : 0, " types");
   const auto dt = x.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, op,
-              ": unsupported dtype ", dt);
-  const int64_t D = x.size(-1);
-  TORCH_CHECK(x.numel() == D && x.is_contiguous(), op, ": x must be one row, got ", x.sizes());
-  const auto& k0 = kc[0];
-  TORCH_CHECK(k0.dim() == 4 && k0.size(0) == 1, op, ": caches must be (1, KVH, len, Dh)");
-  const int64_t KVH = k0.size(1), len = k0.size(2), Dh = k0.size(3);
-  for (int64_t l = 0; l < L; ++l)
-    TORCH_CHECK(kc[l].sizes() == k0.sizes() && vc[l].sizes() == k0.sizes() &&
-                    kc[l].is_contiguous() && vc[l].is_contiguous() &&
-                    kc[l].scalar_type() == dt && vc[l].scalar_type() == dt,
-                op, ": caches must all be contiguous ", k0.sizes(), " of x's dtype");
+  const int64_t M = x.size(0), D = x.size(1);
   for (const auto& n : norms)
     TORCH_CHECK(n.numel() == D && n.is_contiguous() && n.scalar_type() == dt, op,
                 ": norm weights must be (", D, ") of x's dtype");
   TORCH_CHECK(Dh <= 256 && Dh % 2 == 0 && n_heads > 0 && n_heads % KVH == 0, op, ": ", n_heads,
               " heads over ", KVH, " kv heads of ", Dh);
-  TORCH_CHECK(pos.numel() == 1 && pos.scalar_type() == at::kLong, op, ": pos must be one int64");
-  const int64_t p = pos.data_ptr<int64_t>()[0];
-  TORCH_CHECK(p >= 0 && p < len, op, ": position ", p, " is outside the cache (", len, ")");
-  TORCH_CHECK(freqs.scalar_type() == at::kFloat && freqs.is_contiguous() && freqs.dim() == 3 &&
-                  freqs.size(0) >= len && freqs.size(1) == Dh / 2 && freqs.size(2) == 2,
-              op, ": freqs must be fp32 (", len, ", ", Dh / 2, ", 2)");
-  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 2 && mask.size(0) >= len &&
-                  mask.size(1) == len && mask.stride(1) == 1,
-              op, ": mask must be bool (", len, ", ", len, ")");
   const int64_t Nq = n_heads * Dh, Nkv = KVH * Dh, F = w[4].size(0);
   const bool bf16_scales = n_scales && s[0].scalar_type() == at::kBFloat16;
   // Each weight's shape (out N, in K0) and kind; returns the columns its kernel reads.
@@ -509,7 +486,7 @@ at::Tensor decode_layers_cpu(const at::Tensor& x, at::TensorList norms, double e
                 K0, " / 2), got ", m.sizes());
     return Kw;
   };
-  std::vector<float> qkv(Nq + 2 * Nkv), o(D), g(2 * F), y2(D);
+  std::vector<float> qkv(M * (Nq + 2 * Nkv)), o(M * D), g(M * 2 * F), y2(M * D);
   std::vector<cpu::Projection> proj;
   for (int64_t l = 0; l < L; ++l) {
     const int64_t b = 7 * l;
@@ -534,28 +511,126 @@ at::Tensor decode_layers_cpu(const at::Tensor& x, at::TensorList norms, double e
   // int4 and 8da4w decode in integers where the modules do: levels with kQ8Decode, groups of
   // whole 32-value blocks (models of any float dtype: their scales stay bf16, Int4Linear._apply)
   const bool q8 = int4 && (kt.features & cpu::kQ8Decode) && group % 32 == 0;
-  const cpu::StepArgs a{L, D, n_heads, KVH, Dh, F, len, p, kind, group, bf16_scales, q8, (float)eps};
+  const cpu::StepArgs a{L, D, n_heads, KVH, Dh, F, M, kind, group, bf16_scales, q8, (float)eps};
   std::vector<const void*> norm_ptrs;
   for (const auto& n : norms) norm_ptrs.push_back(n.const_data_ptr());
-  std::vector<void*> k_ptrs, v_ptrs;
-  for (int64_t l = 0; l < L; ++l) {
-    k_ptrs.push_back(kc[l].data_ptr());
-    v_ptrs.push_back(vc[l].data_ptr());
-  }
-  const cpu::StepData data{norm_ptrs.data(), freqs.data_ptr<float>() + p * Dh,
-                           mask.data_ptr<bool>() + p * mask.stride(0), k_ptrs.data(),
-                           v_ptrs.data()};
-  std::vector<float> h(D);
-  auto out = at::empty(x.sizes(), x.options());
+  data.norms = norm_ptrs.data();
+  std::vector<float> h(M * D);
+  auto out = at::empty({M, D}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "decode_layers", [&] {
     const auto* xp = x.data_ptr<scalar_t>();
-    for (int64_t d = 0; d < D; ++d) h[d] = (float)xp[d];
+    for (int64_t i = 0; i < M * D; ++i) h[i] = (float)xp[i];
     cpu::decode_step(kt, parallel, dtype_of(dt), a, data, proj, h.data(), qkv.data(), o.data(),
                      g.data(), y2.data());
     auto* dst = out.data_ptr<scalar_t>();
-    for (int64_t d = 0; d < D; ++d) dst[d] = scalar_t(h[d]);
+    for (int64_t i = 0; i < M * D; ++i) dst[i] = scalar_t(h[i]);
   });
   return out;
+}
+
+at::ScalarType check_step_dtype(const char* op, const at::Tensor& x) {
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kBFloat16 || dt == at::kHalf, op,
+              ": unsupported dtype ", dt);
+  return dt;
+}
+
+// Caches of x's dtype, all of the first one's shape and contiguous.
+void check_caches(const char* op, at::TensorList kc, at::TensorList vc, at::ScalarType dt) {
+  TORCH_CHECK(!kc.empty() && vc.size() == kc.size(), op, ": ", kc.size(), " k caches, ",
+              vc.size(), " v caches");
+  for (size_t l = 0; l < kc.size(); ++l)
+    TORCH_CHECK(kc[l].sizes() == kc[0].sizes() && vc[l].sizes() == kc[0].sizes() &&
+                    kc[l].is_contiguous() && vc[l].is_contiguous() &&
+                    kc[l].scalar_type() == dt && vc[l].scalar_type() == dt,
+                op, ": caches must all be contiguous ", kc[0].sizes(), " of x's dtype");
+}
+
+void check_freqs(const char* op, const at::Tensor& freqs, int64_t positions, int64_t Dh) {
+  TORCH_CHECK(freqs.scalar_type() == at::kFloat && freqs.is_contiguous() && freqs.dim() == 3 &&
+                  freqs.size(0) >= positions && freqs.size(1) == Dh / 2 && freqs.size(2) == 2,
+              op, ": freqs must be fp32 (>= ", positions, ", ", Dh / 2, ", 2)");
+}
+
+std::vector<void*> data_ptrs(at::TensorList ts) {
+  std::vector<void*> ps;
+  for (const auto& t : ts) ps.push_back(t.data_ptr());
+  return ps;
+}
+
+// One token through L layers: x (1, 1, D), the token's embedding; freqs (len, Dh/2, 2) fp32;
+// mask (len, len) bool; pos (1,) int64; caches (1, KVH, len, Dh) of x's dtype, written at pos.
+at::Tensor decode_layers_cpu(const at::Tensor& x, at::TensorList norms, double eps,
+                             const at::Tensor& freqs, const at::Tensor& mask,
+                             const at::Tensor& pos, at::TensorList kc, at::TensorList vc,
+                             at::TensorList w, at::TensorList s, int64_t kind, int64_t group,
+                             int64_t n_heads, at::IntArrayRef types) {
+  const char* op = "torchchat::decode_layers";
+  const auto dt = check_step_dtype(op, x);
+  const int64_t D = x.size(-1);
+  TORCH_CHECK(x.numel() == D && x.is_contiguous(), op, ": x must be one row, got ", x.sizes());
+  check_caches(op, kc, vc, dt);
+  TORCH_CHECK(kc[0].dim() == 4 && kc[0].size(0) == 1, op, ": caches must be (1, KVH, len, Dh)");
+  const int64_t KVH = kc[0].size(1), len = kc[0].size(2), Dh = kc[0].size(3);
+  TORCH_CHECK(pos.numel() == 1 && pos.scalar_type() == at::kLong, op, ": pos must be one int64");
+  const int64_t* p = pos.data_ptr<int64_t>();
+  TORCH_CHECK(p[0] >= 0 && p[0] < len, op, ": position ", p[0], " is outside the cache (", len,
+              ")");
+  check_freqs(op, freqs, len, Dh);
+  TORCH_CHECK(mask.scalar_type() == at::kBool && mask.dim() == 2 && mask.size(0) >= len &&
+                  mask.size(1) == len && mask.stride(1) == 1,
+              op, ": mask must be bool (", len, ", ", len, ")");
+  const auto k_ptrs = data_ptrs(kc), v_ptrs = data_ptrs(vc);
+  const cpu::StepData data{nullptr, freqs.data_ptr<float>(), p,
+                           mask.data_ptr<bool>() + p[0] * mask.stride(0), 0, len,
+                           k_ptrs.data(), v_ptrs.data(), len * Dh, Dh, nullptr, 0};
+  return step_layers(op, x.reshape({1, D}), norms, eps, w, s, kind, group, n_heads, types,
+                     (int64_t)kc.size(), KVH, Dh, data)
+      .view(x.sizes());
+}
+
+// One token of each of M <= kMaxRows sequences in a paged pool through L layers: x (M, D), the
+// tokens' embeddings; pos (M,) int64, their positions; index (M, T) int64, the pool rows of each
+// sequence's positions 0..T-1 (those past a row's position are not read); pools (rows, KVH, Dh)
+// of x's dtype, written at each token's row. A row attends its positions 0..pos[m].
+at::Tensor decode_layers_paged_cpu(const at::Tensor& x, at::TensorList norms, double eps,
+                                   const at::Tensor& freqs, const at::Tensor& pos,
+                                   const at::Tensor& index, at::TensorList kc, at::TensorList vc,
+                                   at::TensorList w, at::TensorList s, int64_t kind,
+                                   int64_t group, int64_t n_heads, at::IntArrayRef types) {
+  const char* op = "torchchat::decode_layers_paged";
+  const auto dt = check_step_dtype(op, x);
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(0) >= 1 && x.size(0) <= cpu::kMaxRows,
+              op, ": x must be (1 to ", cpu::kMaxRows, ", dim), got ", x.sizes());
+  const int64_t M = x.size(0);
+  check_caches(op, kc, vc, dt);
+  TORCH_CHECK(kc[0].dim() == 3, op, ": pools must be (rows, KVH, Dh)");
+  const int64_t rows = kc[0].size(0), KVH = kc[0].size(1), Dh = kc[0].size(2);
+  TORCH_CHECK(index.dim() == 2 && index.size(0) == M && index.scalar_type() == at::kLong &&
+                  index.is_contiguous(),
+              op, ": index must be contiguous int64 (", M, ", positions)");
+  TORCH_CHECK(pos.numel() == M && pos.is_contiguous() && pos.scalar_type() == at::kLong, op,
+              ": pos must be ", M, " int64");
+  const int64_t T = index.size(1);
+  const int64_t *p = pos.data_ptr<int64_t>(), *ip = index.data_ptr<int64_t>();
+  at::Tensor mask = at::zeros({M, T}, at::kBool);
+  bool* mp = mask.data_ptr<bool>();
+  for (int64_t m = 0; m < M; ++m) {
+    TORCH_CHECK(p[m] >= 0 && p[m] < T, op, ": position ", p[m], " is outside the index (", T,
+                ")");
+    for (int64_t t = 0; t <= p[m]; ++t) {  // the pool is read (and written at p[m]) at these
+      TORCH_CHECK(ip[m * T + t] >= 0 && ip[m * T + t] < rows, op, ": index ", ip[m * T + t],
+                  " outside the pool");
+      mp[m * T + t] = true;
+    }
+  }
+  const int64_t top = *std::max_element(p, p + M);
+  check_freqs(op, freqs, top + 1, Dh);
+  const auto k_ptrs = data_ptrs(kc), v_ptrs = data_ptrs(vc);
+  const cpu::StepData data{nullptr, freqs.data_ptr<float>(), p, mp, T, T, k_ptrs.data(),
+                           v_ptrs.data(), Dh, KVH * Dh, ip, T};
+  return step_layers(op, x, norms, eps, w, s, kind, group, n_heads, types, (int64_t)kc.size(),
+                     KVH, Dh, data);
 }
 
 }  // namespace
@@ -579,6 +654,10 @@ TORCH_LIBRARY(torchchat, m) {
       "decode_layers(Tensor x, Tensor[] norms, float eps, Tensor freqs, Tensor mask, Tensor pos, "
       "Tensor(a!)[] k_caches, Tensor(b!)[] v_caches, Tensor[] w, Tensor[] scales, int kind, "
       "int group, int n_heads, int[] types=[]) -> Tensor");
+  m.def(
+      "decode_layers_paged(Tensor x, Tensor[] norms, float eps, Tensor freqs, Tensor pos, "
+      "Tensor index, Tensor(a!)[] k_pools, Tensor(b!)[] v_pools, Tensor[] w, Tensor[] scales, "
+      "int kind, int group, int n_heads, int[] types=[]) -> Tensor");
   m.def("gemm_int4(Tensor x, Tensor w, Tensor scales_and_zeros, int group) -> Tensor");
   m.def("gemm_int8(Tensor x, Tensor w, Tensor scales) -> Tensor");
   m.def("gemm_wide(Tensor x, Tensor w) -> Tensor");
@@ -594,6 +673,7 @@ TORCH_LIBRARY_IMPL(torchchat, CPU, m) {
   m.impl("attention", &attention_cpu);
   m.impl("attention_paged", &attention_paged_cpu);
   m.impl("decode_layers", &decode_layers_cpu);
+  m.impl("decode_layers_paged", &decode_layers_paged_cpu);
   m.impl("gemm_int4", &gemm_int4_cpu);
   m.impl("gemm_int8", &gemm_int8_cpu);
   m.impl("gemm_wide", &gemm_wide_cpu);

@@ -156,8 +156,13 @@ class KernelInt4Linear(Int4Linear):
         ys = kernels.int4_linears_q8(x, ws, szs, first.groupsize, first.dynamic_activations)
         if ys is not None:  # decode in integers
             return [_finish(y[..., : m.out_features], m) for y, m in zip(ys, linears, strict=True)]
-        if first.dynamic_activations and not kernels.takes_rows(x, kernels.INT4):
-            return None  # not a decode step on the kernels: no quantization here
+        if first.dynamic_activations and (
+            not kernels.takes_rows(x, kernels.INT4) or kernels.q8_decode(first.groupsize)
+        ):  # not a decode step on the kernels (no quantization here), or one whose rows are
+            # more than the grouped op takes: each on gemm_8da4w, the sums of decode in integers
+            # (not the bf16 kernel on fake-quantized rows: a sequence's logits would depend on
+            # how many others share its step)
+            return None
         xq = quantize_activations_per_token(x) if first.dynamic_activations else x
         ys = kernels.int4_linears(xq, ws, szs, first.groupsize)
         if ys is None:

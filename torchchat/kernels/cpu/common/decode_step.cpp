@@ -1,5 +1,6 @@
 // A whole decode step: one token through all of a model's layers in one call
-// (torchchat::decode_layers): RMSNorm, q/k/v, RoPE, the cache write, attention, wo and the
+// (torchchat::decode_layers), or one token of each of up to kMaxRows sequences in a paged pool
+// (torchchat::decode_layers_paged): RMSNorm, q/k/v, RoPE, the cache write, attention, wo and the
 // residual, RMSNorm, w1/w3, SiLU gate, w2 and the residual, layer after layer, on the kernel
 // table's linears and attention. Eager modules spend ~2-3 ms a token of Python and dispatch on
 // stories110M int4 (2 threads: 3.6-4.5 ms against this step's 1.6); the compiled graph of ~130
@@ -43,28 +44,31 @@ struct StepScratch {  // a projection's input as its kernel takes it
   std::vector<bf16_t> xb;
 };
 
-// y = x @ W.T for the projection's matrices (results in their Matrix.y); x has K0 values.
+// y = x @ W.T for the projection's matrices (results in their Matrix.y) for M rows of x, K0
+// values each (int8 and int4 kernels take them zero-padded to the projection's K).
 template <typename T>
-void project_row(const Kernels& kt, ParallelFor pf, const StepArgs& a, const Projection& p,
-                 const float* x, int64_t K0, StepScratch& sc) {
+void project(const Kernels& kt, ParallelFor pf, const StepArgs& a, const Projection& p,
+             const float* x, int64_t K0, StepScratch& sc) {
+  const int64_t M = a.M;
   if (a.kind == kFloatW && std::is_same_v<T, float>) {
-    linear_float(kt, pf, DType::f32, x, 1, K0, p.mats);
+    linear_float(kt, pf, DType::f32, x, M, K0, p.mats);
   } else if (a.kind == kFloatW) {
-    std::vector<T> xt(x, x + K0);  // T from float: exact (values are already T's)
-    linear_float(kt, pf, std::is_same_v<T, bf16_t> ? DType::bf16 : DType::f16, xt.data(), 1, K0,
+    std::vector<T> xt(x, x + M * K0);  // T from float: exact (values are already T's)
+    linear_float(kt, pf, std::is_same_v<T, bf16_t> ? DType::bf16 : DType::f16, xt.data(), M, K0,
                  p.mats);
   } else if (a.kind == kGgmlW) {
-    linear_ggml(kt, pf, x, 1, K0, p.mats);
+    linear_ggml(kt, pf, x, M, K0, p.mats);
   } else if (a.kind == kInt8W) {
-    sc.xf.assign(p.K, 0.0f);
-    std::copy(x, x + K0, sc.xf.begin());
-    linear_int8(kt, pf, a.bf16_scales, sc.xf.data(), 1, p.K, a.group, p.mats);
+    sc.xf.assign(M * p.K, 0.0f);
+    for (int64_t m = 0; m < M; ++m) std::copy(x + m * K0, x + (m + 1) * K0, &sc.xf[m * p.K]);
+    linear_int8(kt, pf, a.bf16_scales, sc.xf.data(), M, p.K, a.group, p.mats);
   } else if (a.q8) {
-    linear_int4_q8(kt, pf, a.kind == kInt4DynW, x, 1, K0, p.K, a.group, p.mats);
+    linear_int4_q8(kt, pf, a.kind == kInt4DynW, x, M, K0, p.K, a.group, p.mats);
   } else {
-    sc.xb.assign(p.K, bf16_t(0.0f));
-    for (int64_t k = 0; k < K0; ++k) sc.xb[k] = bf16_t(x[k]);
-    linear_int4(kt, pf, sc.xb.data(), 1, p.K, a.group, p.mats);
+    sc.xb.assign(M * p.K, bf16_t(0.0f));
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t k = 0; k < K0; ++k) sc.xb[m * p.K + k] = bf16_t(x[m * K0 + k]);
+    linear_int4(kt, pf, sc.xb.data(), M, p.K, a.group, p.mats);
   }
 }
 
@@ -104,60 +108,86 @@ template <typename T>
 void layers(const Kernels& kt, ParallelFor pf, const StepArgs& a, const StepData& data,
             const std::vector<Projection>& proj, float* h, float* qkv, float* o, float* g,
             float* y2) {
-  const int64_t D = a.D, H = a.H, KVH = a.KVH, Dh = a.Dh, F = a.F;
-  const int64_t Nq = H * Dh, Nkv = KVH * Dh, group = H / KVH;
+  const int64_t D = a.D, H = a.H, KVH = a.KVH, Dh = a.Dh, F = a.F, M = a.M;
+  const int64_t Nq = H * Dh, Nkv = KVH * Dh, group = H / KVH, ldq = Nq + 2 * Nkv;
   const bool dyn = a.kind == kInt4DynW && !a.q8;  // fake-quantized for the bf16 kernel
-  const bool* mrow = data.mask_row;
-  const auto span = open_span(mrow, a.len);
-  const int64_t lo = span.first, hi = span.second;  // not a structured binding: lambdas take them
+  // Each row's open span of its mask row, and its cache rows; attention tasks of at least ~64K
+  // multiply-adds (a short cache stays on one thread: waking the others costs more).
+  std::vector<std::pair<int64_t, int64_t>> span(M);
+  std::vector<CacheRows> rows(M);
+  int64_t widest = 1;
+  for (int64_t m = 0; m < M; ++m) {
+    span[m] = open_span(data.mask + m * data.mask_ld, data.len);
+    rows[m] = CacheRows{data.row_stride, data.index ? data.index + m * data.index_ld : nullptr};
+    widest = std::max(widest, span[m].second - span[m].first);
+  }
+  const int64_t grain = std::max<int64_t>(1, 65536 / (widest * Dh));
   const float scale = 1.0f / std::sqrt((float)Dh);
   auto out = [](float v) { return round_to<T>(v); };  // a projection's output as the modules'
   const auto attend = attend_kernel<T>(kt);
-  std::vector<float> xn(std::max(D, F)), att(Nq), act(F);
-  std::vector<T> qt(Nq), yt(Nq);
+  std::vector<float> xn(M * std::max(D, F)), att(M * Nq), act(M * F);
+  std::vector<T> qt(M * Nq), yt(M * Nq);
   StepScratch sc;
   for (int64_t l = 0; l < a.L; ++l) {
     const Projection* p = proj.data() + 4 * l;
     // attention
-    rms_norm_row<T>(h, static_cast<const T*>(data.norms[2 * l]), D, a.eps, xn.data());
-    if (dyn) fake_quantize_row<T>(xn.data(), D);
-    project_row<T>(kt, pf, a, p[0], xn.data(), D, sc);
-    for (int64_t i = 0; i < Nq + 2 * Nkv; ++i) qkv[i] = out(qkv[i]);
-    rope_row<T>(qkv, H + KVH, Dh, data.freqs);  // q and k heads: one run of rows
+    const T* norm = static_cast<const T*>(data.norms[2 * l]);
+    for (int64_t m = 0; m < M; ++m) {
+      rms_norm_row<T>(h + m * D, norm, D, a.eps, xn.data() + m * D);
+      if (dyn) fake_quantize_row<T>(xn.data() + m * D, D);
+    }
+    project<T>(kt, pf, a, p[0], xn.data(), D, sc);
+    for (int64_t i = 0; i < M * ldq; ++i) qkv[i] = out(qkv[i]);
     T* kp = static_cast<T*>(data.k_caches[l]);
     T* vp = static_cast<T*>(data.v_caches[l]);
-    for (int64_t j = 0; j < KVH; ++j)
-      for (int64_t d = 0; d < Dh; ++d) {
-        kp[(j * a.len + a.pos) * Dh + d] = T(qkv[Nq + j * Dh + d]);
-        vp[(j * a.len + a.pos) * Dh + d] = T(qkv[Nq + Nkv + j * Dh + d]);
-      }
-    for (int64_t i = 0; i < Nq; ++i) qt[i] = T(qkv[i]);
-    const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(1, (hi - lo) * Dh));
+    for (int64_t m = 0; m < M; ++m) {
+      float* r = qkv + m * ldq;
+      rope_row<T>(r, H + KVH, Dh, data.freqs + data.pos[m] * Dh);  // q and k heads: one run
+      const int64_t at = rows[m].at(kp, data.pos[m]) - kp;
+      for (int64_t j = 0; j < KVH; ++j)
+        for (int64_t d = 0; d < Dh; ++d) {
+          kp[at + j * data.head_stride + d] = T(r[Nq + j * Dh + d]);
+          vp[at + j * data.head_stride + d] = T(r[Nq + Nkv + j * Dh + d]);
+        }
+      for (int64_t i = 0; i < Nq; ++i) qt[m * Nq + i] = T(r[i]);
+    }
     const T* q0 = qt.data();
     T* y0 = yt.data();
-    pf(H, grain, [=](int64_t h0, int64_t h1) {
-      std::vector<float> pbuf(hi - lo + 16);
-      for (int64_t hh = h0; hh < h1; ++hh) {
-        const int64_t j = hh / group;
-        attend(q0 + hh * Dh, kp + j * a.len * Dh, vp + j * a.len * Dh, CacheRows{Dh}, mrow, lo, hi, Dh,
-               scale, y0 + hh * Dh, pbuf.data());
+    const bool* mask = data.mask;
+    const int64_t mask_ld = data.mask_ld, hs = data.head_stride;
+    const auto* sp = span.data();
+    const auto* rw = rows.data();
+    pf(M * H, grain, [=](int64_t i0, int64_t i1) {
+      std::vector<float> pbuf(widest + 16);
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t m = i / H, hh = i % H, j = hh / group, lo = sp[m].first;
+        attend(q0 + m * Nq + hh * Dh, kp + j * hs, vp + j * hs, rw[m], mask + m * mask_ld, lo,
+               sp[m].second, Dh, scale, y0 + m * Nq + hh * Dh, pbuf.data());
       }
     });
-    for (int64_t i = 0; i < Nq; ++i) att[i] = (float)yt[i];
-    if (dyn) fake_quantize_row<T>(att.data(), Nq);
-    project_row<T>(kt, pf, a, p[1], att.data(), Nq, sc);
-    for (int64_t d = 0; d < D; ++d) h[d] = round_to<T>(h[d] + out(o[d]));
+    for (int64_t i = 0; i < M * Nq; ++i) att[i] = (float)yt[i];
+    if (dyn)
+      for (int64_t m = 0; m < M; ++m) fake_quantize_row<T>(att.data() + m * Nq, Nq);
+    project<T>(kt, pf, a, p[1], att.data(), Nq, sc);
+    for (int64_t i = 0; i < M * D; ++i) h[i] = round_to<T>(h[i] + out(o[i]));
     // feed-forward
-    rms_norm_row<T>(h, static_cast<const T*>(data.norms[2 * l + 1]), D, a.eps, xn.data());
-    if (dyn) fake_quantize_row<T>(xn.data(), D);
-    project_row<T>(kt, pf, a, p[2], xn.data(), D, sc);
-    for (int64_t i = 0; i < F; ++i) {
-      const float g1 = out(g[i]), g3 = out(g[F + i]);
-      act[i] = round_to<T>(round_to<T>(g1 / (1.0f + std::exp(-g1))) * g3);
+    const T* norm2 = static_cast<const T*>(data.norms[2 * l + 1]);
+    for (int64_t m = 0; m < M; ++m) {
+      rms_norm_row<T>(h + m * D, norm2, D, a.eps, xn.data() + m * D);
+      if (dyn) fake_quantize_row<T>(xn.data() + m * D, D);
     }
-    if (dyn) fake_quantize_row<T>(act.data(), F);
-    project_row<T>(kt, pf, a, p[3], act.data(), F, sc);
-    for (int64_t d = 0; d < D; ++d) h[d] = round_to<T>(h[d] + out(y2[d]));
+    project<T>(kt, pf, a, p[2], xn.data(), D, sc);
+    for (int64_t m = 0; m < M; ++m) {
+      const float* gm = g + m * 2 * F;
+      float* am = act.data() + m * F;
+      for (int64_t i = 0; i < F; ++i) {
+        const float g1 = out(gm[i]), g3 = out(gm[F + i]);
+        am[i] = round_to<T>(round_to<T>(g1 / (1.0f + std::exp(-g1))) * g3);
+      }
+      if (dyn) fake_quantize_row<T>(am, F);
+    }
+    project<T>(kt, pf, a, p[3], act.data(), F, sc);
+    for (int64_t i = 0; i < M * D; ++i) h[i] = round_to<T>(h[i] + out(y2[i]));
   }
 }
 

@@ -45,24 +45,34 @@ struct Projection {
 };
 
 struct StepArgs {
-  int64_t L, D, H, KVH, Dh, F, len, pos, kind, group;
+  int64_t L, D, H, KVH, Dh, F, M, kind, group;  // M tokens (rows), each of its own sequence
   bool bf16_scales;
   bool q8;        // int4 and 8da4w in integers (Kernels::linear_int4_q8, linear_8da4w)
   float eps;
 };
 
 // What a step reads and writes besides its weights (all of the activation dtype but freqs).
+// Row m's token is at position pos[m]: its RoPE pair freqs + pos[m] * Dh, its mask row
+// mask + m * mask_ld (len values), and its keys and values at cache row index[m * index_ld + t]
+// for position t (index null: row t), head j of a row at j * head_stride, rows row_stride apart.
+// One sequence's cache (KVH, len, Dh): head_stride len * Dh, row_stride Dh; a paged pool
+// (rows, KVH, Dh): Dh and KVH * Dh, with the sequences' block tables spelled out in index.
 struct StepData {
   const void* const* norms;  // 2L: attention, feed-forward
-  const float* freqs;        // this position's (cos, sin) pairs, Dh / 2 of them
-  const bool* mask_row;      // this position's mask row, len values
-  void* const* k_caches;     // L caches (KVH, len, Dh), written at pos
+  const float* freqs;        // the RoPE table: (position, Dh / 2, (cos, sin))
+  const int64_t* pos;        // M positions
+  const bool* mask;          // M rows of len values, mask_ld apart
+  int64_t mask_ld, len;
+  void* const* k_caches;  // L caches, written at each row's position
   void* const* v_caches;
+  int64_t head_stride, row_stride;
+  const int64_t* index;
+  int64_t index_ld;
 };
 
-// One token's hidden state h (D floats, values of dtype dt) through a.L layers, in place.
-// proj: 4 a layer (qkv, wo, w1/w3, w2) whose matrices write into qkv (Nq + 2 Nkv), o (D),
-// g (2F: w1's then w3's) and y2 (D).
+// M tokens' hidden states h (M x D floats, values of dtype dt) through a.L layers, in place.
+// proj: 4 a layer (qkv, wo, w1/w3, w2) whose matrices write into qkv (M rows of Nq + 2 Nkv), o
+// (M x D), g (M rows of 2F: w1's then w3's) and y2 (M x D).
 void decode_step(const Kernels& kt, ParallelFor pf, DType dt, const StepArgs& a,
                  const StepData& data, const std::vector<Projection>& proj, float* h, float* qkv,
                  float* o, float* g, float* y2);
