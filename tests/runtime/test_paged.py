@@ -171,5 +171,6 @@ def test_decode_steps_read_the_pool_in_place_without_a_gathered_copy():
     run_paged(rt, SEQS, [[1, 1, 1], [1, 1, 1], [1, 1, 1]])
     in_place = kernels.takes_rows(torch.zeros(1, 8))  # torchchat's kernels run on this machine
     assert (rt._gather is None) == in_place
-    run_paged(rt, SEQS, [[3, 6], [9], [3]])  # a chunk of 6 tokens: copied for torch's attention
+    rt.FUSED_ROWS = 8  # steps of more tokens on the modules:
+    run_paged(rt, SEQS, [[3, 6], [9], [3]])  # a chunk of 9 tokens: copied for torch's attention
     assert rt._gather is not None

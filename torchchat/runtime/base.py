@@ -65,6 +65,13 @@ class ModelRuntime(ABC):
     # use the runtime's one-sequence cache, which paged steps leave alone.
     block_size: int = 0  # positions per block; 0 until `setup_paged` (or if it cannot page)
 
+    @property
+    def step_rows(self) -> int | None:
+        """Tokens a paged step computes at a time, each time reading all the weights (the
+        scheduler sizes prompt chunks by it while others decode), or None: a step reads them
+        once however many tokens it has."""
+        return None
+
     def setup_paged(self, block_size: int) -> bool:
         """Make an empty paged KV cache of `block_size`-position blocks (grown by
         `reserve_blocks`). False, and nothing changes, for a runtime that cannot page: it

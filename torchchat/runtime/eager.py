@@ -173,36 +173,52 @@ class EagerRuntime(ModelRuntime):
             if logits is not None:
                 return logits[None]
         self._solo = None  # paged steps write the pool only: the static cache falls behind
-        if all(len(c.tokens) == 1 for c in chunks):
+        if sum(len(c.tokens) for c in chunks) <= self.FUSED_ROWS:
             logits = self._fused_paged(chunks)
             if logits is not None:
                 return logits
         tokens, layout = self._layout(chunks)
         return self.model.forward_paged(tokens, layout)
 
+    # Steps of up to this many tokens run on the fused step, MAX_ROWS tokens a call (each call
+    # reads every weight once); longer ones on the modules, whose GEMMs read them once for all.
+    # stories110M fp32, 2 threads, 8 decoding sequences and a prompt chunk: 8 + 8 tokens 63-71 ms
+    # fused against 87-101 on the modules, 8 + 32 tokens 134-160 on the modules.
+    FUSED_ROWS = 3 * kernels.MAX_ROWS
+
+    @property
+    def step_rows(self) -> int | None:
+        return kernels.MAX_ROWS if self._plan is not None else None
+
     def _fused_paged(self, chunks: Sequence[SeqChunk]) -> Tensor | None:
-        """One token of each sequence on the fused step over the pool, MAX_ROWS sequences a
-        call, or None where it does not apply (nothing written then). stories110M fp32, 8
-        streams, 2 threads: the modules spent ~20 ms a step of ~50 outside the linears (Python,
-        dispatch and ~25 small ops a layer), which the fused step does not."""
+        """The step on the fused kernel step over the pool, or None where it does not apply
+        (nothing written then). Each token is a row (a prompt chunk's rows attend their own
+        sequence's positions up to theirs: every row's keys and values of a layer are written
+        before any row attends), MAX_ROWS rows a call. stories110M fp32, 8 streams, 2 threads:
+        the modules spent ~20 ms a step of ~50 outside the linears (Python, dispatch and ~25
+        small ops a layer), which the fused step does not."""
         m, plan = self.model, self._plan
         if plan is None or m.freqs.dtype != torch.float32 or not self._plan_current():
             return None
         layers = [layer.attention.paged for layer in m.layers]
         k_pools, v_pools = [p.k for p in layers], [p.v for p in layers]
-        bs, dev, out = self.block_size, self.device, []
-        for i in range(0, len(chunks), kernels.MAX_ROWS):
-            part = chunks[i : i + kernels.MAX_ROWS]
-            n = max(c.start for c in part) // bs + 1  # blocks each row's index spans
-            tables = torch.tensor([(list(c.blocks[:n]) + [0] * n)[:n] for c in part])
+        rows = [(c, c.start + i, t) for c in chunks for i, t in enumerate(c.tokens)]
+        bs, dev, last = self.block_size, self.device, []
+        for i in range(0, len(rows), kernels.MAX_ROWS):
+            part = rows[i : i + kernels.MAX_ROWS]
+            n = max(p for _, p, _ in part) // bs + 1  # blocks each row's index spans
+            tables = torch.tensor([(list(c.blocks[:n]) + [0] * n)[:n] for c, _, _ in part])
             index = (tables[:, :, None] * bs + torch.arange(bs)).view(len(part), -1).to(dev)
-            pos = torch.tensor([c.start for c in part], device=dev)
-            x = m.tok_embeddings(torch.tensor([c.tokens[0] for c in part], device=dev))
+            pos = torch.tensor([p for _, p, _ in part], device=dev)
+            x = m.tok_embeddings(torch.tensor([t for _, _, t in part], device=dev))
             h = fused.decode_step_paged(plan, x, m.freqs, pos, index, k_pools, v_pools)
             if h is None:
                 return None
-            out.append(m.output(m.norm(h)).float())
-        return torch.cat(out)
+            # the rows that end their chunks
+            ends = [j for j, (c, p, _) in enumerate(part) if p == c.start + len(c.tokens) - 1]
+            last.append(h[ends])
+        hidden = torch.cat(last).split(kernels.MAX_ROWS)  # the output layer on few-row kernels
+        return torch.cat([m.output(m.norm(h)) for h in hidden]).float()
 
     def _plan_current(self) -> bool:
         """Whether the fused step's plan holds the model's tensors (renewed if not)."""

@@ -276,7 +276,9 @@ class Engine:
         if self.batched:
             context_blocks = -(-runtime.max_seq_len // block_size)
             self.kv = KVCacheManager(kv_blocks or max_batch * context_blocks, block_size)
-            self.scheduler = Scheduler(self.kv, max_batch, prefill_chunk, runtime.max_seq_len)
+            self.scheduler = Scheduler(
+                self.kv, max_batch, prefill_chunk, runtime.max_seq_len, runtime.step_rows
+            )
         self._decoding: dict[int, Decoding] = {}  # choices started, by sequence id
         self._started: list[Job] = []  # jobs with a choice in the scheduler
         work = self._work_batched if self.batched else self._work

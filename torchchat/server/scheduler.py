@@ -6,8 +6,9 @@ and values in the cache. Each step feeds every running sequence the tokens it la
 
 - decoding sequences (one token to feed) always take part, one token each;
 - sequences still prefilling take a chunk of their prompt, in arrival order, within the step's
-  budget of `prefill_chunk` prompt tokens -- so a long prompt arriving does not stall the
-  others. A prompt with at most `prefill_chunk` tokens left goes whole, budget or not (it is
+  budget of `prefill_chunk` prompt tokens (fewer where the runtime computes a step's tokens
+  `step_rows` at a time: enough to fill the decoding rows' last call and one more) -- so a
+  long prompt arriving does not stall the others. A prompt with at most `prefill_chunk` tokens left goes whole, budget or not (it is
   done in this step, and many short prompts arriving together -- chats behind one cached
   system prompt -- get their first tokens after one step instead of one step each; vLLM's
   long_prefill_token_threshold draws the same line): such a step is bounded all the same, by
@@ -94,11 +95,18 @@ class Plan:
 class Scheduler:
     """Running and waiting sequences, and each step's plan over a KVCacheManager."""
 
-    def __init__(self, kv: KVCacheManager, max_running: int, prefill_chunk: int, context: int):
-        if max_running < 1 or prefill_chunk < 1:
-            raise ValueError("max_running and prefill_chunk must be at least 1")
+    def __init__(
+        self,
+        kv: KVCacheManager,
+        max_running: int,
+        prefill_chunk: int,
+        context: int,
+        step_rows: int | None = None,
+    ):
+        if max_running < 1 or prefill_chunk < 1 or (step_rows is not None and step_rows < 1):
+            raise ValueError("max_running, prefill_chunk and step_rows must be at least 1")
         self.kv, self.max_running = kv, max_running
-        self.prefill_chunk, self.context = prefill_chunk, context
+        self.prefill_chunk, self.context, self.step_rows = prefill_chunk, context, step_rows
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # oldest first
 
@@ -117,8 +125,7 @@ class Scheduler:
     def schedule(self) -> Plan:
         """The next step's work (see the module docstring)."""
         plan = Plan()
-        decoding = any(s.to_feed == 1 for s in self.running)
-        budget = self.prefill_chunk if decoding else self.context
+        budget = self._budget(sum(s.to_feed == 1 for s in self.running))
         i = 0
         while i < len(self.running):
             seq = self.running[i]
@@ -145,6 +152,16 @@ class Scheduler:
         if not plan.preempted:
             self._admit(plan, budget)
         return plan
+
+    def _budget(self, decoding: int) -> int:
+        """Prompt tokens a step may take besides `decoding` one-token feeds. With `step_rows`
+        (the runtime computes that many tokens a call, each call reading all the weights), a
+        chunk fills the decoding rows' last call and one more: a step costs ~2 of theirs."""
+        if not decoding:
+            return self.context
+        if self.step_rows is None:
+            return self.prefill_chunk
+        return min(self.prefill_chunk, -decoding % self.step_rows + self.step_rows)
 
     def _chunk(self, left: int, budget: int) -> int:
         """Prompt tokens a sequence with `left` to prefill takes this step: all of a short
