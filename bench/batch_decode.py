@@ -1,7 +1,7 @@
 """Batched decoding: aggregate decode tokens/s of 1 vs N concurrent greedy streams.
 
     python bench/batch_decode.py [--shape stories110M] [--streams 1 2 4 8 16] [--max-batch 16]
-                                 [--new-tokens 64] [--block-size 16] [--threads N]
+                                 [--new-tokens 64] [--block-size 16] [--threads N] [--dtype bf16]
 
 A model of a known shape with random weights (no download), the llama2.c tokenizer from
 ../shared/models for detokenizing. Two measurements, each repeated and reported as a median:
@@ -110,6 +110,7 @@ def main() -> int:
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--max-seq-len", type=int, default=1024)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--compile", action="store_true", help="torch.compile the B=1 decode steps")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     p.add_argument("--skip-engine", action="store_true", help="measure the runtime only")
@@ -119,7 +120,7 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    mopts = ModelOptions(execution=ExecutionOptions(dtype="fp32", compile=args.compile))
+    mopts = ModelOptions(execution=ExecutionOptions(dtype=args.dtype, compile=args.compile))
     # Runtimes with the same weights: the B=1 path as `generate` runs it, one with a paged KV
     # pool, and the engine's own. Measurements alternate between them, so drifting machine load
     # affects each alike.
@@ -162,7 +163,7 @@ def main() -> int:
     rows = [(name, statistics.median(values)) for name, values in samples.items()]
     setup = time.perf_counter() - t0
     print(
-        f"Batched decode: {args.shape} (random weights, fp32), max-batch {args.max_batch}, "
+        f"Batched decode: {args.shape} (random weights, {args.dtype}), max-batch {args.max_batch}, "
         f"{'compiled' if args.compile else 'eager'}, {torch.get_num_threads()} threads, "
         f"{platform.machine()}, {os.cpu_count()} cores; prompt {args.prompt_tokens} tokens, "
         f"{steps} decode steps, median of {args.repeats}; {setup:.0f} s in all"
@@ -185,7 +186,8 @@ def main() -> int:
             )
     if kv_bytes:
         a = single.args
-        per_position = 2 * a.n_layers * a.n_kv_heads * a.head_dim * 4  # fp32 keys and values
+        itemsize = 4 if args.dtype == "fp32" else 2
+        per_position = 2 * a.n_layers * a.n_kv_heads * a.head_dim * itemsize  # keys and values
         slots = args.max_batch * args.max_seq_len * per_position
         print(
             f"engine KV memory after {n} streams of {args.prompt_tokens}+{steps} tokens: "
