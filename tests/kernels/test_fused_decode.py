@@ -94,18 +94,25 @@ def test_fused_decode_matches_the_modules(spec, dtype, tol, shape, monkeypatch):
         assert max_rel(a, b) < tol
 
 
+def paged_runtime(model: Transformer, fused: bool, monkeypatch, blocks: int):
+    """A runtime with a pool of `blocks` 4-position blocks, and the list its fused paged calls
+    are counted into."""
+    calls: list[int] = []
+    real = kernels.decode_layers_paged
+    monkeypatch.setattr(kernels, "decode_layers_paged", lambda *a: calls.append(1) or real(*a))
+    runtime = EagerRuntime(model, 40, fused_decode=fused)
+    runtime.setup_paged(4)
+    runtime.reserve_blocks(blocks)
+    return runtime, calls
+
+
 def paged_run(
     model: Transformer, fused: bool, monkeypatch, n: int = 7
 ) -> tuple[torch.Tensor, list, int]:
     """n sequences of different lengths (block tables out of order) prefilled in one paged step,
     then 6 decode steps of all of them on fixed tokens: the logits of every step, the pools
     after, and how many fused paged calls ran (one a step for up to 8 sequences)."""
-    calls = []
-    real = kernels.decode_layers_paged
-    monkeypatch.setattr(kernels, "decode_layers_paged", lambda *a: calls.append(1) or real(*a))
-    runtime = EagerRuntime(model, 40, fused_decode=fused)
-    runtime.setup_paged(4)
-    runtime.reserve_blocks(80)
+    runtime, calls = paged_runtime(model, fused, monkeypatch, 80)
     gen = torch.Generator().manual_seed(3)
     order = torch.randperm(80, generator=gen).tolist()
     tables = [order[8 * i : 8 * i + 8] for i in range(n)]
@@ -147,6 +154,45 @@ def test_fused_paged_step_takes_8_sequences_a_call(monkeypatch):
     got, got_pools, calls = paged_run(model, True, monkeypatch, n=10)
     assert calls == 12
     assert max_rel(got, ref) < 1e-5
+    for a, b in zip(got_pools, ref_pools, strict=True):
+        assert max_rel(a, b) < 1e-5
+
+
+def mixed_run(model: Transformer, fused: bool, monkeypatch) -> tuple[list, list, int]:
+    """3 sequences prefilled (27 tokens: the modules' step), then a step of their 3 decodes and
+    a 4th sequence's 9-token prompt (12 tokens: rows 0-7 and 8-11, the prompt split across two
+    calls), then 2 decode steps of all 4: each step's logits, the pools, the fused calls."""
+    runtime, calls = paged_runtime(model, fused, monkeypatch, 32)
+    gen = torch.Generator().manual_seed(4)
+    tables = [torch.randperm(32, generator=gen)[:8].tolist()]
+    rest = [b for b in range(32) if b not in tables[0]]
+    tables += [rest[8 * i : 8 * i + 8] for i in range(3)]
+    seqs = [torch.randint(0, 128, (14,), generator=gen).tolist() for _ in range(4)]
+    out = [runtime.step([SeqChunk(i, seqs[i][:9], 0, tables[i]) for i in range(3)])]
+    chunks = [SeqChunk(i, [seqs[i][9]], 9, tables[i]) for i in range(3)]
+    out.append(runtime.step([*chunks, SeqChunk(3, seqs[3][:9], 0, tables[3])]))
+    for step in range(2):
+        out.append(
+            runtime.step(
+                [SeqChunk(i, [seqs[i][10 + step]], 10 + step, tables[i]) for i in range(3)]
+                + [SeqChunk(3, [seqs[3][9 + step]], 9 + step, tables[3])]
+            )
+        )
+    pools = [t.clone() for layer in model.layers for t in (layer.attention.paged.k,
+                                                           layer.attention.paged.v)]  # fmt: skip
+    return out, pools, len(calls)
+
+
+@pytest.mark.usefixtures("isa")
+def test_a_prompt_chunk_shares_the_fused_step_with_decodes(monkeypatch):
+    """A prompt chunk's tokens are rows of the fused step beside other sequences' decodes, the
+    chunk causal within and across calls: the modules' logits and pools to fp32 rounding."""
+    model = fused_model(None, None)
+    ref, ref_pools, none = mixed_run(model, False, monkeypatch)
+    got, got_pools, calls = mixed_run(model, True, monkeypatch)
+    assert (none, calls) == (0, 2 + 1 + 1)  # the mixed step in 2 calls, each decode step in 1
+    for a, b in zip(got, ref, strict=True):
+        assert max_rel(a, b) < 1e-5
     for a, b in zip(got_pools, ref_pools, strict=True):
         assert max_rel(a, b) < 1e-5
 
