@@ -126,7 +126,8 @@ def main() -> int:
     # affects each alike.
     single = random_runtime(args.shape, mopts, args.max_seq_len)
     paged = random_runtime(args.shape, mopts, args.max_seq_len)
-    paged.setup_paged(args.block_size)
+    longest = args.prompt_tokens + args.new_tokens
+    paged.setup_paged(args.block_size, max(args.streams) * -(-longest // args.block_size))
     batch = prompts(max(args.streams), args.prompt_tokens, single.args.vocab_size)
     steps = args.new_tokens
     runs: dict[str, Callable[[], float]] = {

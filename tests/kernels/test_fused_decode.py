@@ -9,6 +9,7 @@ import torch
 from tests.kernels.test_kernels import max_rel
 from tests.support import random_args, random_state_dict
 from torchchat import kernels
+from torchchat.kernels import fused
 from torchchat.model.transformer import Transformer
 from torchchat.quant.apply import quantize
 from torchchat.quant.config import load_quantize_spec
@@ -101,7 +102,7 @@ def paged_runtime(model: Transformer, fused: bool, monkeypatch, blocks: int):
     real = kernels.decode_layers_paged
     monkeypatch.setattr(kernels, "decode_layers_paged", lambda *a: calls.append(1) or real(*a))
     runtime = EagerRuntime(model, 40, fused_decode=fused)
-    runtime.setup_paged(4)
+    runtime.setup_paged(4, blocks)
     runtime.reserve_blocks(blocks)
     return runtime, calls
 
@@ -111,12 +112,12 @@ def paged_run(
 ) -> tuple[torch.Tensor, list, int]:
     """n sequences of different lengths (block tables out of order) prefilled in one paged step,
     then 6 decode steps of all of them on fixed tokens: the logits of every step, the pools
-    after, and how many fused paged calls ran (one a step for up to 8 sequences)."""
-    runtime, calls = paged_runtime(model, fused, monkeypatch, 80)
+    after, and how many fused paged calls ran (one a step for up to 24 sequences)."""
+    runtime, calls = paged_runtime(model, fused, monkeypatch, 8 * n)
     gen = torch.Generator().manual_seed(3)
-    order = torch.randperm(80, generator=gen).tolist()
+    order = torch.randperm(8 * n, generator=gen).tolist()
     tables = [order[8 * i : 8 * i + 8] for i in range(n)]
-    prompts = [torch.randint(0, 128, (1 + 2 * i,), generator=gen).tolist() for i in range(n)]
+    prompts = [torch.randint(0, 128, (1 + 2 * (i % 10),), generator=gen).tolist() for i in range(n)]
     logits = runtime.step([SeqChunk(i, p, 0, tables[i]) for i, p in enumerate(prompts)])
     out, pos = [logits], [len(p) for p in prompts]
     fed = torch.randint(0, 128, (6, n), generator=gen).tolist()
@@ -145,23 +146,68 @@ def test_fused_paged_step_matches_the_modules(spec, dtype, tol, monkeypatch):
         assert max_rel(a, b) < tol
 
 
+@pytest.mark.parametrize("spec,dtype,tol", FUSED_SPECS)
 @pytest.mark.usefixtures("isa")
-def test_fused_paged_step_takes_8_sequences_a_call(monkeypatch):
-    """10 sequences: a call for 8 and one for 2, the modules' logits (theirs on torch's GEMM for
-    10 rows) to fp32 rounding."""
+def test_a_call_of_more_than_8_rows_gives_what_its_calls_of_8_give(spec, dtype, tol, monkeypatch):
+    """One fused paged call of 19 sequences' tokens (its linears over rows 0-7, 8-15 and 16-18)
+    gives, to the bit, the hidden states and pool rows of calls of 8, 8 and 3 of them: a row's
+    sums do not depend on the row group it is in."""
+    if spec and "4" in spec and not kernels.simd_level() & kernels.INT4:
+        pytest.skip(f"the {kernels.isa()} kernels have no int4 linear")
+    model = fused_model(spec, dtype)
+    runtime, _ = paged_runtime(model, True, monkeypatch, 8 * 19)
+    gen = torch.Generator().manual_seed(5)
+    tables = torch.randperm(8 * 19, generator=gen).view(19, 8)
+    prompts = [torch.randint(0, 128, (1 + i,), generator=gen).tolist() for i in range(19)]
+    runtime.step([SeqChunk(i, p, 0, tables[i].tolist()) for i, p in enumerate(prompts)])
+    pos = torch.tensor([len(p) for p in prompts])
+    index = (tables[:, :, None] * 4 + torch.arange(4)).view(19, -1)
+    x = model.tok_embeddings(torch.randint(0, 128, (19,), generator=gen))
+    pools = [layer.attention.paged for layer in model.layers]
+    before = [(p.k.clone(), p.v.clone()) for p in pools]
+
+    def run(parts):
+        for p, (k, v) in zip(pools, before, strict=True):
+            p.k.copy_(k), p.v.copy_(v)
+        h = [
+            fused.decode_step_paged(
+                runtime._plan,
+                x[a:b],
+                model.freqs,
+                pos[a:b],
+                index[a:b],
+                [p.k for p in pools],
+                [p.v for p in pools],
+            )  # fmt: skip
+            for a, b in parts
+        ]
+        return torch.cat(h), [t.clone() for p in pools for t in (p.k, p.v)]
+
+    whole, whole_pools = run([(0, 19)])
+    parts, parts_pools = run([(0, 8), (8, 16), (16, 19)])
+    assert torch.equal(whole, parts)
+    assert all(torch.equal(a, b) for a, b in zip(whole_pools, parts_pools, strict=True))
+
+
+@pytest.mark.usefixtures("isa")
+def test_fused_paged_step_takes_24_sequences_a_call(monkeypatch):
+    """24 sequences: one call a step (its linears over 8 rows at a time), the modules' logits
+    (theirs on torch's GEMM for 24 rows) to fp32 rounding; 25 go on the modules."""
     model = fused_model(None, None)
-    ref, ref_pools, _ = paged_run(model, False, monkeypatch, n=10)
-    got, got_pools, calls = paged_run(model, True, monkeypatch, n=10)
-    assert calls == 12
+    ref, ref_pools, _ = paged_run(model, False, monkeypatch, n=24)
+    got, got_pools, calls = paged_run(model, True, monkeypatch, n=24)
+    assert calls == 6
     assert max_rel(got, ref) < 1e-5
     for a, b in zip(got_pools, ref_pools, strict=True):
         assert max_rel(a, b) < 1e-5
+    assert paged_run(model, True, monkeypatch, n=25)[2] == 0
 
 
 def mixed_run(model: Transformer, fused: bool, monkeypatch) -> tuple[list, list, int]:
     """3 sequences prefilled (27 tokens: the modules' step), then a step of their 3 decodes and
-    a 4th sequence's 9-token prompt (12 tokens: rows 0-7 and 8-11, the prompt split across two
-    calls), then 2 decode steps of all 4: each step's logits, the pools, the fused calls."""
+    a 4th sequence's 9-token prompt (12 tokens in one call: the linears' rows 0-7 and 8-11, the
+    prompt split across two of their row groups), then 2 decode steps of all 4: each step's
+    logits, the pools, the fused calls."""
     runtime, calls = paged_runtime(model, fused, monkeypatch, 32)
     gen = torch.Generator().manual_seed(4)
     tables = [torch.randperm(32, generator=gen)[:8].tolist()]
@@ -186,11 +232,11 @@ def mixed_run(model: Transformer, fused: bool, monkeypatch) -> tuple[list, list,
 @pytest.mark.usefixtures("isa")
 def test_a_prompt_chunk_shares_the_fused_step_with_decodes(monkeypatch):
     """A prompt chunk's tokens are rows of the fused step beside other sequences' decodes, the
-    chunk causal within and across calls: the modules' logits and pools to fp32 rounding."""
+    chunk causal within the call: the modules' logits and pools to fp32 rounding."""
     model = fused_model(None, None)
     ref, ref_pools, none = mixed_run(model, False, monkeypatch)
     got, got_pools, calls = mixed_run(model, True, monkeypatch)
-    assert (none, calls) == (0, 2 + 1 + 1)  # the mixed step in 2 calls, each decode step in 1
+    assert (none, calls) == (0, 3)  # a call each step
     for a, b in zip(got, ref, strict=True):
         assert max_rel(a, b) < 1e-5
     for a, b in zip(got_pools, ref_pools, strict=True):
@@ -201,7 +247,7 @@ def test_a_prompt_chunk_shares_the_fused_step_with_decodes(monkeypatch):
 def test_decode_layers_paged_rejects_what_it_cannot_read():
     model = fused_model(None, None)
     runtime = EagerRuntime(model, 40)
-    runtime.setup_paged(4)
+    runtime.setup_paged(4, 4)
     runtime.reserve_blocks(4)
     p = runtime._plan
     pools = [layer.attention.paged for layer in model.layers]
@@ -214,8 +260,8 @@ def test_decode_layers_paged_rejects_what_it_cannot_read():
         )  # fmt: skip
 
     assert call().shape == (2, 64)
-    with pytest.raises(RuntimeError, match=r"x must be \(1 to 8, dim\)"):
-        call(rows=9, pos=tuple(range(9)))
+    with pytest.raises(RuntimeError, match=r"x must be \(1 to 24, dim\)"):
+        call(rows=25, pos=(3,) * 25)
     with pytest.raises(RuntimeError, match="position 16 is outside the index"):
         call(pos=(3, 16))
     outside = torch.arange(16).repeat(2, 1)

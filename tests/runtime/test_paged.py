@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
+import pytest
 import torch
 
 from tests.support import random_args, random_state_dict
 from torchchat import kernels
 from torchchat.builder import build_transformer
+from torchchat.model.transformer import PagedKVCache
 from torchchat.runtime.base import SeqChunk
-from torchchat.runtime.eager import EagerRuntime
+from torchchat.runtime.eager import EagerRuntime, _packed_prompts
 
 ATOL = 1e-5  # fp32: rows of a paged step go through GEMMs of another M, so may round differently
 BLOCK = 4
@@ -18,7 +23,7 @@ def runtime(seed: int = 2, fused: bool = True) -> EagerRuntime:
     args = random_args(n_heads=4, n_kv_heads=2, max_seq_len=64)
     model = build_transformer(args, random_state_dict(args, seed=seed), torch.float32, "cpu")
     rt = EagerRuntime(model, 64, fused_decode=fused)
-    assert rt.setup_paged(BLOCK)
+    assert rt.setup_paged(BLOCK, 80)
     rt.reserve_blocks(64)
     return rt
 
@@ -174,3 +179,70 @@ def test_decode_steps_read_the_pool_in_place_without_a_gathered_copy():
     rt.FUSED_ROWS = 8  # steps of more tokens on the modules:
     run_paged(rt, SEQS, [[3, 6], [9], [3]])  # a chunk of 9 tokens: copied for torch's attention
     assert rt._gather is not None
+
+
+@torch.no_grad()
+def test_prompt_chunks_sharing_a_prefix_attend_as_one_group():
+    """Chunks of sequences that share their first blocks (a system prompt) are one attention
+    group over the union of their positions, the shared ones read once; each chunk still gets
+    what computing its sequence alone gives."""
+    rt = runtime()
+    rt.FUSED_ROWS = 0  # the modules' step, where attention groups are made
+    common = tokens(17, 12)  # four blocks of 4 and one position into the fifth
+    rt.step([SeqChunk(0, common, 0, [7, 2, 11, 5, 30])])
+    tails = [tokens(2, 20), tokens(3, 21), tokens(2, 22)]
+    tables = [[7, 2, 11, 5, 40 + i] for i in range(3)]
+    rt.copy_blocks([(30, t[4], 1) for t in tables])
+    chunks = [
+        SeqChunk(1 + i, tail, 17, t) for i, (tail, t) in enumerate(zip(tails, tables, strict=True))
+    ]
+    _, layout = rt._layout(chunks)
+    # one group of all 7 query rows over 16 shared positions and each sequence's 3-4 own
+    assert [(g.batch, g.queries, g.read.shape[1]) for g in layout.groups] == [(1, 7, 26)]
+    got = rt.step(chunks)
+    for tail, g in zip(tails, got, strict=True):
+        expected = reference(common + tail, [len(common) + len(tail)])[0]
+        torch.testing.assert_close(g, expected, atol=ATOL, rtol=0)
+
+
+def test_prompt_chunks_are_packed_only_where_it_reads_less_and_wastes_little():
+    def groups(chunks):
+        return _packed_prompts(chunks, BLOCK)
+
+    # nothing shared (different first blocks, or a chunk from position 0): apart
+    assert groups([SeqChunk(0, [1] * 3, 8, [1, 2, 3]), SeqChunk(1, [1] * 3, 8, [4, 5, 6])]) == [
+        [0],
+        [1],
+    ]
+    assert groups([SeqChunk(0, [1] * 3, 0, [1]), SeqChunk(1, [1] * 3, 0, [1])]) == [[0], [1]]
+    # a long shared prefix and short own parts: one group (decoding chunks are not prompts)
+    shared = [1, 2, 3, 4]
+    packed = [SeqChunk(i, [1] * 2, 16, [*shared, 10 + i]) for i in range(3)]
+    assert groups([SeqChunk(9, [1], 5, [7, 8]), *packed]) == [[1, 2, 3]]
+    # one shared block and long own parts: each row would meet far more masked positions
+    # (the other chunks') than it attends, so apart
+    long = [SeqChunk(i, [1] * 12, 4, [1, 10 + 4 * i, 11 + 4 * i, 12 + 4 * i]) for i in range(3)]
+    assert groups(long) == [[0], [1], [2]]
+
+
+def test_the_pool_is_reserved_address_space_that_grows_without_copying():
+    """On the CPU the pool's most blocks are reserved at once and take memory only where
+    written: 4 GiB of pool adds no resident memory, and growing keeps the same storage."""
+    statm = Path("/proc/self/statm")
+    if not statm.exists():
+        pytest.skip("no /proc/self/statm to read resident memory from (not Linux)")
+
+    def resident() -> int:
+        return int(statm.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    before = resident()
+    pool = PagedKVCache(16, 8, 128, 2**16, torch.float32, "cpu")  # 2 x 2 GiB
+    pool.grow(2)
+    k = pool.k.data_ptr()
+    pool.write(torch.tensor([0, 31]), torch.ones(2, 8, 128), torch.ones(2, 8, 128))
+    pool.grow(2**16)
+    assert pool.k.data_ptr() == k and pool.k.shape == (2**20, 8, 128)
+    assert torch.equal(pool.k[31], torch.ones(8, 128)) and not pool.k[32:64].any()
+    assert resident() - before < 64 * 2**20
+    with pytest.raises(ValueError, match="at most 65536 blocks"):
+        pool.grow(2**16 + 1)

@@ -168,9 +168,9 @@ class SlowBatchRuntime(ModelRuntime):
         self.steps: list[tuple[float, set[int]]] = []
         self.fed: list[dict[int, int]] = []  # per step: tokens fed to each sequence
 
-    def setup_paged(self, block_size):
+    def setup_paged(self, block_size, max_blocks):
         self.block_size = block_size
-        return self.inner.setup_paged(block_size)
+        return self.inner.setup_paged(block_size, max_blocks)
 
     def reserve_blocks(self, blocks):
         self.inner.reserve_blocks(blocks)

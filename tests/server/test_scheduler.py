@@ -46,10 +46,10 @@ def test_a_prompt_arriving_among_decodes_is_chunked_within_the_budget():
     assert run(s) == {a.id: (6, 1), long.id: (20, 1), short.id: (5, 1)}
 
 
-def test_with_step_rows_a_chunk_fills_the_decoding_rows_last_call_and_one_more():
-    """A runtime that computes 4 tokens a call: 3 decoding sequences leave 1 row of their call,
-    so a long prompt takes 1 + 4 tokens a step (not the 16 of prefill_chunk); 4 decoding: 4."""
-    s = Scheduler(KVCacheManager(64, 4), 8, 16, context=256, step_rows=4)
+def test_with_step_rows_a_chunk_fills_the_decoding_rows_last_call():
+    """A runtime that computes 8 tokens a call: 3 decoding sequences leave 5 rows of their call,
+    so a long prompt takes 5 tokens a step (not the 16 of prefill_chunk); 4 decoding: 4."""
+    s = Scheduler(KVCacheManager(64, 4), 8, 16, context=256, step_rows=8)
     runs = [Sequence([i, i]) for i in range(3)]
     for seq in runs:
         s.add(seq)
@@ -61,7 +61,22 @@ def test_with_step_rows_a_chunk_fills_the_decoding_rows_last_call_and_one_more()
     s.add(fourth := Sequence([5, 5]))
     step = run(s)  # the short prompt goes whole, budget spent or not
     assert (step[long.id], step[fourth.id]) == ((10, 5), (0, 2))
-    assert run(s)[long.id] == (15, 4)  # 4 decoding now: their call is full, one more
+    assert run(s)[long.id] == (15, 4)  # 4 decoding now: 4 rows of their call left
+
+
+def test_with_step_rows_a_chunk_takes_at_least_half_a_call():
+    """7 decoding sequences leave 1 row of a call of 8: the prompt takes 4 (half a call) a step,
+    not 1; 8 decoding fill theirs: 4 again."""
+    s = Scheduler(KVCacheManager(64, 4), 9, 16, context=256, step_rows=8)
+    for i in range(7):
+        s.add(Sequence([i, i]))
+    run(s)
+    long = Sequence(list(range(100, 140)))
+    s.add(long)
+    assert run(s)[long.id] == (0, 4)
+    s.add(Sequence([7, 7]))
+    run(s)
+    assert run(s)[long.id] == (8, 4)
 
 
 def test_short_prompts_arriving_together_go_in_one_step_and_long_ones_wait_their_turn():

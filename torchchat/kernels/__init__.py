@@ -24,6 +24,7 @@ from torchchat.kernels import library
 from torchchat.kernels.library import ENV, ENV_ISA  # noqa: F401  (re-exported)
 
 MAX_ROWS = 8  # the C++ kMaxRows: more tokens at once is prefill, where torch's GEMM wins
+STEP_ROWS = 3 * MAX_ROWS  # the C++ kStepRows: tokens of one decode_layers_paged call
 
 # simd_level bits: the families of kernels the selected table runs (cpu/common/kernels.h's
 # kFewRows, kBf16, kInt8Gemm, kBf16Gemm, kGgml, kGgmlGemm, kInt4Q8Gemm). Every level has the first
@@ -327,13 +328,14 @@ def decode_layers_paged(
     n_heads: int,
     types: Sequence[int] = (),
 ) -> Tensor | None:
-    """`decode_layers` for one token of each of up to MAX_ROWS sequences in a paged KV pool:
+    """`decode_layers` for one token of each of up to STEP_ROWS sequences in a paged KV pool:
     x (M, dim) their embeddings, pos (M,) their positions, index (M, T) the pool rows of each
     one's positions 0..T-1 (its block table spelled out); each token attends its sequence's
     positions up to its own, its keys and values written into the pools (rows, kv_heads,
     head_dim) in place. A row's result does not depend on the others in the call, up to the
     rounding of the linears' kernels for another row count. None when the kernels are off."""
-    if _rows(x, decode_layers_needs(kind)) is None or torch.compiler.is_compiling():
+    need = decode_layers_needs(kind)
+    if _rows(x[:1], need) is None or x.shape[0] > STEP_ROWS or torch.compiler.is_compiling():
         return None
     return torch.ops.torchchat.decode_layers_paged(
         x, norms, eps, freqs, pos, index, k_pools, v_pools, weights, scales, kind, groupsize,

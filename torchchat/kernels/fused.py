@@ -94,7 +94,7 @@ def decode_step_paged(
     k_pools: list[Tensor],
     v_pools: list[Tensor],
 ) -> Tensor | None:
-    """The embeddings x (M, dim) of one token of each of M <= MAX_ROWS sequences through every
+    """The embeddings x (M, dim) of one token of each of M <= STEP_ROWS sequences through every
     layer of `plan`, their keys and values in paged pools (`kernels.decode_layers_paged`: pos
     (M,) their positions, index (M, T) the pool rows of their positions), or None when the
     kernels are off. The plan's own caches are not touched."""

@@ -600,8 +600,8 @@ at::Tensor decode_layers_paged_cpu(const at::Tensor& x, at::TensorList norms, do
                                    int64_t group, int64_t n_heads, at::IntArrayRef types) {
   const char* op = "torchchat::decode_layers_paged";
   const auto dt = check_step_dtype(op, x);
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(0) >= 1 && x.size(0) <= cpu::kMaxRows,
-              op, ": x must be (1 to ", cpu::kMaxRows, ", dim), got ", x.sizes());
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.size(0) >= 1 && x.size(0) <= cpu::kStepRows,
+              op, ": x must be (1 to ", cpu::kStepRows, ", dim), got ", x.sizes());
   const int64_t M = x.size(0);
   check_caches(op, kc, vc, dt);
   TORCH_CHECK(kc[0].dim() == 3, op, ": pools must be (rows, KVH, Dh)");

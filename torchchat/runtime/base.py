@@ -72,10 +72,10 @@ class ModelRuntime(ABC):
         once however many tokens it has."""
         return None
 
-    def setup_paged(self, block_size: int) -> bool:
-        """Make an empty paged KV cache of `block_size`-position blocks (grown by
-        `reserve_blocks`). False, and nothing changes, for a runtime that cannot page: it
-        serves one sequence at a time."""
+    def setup_paged(self, block_size: int, max_blocks: int) -> bool:
+        """Make an empty paged KV cache of `block_size`-position blocks, at most `max_blocks`
+        (grown by `reserve_blocks`). False, and nothing changes, for a runtime that cannot
+        page: it serves one sequence at a time."""
         return False
 
     def reserve_blocks(self, blocks: int) -> None:

@@ -146,10 +146,10 @@ class EagerRuntime(ModelRuntime):
         logits = self._fused_last(token, input_pos)
         return self._decode_fn(token, input_pos) if logits is None else logits
 
-    def setup_paged(self, block_size: int) -> bool:
-        if block_size < 1:
-            raise ValueError("block_size must be at least 1")
-        self.model.setup_paged(block_size)
+    def setup_paged(self, block_size: int, max_blocks: int) -> bool:
+        if block_size < 1 or max_blocks < 1:
+            raise ValueError("block_size and max_blocks must be at least 1")
+        self.model.setup_paged(block_size, max_blocks)
         self.block_size = block_size
         return True
 
@@ -180,45 +180,41 @@ class EagerRuntime(ModelRuntime):
         tokens, layout = self._layout(chunks)
         return self.model.forward_paged(tokens, layout)
 
-    # Steps of up to this many tokens run on the fused step, MAX_ROWS tokens a call (each call
-    # reads every weight once); longer ones on the modules, whose GEMMs read them once for all.
-    # stories110M fp32, 2 threads, 8 decoding sequences and a prompt chunk: 8 + 8 tokens 63-71 ms
-    # fused against 87-101 on the modules, 8 + 32 tokens 134-160 on the modules.
-    FUSED_ROWS = 3 * kernels.MAX_ROWS
+    # Steps of up to this many tokens run on one call of the fused step (its linears take them
+    # 8 at a time over each thread's weight rows: the weights read once a call); longer ones on
+    # the modules, whose GEMMs compute more per weight read. stories110M fp32, 2 threads, 8
+    # sequences decoding 200 positions in and a prompt chunk of 16 tokens: 70-72 ms fused against
+    # 84-97 on the modules (8 a call, three calls: 131-138 ms); 40 tokens: 125-132 against 119-124.
+    FUSED_ROWS = kernels.STEP_ROWS
 
     @property
     def step_rows(self) -> int | None:
-        return kernels.MAX_ROWS if self._plan is not None else None
+        return kernels.STEP_ROWS if self._plan is not None else None
 
     def _fused_paged(self, chunks: Sequence[SeqChunk]) -> Tensor | None:
-        """The step on the fused kernel step over the pool, or None where it does not apply
-        (nothing written then). Each token is a row (a prompt chunk's rows attend their own
-        sequence's positions up to theirs: every row's keys and values of a layer are written
-        before any row attends), MAX_ROWS rows a call. stories110M fp32, 8 streams, 2 threads:
-        the modules spent ~20 ms a step of ~50 outside the linears (Python, dispatch and ~25
-        small ops a layer), which the fused step does not."""
+        """The step on one call of the fused kernel step over the pool, or None where it does
+        not apply (nothing written then). Each token is a row (a prompt chunk's rows attend their
+        own sequence's positions up to theirs: every row's keys and values of a layer are written
+        before any row attends). stories110M fp32, 8 streams, 2 threads: the modules spent ~20 ms
+        a step of ~50 outside the linears (Python, dispatch and ~25 small ops a layer), which the
+        fused step does not."""
         m, plan = self.model, self._plan
         if plan is None or m.freqs.dtype != torch.float32 or not self._plan_current():
             return None
         layers = [layer.attention.paged for layer in m.layers]
         k_pools, v_pools = [p.k for p in layers], [p.v for p in layers]
         rows = [(c, c.start + i, t) for c in chunks for i, t in enumerate(c.tokens)]
-        bs, dev, last = self.block_size, self.device, []
-        for i in range(0, len(rows), kernels.MAX_ROWS):
-            part = rows[i : i + kernels.MAX_ROWS]
-            n = max(p for _, p, _ in part) // bs + 1  # blocks each row's index spans
-            tables = torch.tensor([(list(c.blocks[:n]) + [0] * n)[:n] for c, _, _ in part])
-            index = (tables[:, :, None] * bs + torch.arange(bs)).view(len(part), -1).to(dev)
-            pos = torch.tensor([p for _, p, _ in part], device=dev)
-            x = m.tok_embeddings(torch.tensor([t for _, _, t in part], device=dev))
-            h = fused.decode_step_paged(plan, x, m.freqs, pos, index, k_pools, v_pools)
-            if h is None:
-                return None
-            # the rows that end their chunks
-            ends = [j for j, (c, p, _) in enumerate(part) if p == c.start + len(c.tokens) - 1]
-            last.append(h[ends])
-        hidden = torch.cat(last).split(kernels.MAX_ROWS)  # the output layer on few-row kernels
-        return torch.cat([m.output(m.norm(h)) for h in hidden]).float()
+        bs, dev = self.block_size, self.device
+        n = max(p for _, p, _ in rows) // bs + 1  # blocks each row's index spans
+        tables = torch.tensor([(list(c.blocks[:n]) + [0] * n)[:n] for c, _, _ in rows])
+        index = (tables[:, :, None] * bs + torch.arange(bs)).view(len(rows), -1).to(dev)
+        pos = torch.tensor([p for _, p, _ in rows], device=dev)
+        x = m.tok_embeddings(torch.tensor([t for _, _, t in rows], device=dev))
+        h = fused.decode_step_paged(plan, x, m.freqs, pos, index, k_pools, v_pools)
+        if h is None:
+            return None
+        ends = [j for j, (c, p, _) in enumerate(rows) if p == c.start + len(c.tokens) - 1]
+        return m.output(m.norm(h[ends])).float()
 
     def _plan_current(self) -> bool:
         """Whether the fused step's plan holds the model's tensors (renewed if not)."""
@@ -237,35 +233,43 @@ class EagerRuntime(ModelRuntime):
 
     def _layout(self, chunks: Sequence[SeqChunk]) -> tuple[Tensor, PagedStep]:
         """The rows of a paged step: sequences decoding one token, in groups the few-row
-        attention kernel takes (so a row computes the same in any group), then each prompt
-        chunk as a group of its own."""
+        attention kernel takes (so a row computes the same in any group), then the prompt
+        chunks, each a group of its own or packed with others that share its prefix."""
         decoding = [i for i, c in enumerate(chunks) if len(c.tokens) == 1]
         size = kernels.MAX_ROWS
         groups = [decoding[i : i + size] for i in range(0, len(decoding), size)]
-        groups += [[i] for i, c in enumerate(chunks) if len(c.tokens) > 1]
+        groups += _packed_prompts(chunks, self.block_size)
         ids, positions, write, parts, last = [], [], [], [], [0] * len(chunks)
         for group in groups:
             members = [chunks[i] for i in group]
             ends = [c.start + len(c.tokens) for c in members]
-            t = max(ends)
-            read = torch.zeros(len(group), t, dtype=torch.long)
-            for row, (c, end) in enumerate(zip(members, ends, strict=True)):
-                rows = self._rows(c.blocks, end)
-                read[row, :end] = rows
+            reads = [self._rows(c.blocks, end) for c, end in zip(members, ends, strict=True)]
+            start = len(ids)
+            for c, end, rows in zip(members, ends, reads, strict=True):
                 write.append(rows[c.start :])
                 positions.append(torch.arange(c.start, end))
                 ids += c.tokens
-            queries = len(members[0].tokens)
-            if queries == 1:
-                open_ = torch.arange(t)[None] < torch.tensor(ends)[:, None]
-                mask = open_[:, None, None]
-            else:
-                c = members[0]
-                mask = self.model.causal_mask[c.start : ends[0], :t][None, None]
-            start = len(ids) - len(group) * queries
-            for row, i in enumerate(group):
-                last[i] = start + (row + 1) * queries - 1
-            parts.append(AttentionGroup(start, len(group), queries, read, mask, queries == 1))
+            if len(members[0].tokens) == 1:  # decoding: a row each, per_row
+                t = max(ends)
+                read = torch.zeros(len(group), t, dtype=torch.long)
+                for row, (end, rows) in enumerate(zip(ends, reads, strict=True)):
+                    read[row, :end] = rows
+                    last[group[row]] = start + row
+                mask = (torch.arange(t)[None] < torch.tensor(ends)[:, None])[:, None, None]
+                parts.append(AttentionGroup(start, len(group), 1, read, mask, True))
+                continue
+            # prompt chunks: one query row each token, over the union of their pool rows (a
+            # shared prefix read once), each row seeing its own sequence's positions up to its own
+            read, cols = torch.unique(torch.cat(reads), return_inverse=True)
+            mask = torch.zeros(len(ids) - start, len(read), dtype=torch.bool)
+            row = 0
+            for c, end, i, col in zip(
+                members, ends, group, cols.split(list(map(len, reads))), strict=True
+            ):
+                mask[row : row + len(c.tokens), col] = self.model.causal_mask[c.start : end, :end]
+                row += len(c.tokens)
+                last[i] = start + row - 1
+            parts.append(AttentionGroup(start, 1, row, read[None], mask[None, None], False))
         dev = self.device
         layout = PagedStep(
             torch.cat(positions).to(dev),
@@ -310,6 +314,43 @@ class EagerRuntime(ModelRuntime):
         self.model.copy_paged(row, to_row=False, start=pos)
         self._solo, self.cached = (chunk.seq, pos + 1), []
         return logits
+
+
+PACK_WASTE = 1.5
+
+
+def _packed_prompts(chunks: Sequence[SeqChunk], block_size: int) -> list[list[int]]:
+    """The prompt chunks (of more than one token) of a step in attention groups: chunks whose
+    sequences share their first blocks (a system prompt, a chat's earlier turns) go in one group,
+    the shared positions read once, when that computes at most PACK_WASTE times the scores of
+    attending apart (a row also meets the other chunks' own positions, masked). stories110M fp32, 2 threads, 15
+    chunks of 10 tokens over 924 positions, 912 of them shared: 338-397 ms a step against
+    436-491 apart (each chunk gathered its 924 positions and ran attention on its own)."""
+    prompts = [i for i, c in enumerate(chunks) if len(c.tokens) > 1]
+    by_first: dict[int, list[int]] = {}
+    for i in prompts:
+        c = chunks[i]
+        key = c.blocks[0] if c.start >= block_size else -1 - i  # nothing shared before start
+        by_first.setdefault(key, []).append(i)
+    groups = []
+    for members in by_first.values():
+        ends = [chunks[i].start + len(chunks[i].tokens) for i in members]
+        queries = sum(len(chunks[i].tokens) for i in members)
+        # the blocks the chunks share: the longest common head of their block tables
+        tables = [
+            chunks[i].blocks[: -(-e // block_size)] for i, e in zip(members, ends, strict=True)
+        ]
+        shared = 0
+        while all(len(t) > shared and t[shared] == tables[0][shared] for t in tables):
+            shared += 1
+        shared = min(shared * block_size, min(chunks[i].start for i in members))
+        union = shared + sum(e - shared for e in ends)
+        apart = sum(len(chunks[i].tokens) * e for i, e in zip(members, ends, strict=True))
+        if len(members) > 1 and queries * union <= PACK_WASTE * apart:
+            groups.append(members)
+        else:
+            groups += [[i] for i in members]
+    return groups
 
 
 def weight_bytes_per_token(model: Transformer) -> int:

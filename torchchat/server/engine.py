@@ -272,10 +272,12 @@ class Engine:
         self._stop = threading.Event()
         # A speculator keeps one sequence's cache (the draft's) in step with the target's.
         self.max_batch = max_batch
-        self.batched = max_batch > 1 and speculator is None and runtime.setup_paged(block_size)
+        kv_blocks = kv_blocks or max_batch * -(-runtime.max_seq_len // block_size)
+        self.batched = (
+            max_batch > 1 and speculator is None and runtime.setup_paged(block_size, kv_blocks)
+        )
         if self.batched:
-            context_blocks = -(-runtime.max_seq_len // block_size)
-            self.kv = KVCacheManager(kv_blocks or max_batch * context_blocks, block_size)
+            self.kv = KVCacheManager(kv_blocks, block_size)
             self.scheduler = Scheduler(
                 self.kv, max_batch, prefill_chunk, runtime.max_seq_len, runtime.step_rows
             )

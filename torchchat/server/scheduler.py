@@ -7,7 +7,7 @@ and values in the cache. Each step feeds every running sequence the tokens it la
 - decoding sequences (one token to feed) always take part, one token each;
 - sequences still prefilling take a chunk of their prompt, in arrival order, within the step's
   budget of `prefill_chunk` prompt tokens (fewer where the runtime computes a step's tokens
-  `step_rows` at a time: enough to fill the decoding rows' last call and one more) -- so a
+  `step_rows` at a time: the decoding rows' last call filled, at least half a call) -- so a
   long prompt arriving does not stall the others. A prompt with at most `prefill_chunk` tokens left goes whole, budget or not (it is
   done in this step, and many short prompts arriving together -- chats behind one cached
   system prompt -- get their first tokens after one step instead of one step each; vLLM's
@@ -156,12 +156,14 @@ class Scheduler:
     def _budget(self, decoding: int) -> int:
         """Prompt tokens a step may take besides `decoding` one-token feeds. With `step_rows`
         (the runtime computes that many tokens a call, each call reading all the weights), a
-        chunk fills the decoding rows' last call and one more: a step costs ~2 of theirs."""
+        chunk fills the decoding rows' last call, and takes at least half a call (a prompt
+        behind 23 decoding rows of 24 a call does not crawl a token a step): a step costs about
+        one call more than theirs at most."""
         if not decoding:
             return self.context
         if self.step_rows is None:
             return self.prefill_chunk
-        return min(self.prefill_chunk, -decoding % self.step_rows + self.step_rows)
+        return min(self.prefill_chunk, max(-decoding % self.step_rows, self.step_rows // 2))
 
     def _chunk(self, left: int, budget: int) -> int:
         """Prompt tokens a sequence with `left` to prefill takes this step: all of a short

@@ -20,6 +20,9 @@ namespace torchchat::cpu {
 struct GgmlGemmActs;  // ggml.h
 
 constexpr int64_t kMaxRows = 8;  // more tokens than this: torch's GEMM is the better kernel
+// Tokens of one paged decode step call (torchchat::decode_layers_paged): its linears take them
+// kMaxRows at a time over each thread's weight rows, reading the weights once a call.
+constexpr int64_t kStepRows = 3 * kMaxRows;
 
 // bfloat16 and IEEE half as stored bits; conversions from float round to nearest even (as
 // c10::BFloat16 and c10::Half do), so results match torch's to the bit.
