@@ -182,9 +182,10 @@ class EagerRuntime(ModelRuntime):
 
     # Steps of up to this many tokens run on one call of the fused step (its linears take them
     # 8 at a time over each thread's weight rows: the weights read once a call); longer ones on
-    # the modules, whose GEMMs compute more per weight read. stories110M fp32, 2 threads, 8
-    # sequences decoding 200 positions in and a prompt chunk of 16 tokens: 70-72 ms fused against
-    # 84-97 on the modules (8 a call, three calls: 131-138 ms); 40 tokens: 125-132 against 119-124.
+    # the modules, whose GEMMs compute more per weight read. bench/paged_step.py (stories110M
+    # fp32, 2 threads, 8 sequences decoding 200 positions in and a prompt chunk): 8 + 16 tokens
+    # 65-77 ms fused against 83-93 on the modules (three calls of 8: 80-88); 8 + 40 tokens
+    # 112-124 on the modules against 125-132 fused in two calls.
     FUSED_ROWS = kernels.STEP_ROWS
 
     @property
