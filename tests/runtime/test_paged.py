@@ -11,6 +11,7 @@ import torch
 from tests.support import random_args, random_state_dict
 from torchchat import kernels
 from torchchat.builder import build_transformer
+from torchchat.model import transformer
 from torchchat.model.transformer import PagedKVCache
 from torchchat.runtime.base import SeqChunk
 from torchchat.runtime.eager import EagerRuntime, _packed_prompts
@@ -142,7 +143,12 @@ def test_a_step_writes_only_its_own_positions():
     assert changed_rows == {4, 5, 6, 7, 36, 37}
 
 
-def test_the_pool_grows_keeping_its_contents():
+@pytest.mark.parametrize("mapped", [True, False], ids=["mapped", "copied"])
+def test_the_pool_grows_keeping_its_contents(mapped, monkeypatch):
+    """Grown as a view of its reserved mapping, or by copying where there is none (another
+    device, or the OS refused it)."""
+    if not mapped:
+        monkeypatch.setattr(transformer, "reserve_zeros", lambda *a: None)
     rt = runtime()
     rt.step([SeqChunk(0, SEQS[0][:6], 0, TABLES[0])])
     before = rt.model.layers[0].attention.paged.k.clone()
@@ -150,6 +156,7 @@ def test_the_pool_grows_keeping_its_contents():
     rt.reserve_blocks(80)
     after = rt.model.layers[0].attention.paged.k
     assert after.shape[0] == 80 * BLOCK and torch.equal(after[: before.shape[0]], before)
+    assert not after[before.shape[0] :].any()  # new blocks hold zeros
     assert rt.kv_cache_bytes() > size
 
 

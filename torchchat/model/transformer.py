@@ -170,10 +170,10 @@ class PagedKVCache(nn.Module):
 
 def reserve_zeros(shape: tuple[int, ...], dtype: torch.dtype, device) -> Tensor | None:
     """A zero tensor of `shape` on the CPU whose memory is taken only as it is written (an
-    anonymous private mapping, not reserved against swap), or None: another device, or the OS
-    refused the mapping."""
+    anonymous private mapping, not reserved against swap), or None: another device, an OS
+    without such mappings (Windows), or the OS refused this one."""
     nbytes = math.prod(shape) * dtype.itemsize
-    if torch.device(device).type != "cpu" or nbytes == 0:
+    if torch.device(device).type != "cpu" or nbytes == 0 or not hasattr(mmap, "MAP_ANONYMOUS"):
         return None
     flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE
     try:
