@@ -253,3 +253,15 @@ def test_the_pool_is_reserved_address_space_that_grows_without_copying():
     assert resident() - before < 64 * 2**20
     with pytest.raises(ValueError, match="at most 65536 blocks"):
         pool.grow(2**16 + 1)
+
+
+def test_a_pool_cast_after_setup_grows_by_copying_keeping_its_contents():
+    """Moved or cast, the pool's tensors are no longer its reserved mapping: growing then
+    copies them (a view of the mapping would drop what they hold)."""
+    pool = PagedKVCache(4, 2, 8, 16, torch.float32, "cpu")
+    pool.grow(2)
+    pool.write(torch.tensor([5]), torch.ones(1, 2, 8), torch.ones(1, 2, 8))
+    pool.to(torch.float64)
+    pool.grow(4)
+    assert pool.k.dtype == torch.float64 and pool.k.shape == (16, 2, 8)
+    assert torch.equal(pool.k[5], torch.ones(2, 8, dtype=torch.float64))

@@ -135,11 +135,19 @@ class PagedKVCache(nn.Module):
         rows = blocks * self.block_size
         if rows <= self.k.shape[0]:
             return
-        if self._reserved[0] is not None:
+        if self._holds_reserved():
             self.k, self.v = self._reserved[0][:rows], self._reserved[1][:rows]
         else:
             pad = (0, 0, 0, 0, 0, rows - self.k.shape[0])
             self.k, self.v = F.pad(self.k, pad), F.pad(self.v, pad)
+
+    def _holds_reserved(self) -> bool:
+        """Whether the pool is (still) its reserved mapping: not where there is none, nor after
+        the module was moved or cast (its k and v then are other tensors)."""
+        r = self._reserved[0]
+        if r is None or self.k.dtype != r.dtype or self.k.device != r.device:
+            return False
+        return self.k.numel() == 0 or self.k.data_ptr() == r.data_ptr()
 
     def write(self, rows: Tensor, k: Tensor, v: Tensor) -> None:
         """Store k, v (N, kv_heads, D) at pool rows (N,)."""
