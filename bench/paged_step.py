@@ -38,9 +38,7 @@ def main() -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     longest = a.context + max(a.chunks) + 1
-    rt = random_runtime(
-        a.shape, ModelOptions(execution=ExecutionOptions(dtype=a.dtype)), max(1024, longest)
-    )
+    rt = random_runtime(a.shape, ModelOptions(execution=ExecutionOptions(dtype=a.dtype)), longest)
     per_seq = -(-longest // a.block_size)
     seqs = a.decoding + 1
     rt.setup_paged(a.block_size, per_seq * seqs)

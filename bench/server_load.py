@@ -191,7 +191,17 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[k]
 
 
-def report(outcomes: list[Outcome], wall_s: float, args: argparse.Namespace) -> str:
+def peak_rss(pid: int) -> str:
+    """The server process's peak resident memory so far (Linux's VmHWM), or "-" elsewhere."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return "-"
+    kb = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM")), 0)
+    return f"{kb / 1024:.0f} MB" if kb else "-"
+
+
+def report(outcomes: list[Outcome], wall_s: float, args: argparse.Namespace, rss: str = "-") -> str:
     ok = [o for o in outcomes if o.ok]
     errors = [o for o in outcomes if not o.ok]
     lat = [o.latency_s for o in ok] or [0.0]
@@ -216,6 +226,7 @@ def report(outcomes: list[Outcome], wall_s: float, args: argparse.Namespace) -> 
             "mean prompt tokens reused from the KV cache",
             f"{statistics.mean(o.cached_tokens for o in ok):.1f}" if ok else "-",
         ),
+        ("server peak RSS", rss),
     ]
     lines = [
         f"Server load: {args.model.name}, {platform.machine()}, {os.cpu_count()} cores",
@@ -334,14 +345,18 @@ def main() -> int:
             outcomes, wall = asyncio.run(
                 run_load(url, args.requests, args.concurrency, args.max_tokens)
             )
-            print(report(outcomes, wall, args))
+            print(report(outcomes, wall, args, peak_rss(proc.pid)))
         else:
             run = shared_prefix if args.scenario == "shared-prefix" else long_arrival
             rows, outcomes = asyncio.run(run(url, args))
             server = " ".join([f"--max-batch {args.max_batch or 'default'}", *args.server_arg])
             print(f"Server {args.scenario}: {args.model.name} ({server}), {os.cpu_count()} cores")
             print("\n| metric | value |\n|---|---|")
-            print("\n".join(f"| {k} | {v} |" for k, v in rows))
+            print(
+                "\n".join(
+                    f"| {k} | {v} |" for k, v in [*rows, ("server peak RSS", peak_rss(proc.pid))]
+                )
+            )
             for o in outcomes:
                 if not o.ok:
                     print(f"error: {o.error}")

@@ -1,0 +1,37 @@
+"""The benchmark scripts under bench/ that drive the server and the paged runtime run end to end
+(tiny shapes, a handful of steps): their numbers are docs/performance.md's, so they must not rot."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.support import REPO
+
+
+def run_script(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(REPO / "bench" / args[0]), *args[1:]]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def test_paged_step_times_fused_and_module_steps():
+    p = run_script("paged_step.py", "--shape", "stories260K", "--decoding", "3", "--chunks", "0",
+                   "5", "30", "--context", "20", "--repeats", "2", "--threads", "1")  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    rows = re.findall(r"^\| 3 decodes \+ (\d+) prompt tokens \| ([\d.]+) / [\d.]+ \| ([\d.]+) / ",
+                      p.stdout, re.M)  # fmt: skip
+    assert [r[0] for r in rows] == ["0", "5", "30"]
+    assert all(float(fused) > 0 and float(modules) > 0 for _, fused, modules in rows)
+
+
+@pytest.mark.slow
+def test_server_load_drives_the_server_and_reports_its_peak_memory():
+    p = run_script("server_load.py", "--requests", "3", "--concurrency", "2", "--max-tokens",
+                   "4", "--threads", "1", "--max-batch", "2")  # fmt: skip
+    assert p.returncode == 0, p.stderr + p.stdout
+    table = dict(re.findall(r"^\| ([^|]+) \| ([^|]+) \|$", p.stdout, re.M))
+    assert table["errors"] == "0" and table["completion tokens"] == "12"
+    assert re.fullmatch(r"\d+ MB", table["server peak RSS"]), table
