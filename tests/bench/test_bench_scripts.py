@@ -35,3 +35,15 @@ def test_server_load_drives_the_server_and_reports_its_peak_memory():
     table = dict(re.findall(r"^\| ([^|]+) \| ([^|]+) \|$", p.stdout, re.M))
     assert table["errors"] == "0" and table["completion tokens"] == "12"
     assert re.fullmatch(r"\d+ MB", table["server peak RSS"]), table
+
+
+def test_batch_decode_measures_every_stream_count():
+    p = run_script("batch_decode.py", "--shape", "stories260K", "--streams", "1", "2",
+                   "--max-batch", "2", "--new-tokens", "4", "--repeats", "1", "--threads", "1",
+                   "--max-seq-len", "128")  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    table = dict(re.findall(r"^\| ([^|]+) \| ([\d.]+) \|$", p.stdout, re.M))
+    for row in ["B=1 path (generate), 1 stream", "runtime paged, 2 stream(s)",
+                "engine (server), 2 concurrent request(s)"]:  # fmt: skip
+        assert float(table[row]) > 0, p.stdout
+    assert "engine KV memory after 2 streams" in p.stdout
