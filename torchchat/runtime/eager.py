@@ -306,13 +306,12 @@ class EagerRuntime(ModelRuntime):
         pos, bs = chunk.start, self.block_size
         token = torch.tensor([list(chunk.tokens)], device=self.device)
         if self._solo != (chunk.seq, pos):
-            self.model.copy_paged(self._rows(chunk.blocks, pos).to(self.device), to_row=True)
+            self.model.rows_from_paged(self._rows(chunk.blocks, pos).to(self.device))
         logits = self._fused_last(token, self._positions(pos, 1))
         if logits is None:
             self._solo = None
             return None
-        row = torch.tensor([chunk.blocks[pos // bs] * bs + pos % bs], device=self.device)
-        self.model.copy_paged(row, to_row=False, start=pos)
+        self.model.position_to_paged(pos, chunk.blocks[pos // bs] * bs + pos % bs)
         self._solo, self.cached = (chunk.seq, pos + 1), []
         return logits
 
