@@ -93,9 +93,9 @@ def disabled() -> Iterator[None]:
         _enabled = before
 
 
-def _rows(x: Tensor, need: int, dims: tuple | None = None) -> int | None:
+def _rows(x: Tensor, need: int, dims: tuple | None = None, most: int = MAX_ROWS) -> int | None:
     """Rows of x as a 2-D matrix (the product of `dims`, by default all but the last) if the
-    kernels take it: a CPU tensor of static shape with at most MAX_ROWS rows, kernels enabled
+    kernels take it: a CPU tensor of static shape with at most `most` rows, kernels enabled
     and built with the `need` level bit."""
     if not _enabled or x.device.type != "cpu":
         return None
@@ -104,7 +104,7 @@ def _rows(x: Tensor, need: int, dims: tuple | None = None) -> int | None:
         if not isinstance(d, int):  # a dynamic (symbolic) size: prefill, leave it to torch
             return None
         rows *= d
-    if rows > MAX_ROWS or not simd_level() & need:
+    if rows > most or not simd_level() & need:
         return None
     return rows
 
@@ -334,8 +334,9 @@ def decode_layers_paged(
     positions up to its own, its keys and values written into the pools (rows, kv_heads,
     head_dim) in place. A row's result does not depend on the others in the call, up to the
     rounding of the linears' kernels for another row count. None when the kernels are off."""
-    need = decode_layers_needs(kind)
-    if _rows(x[:1], need) is None or x.shape[0] > STEP_ROWS or torch.compiler.is_compiling():
+    if _rows(x, decode_layers_needs(kind), most=STEP_ROWS) is None:
+        return None
+    if torch.compiler.is_compiling():
         return None
     return torch.ops.torchchat.decode_layers_paged(
         x, norms, eps, freqs, pos, index, k_pools, v_pools, weights, scales, kind, groupsize,

@@ -8,12 +8,12 @@ and values in the cache. Each step feeds every running sequence the tokens it la
 - sequences still prefilling take a chunk of their prompt, in arrival order, within the step's
   budget of `prefill_chunk` prompt tokens (fewer where the runtime computes a step's tokens
   `step_rows` at a time: the decoding rows' last call filled, at least half a call) -- so a
-  long prompt arriving does not stall the others. A prompt with at most `prefill_chunk` tokens left goes whole, budget or not (it is
-  done in this step, and many short prompts arriving together -- chats behind one cached
-  system prompt -- get their first tokens after one step instead of one step each; vLLM's
-  long_prefill_token_threshold draws the same line): such a step is bounded all the same, by
-  `max_running` x `prefill_chunk` tokens. With nobody decoding there is nobody to stall: the
-  budget is the whole context;
+  long prompt arriving does not stall the others. A prompt with at most `prefill_chunk` tokens
+  left goes whole, budget or not (it is done in this step, and many short prompts arriving
+  together -- chats behind one cached system prompt -- get their first tokens after one step
+  instead of one step each; vLLM's long_prefill_token_threshold draws the same line): such a
+  step is bounded all the same, by `max_running` x `prefill_chunk` tokens. With nobody
+  decoding there is nobody to stall: the budget is the whole context;
 - waiting sequences are admitted (oldest first) while fewer than `max_running` run and the
   budget lasts, starting after the longest cached prefix of their tokens -- whole blocks
   shared, then the first positions of a cached block that begins as its next one does, copied

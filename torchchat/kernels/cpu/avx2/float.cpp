@@ -9,7 +9,7 @@
 // and the even and odd products summed in separate accumulators. fp16 goes through F16C.
 //
 // fp32 with 2 to 8 activation rows (a server's batched decode step) reads 3 weight rows side by
-// side instead (rows_by_3): there the FMAs, not the weight stream, bound a row-at-a-time kernel.
+// side instead (f32_rows): there the FMAs, not the weight stream, bound a row-at-a-time kernel.
 #include <algorithm>
 #include <type_traits>
 
@@ -99,17 +99,15 @@ void float_rows(const T* x, int64_t M, int64_t K, const Matrix& a, int64_t n0, i
   });
 }
 
-// R activation rows (fp32, ldx apart) x C weight rows (T, ld apart) -> y[r * ldy + c]: R * C
-// accumulators, 8 values (one fp32 vector of each weight row) at a time. Dot products of 4
-// activation rows with 1 weight row are bound by the loads (10 feed 8 FMAs at 2 a cycle); 4 x 3
-// feeds 12 FMAs with 7 and keeps 12 chains in flight, enough for two FMA pipes of latency 4
-// (4 x 2's 8 chains stall on any hiccup). Every C gives a row the same sums in the same order
-// (one accumulator over k, then hsum). `pf`: C rows to prefetch alongside, a line of each per
-// 64 bytes of weights (null: none).
-template <typename T, int R, int C>
-void tile(const float* x, int64_t ldx, const T* w, int64_t ld, int64_t K, float* y, int64_t ldy,
-          const T* pf) {
-  constexpr int64_t kLine = 64 / sizeof(T);
+// fp32, R activation rows (ldx apart) x C weight rows (ld apart) -> y[r * ldy + c]: R * C
+// accumulators, one 8-lane chunk at a time. Dot products of 4 activation rows with 1 weight row
+// are bound by the loads (10 feed 8 FMAs at 2 a cycle); 4 x 3 feeds 12 FMAs with 7 and keeps 12
+// chains in flight, enough for two FMA pipes of latency 4 (4 x 2's 8 chains stall on any
+// hiccup). Every C gives a row the same sums in the same order (one accumulator over k, then
+// hsum). `pf`: C rows to prefetch alongside, a line of each per 16 values (null: none).
+template <int R, int C>
+void f32_tile(const float* x, int64_t ldx, const float* w, int64_t ld, int64_t K, float* y,
+              int64_t ldy, const float* pf) {
   __m256 acc[R][C];
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
@@ -117,12 +115,12 @@ void tile(const float* x, int64_t ldx, const T* w, int64_t ld, int64_t K, float*
     for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
   int64_t k = 0;
   for (; k + 8 <= K; k += 8) {
-    if (pf && k % kLine == 0)
+    if (pf && k % 16 == 0)
 #pragma GCC unroll 4
       for (int c = 0; c < C; ++c) _mm_prefetch((const char*)(pf + c * ld + k), _MM_HINT_T0);
     __m256 wv[C];
 #pragma GCC unroll 4
-    for (int c = 0; c < C; ++c) wv[c] = Load<T>::at(w + c * ld + k);
+    for (int c = 0; c < C; ++c) wv[c] = _mm256_loadu_ps(w + c * ld + k);
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
       const __m256 xv = _mm256_loadu_ps(x + r * ldx + k);
@@ -131,12 +129,13 @@ void tile(const float* x, int64_t ldx, const T* w, int64_t ld, int64_t K, float*
     }
   }
   if (k < K) {
+    const __m256i m = lanes(K - k);
     __m256 wv[C];
 #pragma GCC unroll 4
-    for (int c = 0; c < C; ++c) wv[c] = Load<T>::part(w + c * ld + k, K - k);
+    for (int c = 0; c < C; ++c) wv[c] = _mm256_maskload_ps(w + c * ld + k, m);
 #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
-      const __m256 xv = Load<float>::part(x + r * ldx + k, K - k);
+      const __m256 xv = _mm256_maskload_ps(x + r * ldx + k, m);
 #pragma GCC unroll 4
       for (int c = 0; c < C; ++c) acc[r][c] = _mm256_fmadd_ps(wv[c], xv, acc[r][c]);
     }
@@ -147,48 +146,48 @@ void tile(const float* x, int64_t ldx, const T* w, int64_t ld, int64_t K, float*
     for (int c = 0; c < C; ++c) y[r * ldy + c] = hsum(acc[r][c]);
 }
 
-template <typename T, int C>
-void tiles_of(const float* x, int64_t M, int64_t K, const T* w, int64_t ld, float* y,
-              int64_t ldy, const T* pf) {
+template <int C>
+void f32_group(const float* x, int64_t M, int64_t K, const float* w, int64_t ld, float* y,
+               int64_t ldy, const float* pf) {
   for (int64_t m = 0; m < M; m += 4, pf = nullptr) {
     const float* xm = x + m * K;
     float* ym = y + m * ldy;
     switch (std::min<int64_t>(4, M - m)) {
-      case 1: tile<T, 1, C>(xm, K, w, ld, K, ym, ldy, pf); break;
-      case 2: tile<T, 2, C>(xm, K, w, ld, K, ym, ldy, pf); break;
-      case 3: tile<T, 3, C>(xm, K, w, ld, K, ym, ldy, pf); break;
-      default: tile<T, 4, C>(xm, K, w, ld, K, ym, ldy, pf); break;
+      case 1: f32_tile<1, C>(xm, K, w, ld, K, ym, ldy, pf); break;
+      case 2: f32_tile<2, C>(xm, K, w, ld, K, ym, ldy, pf); break;
+      case 3: f32_tile<3, C>(xm, K, w, ld, K, ym, ldy, pf); break;
+      default: f32_tile<4, C>(xm, K, w, ld, K, ym, ldy, pf); break;
     }
   }
 }
 
-// 2 to 8 activation rows (x as fp32, M x K): 3 weight rows at a time for all of them, 4
-// activation rows a pass (the passes after the first read the 3 rows from L1), the first pass
-// prefetching the rows ~20 KB ahead. The weights are read from memory once, and the prefetch
-// keeps that stream going while the FMAs run: fp32, 8 rows of 2048 x 768 from memory, one
-// thread, 0.64 ms against 0.65 for tiles of 256 KB passed over 4 rows at a time and 1.29 for
-// 4 x 1 dot products.
-template <typename T>
-void rows_by_3(const float* x, int64_t M, int64_t K, const Matrix& a, int64_t n0, int64_t n1) {
-  const T* w = static_cast<const T*>(a.w);
-  const int64_t ahead = std::max<int64_t>(3, (20 << 10) / (K * (int64_t)sizeof(T)));
+// 2 to 8 fp32 activation rows: 3 weight rows at a time for all of them, 4 activation rows a
+// pass (the passes after the first read the 3 rows from L1), the first pass prefetching the rows
+// ~20 KB ahead. The weights are read from memory once, and the prefetch keeps that stream going
+// while the FMAs run: 8 rows of 2048 x 768 from memory, one thread, 0.64 ms against 0.65 for
+// tiles of 256 KB passed over 4 rows at a time and 1.29 for 4 x 1 dot products.
+void f32_rows(const float* x, int64_t M, int64_t K, const Matrix& a, int64_t n0, int64_t n1) {
+  const float* w = static_cast<const float*>(a.w);
+  const int64_t ahead = std::max<int64_t>(3, (20 << 10) / (K * 4));
   int64_t n = n0;
   for (; n + 3 <= n1; n += 3) {
-    const T* pf = w + std::min(n + ahead, n1 - 3) * a.ld;
-    tiles_of<T, 3>(x, M, K, w + n * a.ld, a.ld, a.y + n, a.ldy, pf);
+    const float* pf = w + std::min(n + ahead, n1 - 3) * a.ld;
+    f32_group<3>(x, M, K, w + n * a.ld, a.ld, a.y + n, a.ldy, pf);
   }
-  for (; n < n1; ++n) tiles_of<T, 1>(x, M, K, w + n * a.ld, a.ld, a.y + n, a.ldy, nullptr);
+  for (; n < n1; ++n) f32_group<1>(x, M, K, w + n * a.ld, a.ld, a.y + n, a.ldy, nullptr);
 }
 
 }  // namespace
 
-// One row: bound by memory, its own loop (4 chunks a step, 4 or 8 chains).
 void linear_f32(const float* x, int64_t M, int64_t K, const Matrix& a, int64_t n0, int64_t n1) {
-  M == 1 ? float_rows(x, M, K, a, n0, n1) : rows_by_3<float>(x, M, K, a, n0, n1);
+  if (M == 1)
+    float_rows(x, M, K, a, n0, n1);  // bound by memory: 4 chunks a step, 4 chains
+  else
+    f32_rows(x, M, K, a, n0, n1);
 }
 
-// 16-bit weights stay on the row-at-a-time kernel: the tiles on activations converted to fp32
-// once measured no better in the paged step (stories110M bf16, 2 threads, alternating: 2
+// 16-bit weights stay on the row-at-a-time kernel: f32_rows' tiles over weights widened to fp32
+// (tried) measured no better in the paged step (stories110M bf16, 2 threads, alternating: 2
 // streams 127-155 against 155-185 tok/s, 4: 193-234 against 217-250, 8: 259-330 against
 // 237-297).
 void linear_bf16(const bf16_t* x, int64_t M, int64_t K, const Matrix& a, int64_t n0, int64_t n1) {
