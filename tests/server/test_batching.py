@@ -383,3 +383,41 @@ def test_burst_fills_free_seats_before_the_queue():
             4
         }
         assert max(len(active) for _, active in runtime.steps) == 8
+
+
+def test_an_idle_engine_starts_a_burst_as_one_step(built, monkeypatch):
+    """Requests still being read (`Engine.arrival`) hold an idle engine's first step until they
+    are queued or end; a request alone is not held."""
+    monkeypatch.setattr(Engine, "BURST_WAIT_S", 60.0)  # only the arrivals end the wait here
+    runtime = SlowBatchRuntime(built.runtime, 0)
+    engine = Engine(runtime, built.tokenizer, max_batch=4)
+    prompts = [built.tokenizer.encode(t, bos=True) for t in ("Once upon a time", "The dog")]
+    alone: list[int] = []
+
+    def submitted(job: Job, arrival=None) -> Job:
+        engine.submit(job, arrival)
+        return job
+
+    async def run() -> None:
+        # Alone: started at once (held for BURST_WAIT_S, it would not end within the timeout).
+        t0 = time.monotonic()
+        await drain(submitted(Job([Choice(0, prompts[0], 2, GREEDY)])))
+        assert time.monotonic() - t0 < 30
+        alone.append(len(runtime.steps))
+        # A burst: the second request is still being read when the first is queued.
+        late, gone = engine.arrival(), engine.arrival()
+        first = submitted(Job([Choice(0, prompts[0], 2, GREEDY)]))
+        await asyncio.sleep(0.05)
+        assert len(runtime.steps) == alone[0]  # held
+        gone.end()  # a request that ended without a job (an error answered) no longer counts
+        await asyncio.sleep(0.05)
+        assert len(runtime.steps) == alone[0]
+        second = submitted(Job([Choice(0, prompts[1], 2, GREEDY)]), late)
+        await asyncio.gather(drain(first), drain(second))
+
+    try:
+        asyncio.run(run())
+    finally:
+        engine.close()
+    assert len(runtime.steps[alone[0]][1]) == 2  # both in the burst's first step
+    assert engine.arriving == 0

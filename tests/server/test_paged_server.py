@@ -63,3 +63,38 @@ def test_one_stream_equals_max_batch_1(prompt):
     assert paged["logprobs"]["tokens"] == single["logprobs"]["tokens"]
     lp, ls = paged["logprobs"]["token_logprobs"], single["logprobs"]["token_logprobs"]
     assert lp == pytest.approx(ls, abs=1e-4)
+
+
+def test_completion_requests_count_as_arriving_until_queued():
+    """Each completion request counts with the engine from its first bytes until its job is
+    queued (an idle engine waits for a burst's requests), or until it is answered otherwise."""
+    with live_server(ServerOptions(model_id=MODEL_ID, max_tokens_limit=64)) as srv:
+        engine, seen = srv.engine, []
+        counted = engine.arrival
+
+        def arrival():
+            seen.append(counted())
+            return seen[-1]
+
+        engine.arrival = arrival
+        with srv.http() as http:
+            ok = http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
+            chat = http.post(
+                "/v1/chat/completions",
+                json={"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2},
+            )
+            broken = http.post(
+                "/v1/completions", content=b"{", headers={"Content-Type": "application/json"}
+            )
+            invalid = http.post("/v1/chat/completions", json={"messages": "no"})
+            too_long = http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 10**6})
+            http.get("/v1/models")
+            body = {"prompt": "Once upon a time", "max_tokens": 60, "stream": True}
+            with http.stream("POST", "/v1/completions", json=body) as streamed:
+                lines = streamed.iter_lines()
+                assert next(line for line in lines if line.startswith("data: "))
+                assert engine.arriving == 0  # queued: no longer arriving while it streams
+                assert list(lines)[-2] == "data: [DONE]"
+    statuses = [r.status_code for r in (ok, chat, broken, invalid, too_long)]
+    assert statuses == [200, 200, 400, 400, 400]
+    assert len(seen) == 6 and engine.arriving == 0

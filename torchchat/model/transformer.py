@@ -154,11 +154,11 @@ class PagedKVCache(nn.Module):
         self.k.index_copy_(0, rows, k)
         self.v.index_copy_(0, rows, v)
 
-    def copy(self, src: int, dst: int, n: int) -> None:
-        """Block src's first n positions into block dst."""
-        bs = self.block_size
+    def copy(self, src: Tensor, dst: Tensor) -> None:
+        """Pool rows src (N,) into rows dst (N,)."""
         for pool in (self.k, self.v):
-            pool[dst * bs : dst * bs + n] = pool[src * bs : src * bs + n]
+            rows = pool.view(pool.shape[0], -1)
+            rows.index_copy_(0, dst, rows.index_select(0, src))
 
     def read(self, rows: Tensor, into: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
         """Keys and values at pool rows (B, T), as (B, kv_heads, T, D) views of their copies in
@@ -406,10 +406,15 @@ class Transformer(nn.Module):
 
     def copy_blocks(self, copies: Sequence[tuple[int, int, int]]) -> None:
         """Every layer's paged cache: for each (src, dst, n), block src's first n positions
-        into block dst."""
+        into block dst. All of a step's copies in one copy a pool (14 chats sharing a system
+        prompt, each block copied on write: 2.2 ms against 5.2 ms a block at a time)."""
+        if not copies:
+            return
+        bs, dev = self.layers[0].attention.paged.block_size, self.norm.weight.device
+        src = torch.cat([torch.arange(s * bs, s * bs + n) for s, _, n in copies]).to(dev)
+        dst = torch.cat([torch.arange(d * bs, d * bs + n) for _, d, n in copies]).to(dev)
         for layer in self.layers:
-            for src, dst, n in copies:
-                layer.attention.paged.copy(src, dst, n)
+            layer.attention.paged.copy(src, dst)
 
     def rows_from_paged(self, rows: Tensor) -> None:
         """The static cache's row 0 at positions 0..len(rows)-1 from the paged pool's `rows`: a

@@ -184,6 +184,29 @@ def _metrics_text(host: ModelHost) -> str:
 _watchers: set[asyncio.Task] = set()
 
 
+class CountArrivals:
+    """Counts each completion request with the engine (`Engine.arrival`) from its first bytes
+    until its job is queued or it ends: requests of a burst all enter here within a few ms but
+    are parsed, templated and tokenized one after another on the event loop."""
+
+    PATHS = ("/v1/chat/completions", "/v1/completions")
+
+    def __init__(self, app, host: ModelHost):
+        self.app, self.host = app, host
+
+    async def __call__(self, scope, receive, send) -> None:
+        engine = self.host.engine
+        counted = scope["type"] == "http" and scope["method"] == "POST"
+        if engine is None or not counted or scope["path"] not in self.PATHS:
+            return await self.app(scope, receive, send)
+        arrival = engine.arrival()
+        scope.setdefault("state", {})["arrival"] = arrival
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            arrival.end()
+
+
 async def _cancel_on_disconnect(request: Request, job: Job) -> None:
     """Cancel the job when the client goes away. uvicorn answers `http.disconnect` to every
     receive() once the client has left (or the response is complete), so this task always ends."""
@@ -197,7 +220,7 @@ async def _cancel_on_disconnect(request: Request, job: Job) -> None:
 async def _respond(request: Request, engine: Engine, job: Job, reply, stream: bool) -> Response:
     """Queue the job; stream its events as SSE or wait and answer with one JSON body."""
     try:
-        engine.submit(job)
+        engine.submit(job, getattr(request.state, "arrival", None))
     except QueueFull as e:
         raise ApiError(503, f"server is busy ({e}); retry later", None, "server_busy") from None
     # Also covers a stream whose body never starts (the client left before its first byte).
@@ -238,6 +261,9 @@ def create_app(opts: ServerOptions, load: Callable[[], BuiltModel]) -> FastAPI:
     app.router.route_class = StrictJSONRoute
     app.state.host = host
     install_guards(app, opts)
+    # Outermost: the guards read the body first, and a burst's first request then reached the
+    # engine before the others were counted.
+    app.add_middleware(CountArrivals, host=host)
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError) -> Response:

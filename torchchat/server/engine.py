@@ -246,6 +246,26 @@ class Decoding:
     scored: bool = False  # its prompt was scored: computed here, none of it counts as cached
 
 
+class Arrival:
+    """A request the HTTP layer has begun to read, counted by its engine until `end` (or
+    `Engine.submit` of its job): an idle engine's first step waits for the requests of a burst."""
+
+    def __init__(self, engine: Engine):
+        self._engine, self._open = engine, True
+        with engine._lock:
+            engine._arriving += 1
+
+    def end(self) -> None:
+        with self._engine._lock:
+            self.end_locked()
+
+    def end_locked(self) -> None:
+        if self._open:
+            self._open = False
+            self._engine._arriving -= 1
+            self._engine._lock.notify_all()
+
+
 class Engine:
     """Owns the runtime (and so its KV caches); serves jobs on its own thread, up to max_batch
     choices at once when the runtime has a paged KV cache."""
@@ -269,6 +289,7 @@ class Engine:
         self._queue: deque[Job] = deque()  # submitted, not started; guarded by _lock
         self._lock = threading.Condition()
         self._busy = 0  # seats claimed by started jobs' unfinished choices; guarded by _lock
+        self._arriving = 0  # requests being read by the HTTP layer (`Arrival`); guarded by _lock
         self._stop = threading.Event()
         # A speculator keeps one sequence's cache (the draft's) in step with the target's.
         self.max_batch = max_batch
@@ -300,10 +321,23 @@ class Engine:
     def _seats_needed(self, job: Job) -> int:
         return len(job.choices) if self.batched else 1  # unbatched: one job at a time
 
-    def submit(self, job: Job) -> None:
+    @property
+    def arriving(self) -> int:
+        """Requests being read, their jobs not queued yet (`arrival`)."""
+        return self._arriving
+
+    def arrival(self) -> Arrival:
+        """Count a request from its first bytes until its job is submitted (or it ends): an
+        idle engine waits for the requests of a burst before its first step (`_await_burst`)."""
+        return Arrival(self)
+
+    def submit(self, job: Job, arrival: Arrival | None = None) -> None:
         """Queue a job, or raise QueueFull when more than max_queue jobs would wait for a seat
-        in the batch (jobs that fit the seats left free count as starting, not waiting)."""
+        in the batch (jobs that fit the seats left free count as starting, not waiting). The
+        job's `arrival` ends as it is queued."""
         with self._lock:
+            if arrival is not None:
+                arrival.end_locked()
             if self._stop.is_set():
                 raise QueueFull("the server is shutting down")
             free = (self.max_batch if self.batched else 1) - self._busy
@@ -441,6 +475,7 @@ class Engine:
                 if (job := self._next_job(wait=True)) is None:
                     continue
                 self._begin(job)
+                self._await_burst()
             t0 = time.perf_counter()
             self._take_jobs()
             for job in [j for j in self._started if j.cancelled.is_set()]:
@@ -476,6 +511,22 @@ class Engine:
                 self._end_job(job, INTERNAL)
             if job.unfinished == 0 or not any(j is job for j in self._started):
                 return
+
+    # Longest an idle engine waits for requests still being read before its first step.
+    BURST_WAIT_S = 0.1
+
+    def _await_burst(self) -> None:
+        """Before the first step after idle: wait while requests are still being read (at most
+        BURST_WAIT_S, and not once the batch is full), so a burst starts as one step. A lone
+        request waits for nothing (its own arrival ended when it was queued). 15 chats sharing
+        a 900-token system prompt arrived within 3 ms and were queued over 60 ms: the first ran
+        a step alone (~100 ms) that the other 14 then waited for."""
+        deadline = time.monotonic() + self.BURST_WAIT_S
+        with self._lock:
+            while self._arriving > 0 and len(self._queue) + self._busy < self.max_batch:
+                if (left := deadline - time.monotonic()) <= 0:
+                    return
+                self._lock.wait(left)
 
     def _take_jobs(self) -> None:
         """Start queued jobs while the batch has free seats."""
