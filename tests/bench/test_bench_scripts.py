@@ -37,6 +37,20 @@ def test_server_load_drives_the_server_and_reports_its_peak_memory():
     assert re.fullmatch(r"\d+ MB", table["server peak RSS"]), table
 
 
+def test_server_load_shared_prefix_rounds_each_cache_their_own_system_prompt():
+    p = run_script("server_load.py", "--scenario", "shared-prefix", "--prefix-tokens", "100",
+                   "--concurrency", "3", "--max-tokens", "2", "--threads", "1", "--rounds", "2")  # fmt: skip
+    assert p.returncode == 0, p.stderr + p.stdout
+    table = dict(re.findall(r"^\| ([^|]+) \| ([^|]+) \|$", p.stdout, re.M))
+    for r, most in ((1, 0), (2, 31)):  # request 1 computed its system prompt (round 2: but for
+        # the chat template's head), requests 2 and 3 found it cached
+        first = table[f"round {r}: request 1 time to first token / cached"]
+        assert int(first.split(" / ")[1]) <= most, table
+        cached = table[f"round {r}: requests 2..N prompt / cached tokens min-max"].split(" / ")[1]
+        assert int(cached.split("-")[0]) >= 96, table
+    assert "median of the rounds" in " ".join(table)
+
+
 def test_batch_decode_measures_every_stream_count():
     p = run_script("batch_decode.py", "--shape", "stories260K", "--streams", "1", "2",
                    "--max-batch", "2", "--new-tokens", "4", "--repeats", "1", "--threads", "1",
