@@ -13,8 +13,10 @@ from torchchat import kernels
 from torchchat.builder import build_transformer
 from torchchat.model import transformer
 from torchchat.model.transformer import PagedKVCache
+from torchchat.runtime import kernel_modules
 from torchchat.runtime.base import SeqChunk
-from torchchat.runtime.eager import EagerRuntime, _packed_prompts
+from torchchat.runtime.eager import EagerRuntime, _packed_prompts, _prefix_split
+from torchchat.runtime.kernel_modules import attend_split
 
 ATOL = 1e-5  # fp32: rows of a paged step go through GEMMs of another M, so may round differently
 BLOCK = 4
@@ -189,7 +191,7 @@ def test_decode_steps_read_the_pool_in_place_without_a_gathered_copy():
 
 
 @torch.no_grad()
-def test_prompt_chunks_sharing_a_prefix_attend_as_one_group():
+def test_prompt_chunks_sharing_a_prefix_attend_as_one_group(monkeypatch):
     """Chunks of sequences that share their first blocks (a system prompt) are one attention
     group over the union of their positions, the shared ones read once; each chunk still gets
     what computing its sequence alone gives."""
@@ -206,7 +208,15 @@ def test_prompt_chunks_sharing_a_prefix_attend_as_one_group():
     _, layout = rt._layout(chunks)
     # one group of all 7 query rows over 16 shared positions and each sequence's 3-4 own
     assert [(g.batch, g.queries, g.read.shape[1]) for g in layout.groups] == [(1, 7, 26)]
+    split = layout.groups[0].split  # attended as the prefix, then each chunk's own columns
+    assert split.shared == 16  # own columns of each (padded with its first): 3, 4, 3
+    assert split.cols.tolist() == [[16, 17, 18, 16], [19, 20, 21, 22], [23, 24, 25, 23]]
+    calls = []
+    monkeypatch.setattr(
+        kernel_modules, "attend_split", lambda *a: calls.append(1) or attend_split(*a)
+    )
     got = rt.step(chunks)
+    assert len(calls) == len(rt.model.layers)
     for tail, g in zip(tails, got, strict=True):
         expected = reference(common + tail, [len(common) + len(tail)])[0]
         torch.testing.assert_close(g, expected, atol=ATOL, rtol=0)
@@ -265,3 +275,34 @@ def test_a_pool_cast_after_setup_grows_by_copying_keeping_its_contents():
     pool.grow(4)
     assert pool.k.dtype == torch.float64 and pool.k.shape == (16, 2, 8)
     assert torch.equal(pool.k[5], torch.ones(2, 8, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_split_group_attends_as_the_whole_group_under_its_mask(dtype):
+    """attend_split (the shared prefix unmasked, each chunk's own columns batched, merged by
+    log-sum-exp) against aten's attention over all the group's columns under its mask: chunks
+    of 1, 3 and 5 rows, 6 shared positions, own columns of 2, 7 and 5, 8 query heads on 2."""
+    g = torch.Generator().manual_seed(0)
+    chunks = [
+        SeqChunk(i, [1] * n, start, []) for i, (n, start) in enumerate([(1, 7), (3, 10), (5, 6)])
+    ]
+    shared, own = 6, [2, 7, 5]  # own: positions shared..end of each
+    n, t = sum(len(c.tokens) for c in chunks), shared + sum(own)
+    mask = torch.zeros(n, t, dtype=torch.bool)
+    mask[:, :shared] = True
+    row, col = 0, shared
+    for c, o in zip(chunks, own, strict=True):
+        for r in range(len(c.tokens)):  # row r sees positions shared..start + r
+            mask[row + r, col : col + c.start + r + 1 - shared] = True
+        row, col = row + len(c.tokens), col + o
+    split = _prefix_split(chunks, own, mask, shared)
+    q = torch.randn(1, 8, n, 16, generator=g).to(dtype)
+    k, v = (torch.randn(1, 2, t, 16, generator=g).to(dtype) for _ in "kv")
+    cols = split.cols.reshape(-1)
+    mine = [x[0][:, cols].view(2, *split.cols.shape, 16).transpose(0, 1) for x in (k, v)]
+    got = attend_split(q, (k[:, :, :shared], v[:, :, :shared]), mine, split)
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=True
+    )
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # bf16: inputs and each part's output rounded
+    torch.testing.assert_close(got.float(), expected, atol=tol, rtol=0)

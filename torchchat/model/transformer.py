@@ -208,6 +208,26 @@ class AttentionGroup:
     read: Tensor
     mask: Tensor
     per_row: bool
+    split: PrefixSplit | None = None
+
+
+@dataclass
+class PrefixSplit:
+    """A group of prompt chunks (batch 1) whose query rows all see its first `shared` key
+    columns (a prefix their sequences have in common), each of M chunks then its own columns:
+    `rows` (M, R) and `cols` (M, C), the query rows and key columns of each (padded), `mask`
+    (M, 1, R, C) bool which of those a row sees, `take` (queries,) each query row's place in
+    M x R. The group's `mask` says the same over all columns."""
+
+    shared: int
+    rows: Tensor
+    cols: Tensor
+    mask: Tensor
+    take: Tensor
+
+    def to(self, device) -> PrefixSplit:
+        move = [t.to(device) for t in (self.rows, self.cols, self.mask, self.take)]
+        return PrefixSplit(self.shared, *move)
 
 
 @dataclass

@@ -11,7 +11,7 @@ from torch import Tensor
 from torchchat import kernels
 from torchchat.errors import TorchchatError
 from torchchat.kernels import fused
-from torchchat.model.transformer import AttentionGroup, PagedStep, Transformer
+from torchchat.model.transformer import AttentionGroup, PagedStep, PrefixSplit, Transformer
 from torchchat.quant.linear import prepare_aten_int4
 from torchchat.runtime.base import ModelRuntime, SeqChunk
 from torchchat.runtime.kernel_modules import decode_plan, use_kernels
@@ -259,25 +259,34 @@ class EagerRuntime(ModelRuntime):
                 mask = (torch.arange(t)[None] < torch.tensor(ends)[:, None])[:, None, None]
                 parts.append(AttentionGroup(start, len(group), 1, read, mask, True))
                 continue
-            # prompt chunks: one query row each token, over the union of their pool rows (a
-            # shared prefix read once), each row seeing its own sequence's positions up to its own
-            read, cols = torch.unique(torch.cat(reads), return_inverse=True)
+            # prompt chunks: one query row each token, over the prefix their sequences share
+            # (read once), then each one's own positions; a row sees its own sequence's up to its
+            shared = _shared_positions(members, self.block_size)
+            own = [rows[shared:] for rows in reads]
+            read = torch.cat([reads[0][:shared], *own])
             mask = torch.zeros(len(ids) - start, len(read), dtype=torch.bool)
-            row = 0
-            for c, end, i, col in zip(
-                members, ends, group, cols.split(list(map(len, reads))), strict=True
-            ):
-                mask[row : row + len(c.tokens), col] = self.model.causal_mask[c.start : end, :end]
-                row += len(c.tokens)
+            row, col = 0, shared
+            for c, end, i, mine in zip(members, ends, group, own, strict=True):
+                seen = self.model.causal_mask[c.start : end, :end]
+                mask[row : row + len(c.tokens), :shared] = seen[:, :shared]
+                mask[row : row + len(c.tokens), col : col + len(mine)] = seen[:, shared:]
+                row, col = row + len(c.tokens), col + len(mine)
                 last[i] = start + row - 1
-            parts.append(AttentionGroup(start, 1, row, read[None], mask[None, None], False))
+            split = _prefix_split(members, [len(o) for o in own], mask, shared)
+            parts.append(AttentionGroup(start, 1, row, read[None], mask[None, None], False, split))
         dev = self.device
         layout = PagedStep(
             torch.cat(positions).to(dev),
             torch.cat(write).to(dev),
             [
                 AttentionGroup(
-                    g.start, g.batch, g.queries, g.read.to(dev), g.mask.to(dev), g.per_row
+                    g.start,
+                    g.batch,
+                    g.queries,
+                    g.read.to(dev),
+                    g.mask.to(dev),
+                    g.per_row,
+                    g.split and g.split.to(dev),
                 )
                 for g in parts
             ],
@@ -316,6 +325,37 @@ class EagerRuntime(ModelRuntime):
         return logits
 
 
+def _shared_positions(chunks: Sequence[SeqChunk], block_size: int) -> int:
+    """Positions every chunk's rows see, the same in all their sequences: the blocks their
+    block tables begin with alike, up to the earliest chunk's start."""
+    tables = [c.blocks for c in chunks]
+    blocks = 0
+    while all(len(t) > blocks and t[blocks] == tables[0][blocks] for t in tables):
+        blocks += 1
+    return min(blocks * block_size, min(c.start for c in chunks))
+
+
+def _prefix_split(
+    chunks: Sequence[SeqChunk], own: Sequence[int], mask: Tensor, shared: int
+) -> PrefixSplit | None:
+    """The group's attention as its shared prefix and each chunk's own columns (`PrefixSplit`),
+    or None where nothing is shared. `own`: each chunk's own columns, in order after the prefix;
+    `mask` (queries, columns), the group's."""
+    if shared == 0:
+        return None
+    sizes = [len(c.tokens) for c in chunks]
+    most_rows, most_cols = max(sizes), max(own)
+    row0 = torch.tensor([0, *sizes]).cumsum(0)[:-1, None]
+    col0 = shared + torch.tensor([0, *own]).cumsum(0)[:-1, None]
+    live_rows = torch.arange(most_rows) < torch.tensor(sizes)[:, None]
+    live_cols = torch.arange(most_cols) < torch.tensor(own)[:, None]
+    rows = torch.where(live_rows, row0 + torch.arange(most_rows), row0)
+    cols = torch.where(live_cols, col0 + torch.arange(most_cols), col0)
+    seen = mask[rows[:, :, None], cols[:, None, :]] & live_rows[:, :, None] & live_cols[:, None]
+    take = (torch.arange(len(chunks))[:, None] * most_rows + torch.arange(most_rows))[live_rows]
+    return PrefixSplit(shared, rows, cols, seen[:, None], take)
+
+
 PACK_WASTE = 1.5
 
 
@@ -336,14 +376,7 @@ def _packed_prompts(chunks: Sequence[SeqChunk], block_size: int) -> list[list[in
     for members in by_first.values():
         ends = [chunks[i].start + len(chunks[i].tokens) for i in members]
         queries = sum(len(chunks[i].tokens) for i in members)
-        # the blocks the chunks share: the longest common head of their block tables
-        tables = [
-            chunks[i].blocks[: -(-e // block_size)] for i, e in zip(members, ends, strict=True)
-        ]
-        shared = 0
-        while all(len(t) > shared and t[shared] == tables[0][shared] for t in tables):
-            shared += 1
-        shared = min(shared * block_size, min(chunks[i].start for i in members))
+        shared = _shared_positions([chunks[i] for i in members], block_size)
         union = shared + sum(e - shared for e in ends)
         apart = sum(len(chunks[i].tokens) * e for i, e in zip(members, ends, strict=True))
         if len(members) > 1 and queries * union <= PACK_WASTE * apart:

@@ -12,6 +12,7 @@ exact class: a subclass may compute something else) and gathers a model's tensor
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -27,6 +28,7 @@ from torchchat.model.transformer import (
     FeedForward,
     KVCache,
     PagedStep,
+    PrefixSplit,
     RMSNorm,
     Transformer,
     TransformerBlock,
@@ -256,6 +258,30 @@ def _open_keys(k: Tensor, v: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tens
     return k[:, :, :end], v[:, :, :end], mask[..., :end]
 
 
+def attend_split(q: Tensor, prefix: tuple[Tensor, Tensor], own: tuple[Tensor, Tensor],
+                 split: PrefixSplit) -> Tensor:  # fmt: skip
+    """Attention of prompt chunks sharing a prefix (q (1, H, N, D)): every row over the
+    prefix's keys and values (1, KV, S, D) unmasked, each chunk's rows over its own (M, KV, C,
+    D) (batched, a chunk a batch row), the two merged by their log-sum-exps. Under one mask
+    over all columns, every row met every chunk's own columns (aten's CPU kernel skips no
+    masked block): 15 chunks of ~10 tokens after 912 shared positions, 1,242 columns a row for
+    ~934 seen; the attention of such a step (stories110M, 2 threads) 62-66 ms against 85-98."""
+    attend = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    (_, h, _, d), (m, r) = q.shape, split.rows.shape
+    out, lse = attend(q, *prefix)[:2]
+    by_row = q[0].transpose(0, 1)  # (N, H, D)
+    qo = by_row.index_select(0, split.rows.view(-1)).view(m, r, h, d).transpose(1, 2)
+    bias = torch.zeros(split.mask.shape, dtype=q.dtype).masked_fill_(~split.mask, -math.inf)
+    mine, mine_lse = attend(qo, *own, attn_mask=bias)[:2]
+    mine = mine.transpose(1, 2).reshape(m * r, h, d).index_select(0, split.take)
+    mine_lse = mine_lse.transpose(1, 2).reshape(m * r, h).index_select(0, split.take)
+    top = torch.maximum(lse, mine_lse.T[None])
+    w = (lse - top).exp_()[..., None]
+    mine_w = (mine_lse.T[None] - top).exp_()[..., None]
+    y = (out.float() * w + mine.transpose(0, 1)[None].float() * mine_w) / (w + mine_w)
+    return y.to(q.dtype)
+
+
 class KernelAttention(Attention):
     """q, k, v in one kernel call; attention of a few query rows on torchchat's kernel, which
     reads only the span of the cache the mask leaves open."""
@@ -279,6 +305,13 @@ class KernelAttention(Attention):
             y = kernels.attention_paged(q, pool.k, pool.v, g.read, g.mask)
             if y is not None:
                 return y
+        if g.split is not None and q.device.type == "cpu" and kernels.prefill_ok(q):
+            split = g.split
+            s, (m, c) = split.shared, split.cols.shape
+            k, v = step.gather(s + m * c)
+            prefix = self.paged.read(g.read[:, :s], (k, v))
+            own = self.paged.read(g.read[0, split.cols], (k[s:], v[s:]))
+            return attend_split(q, prefix, own, split)
         return super().attend_paged(q, g, step)
 
 
