@@ -3,6 +3,7 @@ in `cached_tokens`; one stream gives what `--max-batch 1` gives."""
 
 from __future__ import annotations
 
+import gc
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -98,3 +99,13 @@ def test_completion_requests_count_as_arriving_until_queued():
     statuses = [r.status_code for r in (ok, chat, broken, invalid, too_long)]
     assert statuses == [200, 200, 400, 400, 400]
     assert len(seen) == 6 and engine.arriving == 0
+
+
+def test_the_loaded_model_is_out_of_the_garbage_collectors_sight():
+    """Once the model is loaded its objects are frozen (gc.freeze): a full collection, which
+    took 121 ms in the middle of a burst of chats, no longer scans them."""
+    gc.unfreeze()
+    with live_server(ServerOptions(model_id=MODEL_ID)) as srv:
+        assert srv.engine is not None
+        frozen = gc.get_freeze_count()
+    assert frozen > 10_000  # torch, the libraries and the model: far more than a few
