@@ -21,6 +21,16 @@ BUILD = Path(torchchat.__file__).parent / "kernels" / "cpu" / "test" / "build.py
 
 AARCH64_TOOLS = ("aarch64-linux-gnu-g++", "qemu-aarch64")  # apt: g++-aarch64-linux-gnu qemu-user
 LINE = re.compile(r"^(\w+): (\d+) kernels, \d+ cases, 0 failures$", re.M)
+TEAM = re.compile(r"^team of (\d+): 0 failures$", re.M)
+
+
+def level_counts(stdout: str) -> dict[str, str]:
+    """{level: kernel count} of a harness run whose every line reports 0 failures: the decode
+    step's team of threads (1, 2 and 3 members) first, then each level."""
+    counts = dict(LINE.findall(stdout))
+    assert TEAM.findall(stdout) == ["1", "2", "3"], stdout
+    assert len(counts) + 3 == len(stdout.splitlines()), stdout  # every line: 0 failures
+    return counts
 
 
 def load_build_script():
@@ -43,8 +53,7 @@ def test_every_level_matches_the_scalar_reference(sanitize, tmp_path):
     binary = load_build_script().build(tmp_path / "harness", sanitize=sanitize)
     run = subprocess.run([str(binary)], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
-    counts = dict(LINE.findall(run.stdout))
-    assert len(counts) == len(run.stdout.splitlines()), run.stdout  # every line: 0 failures
+    counts = level_counts(run.stdout)
     # every level has every kernel; the AVX-512 VNNI table also its integer GGUF prefill GEMM
     vnni = kernels.isa() == "avx512" and kernels.simd_level() & kernels.GGML_GEMM
     want = {"avx512": "19" if vnni else "18", "avx512_base": "18", "avx2": "20", "scalar": "15"}
@@ -109,8 +118,7 @@ def run_under_qemu(aarch64_harness, cpu: str, sanitize: bool = False) -> dict[st
     run = script.run(harness(sanitize), "aarch64", cpu, sanitize, capture_output=True, text=True,
                      timeout=900)  # fmt: skip
     assert run.returncode == 0, run.stdout + run.stderr
-    counts = dict(LINE.findall(run.stdout))
-    assert len(counts) == len(run.stdout.splitlines()), run.stdout
+    counts = level_counts(run.stdout)
     assert run.stderr == ""
     return counts
 

@@ -520,8 +520,8 @@ at::Tensor step_layers(const char* op, const at::Tensor& x, at::TensorList norms
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "decode_layers", [&] {
     const auto* xp = x.data_ptr<scalar_t>();
     for (int64_t i = 0; i < M * D; ++i) h[i] = (float)xp[i];
-    cpu::decode_step(kt, parallel, dtype_of(dt), a, data, proj, h.data(), qkv.data(), o.data(),
-                     g.data(), y2.data());
+    cpu::decode_step(kt, run_team, at::get_num_threads(), dtype_of(dt), a, data, proj, h.data(),
+                     qkv.data(), o.data(), g.data(), y2.data());
     auto* dst = out.data_ptr<scalar_t>();
     for (int64_t i = 0; i < M * D; ++i) dst[i] = scalar_t(h[i]);
   });

@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <omp.h>
 
 #include "cpu/common/step.h"
 
@@ -19,6 +20,14 @@ inline const cpu::Kernels* table = nullptr;  // set by select_isa; null: the ops
 
 inline void parallel(int64_t n, int64_t grain, const std::function<void(int64_t, int64_t)>& f) {
   at::parallel_for(0, n, grain, f);
+}
+
+// A decode step's team (cpu/common/team.h): one OpenMP parallel region of torch's threads (the
+// same pool at::parallel_for uses), or this thread alone inside another region.
+inline void run_team(int size, const std::function<void(int, int)>& body) {
+  if (size <= 1 || omp_in_parallel()) return body(0, 1);
+#pragma omp parallel num_threads(size)
+  body(omp_get_thread_num(), omp_get_num_threads());
 }
 
 // The table, if it has the feature bits `need`.

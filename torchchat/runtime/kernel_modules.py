@@ -258,8 +258,9 @@ def _open_keys(k: Tensor, v: Tensor, mask: Tensor) -> tuple[Tensor, Tensor, Tens
     return k[:, :, :end], v[:, :, :end], mask[..., :end]
 
 
-def attend_split(q: Tensor, prefix: tuple[Tensor, Tensor], own: tuple[Tensor, Tensor],
-                 split: PrefixSplit) -> Tensor:  # fmt: skip
+def attend_split(
+    q: Tensor, prefix: tuple[Tensor, Tensor], own: tuple[Tensor, Tensor], split: PrefixSplit
+) -> Tensor:
     """Attention of prompt chunks sharing a prefix (q (1, H, N, D)): every row over the
     prefix's keys and values (1, KV, S, D) unmasked, each chunk's rows over its own (M, KV, C,
     D) (batched, a chunk a batch row), the two merged by their log-sum-exps. Under one mask

@@ -13,6 +13,7 @@
 #include <type_traits>
 
 #include "step.h"
+#include "team.h"
 
 namespace torchchat::cpu {
 namespace {
@@ -104,10 +105,24 @@ auto attend_kernel(const Kernels& kt) {
     return kt.attend_f16;
 }
 
+// The buffers a step's members share: the normed rows, the attention's input and output, the
+// feed-forward's gated activations.
 template <typename T>
-void layers(const Kernels& kt, ParallelFor pf, const StepArgs& a, const StepData& data,
+struct Shared {
+  Shared(const StepArgs& a)
+      : xn(a.M * std::max(a.D, a.F)), att(a.M * a.H * a.Dh), act(a.M * a.F), qt(a.M * a.H * a.Dh),
+        yt(a.M * a.H * a.Dh) {}
+  std::vector<float> xn, att, act;
+  std::vector<T> qt, yt;
+};
+
+// The layers, run alike by every member of a team (team.h): the loops split over the members,
+// the serial parts on member 0.
+template <typename T>
+void layers(const Kernels& kt, const StepArgs& a, const StepData& data,
             const std::vector<Projection>& proj, float* h, float* qkv, float* o, float* g,
-            float* y2) {
+            float* y2, Shared<T>& s) {
+  const ParallelFor pf = team_for;
   const int64_t D = a.D, H = a.H, KVH = a.KVH, Dh = a.Dh, F = a.F, M = a.M;
   const int64_t Nq = H * Dh, Nkv = KVH * Dh, group = H / KVH, ldq = Nq + 2 * Nkv;
   const bool dyn = a.kind == kInt4DynW && !a.q8;  // fake-quantized for the bf16 kernel
@@ -125,34 +140,36 @@ void layers(const Kernels& kt, ParallelFor pf, const StepArgs& a, const StepData
   const float scale = 1.0f / std::sqrt((float)Dh);
   auto out = [](float v) { return round_to<T>(v); };  // a projection's output as the modules'
   const auto attend = attend_kernel<T>(kt);
-  std::vector<float> xn(M * std::max(D, F)), att(M * Nq), act(M * F);
-  std::vector<T> qt(M * Nq), yt(M * Nq);
-  StepScratch sc;
+  float *xn = s.xn.data(), *att = s.att.data(), *act = s.act.data();
+  T *qt = s.qt.data(), *yt = s.yt.data();
+  StepScratch sc;  // each member's own
+  auto norm_rows = [&](const void* w) {
+    for (int64_t m = 0; m < M; ++m) {
+      rms_norm_row<T>(h + m * D, static_cast<const T*>(w), D, a.eps, xn + m * D);
+      if (dyn) fake_quantize_row<T>(xn + m * D, D);
+    }
+  };
+  team_one([&] { norm_rows(data.norms[0]); });
   for (int64_t l = 0; l < a.L; ++l) {
     const Projection* p = proj.data() + 4 * l;
     // attention
-    const T* norm = static_cast<const T*>(data.norms[2 * l]);
-    for (int64_t m = 0; m < M; ++m) {
-      rms_norm_row<T>(h + m * D, norm, D, a.eps, xn.data() + m * D);
-      if (dyn) fake_quantize_row<T>(xn.data() + m * D, D);
-    }
-    project<T>(kt, pf, a, p[0], xn.data(), D, sc);
-    for (int64_t i = 0; i < M * ldq; ++i) qkv[i] = out(qkv[i]);
+    project<T>(kt, pf, a, p[0], xn, D, sc);
     T* kp = static_cast<T*>(data.k_caches[l]);
     T* vp = static_cast<T*>(data.v_caches[l]);
-    for (int64_t m = 0; m < M; ++m) {
-      float* r = qkv + m * ldq;
-      rope_row<T>(r, H + KVH, Dh, data.freqs + data.pos[m] * Dh);  // q and k heads: one run
-      const int64_t at = rows[m].at(kp, data.pos[m]) - kp;
-      for (int64_t j = 0; j < KVH; ++j)
-        for (int64_t d = 0; d < Dh; ++d) {
-          kp[at + j * data.head_stride + d] = T(r[Nq + j * Dh + d]);
-          vp[at + j * data.head_stride + d] = T(r[Nq + Nkv + j * Dh + d]);
-        }
-      for (int64_t i = 0; i < Nq; ++i) qt[m * Nq + i] = T(r[i]);
-    }
-    const T* q0 = qt.data();
-    T* y0 = yt.data();
+    team_one([&] {
+      for (int64_t i = 0; i < M * ldq; ++i) qkv[i] = out(qkv[i]);
+      for (int64_t m = 0; m < M; ++m) {
+        float* r = qkv + m * ldq;
+        rope_row<T>(r, H + KVH, Dh, data.freqs + data.pos[m] * Dh);  // q and k heads: one run
+        const int64_t at = rows[m].at(kp, data.pos[m]) - kp;
+        for (int64_t j = 0; j < KVH; ++j)
+          for (int64_t d = 0; d < Dh; ++d) {
+            kp[at + j * data.head_stride + d] = T(r[Nq + j * Dh + d]);
+            vp[at + j * data.head_stride + d] = T(r[Nq + Nkv + j * Dh + d]);
+          }
+        for (int64_t i = 0; i < Nq; ++i) qt[m * Nq + i] = T(r[i]);
+      }
+    });
     const bool* mask = data.mask;
     const int64_t mask_ld = data.mask_ld, hs = data.head_stride;
     const auto* sp = span.data();
@@ -161,45 +178,62 @@ void layers(const Kernels& kt, ParallelFor pf, const StepArgs& a, const StepData
       std::vector<float> pbuf(widest + 16);
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t m = i / H, hh = i % H, j = hh / group, lo = sp[m].first;
-        attend(q0 + m * Nq + hh * Dh, kp + j * hs, vp + j * hs, rw[m], mask + m * mask_ld, lo,
-               sp[m].second, Dh, scale, y0 + m * Nq + hh * Dh, pbuf.data());
+        attend(qt + m * Nq + hh * Dh, kp + j * hs, vp + j * hs, rw[m], mask + m * mask_ld, lo,
+               sp[m].second, Dh, scale, yt + m * Nq + hh * Dh, pbuf.data());
       }
     });
-    for (int64_t i = 0; i < M * Nq; ++i) att[i] = (float)yt[i];
-    if (dyn)
-      for (int64_t m = 0; m < M; ++m) fake_quantize_row<T>(att.data() + m * Nq, Nq);
-    project<T>(kt, pf, a, p[1], att.data(), Nq, sc);
-    for (int64_t i = 0; i < M * D; ++i) h[i] = round_to<T>(h[i] + out(o[i]));
-    // feed-forward
-    const T* norm2 = static_cast<const T*>(data.norms[2 * l + 1]);
-    for (int64_t m = 0; m < M; ++m) {
-      rms_norm_row<T>(h + m * D, norm2, D, a.eps, xn.data() + m * D);
-      if (dyn) fake_quantize_row<T>(xn.data() + m * D, D);
-    }
-    project<T>(kt, pf, a, p[2], xn.data(), D, sc);
-    for (int64_t m = 0; m < M; ++m) {
-      const float* gm = g + m * 2 * F;
-      float* am = act.data() + m * F;
-      for (int64_t i = 0; i < F; ++i) {
-        const float g1 = out(gm[i]), g3 = out(gm[F + i]);
-        am[i] = round_to<T>(round_to<T>(g1 / (1.0f + std::exp(-g1))) * g3);
+    team_one([&] {
+      for (int64_t i = 0; i < M * Nq; ++i) att[i] = (float)yt[i];
+      if (dyn)
+        for (int64_t m = 0; m < M; ++m) fake_quantize_row<T>(att + m * Nq, Nq);
+    });
+    project<T>(kt, pf, a, p[1], att, Nq, sc);
+    // the residual, then feed-forward
+    team_one([&] {
+      for (int64_t i = 0; i < M * D; ++i) h[i] = round_to<T>(h[i] + out(o[i]));
+      norm_rows(data.norms[2 * l + 1]);
+    });
+    project<T>(kt, pf, a, p[2], xn, D, sc);
+    team_one([&] {
+      for (int64_t m = 0; m < M; ++m) {
+        const float* gm = g + m * 2 * F;
+        float* am = act + m * F;
+        for (int64_t i = 0; i < F; ++i) {
+          const float g1 = out(gm[i]), g3 = out(gm[F + i]);
+          am[i] = round_to<T>(round_to<T>(g1 / (1.0f + std::exp(-g1))) * g3);
+        }
+        if (dyn) fake_quantize_row<T>(am, F);
       }
-      if (dyn) fake_quantize_row<T>(am, F);
-    }
-    project<T>(kt, pf, a, p[3], act.data(), F, sc);
-    for (int64_t i = 0; i < M * D; ++i) h[i] = round_to<T>(h[i] + out(y2[i]));
+    });
+    project<T>(kt, pf, a, p[3], act, F, sc);
+    team_one([&] {  // the residual, then the next layer's attention norm
+      for (int64_t i = 0; i < M * D; ++i) h[i] = round_to<T>(h[i] + out(y2[i]));
+      if (l + 1 < a.L) norm_rows(data.norms[2 * (l + 1)]);
+    });
   }
+}
+
+template <typename T>
+void run_layers(const Kernels& kt, RunTeam run, int threads, const StepArgs& a,
+                const StepData& data, const std::vector<Projection>& proj, float* h, float* qkv,
+                float* o, float* g, float* y2) {
+  Shared<T> shared(a);
+  Team team;
+  run(threads, [&](int id, int size) {
+    Member member(team, id, size);
+    layers<T>(kt, a, data, proj, h, qkv, o, g, y2, shared);
+  });
 }
 
 }  // namespace
 
-void decode_step(const Kernels& kt, ParallelFor pf, DType dt, const StepArgs& a,
+void decode_step(const Kernels& kt, RunTeam run, int threads, DType dt, const StepArgs& a,
                  const StepData& data, const std::vector<Projection>& proj, float* h, float* qkv,
                  float* o, float* g, float* y2) {
   switch (dt) {
-    case DType::f32: layers<float>(kt, pf, a, data, proj, h, qkv, o, g, y2); break;
-    case DType::bf16: layers<bf16_t>(kt, pf, a, data, proj, h, qkv, o, g, y2); break;
-    case DType::f16: layers<fp16_t>(kt, pf, a, data, proj, h, qkv, o, g, y2); break;
+    case DType::f32: run_layers<float>(kt, run, threads, a, data, proj, h, qkv, o, g, y2); break;
+    case DType::bf16: run_layers<bf16_t>(kt, run, threads, a, data, proj, h, qkv, o, g, y2); break;
+    case DType::f16: run_layers<fp16_t>(kt, run, threads, a, data, proj, h, qkv, o, g, y2); break;
   }
 }
 

@@ -3,6 +3,7 @@
 #pragma once
 
 #include "kernels.h"
+#include "team.h"
 
 namespace torchchat::cpu {
 
@@ -70,10 +71,11 @@ struct StepData {
   int64_t index_ld;
 };
 
-// M tokens' hidden states h (M x D floats, values of dtype dt) through a.L layers, in place.
+// M tokens' hidden states h (M x D floats, values of dtype dt) through a.L layers, in place,
+// on a team of `threads` (team.h: one parallel region for the whole step, `run` starts it).
 // proj: 4 a layer (qkv, wo, w1/w3, w2) whose matrices write into qkv (M rows of Nq + 2 Nkv), o
 // (M x D), g (M rows of 2F: w1's then w3's) and y2 (M x D).
-void decode_step(const Kernels& kt, ParallelFor pf, DType dt, const StepArgs& a,
+void decode_step(const Kernels& kt, RunTeam run, int threads, DType dt, const StepArgs& a,
                  const StepData& data, const std::vector<Projection>& proj, float* h, float* qkv,
                  float* o, float* g, float* y2);
 

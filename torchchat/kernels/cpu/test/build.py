@@ -52,6 +52,7 @@ def build(output: Path, sanitize: bool = False, cxx: str | None = None,
     ("aarch64"); raises CalledProcessError on a failure."""
     cxx = cxx or (TARGETS[target]["cxx"] if target else "g++")
     common = ["-std=c++17", "-O2", "-g", "-Wall", "-Wno-uninitialized", "-Wno-maybe-uninitialized"]
+    common += ["-pthread"]  # the decode step's team of threads (team.h), tested on std::thread
     common += SANITIZE if sanitize else []
     link = ["-static"] if target and not sanitize else []
     with tempfile.TemporaryDirectory() as tmp:

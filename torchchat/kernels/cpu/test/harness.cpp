@@ -6,7 +6,7 @@
 // as dispatch picks it, and once more with its base table if that differs ("neon_base": NEON
 // without I8MM and BF16, from neon::kernels(false, false); "avx512_base": AVX-512 without BF16
 // and VNNI, its int4 and 8da4w entries from the AVX2 table), so a CPU or an emulator that has
-// every feature tests both.
+// every feature tests both. First, the decode step's team of threads (team.h) on std::threads.
 //
 // Tolerances, per kernel (the reference sums in index order; SIMD kernels in other orders):
 //   linear_f32/bf16/f16, int8         |got - ref| <= 1e-5 * sum_k |w_k x_k| (fp32 sums reordered)
@@ -27,17 +27,20 @@
 //                                     (plus Q4_1/Q5_1's fp16 s term: ggml_ref.cpp)
 //   gemm_ggml (through the common      |got - ref| <= 2e-5 * sum_k |w_k x_k|, ref the reference's
 //   driver: x quantized there)         linear_ggml on the same Q8_K rows; nothing past the rows
+#include <atomic>
 #include <cmath>
 #include <cstddef>
 #include <cstdio>
 #include <cstdlib>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "../common/ggml.h"
 #include "../common/kernels.h"
 #include "../common/step.h"
+#include "../common/team.h"
 
 namespace torchchat::cpu::neon {  // test-only: the base tables (null where not built)
 __attribute__((weak)) const Kernels* kernels(bool i8mm, bool bf16);
@@ -646,9 +649,45 @@ Tally run(const Kernels& kt, const Kernels& ref) {
 
 }  // namespace
 
+// The decode step's team (team.h) on std::threads of 1-3 members: each loop's indices run once
+// (the grain respected), and what member 0 writes alone is what every member reads after.
+long team_failures() {
+  long failures = 0;
+  for (int size : {1, 2, 3}) {
+    Team team;
+    std::vector<int> hits(1000, 0), few(5, 0);
+    std::atomic<long> wrong{0};
+    int value = -1;
+    auto body = [&](int id) {
+      Member member(team, id, size);
+      for (int round = 0; round < 200; ++round) {
+        team_one([&] { value = round; });
+        if (value != round) ++wrong;
+        team_for(1000, 7, [&](int64_t b, int64_t e) {
+          for (int64_t i = b; i < e; ++i) ++hits[i];
+        });
+        team_for(5, 10, [&](int64_t b, int64_t e) {  // under one grain: member 0 alone
+          if (id != 0) ++wrong;
+          for (int64_t i = b; i < e; ++i) ++few[i];
+        });
+      }
+    };
+    std::vector<std::thread> threads;
+    for (int id = 1; id < size; ++id) threads.emplace_back(body, id);
+    body(0);
+    for (auto& t : threads) t.join();
+    long bad = wrong;
+    for (int h : hits) bad += h != 200;
+    for (int h : few) bad += h != 200;
+    std::printf("team of %d: %ld failures\n", size, bad);
+    failures += bad;
+  }
+  return failures;
+}
+
 int main() {
   const Kernels& ref = scalar_kernels();
-  long failures = 0;
+  long failures = team_failures();
   auto report = [&](const std::string& label, const Kernels& kt) {
     Tally t = run(kt, ref);  // the scalar level against itself checks the harness's own setup
     std::printf("%s: %d kernels, %ld cases, %ld failures\n", label.c_str(), t.kernels, t.cases,
