@@ -41,6 +41,8 @@ from pathlib import Path
 
 import httpx
 
+from torchchat.bench.llamacpp import vm_hwm_mb
+
 REPO = Path(__file__).resolve().parents[1]
 STORIES = REPO.parent / "shared" / "models" / "stories260K" / "stories260K.bin"
 SUBJECTS = ["cat", "dog", "bird", "fish", "frog", "bear", "lion", "duck", "tree", "ball", "sun"]
@@ -195,12 +197,8 @@ def percentile(values: list[float], q: float) -> float:
 
 def peak_rss(pid: int) -> str:
     """The server process's peak resident memory so far (Linux's VmHWM), or "-" elsewhere."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return "-"
-    kb = next((int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM")), 0)
-    return f"{kb / 1024:.0f} MB" if kb else "-"
+    mb = vm_hwm_mb(pid)
+    return "-" if mb is None else f"{mb:.0f} MB"
 
 
 def report(outcomes: list[Outcome], wall_s: float, args: argparse.Namespace, rss: str = "-") -> str:
@@ -335,6 +333,8 @@ def main() -> int:
         p.error("--llama-server runs the load scenario on --gguf FILE")
     if not 1 <= args.requests <= 10_000 or not 1 <= args.concurrency <= 64:
         p.error("--requests must be 1..10000 and --concurrency 1..64")
+    if not 1 <= args.rounds <= 100:
+        p.error("--rounds must be 1..100")
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     if args.llama_server:

@@ -49,6 +49,8 @@ def test_server_load_shared_prefix_rounds_each_cache_their_own_system_prompt():
         cached = table[f"round {r}: requests 2..N prompt / cached tokens min-max"].split(" / ")[1]
         assert int(cached.split("-")[0]) >= 96, table
     assert "median of the rounds" in " ".join(table)
+    bad = run_script("server_load.py", "--scenario", "shared-prefix", "--rounds", "0")
+    assert bad.returncode == 2 and "--rounds must be 1..100" in bad.stderr, bad.stderr
 
 
 def test_batch_decode_measures_every_stream_count():

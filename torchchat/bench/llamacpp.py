@@ -164,15 +164,21 @@ class _Model:
         return {"prefill_s": t1 - t0, "decode_s": t2 - t1, "tokens": tokens}
 
 
+def vm_hwm_mb(pid: int | str = "self") -> float | None:
+    """A process's peak RSS since exec (Linux's VmHWM), or None where there is none."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    kib = next((line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")), None)
+    return None if kib is None else int(kib) / 1024
+
+
 def _peak_rss_mb() -> float:
     """This process's peak RSS since exec: Linux's ru_maxrss would count the RSS of the parent
     it was forked from, so read VmHWM where there is one."""
-    try:
-        status = Path("/proc/self/status").read_text()
-    except OSError:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    kib = next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:"))
-    return int(kib) / 1024
+    peak = vm_hwm_mb()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if peak is None else peak
 
 
 def serve() -> None:

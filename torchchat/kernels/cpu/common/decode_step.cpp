@@ -109,7 +109,7 @@ auto attend_kernel(const Kernels& kt) {
 // feed-forward's gated activations.
 template <typename T>
 struct Shared {
-  Shared(const StepArgs& a)
+  explicit Shared(const StepArgs& a)
       : xn(a.M * std::max(a.D, a.F)), att(a.M * a.H * a.Dh), act(a.M * a.F), qt(a.M * a.H * a.Dh),
         yt(a.M * a.H * a.Dh) {}
   std::vector<float> xn, att, act;
