@@ -1,10 +1,11 @@
 // The AVX-512 tables: F/BW/VL/DQ kernels, with AVX512-BF16's and VNNI/VBMI's where the CPU has
 // them (dispatch.cpp checks the features before calling this). A CPU without those (Skylake-SP,
-// Cascade Lake without BF16) takes the int4 and 8da4w entries from `fill` (the AVX2 table), so
-// every AVX-512 table has every feature bit when AVX2's is built; the GGUF block entries come
-// from there too, but for the VNNI tables' linear_ggml of the types ggml_vnni.cpp and
-// ggml_k_vnni.cpp run. One table per combination, so a caller can also ask for the base one on a
-// CPU with more (the test harness does).
+// Cascade Lake; Ice Lake has VNNI, not BF16) takes the missing int4 and 8da4w entries from `fill`
+// (the AVX2 table), and without BF16 AVX2's decode in integers (kQ8Decode) too, so every AVX-512
+// table has every feature bit of AVX2's when that is built (kQ8Decode only without BF16); the
+// GGUF block entries come from there too, but for the VNNI tables' linear_ggml of the types
+// ggml_vnni.cpp and ggml_k_vnni.cpp run. One table per combination, so a caller can also ask for
+// the base one on a CPU with more (the test harness does).
 #include "../common/ggml.h"
 #include "vec.h"
 
@@ -73,6 +74,14 @@ Kernels make_table(bool bf16, bool vnni, const Kernels* fill) {
     t.gemm_int4_q8 = fill->gemm_int4_q8;
     t.gemm_ggml_q8_types = fill->gemm_ggml_q8_types;
     t.gemm_ggml_q8 = fill->gemm_ggml_q8;
+  }
+  // Without AVX512-BF16, int4 decode on bf16 activations is AVX2's widening kernel; AVX2's decode
+  // in integers (prefill's activations and sums) ran stories110M int4 at 177-201 tok/s against
+  // 134-178 (Ice Lake, 2 threads, alternated, 2026-12-07), so such a CPU decodes in integers too.
+  if (!bf16 && fill != nullptr && (fill->features & kQ8Decode) && (t.features & kInt4Q8Gemm)) {
+    t.features |= kQ8Decode;
+    t.linear_int4_q8 = fill->linear_int4_q8;
+    t.linear_8da4w = fill->linear_8da4w;
   }
   return t;
 }
