@@ -228,3 +228,20 @@ def test_unknown_tensor_and_bad_metadata_types(tmp_path):
         else:
             table[key] = spec
         fails(tmp_path, tiny_gguf(table), f"GGUF {key}: {message}")
+
+
+def test_a_bad_string_inside_an_array_is_named_by_its_index(tmp_path):
+    """The vocabulary's strings are read in one loop: each defect still names the element."""
+    head = enc_str("tokenizer.ggml.tokens") + struct.pack("<IIQ", ARR, STR, 3) + enc_str("a")
+    for tail, message in [
+        (enc_str("b") + struct.pack("<Q", 2) + b"\xff\xfe", r"tokens\[2\]: not valid UTF-8"),
+        (
+            struct.pack("<Q", 1000) + b"xy",
+            r"tokens\[1\]: 1000 bytes at offset \d+ run past the end",
+        ),
+    ]:
+        fails(tmp_path, build_gguf([head + tail], []), message)
+    ok = head + enc_str("b") + enc_str("\u2581c")
+    path = tmp_path / "ok.gguf"
+    path.write_bytes(build_gguf([ok], []))
+    assert validate_gguf(path).metadata["tokenizer.ggml.tokens"] == ["a", "b", "\u2581c"]

@@ -76,7 +76,9 @@ class SentencePieceTokenizer(Tokenizer):
         self._specials_re = specials_pattern(self._specials)
         self.stop_ids = stop_ids_for(self.eos_id, self._specials) | frozenset(extra_stop_ids)
         self.strips_leading_space = strips_leading_space
-        self._bytes = [self._piece_bytes(i) for i in range(self.vocab_size)]
+        # Each piece's bytes on first use: the whole table took 0.13 s of a 32,000-piece load,
+        # ~6% of a GGUF generate's time to its first token.
+        self._bytes: dict[int, bytes] = {}
 
     def _piece_bytes(self, i: int) -> bytes:
         """Bytes for one piece, following sentencepiece's own decoder."""
@@ -111,7 +113,10 @@ class SentencePieceTokenizer(Tokenizer):
         """Piece bytes with '▁' as space; byte pieces give one byte, control pieces none."""
         if not 0 <= token_id < self.vocab_size:
             raise IndexError(f"token id {token_id} out of range for vocab size {self.vocab_size}")
-        return self._bytes[token_id]
+        found = self._bytes.get(token_id)
+        if found is None:
+            found = self._bytes[token_id] = self._piece_bytes(token_id)
+        return found
 
     def special_strings(self) -> list[str]:
         return list(self._specials)
