@@ -231,7 +231,7 @@ def test_unknown_tensor_and_bad_metadata_types(tmp_path):
 
 
 def test_a_bad_string_inside_an_array_is_named_by_its_index(tmp_path):
-    """The vocabulary's strings are read in one loop: each defect still names the element."""
+    """A string array's elements are read in one go each; a defect still names its index."""
     head = enc_str("tokenizer.ggml.tokens") + struct.pack("<IIQ", ARR, STR, 3) + enc_str("a")
     for tail, message in [
         (enc_str("b") + struct.pack("<Q", 2) + b"\xff\xfe", r"tokens\[2\]: not valid UTF-8"),
