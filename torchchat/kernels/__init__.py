@@ -37,6 +37,7 @@ GGML = 16  # GGUF's block-quantized weights in place (torchchat.kernels.ggml)
 GGML_GEMM = 32  # GGUF K-quant prefill in integers, tokens in lanes (AVX512-VNNI; ggml_gemm_types)
 INT4_Q8_GEMM = 64  # int4 and GGUF prefill in integers on 8-bit activations (as Q4_0 x Q8_0)
 Q8_DECODE = 128  # int4 and 8da4w decode in integers too: the same activations and sums as prefill
+F32_GEMM = 256  # prefill's fp32 GEMMs (fp32 weights, widened bf16/fp16/int8/GGUF tiles) on our own
 FEW_8DA4W = 3  # up to this many rows the grouped 8da4w decode op (ops.cpp kFew8da4w)
 
 _enabled = True
@@ -441,11 +442,19 @@ def wide_gemm(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
 
 
 def fp32_gemm(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor | None:
-    """x @ weight.T + bias for fp32 through oneDNN, or None. torch's F.linear takes MKL's sgemm,
-    which ran at 120 GFLOP/s here (an AMD CPU: MKL picks its AVX2 code), oneDNN's at 2.3x that.
-    Eager only: inductor lowers this op only for frozen (constant) weights."""
+    """x @ weight.T + bias for fp32 on torchchat's GEMM where the level has one (F32_GEMM: AVX2,
+    1.1-1.4x oneDNN's on a Zen 3 at 64 tokens, cpu/avx2/table.cpp), else through oneDNN, or None.
+    torch's F.linear takes MKL's sgemm, which ran at 120 GFLOP/s on an AMD Zen 4 (MKL picks its
+    AVX2 code there), oneDNN's at 2.3x that. Eager only: inductor lowers this op only for frozen
+    (constant) weights."""
     if x.dtype != torch.float32 or weight.dtype != torch.float32 or not prefill_ok(x):
         return None
-    if type(weight) not in (Tensor, torch.nn.Parameter) or not torch.backends.mkldnn.is_available():
+    if type(weight) not in (Tensor, torch.nn.Parameter):
+        return None
+    if simd_level() & F32_GEMM and weight.dim() == 2:
+        y = torch.ops.torchchat.gemm_f32(x.reshape(-1, x.shape[-1]), weight)
+        y = y.reshape(*x.shape[:-1], weight.shape[0])
+        return y if bias is None else y + bias
+    if not torch.backends.mkldnn.is_available():
         return None
     return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")

@@ -100,6 +100,7 @@ def describe_bits(bits: int, gguf_integer: int = 0) -> str:
     families = ["float/int8 decode"] + ["int4"] * bool(bits & 2)
     families += ["8da4w integer prefill"] * bool(bits & 4)
     families += ["bf16 prefill GEMMs" if bits & 8 else "prefill GEMMs widened to fp32"]
+    families += ["own fp32 prefill GEMM"] * bool(bits & 256)
     families += ["GGUF blocks"] * bool(bits & 16)
     families += ["int4 integer prefill"] * bool(bits & 64)
     families += ["int4/8da4w integer decode"] * bool(bits & 128)
@@ -152,6 +153,10 @@ def _register_fakes() -> None:
         return x.new_empty(x.shape[0], w.shape[0])
 
     @torch.library.register_fake("torchchat::gemm_wide")
+    def _(x, w):
+        return x.new_empty(x.shape[0], w.shape[0])
+
+    @torch.library.register_fake("torchchat::gemm_f32")
     def _(x, w):
         return x.new_empty(x.shape[0], w.shape[0])
 

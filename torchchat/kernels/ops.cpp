@@ -151,6 +151,20 @@ at::Tensor bf16_gemm_tiles(const at::Tensor& xb, int64_t N, int64_t K, bool k_ma
                            const float* scale, Fill fill) {
   const int64_t M = xb.size(0), rows = tile_rows(N, 64);
   const bool wide = !(table->features & cpu::kBf16Gemm);
+  if (wide && !k_major && own_f32_gemm()) {  // rows of W widened to fp32 for the own GEMM
+    const at::Tensor yf = f32_gemm(xb, N, [&](int64_t n0, int64_t tn, float* buf) -> const float* {
+      if (buf == nullptr) return nullptr;
+      thread_local std::vector<bf16_t> half;  // kept: a fresh tile a call paid its page faults
+      half.resize(tn * K);
+      fill(n0, tn, half.data(), K);
+      for (int64_t i = 0; i < tn * K; ++i) buf[i] = (float)half[i];
+      return buf;
+    });
+    const at::Tensor y = yf.to(at::kBFloat16);  // rounded once, as the bf16 GEMM's output
+    if (scale == nullptr) return y;
+    const at::Tensor s = at::from_blob(const_cast<float*>(scale), {N}, yf.options());
+    return (y.to(at::kFloat) * s).to(at::kBFloat16);  // each product rounded once more
+  }
   const at::Tensor xg = wide ? xb.to(at::kFloat) : xb;
   auto y = at::empty({M, N}, xb.options());
   at::parallel_for(0, (N + rows - 1) / rows, 1, [&](int64_t t0, int64_t t1) {
@@ -213,6 +227,19 @@ at::Tensor gemm_int8_cpu(const at::Tensor& x, const at::Tensor& w, const at::Ten
                          });
 }
 
+// Prefill's fp32 GEMM on torchchat's kernel (kF32Gemm): x (M, K) @ w.T for fp32 x and w (N, K),
+// w's rows read where they are; each output one FMA chain over k (Kernels::gemm_f32).
+at::Tensor gemm_f32_cpu(const at::Tensor& x, const at::Tensor& w) {
+  kernels("torchchat::gemm_f32", cpu::kF32Gemm);
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1) &&
+                  x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat,
+              "torchchat::gemm_f32: x (M, K) and w (N, K) must be fp32");
+  const at::Tensor wc = w.detach().contiguous();
+  const float* wp = wc.data_ptr<float>();
+  const int64_t K = w.size(1);
+  return f32_gemm(x, w.size(0), [&](int64_t n0, int64_t, float*) { return wp + n0 * K; });
+}
+
 // Prefill on levels without bf16 dot products (kBf16Gemm): x (M, K) @ w.T for bf16 or fp16 x and
 // w (N, K) of x's dtype, as fp32 GEMMs on tiles of w widened just before (each thread its own
 // tiles, as bf16_gemm_tiles) and x widened once; the result rounded once to x's dtype, as torch's
@@ -226,6 +253,15 @@ at::Tensor gemm_wide_cpu(const at::Tensor& x, const at::Tensor& w) {
               "torchchat::gemm_wide: x (M, K) and w (N, K) must be bf16 or fp16 of one dtype");
   const int64_t M = x.size(0), N = w.size(0), rows = tile_rows(N, 1);
   const at::Tensor xf = x.detach().to(at::kFloat), wc = w.detach().contiguous();
+  if (own_f32_gemm()) {
+    const int64_t K = w.size(1);
+    return f32_gemm(xf, N, [&](int64_t n0, int64_t tn, float* buf) -> const float* {
+             if (buf == nullptr) return nullptr;
+             at::from_blob(buf, {tn, K}, xf.options()).copy_(wc.narrow(0, n0, tn));
+             return buf;
+           })
+        .to(x.scalar_type());
+  }
   auto y = at::empty({M, N}, x.options());
   at::parallel_for(0, (N + rows - 1) / rows, 1, [&](int64_t t0, int64_t t1) {
     c10::InferenceMode guard;  // worker threads do not inherit the caller's mode: y may be an
@@ -661,6 +697,7 @@ TORCH_LIBRARY(torchchat, m) {
   m.def("gemm_int4(Tensor x, Tensor w, Tensor scales_and_zeros, int group) -> Tensor");
   m.def("gemm_int8(Tensor x, Tensor w, Tensor scales) -> Tensor");
   m.def("gemm_wide(Tensor x, Tensor w) -> Tensor");
+  m.def("gemm_f32(Tensor x, Tensor w) -> Tensor");
   m.def("gemm_8da4w(Tensor x, Tensor w, Tensor scales_and_zeros, int group) -> Tensor");
   m.def("gemm_int4_q8(Tensor x, Tensor w, Tensor scales_and_zeros, int group) -> Tensor");
 }
@@ -677,6 +714,7 @@ TORCH_LIBRARY_IMPL(torchchat, CPU, m) {
   m.impl("gemm_int4", &gemm_int4_cpu);
   m.impl("gemm_int8", &gemm_int8_cpu);
   m.impl("gemm_wide", &gemm_wide_cpu);
+  m.impl("gemm_f32", &gemm_f32_cpu);
   m.impl("gemm_8da4w", &gemm_8da4w_cpu);
   m.impl("gemm_int4_q8", &gemm_int4_q8_cpu);
 }

@@ -118,6 +118,20 @@ inline std::vector<Matrix> matrices(at::TensorList w, at::TensorList s, int64_t 
 // rows: 14.1 -> 12.4 ms. Tiles of 128 and 512 rows ran about as fast as 256, of 64 slower.
 constexpr int64_t kTileRows = 256;
 
+// x (M, K) @ W.T -> fp32 (M, N) on the table's fp32 GEMM (kF32Gemm), W's rows as
+// cpu::gemm_f32_tiles asks for them (rows(n0, tn, buf)).
+inline at::Tensor f32_gemm(const at::Tensor& x, int64_t N, const cpu::F32Rows& rows) {
+  const at::Tensor xf = x.detach().to(at::kFloat).contiguous();
+  const int64_t M = xf.size(0), K = xf.size(1);
+  auto y = at::empty({M, N}, xf.options());
+  cpu::gemm_f32_tiles(*table, parallel, at::get_num_threads(), xf.data_ptr<float>(), M, K, N,
+                      y.data_ptr<float>(), rows);
+  return y;
+}
+
+// Whether prefill's fp32 GEMMs run on the table's own kernel (f32_gemm).
+inline bool own_f32_gemm() { return table != nullptr && (table->features & cpu::kF32Gemm); }
+
 // Rows of one tile for N output rows: each thread the same number of tiles of at most kTileRows
 // rows, a multiple of `align` (int4's 64-row blocks; 1 for row-major weights).
 inline int64_t tile_rows(int64_t N, int64_t align) {

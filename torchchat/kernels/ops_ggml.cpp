@@ -148,10 +148,17 @@ at::Tensor gemm_ggml_cpu(const at::Tensor& x, const at::Tensor& w, int64_t type)
     gemm_ggml_q8(kt, x, w, type, y);
     return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
   }
-  const int64_t rows = tile_rows(N, 1);
   const bool bf16 = kt.features & cpu::kBf16Gemm;
-  const at::Tensor xg = x.detach().to(bf16 ? at::kBFloat16 : at::kFloat).contiguous();
   const auto* wp = w.data_ptr<uint8_t>();
+  if (!bf16 && own_f32_gemm()) {  // tiles dequantized for the own fp32 GEMM
+    y = f32_gemm(x, N, [&](int64_t n0, int64_t tn, float* buf) -> const float* {
+      if (buf != nullptr) kt.ggml_dequantize((int32_t)type, wp, w.stride(0), K, n0, n0 + tn, buf);
+      return buf;
+    });
+    return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+  }
+  const int64_t rows = tile_rows(N, 1);
+  const at::Tensor xg = x.detach().to(bf16 ? at::kBFloat16 : at::kFloat).contiguous();
   at::parallel_for(0, (N + rows - 1) / rows, 1, [&](int64_t t0, int64_t t1) {
     c10::InferenceMode guard;  // worker threads do not inherit the caller's mode
     auto buf = at::empty({rows, K}, at::kFloat);

@@ -157,6 +157,8 @@ void ggml_dequantize(int32_t type, const void* w, int64_t ld, int64_t K, int64_t
                      float* out);
 void linear_ggml_k(const uint8_t* xq, int64_t xld, int64_t M, int64_t K, const Matrix& a,
                    int64_t n0, int64_t n1);
+void gemm_f32(const float* xp, int64_t M, int64_t K, const float* w, int64_t ldw, int64_t N,
+              float* y, int64_t ldy);
 void dequantize_ggml_k(int32_t type, const uint8_t* w, int64_t ld, int64_t K, int64_t r0,
                        int64_t r1, float* out);
 

@@ -132,6 +132,9 @@ constexpr int64_t kInt4Q8Gemm = 64;  // gemm_int4_q8: int4 prefill on 8-bit acti
 // int4 and 8da4w decode in integers (linear_int4_q8, linear_8da4w): the same 8-bit activations
 // and sums as their prefill; without it int4 decodes on bf16 activations (linear_int4).
 constexpr int64_t kQ8Decode = 128;
+// Prefill's fp32 GEMMs on torchchat's kernel (gemm_f32): fp32 weights as they are, bf16/fp16,
+// int8 and GGUF tiles widened to fp32 just before; without it they run on oneDNN or torch's GEMM.
+constexpr int64_t kF32Gemm = 256;
 
 // Per-thread buffers of gemm_8da4w and gemm_int4_q8, 64-byte aligned: wbuf K * 64 bytes, f M * 64
 // and sbuf (K / group) * 128 floats.
@@ -235,7 +238,18 @@ struct Kernels {
   // tiles of the weights (the same sums as decode): for a type prefilled in integers
   // (gemm_ggml_types, gemm_ggml_q8_types) and for the others; 0: never.
   int64_t ggml_rows_prefill_int, ggml_rows_prefill;
+  // Prefill's fp32 GEMM on a tile of N output rows (kF32Gemm): y[m * ldy + n] = sum_k x_mk
+  // w[n * ldw + k] for the M tokens of x packed by pack_x_f32 (K columns), each output one chain
+  // of FMAs over k ascending from 0 (bit-equal on every level, whatever the tile or batch).
+  void (*gemm_f32)(const float* xp, int64_t M, int64_t K, const float* w, int64_t ldw, int64_t N,
+                   float* y, int64_t ldy);
 };
+
+// x (M, K) fp32 for gemm_f32, panels of kF32Panel tokens, a k's tokens side by side:
+// xp[(p * K + k) * kF32Panel + i] = x[(p * kF32Panel + i) * K + k], zeros past M; panels [p0, p1)
+// of the ceil(M / kF32Panel) (xp 32-byte aligned).
+constexpr int64_t kF32Panel = 16;
+void pack_x_f32(const float* x, int64_t M, int64_t K, float* xp, int64_t p0, int64_t p1);
 
 // The scalar reference kernels (reference.cpp): every entry, every feature bit.
 const Kernels& scalar_kernels();

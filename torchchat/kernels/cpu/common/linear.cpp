@@ -4,6 +4,8 @@
 // 768 x 768 int4 matrices, a call for q, k and v together took 17 us against 26 us for three
 // calls (call, thread wake-up and conversions are paid once).
 #include <algorithm>
+#include <cstdint>
+#include <memory>
 
 #include "ggml.h"
 #include "step.h"
@@ -193,6 +195,44 @@ bool gemm_ggml(const Kernels& kt, ParallelFor pf, const float* x, int64_t M, int
     kt.gemm_ggml(acts, K, a, u0 * 16, std::min(a.N, u1 * 16));
   });
   return true;
+}
+
+void pack_x_f32(const float* x, int64_t M, int64_t K, float* xp, int64_t p0, int64_t p1) {
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t rows = std::min<int64_t>(kF32Panel, M - p * kF32Panel);
+    float* out = xp + p * K * kF32Panel;
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t i = 0; i < kF32Panel; ++i)
+        out[k * kF32Panel + i] = i < rows ? x[(p * kF32Panel + i) * K + k] : 0.0f;
+  }
+}
+
+void gemm_f32_tiles(const Kernels& kt, ParallelFor pf, int64_t threads, const float* x,
+                    int64_t M, int64_t K, int64_t N, float* y, const F32Rows& rows) {
+  const int64_t panels = (M + kF32Panel - 1) / kF32Panel;
+  const int64_t xn = panels * kF32Panel * K;
+  std::unique_ptr<float[]> xbuf(new float[xn + 8]);  // 32-byte aligned below
+  float* xp = xbuf.get() + ((32 - (reinterpret_cast<uintptr_t>(xbuf.get()) & 31)) & 31) / 4;
+  pf(panels, 1, [&](int64_t p0, int64_t p1) { pack_x_f32(x, M, K, xp, p0, p1); });
+  // Each thread the same number of tiles, 6-row multiples (the kernel's step) of at most ~256 KB
+  // of fp32 weights: a tile filled into a buffer stays in L2 while every token reads it.
+  auto up6 = [](int64_t n) { return (n + 5) / 6 * 6; };
+  const int64_t per_thread = up6((N + threads - 1) / threads);
+  const int64_t most = std::max<int64_t>(6, (256 << 10) / (K * 4) / 6 * 6);
+  const int64_t tiles_each = (per_thread + most - 1) / most;
+  const int64_t tile = up6((per_thread + tiles_each - 1) / tiles_each);
+  pf((N + tile - 1) / tile, 1, [&](int64_t t0, int64_t t1) {
+    thread_local std::vector<float> buf;  // kept: a fresh one a call paid its page faults
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t n0 = t * tile, tn = std::min(tile, N - n0);
+      const float* w = rows(n0, tn, nullptr);
+      if (w == nullptr) {
+        if ((int64_t)buf.size() < tile * K) buf.resize(tile * K);
+        w = rows(n0, tn, buf.data());
+      }
+      kt.gemm_f32(xp, M, K, w, K, tn, y + n0, N);
+    }
+  });
 }
 
 }  // namespace torchchat::cpu

@@ -269,6 +269,19 @@ void gemm_ggml_q8(const int8_t* q, const float* d, const float* e, int64_t M, in
   }
 }
 
+// Prefill's fp32 GEMM: one FMA chain an output, k ascending from 0.
+void gemm_f32(const float* xp, int64_t M, int64_t K, const float* w, int64_t ldw, int64_t N,
+              float* y, int64_t ldy) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xm = xp + (m / kF32Panel) * K * kF32Panel + m % kF32Panel;
+    for (int64_t n = 0; n < N; ++n) {
+      float f = 0.0f;
+      for (int64_t k = 0; k < K; ++k) f = std::fma(xm[k * kF32Panel], w[n * ldw + k], f);
+      y[m * ldy + n] = f;
+    }
+  }
+}
+
 }  // namespace
 
 const Kernels& scalar_kernels() {
@@ -299,6 +312,7 @@ const Kernels& scalar_kernels() {
     t.gemm_ggml_q8 = gemm_ggml_q8;
     t.linear_ggml = ggml_linear_ref;  // ggml_ref.cpp
     t.ggml_dequantize = ggml_dequantize_ref;
+    t.gemm_f32 = gemm_f32;  // kF32Gemm's too: the reference, not the bit
     return t;
   }();
   return table;

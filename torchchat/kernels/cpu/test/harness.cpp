@@ -25,6 +25,7 @@
 //   linear_ggml                       |got - ref| <= 2e-5 * sum_k |w_k x_k| (w, x dequantized), and
 //                                     the reference within 1e-5 of that of the exact float64 sum
 //                                     (plus Q4_1/Q5_1's fp16 s term: ggml_ref.cpp)
+//   gemm_f32                          bit-exact (one FMA chain an output, k ascending)
 //   gemm_ggml (through the common      |got - ref| <= 2e-5 * sum_k |w_k x_k|, ref the reference's
 //   driver: x quantized there)         linear_ggml on the same Q8_K rows; nothing past the rows
 #include <atomic>
@@ -622,6 +623,37 @@ void check_gemm_ggml_q8(Tally& t, const Kernels& kt, const Kernels& ref) {
   }
 }
 
+// Prefill's fp32 GEMM (gemm_f32): random and edge values, odd token counts (panels of 16 part
+// full), rows ldw >= K apart, outputs ldy apart (the columns past N stay untouched); bit-exact
+// against the reference, and the reference against one FMA chain a output over x as given (the
+// packing, pack_x_f32, checked with it).
+void check_gemm_f32(Tally& t, const Kernels& kt, const Kernels& ref) {
+  t.start("gemm_f32");
+  for (int trial = 0; trial < 40; ++trial) {
+    const int64_t M = pick({1, 7, 16, 17, 33, 64}), K = pick({0, 1, 15, 16, 17, 100, 257, 768}),
+                  N = pick({1, 5, 6, 7, 37, 70}), ldw = K + rng() % 3, ldy = N + rng() % 3;
+    const auto x = values(M * K), w = values(N * ldw);
+    const int64_t panels = (M + kF32Panel - 1) / kF32Panel;
+    Aligned<float> xp(panels * kF32Panel * K + 1);
+    pack_x_f32(x.data(), M, K, xp.p, 0, panels);
+    std::vector<float> y(M * ldy, -7.0f), yr(M * ldy, -7.0f);
+    kt.gemm_f32(xp.p, M, K, w.data(), ldw, N, y.data(), ldy);
+    ref.gemm_f32(xp.p, M, K, w.data(), ldw, N, yr.data(), ldy);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < ldy; ++n) {
+        const std::string where = shape({M, K, N, m, n});
+        if (n >= N) {
+          t.check(y[m * ldy + n], -7.0f, 0.0f, where + " past N");
+          continue;
+        }
+        float f = 0.0f;
+        for (int64_t k = 0; k < K; ++k) f = std::fma(x[m * K + k], w[n * ldw + k], f);
+        t.check(yr[m * ldy + n], f, 0.0f, where + " reference");
+        t.check(y[m * ldy + n], yr[m * ldy + n], 0.0f, where);
+      }
+  }
+}
+
 // One level's table against the reference: every entry its feature bits turn on.
 Tally run(const Kernels& kt, const Kernels& ref) {
   Tally t{kt.name};
@@ -644,6 +676,7 @@ Tally run(const Kernels& kt, const Kernels& ref) {
   if ((kt.features & kInt4Q8Gemm) && kt.gemm_ggml_q8_types) check_gemm_ggml_q8(t, kt, ref);
   if (kt.features & kGgml) check_ggml(t, kt, ref);
   if (kt.features & kGgmlGemm) check_ggml_gemm(t, kt, ref);
+  if (kt.features & kF32Gemm) check_gemm_f32(t, kt, ref);
   return t;
 }
 
