@@ -194,17 +194,18 @@ void layers(const Kernels& kt, const StepArgs& a, const StepData& data,
       norm_rows(data.norms[2 * l + 1]);
     });
     project<T>(kt, pf, a, p[2], xn, D, sc);
-    team_one([&] {
-      for (int64_t m = 0; m < M; ++m) {
-        const float* gm = g + m * 2 * F;
-        float* am = act + m * F;
-        for (int64_t i = 0; i < F; ++i) {
-          const float g1 = out(gm[i]), g3 = out(gm[F + i]);
-          am[i] = round_to<T>(round_to<T>(g1 / (1.0f + std::exp(-g1))) * g3);
-        }
-        if (dyn) fake_quantize_row<T>(am, F);
+    // The gate over the members (F exps a token: ~30 us a layer on one core of a Zen 3)
+    pf(M * F, 512, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t m = i / F, j = i % F;
+        const float g1 = out(g[m * 2 * F + j]), g3 = out(g[m * 2 * F + F + j]);
+        act[i] = round_to<T>(round_to<T>(g1 / (1.0f + std::exp(-g1))) * g3);
       }
     });
+    if (dyn)
+      team_one([&] {
+        for (int64_t m = 0; m < M; ++m) fake_quantize_row<T>(act + m * F, F);
+      });
     project<T>(kt, pf, a, p[3], act, F, sc);
     team_one([&] {  // the residual, then the next layer's attention norm
       for (int64_t i = 0; i < M * D; ++i) h[i] = round_to<T>(h[i] + out(y2[i]));
