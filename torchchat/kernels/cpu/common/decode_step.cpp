@@ -194,7 +194,7 @@ void layers(const Kernels& kt, const StepArgs& a, const StepData& data,
       norm_rows(data.norms[2 * l + 1]);
     });
     project<T>(kt, pf, a, p[2], xn, D, sc);
-    // The gate over the members (F exps a token: ~30 us a layer on one core of a Zen 3)
+    // The gate over the members (F exps a token: ~20 us a layer on one core of a Zen 3)
     pf(M * F, 512, [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t m = i / F, j = i % F;
