@@ -152,13 +152,12 @@ at::Tensor bf16_gemm_tiles(const at::Tensor& xb, int64_t N, int64_t K, bool k_ma
   const int64_t M = xb.size(0), rows = tile_rows(N, 64);
   const bool wide = !(table->features & cpu::kBf16Gemm);
   if (wide && !k_major && own_f32_gemm()) {  // rows of W widened to fp32 for the own GEMM
-    const at::Tensor yf = f32_gemm(xb, N, [&](int64_t n0, int64_t tn, float* buf) -> const float* {
-      if (buf == nullptr) return nullptr;
+    const at::Tensor yf = f32_gemm(xb, N, [&](int64_t n0, int64_t tn, float* buf) {
       thread_local std::vector<bf16_t> half;  // kept: a fresh tile a call paid its page faults
       half.resize(tn * K);
       fill(n0, tn, half.data(), K);
       for (int64_t i = 0; i < tn * K; ++i) buf[i] = (float)half[i];
-      return buf;
+      return (const float*)buf;
     });
     const at::Tensor y = yf.to(at::kBFloat16);  // rounded once, as the bf16 GEMM's output
     if (scale == nullptr) return y;
@@ -255,10 +254,9 @@ at::Tensor gemm_wide_cpu(const at::Tensor& x, const at::Tensor& w) {
   const at::Tensor xf = x.detach().to(at::kFloat), wc = w.detach().contiguous();
   if (own_f32_gemm()) {
     const int64_t K = w.size(1);
-    return f32_gemm(xf, N, [&](int64_t n0, int64_t tn, float* buf) -> const float* {
-             if (buf == nullptr) return nullptr;
+    return f32_gemm(xf, N, [&](int64_t n0, int64_t tn, float* buf) {
              at::from_blob(buf, {tn, K}, xf.options()).copy_(wc.narrow(0, n0, tn));
-             return buf;
+             return (const float*)buf;
            })
         .to(x.scalar_type());
   }

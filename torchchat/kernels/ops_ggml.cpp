@@ -114,7 +114,9 @@ int64_t integer_types(const cpu::Kernels& kt) {
 
 // At most how many tokens of prefill run on decode's kernel (linear_ggml_tiled) for `type`.
 int64_t rows_prefill(const cpu::Kernels& kt, int64_t type) {
-  return integer_types(kt) >> type & 1 ? kt.ggml_rows_prefill_int : kt.ggml_rows_prefill;
+  if (!(integer_types(kt) >> type & 1)) return kt.ggml_rows_prefill;
+  return type >= cpu::kGgmlQ2_K && type <= cpu::kGgmlQ6_K ? kt.ggml_rows_prefill_int_k
+                                                           : kt.ggml_rows_prefill_int;
 }
 
 // x (M, K) of any float dtype @ w.T for many rows: GEMMs on tiles of w dequantized just before,
@@ -151,9 +153,9 @@ at::Tensor gemm_ggml_cpu(const at::Tensor& x, const at::Tensor& w, int64_t type)
   const bool bf16 = kt.features & cpu::kBf16Gemm;
   const auto* wp = w.data_ptr<uint8_t>();
   if (!bf16 && own_f32_gemm()) {  // tiles dequantized for the own fp32 GEMM
-    y = f32_gemm(x, N, [&](int64_t n0, int64_t tn, float* buf) -> const float* {
-      if (buf != nullptr) kt.ggml_dequantize((int32_t)type, wp, w.stride(0), K, n0, n0 + tn, buf);
-      return buf;
+    y = f32_gemm(x, N, [&](int64_t n0, int64_t tn, float* buf) {
+      kt.ggml_dequantize((int32_t)type, wp, w.stride(0), K, n0, n0 + tn, buf);
+      return (const float*)buf;
     });
     return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
   }

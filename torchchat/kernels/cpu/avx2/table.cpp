@@ -38,8 +38,11 @@ const Kernels* kernels() {
     // Prefill of a few dozen tokens on the decode kernels (8 tokens at a time over ~256 KB tiles)
     // where that beat the GEMMs (TinyLlama shapes, 2 threads, 2026-12-06): Q5_K 1.25-2.2x the
     // fp32 tiles from 16 to 64 tokens, Q6_K 1.4-1.9x up to 26 and even at 64, Q8_0 1.1x at 26;
-    // Q4_K 1.2-1.45x the integer GEMM up to 26 tokens, even at 40.
+    // Q4_K 1.2-1.45x the integer GEMM up to 26 tokens, even at 40. On a Zen 3 (2026-12-07, two
+    // runs) Q4_K's GEMM took 307-320 us a token at 25 tokens and 253-273 at 32, decode's kernel
+    // 174-190 at 24: K-quants stay on it up to 32 tokens (Q4_0 gave no stable answer there).
     t.ggml_rows_prefill_int = 24;
+    t.ggml_rows_prefill_int_k = 32;
     t.ggml_rows_prefill = 64;
     t.ggml_dequantize = ggml_dequantize;
     // Prefill's fp32 GEMMs (gemm.cpp). 64 tokens of stories110M's shapes, 2 threads, on a Zen 3

@@ -235,9 +235,10 @@ struct Kernels {
   int64_t gemm_ggml_types;
   void (*gemm_ggml)(const GgmlGemmActs& x, int64_t K, const Matrix& a, int64_t n0, int64_t n1);
   // Prefill of at most this many tokens runs decode's linear_ggml, kMaxRows tokens at a time over
-  // tiles of the weights (the same sums as decode): for a type prefilled in integers
-  // (gemm_ggml_types, gemm_ggml_q8_types) and for the others; 0: never.
-  int64_t ggml_rows_prefill_int, ggml_rows_prefill;
+  // tiles of the weights (the same sums as decode): for a type of 32-value blocks prefilled in
+  // integers (gemm_ggml_types, gemm_ggml_q8_types), a K-quant prefilled in integers, and the
+  // others; 0: never.
+  int64_t ggml_rows_prefill_int, ggml_rows_prefill_int_k, ggml_rows_prefill;
   // Prefill's fp32 GEMM on a tile of N output rows (kF32Gemm): y[m * ldy + n] = sum_k x_mk
   // w[n * ldw + k] for the M tokens of x packed by pack_x_f32 (K columns), each output one chain
   // of FMAs over k ascending from 0 (bit-equal on every level, whatever the tile or batch).

@@ -225,12 +225,8 @@ void gemm_f32_tiles(const Kernels& kt, ParallelFor pf, int64_t threads, const fl
     thread_local std::vector<float> buf;  // kept: a fresh one a call paid its page faults
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t n0 = t * tile, tn = std::min(tile, N - n0);
-      const float* w = rows(n0, tn, nullptr);
-      if (w == nullptr) {
-        if ((int64_t)buf.size() < tile * K) buf.resize(tile * K);
-        w = rows(n0, tn, buf.data());
-      }
-      kt.gemm_f32(xp, M, K, w, K, tn, y + n0, N);
+      if ((int64_t)buf.size() < tile * K) buf.resize(tile * K);
+      kt.gemm_f32(xp, M, K, rows(n0, tn, buf.data()), K, tn, y + n0, N);
     }
   });
 }

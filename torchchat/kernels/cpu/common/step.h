@@ -37,8 +37,8 @@ bool gemm_ggml(const Kernels& kt, ParallelFor pf, const float* x, int64_t M, int
                const Matrix& a);
 // Prefill's fp32 GEMM (Kernels::gemm_f32): y (M, N) = x (M, K) fp32 @ W.T over tiles of W's
 // rows on `threads` threads, each its own tiles, x packed once here. rows(n0, tn, buf): W's rows
-// n0..n0 + tn as fp32 (K apart): a pointer to the weights themselves (buf null: may return null
-// to be asked again with buf), or buf (tile x K floats) filled with them (widened, dequantized).
+// n0..n0 + tn as fp32, K apart -- the weights themselves, or buf (tile x K floats, the thread's
+// own) filled with them (widened, dequantized).
 using F32Rows = std::function<const float*(int64_t n0, int64_t tn, float* buf)>;
 void gemm_f32_tiles(const Kernels& kt, ParallelFor pf, int64_t threads, const float* x,
                     int64_t M, int64_t K, int64_t N, float* y, const F32Rows& rows);
