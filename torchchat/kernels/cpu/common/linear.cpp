@@ -209,6 +209,8 @@ void pack_x_f32(const float* x, int64_t M, int64_t K, float* xp, int64_t p0, int
 
 void gemm_f32_tiles(const Kernels& kt, ParallelFor pf, int64_t threads, const float* x,
                     int64_t M, int64_t K, int64_t N, float* y, const F32Rows& rows) {
+  if (M == 0 || N == 0) return;
+  if (K == 0) return std::fill(y, y + M * N, 0.0f);  // (the tile sizes below divide by K)
   const int64_t panels = (M + kF32Panel - 1) / kF32Panel;
   const int64_t xn = panels * kF32Panel * K;
   std::unique_ptr<float[]> xbuf(new float[xn + 8]);  // 32-byte aligned below
