@@ -49,8 +49,8 @@ def test_every_level_matches_the_scalar_reference(sanitize, tmp_path):
     8-bit activations: quantize_rows_q8, gemm_int4_q8, gemm_ggml_q8), +1 where the table has the
     integer K-quant prefill GEMM (VNNI), +2 for int4 and 8da4w decode in integers (linear_int4_q8,
     linear_8da4w: AVX2, and the AVX-512 tables without BF16), +1 for prefill's own fp32 GEMM
-    (gemm_f32: AVX2); the scalar level's reference runs those only as the others' reference. 0
-    failures."""
+    (gemm_f32: AVX2), +1 for int8 decode in integers (linear_int8_q8: AVX2's on every x86 level);
+    the scalar level's reference runs those only as the others' reference. 0 failures."""
     binary = load_build_script().build(tmp_path / "harness", sanitize=sanitize)
     run = subprocess.run([str(binary)], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
@@ -60,7 +60,7 @@ def test_every_level_matches_the_scalar_reference(sanitize, tmp_path):
     avx512 = kernels.isa() == "avx512"
     vnni = avx512 and kernels.simd_level() & kernels.GGML_GEMM
     q8 = 2 if avx512 and not kernels.simd_level() & kernels.BF16_GEMM else 0
-    want = {"avx512": str(18 + q8 + bool(vnni)), "avx512_base": "20", "avx2": "21", "scalar": "15"}
+    want = {"avx512": str(19 + q8 + bool(vnni)), "avx512_base": "21", "avx2": "22", "scalar": "15"}
     assert counts == {lv: want[lv] for lv in counts}, run.stdout
     expected = {lv for lv in kernels.available_isas() if lv != "off"}
     if "avx512" in expected and "avx2" in expected:
@@ -131,10 +131,11 @@ def run_under_qemu(aarch64_harness, cpu: str, sanitize: bool = False) -> dict[st
 @pytest.mark.parametrize("sanitize", [False, True], ids=["plain", "asan-ubsan"])
 def test_neon_kernels_match_the_scalar_reference_under_qemu(aarch64_harness, sanitize):
     """-cpu max has every extension: "neon" is the I8MM + BF16 table, "neon_base" the one for
-    CPUs with dotprod and fp16 only; every kernel of both against the reference (18: with int4
-    and GGUF prefill on 8-bit activations, quantize_rows_q8, gemm_int4_q8 and gemm_ggml_q8)."""
+    CPUs with dotprod and fp16 only; every kernel of both against the reference (19: with int4
+    and GGUF prefill on 8-bit activations, quantize_rows_q8, gemm_int4_q8 and gemm_ggml_q8, and
+    int8 decode in integers, linear_int8_q8)."""
     counts = run_under_qemu(aarch64_harness, "max", sanitize)
-    assert counts == {"neon": "18", "neon_base": "18", "scalar": "15"}
+    assert counts == {"neon": "19", "neon_base": "19", "scalar": "15"}
 
 
 @pytest.mark.parametrize(

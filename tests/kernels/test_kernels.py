@@ -71,7 +71,10 @@ def test_float_linear_takes_batched_rows_and_strided_weights():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.usefixtures("isa")
 def test_int8_linear_matches_dequantized_reference(m, k, n, groupsize, dtype):
-    """Scales as saved (bf16) and as an fp32 model holds them after .to(float32)."""
+    """Scales as saved (bf16) and as an fp32 model holds them after .to(float32). A level that
+    decodes int8 in integers (INT8_Q8) first rounds x to 8 bits per 32 values where the width
+    and the group are multiples of 32 (768, 288, 64, and 17 padded to 32; not 100, padded to
+    112): the reference rounds it so too, the sums then exact per block, fp32 over blocks."""
     torch.manual_seed(n)
     lin = torch.nn.Linear(k, n, bias=False)
     q = Int8Linear.from_float(lin, groupsize)
@@ -80,7 +83,12 @@ def test_int8_linear_matches_dequantized_reference(m, k, n, groupsize, dtype):
     assert torch.equal(kernels.int8_linear(x, q.weight, q.scales.float(), groupsize), y)
     assert y.dtype == dtype
     tol = 2e-6 if dtype == torch.float32 else 8e-3
-    assert max_rel(y, F.linear(x.float(), q.dequantize())) < tol
+    xr, kw = x.double(), q.weight.shape[1]  # the width padded to 16
+    if kernels.simd_level() & kernels.INT8_Q8 and kw % 32 == 0 and groupsize % 32 == 0:
+        xr = q8_activations(x, kw)[:, :k]
+        if dtype == torch.float32:  # rounded, not fp32
+            assert max_rel(y, F.linear(x.float(), q.dequantize())) > 1e-4
+    assert max_rel(y, F.linear(xr, q.dequantize().double())) < tol
 
 
 @needs_bf16
@@ -525,8 +533,10 @@ def prefill_then_decode(model: Transformer, tokens: torch.Tensor, prompt: int) -
     "spec,tol",
     [
         (None, 1e-5),
-        ('{"linear:int8": {"groupsize": 0}}', 2e-2),  # torch's path rounds activations to bf16
-        ('{"linear:int8": {"groupsize": 32}}', 2e-2),
+        # torch's path rounds activations to bf16; decode on the kernels (INT8_Q8) to 8 bits per
+        # 32 values, as llama.cpp's Q8_0 (2.5-3% of the largest logit here; 1.2-1.7% on fp32)
+        ('{"linear:int8": {"groupsize": 0}}', 4e-2),
+        ('{"linear:int8": {"groupsize": 32}}', 4e-2),
         # prefill's integer GEMMs: int4 on activations rounded to 8 bits per 32 values (as
         # llama.cpp's Q4_0 prefill) vs torch's bf16 activations; 8da4w's exact integer products
         # vs torch's bf16-rounded fake-quantized activations, where a small difference flips

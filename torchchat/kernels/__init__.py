@@ -38,6 +38,7 @@ GGML_GEMM = 32  # GGUF K-quant prefill in integers, tokens in lanes (AVX512-VNNI
 INT4_Q8_GEMM = 64  # int4 and GGUF prefill in integers on 8-bit activations (as Q4_0 x Q8_0)
 Q8_DECODE = 128  # int4 and 8da4w decode in integers too: the same activations and sums as prefill
 F32_GEMM = 256  # prefill's fp32 GEMMs (fp32 weights, widened bf16/fp16/int8/GGUF tiles) on our own
+INT8_Q8 = 512  # int8 decode in integers: x rounded to 8 bits per 32 values (as Q8_0 x Q8_0)
 FEW_8DA4W = 3  # up to this many rows the grouped 8da4w decode op (ops.cpp kFew8da4w)
 
 _enabled = True
@@ -156,7 +157,9 @@ def int8_linears(
 ) -> list[Tensor] | None:
     """x @ (w x s).T for each int8 weight w (all of one width) and its scales s (all fp32 or all
     bf16; per row for groupsize 0, else per group) in one call, or None. Results are
-    (..., rows of w) in x's dtype."""
+    (..., rows of w) in x's dtype. On a level with INT8_Q8, where the width and the group are
+    multiples of 32, x is first rounded to 8 bits per 32 values (as int4_gemm_q8 rounds it) and
+    each block's code products summed exactly, as llama.cpp's Q8_0 decode; else x stays fp32."""
     if groupsize and (groupsize < 16 or groupsize & (groupsize - 1)):
         return None  # the kernel takes per-row scales or power-of-two groups of 16 or more
     if not x.is_floating_point():

@@ -101,6 +101,7 @@ def describe_bits(bits: int, gguf_integer: int = 0) -> str:
     families += ["8da4w integer prefill"] * bool(bits & 4)
     families += ["bf16 prefill GEMMs" if bits & 8 else "prefill GEMMs widened to fp32"]
     families += ["own fp32 prefill GEMM"] * bool(bits & 256)
+    families += ["int8 integer decode"] * bool(bits & 512)
     families += ["GGUF blocks"] * bool(bits & 16)
     families += ["int4 integer prefill"] * bool(bits & 64)
     families += ["int4/8da4w integer decode"] * bool(bits & 128)

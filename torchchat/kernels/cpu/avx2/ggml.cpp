@@ -153,39 +153,18 @@ Acts prepare(const uint8_t* xq, int64_t xld, int64_t M, int64_t nb, void* buf) {
   return x;
 }
 
-// Folds of two vectors within 128-bit halves, by 32-bit units ([a0+a2 a1+a3 b0+b2 b1+b3] a half,
-// so 16-bit lanes of a, a, b, b, a, a, b, b) or 64-bit ones ([a0+a1 b0+b1]), the sums 16- or
-// 32-bit. (Horizontal adds fold the same way at several times the cost on Zen 4.)
-inline __m256i fold32(__m256i a, __m256i b, bool wide) {
-  return wide ? _mm256_add_epi32(_mm256_unpacklo_epi32(a, b), _mm256_unpackhi_epi32(a, b))
-              : _mm256_add_epi16(_mm256_unpacklo_epi32(a, b), _mm256_unpackhi_epi32(a, b));
-}
-inline __m256i fold64(__m256i a, __m256i b, bool wide) {
-  return wide ? _mm256_add_epi32(_mm256_unpacklo_epi64(a, b), _mm256_unpackhi_epi64(a, b))
-              : _mm256_add_epi16(_mm256_unpacklo_epi64(a, b), _mm256_unpackhi_epi64(a, b));
-}
-
 // A group of 8 blocks' integer sums, lane l block kLane[l] (paired types) or l (Q8_0), for
 // activation row r. Paired: each vpmaddubsw covers the same 16 values of two blocks (low half
 // one, high half the other), and the values 16-31 add in 16 bits; unpacks fold the 4 pairs to
 // one vector (within 128-bit halves, so the blocks stay apart). 16-bit lanes hold 16 products
-// of Q4's codes (15 * 127 * 16 < 2^15) or 8 of Q5's, which widen one fold earlier. Q8_0: the
-// sign trick (|w| times x with w's sign; |w| <= 128 and |x| <= 127: no pair saturates), each
-// block widened to 32 bits first, the halves added at the end.
+// of Q4's codes (15 * 127 * 16 < 2^15) or 8 of Q5's, which widen one fold earlier. Q8_0:
+// signed_sums8 (vec.h).
 template <class T>
 inline __m256i group_sums(const __m256i* w, const uint8_t* x) {
   const __m256i ones = _mm256_set1_epi16(1);
   auto load = [](const uint8_t* p) { return _mm256_loadu_si256((const __m256i*)p); };
   if constexpr (T::kSigned) {
-    __m256i p[8], f[4];
-    for (int i = 0; i < 8; ++i)
-      p[i] = _mm256_madd_epi16(
-          _mm256_maddubs_epi16(_mm256_abs_epi8(w[i]), _mm256_sign_epi8(load(x + 34 * i), w[i])),
-          ones);
-    for (int i = 0; i < 4; ++i) f[i] = fold32(p[2 * i], p[2 * i + 1], true);  // [2i 2i+1 ..]
-    const __m256i lo = fold64(f[0], f[1], true), hi = fold64(f[2], f[3], true);  // [0 1 2 3]
-    return _mm256_add_epi32(_mm256_permute2x128_si256(lo, hi, 0x20),
-                            _mm256_permute2x128_si256(lo, hi, 0x31));
+    return signed_sums8(w, reinterpret_cast<const int8_t*>(x), 34);
   } else {
     __m256i p[4];  // pair i: blocks 2i (low half) and 2i + 1 (high), 4 products a lane
     for (int i = 0; i < 4; ++i)

@@ -9,7 +9,8 @@ const Kernels* kernels() {
   static const Kernels table = [] {
     Kernels t{};
     t.name = "avx2";
-    t.features = kFewRows | kBf16 | kInt8Gemm | kInt4Q8Gemm | kQ8Decode | kGgml | kF32Gemm;
+    t.features = kFewRows | kBf16 | kInt8Gemm | kInt4Q8Gemm | kQ8Decode | kGgml | kF32Gemm |
+                 kInt8Q8;
     t.linear_f32 = linear_f32;
     t.linear_bf16 = linear_bf16;
     t.linear_f16 = linear_f16;
@@ -27,6 +28,7 @@ const Kernels* kernels() {
     t.gemm_int4_q8 = gemm_int4_q8;
     t.linear_int4_q8 = linear_int4_q8;
     t.linear_8da4w = linear_8da4w;
+    t.linear_int8_q8 = linear_int8_q8;
     // Prefill in integers where it beat fp32 GEMMs on dequantized tiles (64 tokens, TinyLlama
     // shapes, 2 threads, 2026-12-06): Q4_0, Q4_1 and Q4_K 1.3-1.4x, Q5_0 and Q5_1 1.05-1.2x; Q5_K
     // about even and Q6_K 0.8x (their 5- and 6-bit codes widen int16 sums 2-4x as often, and

@@ -78,6 +78,13 @@ Kernels make_table(bool bf16, bool vnni, const Kernels* fill) {
   // Without AVX512-BF16, int4 decode on bf16 activations is AVX2's widening kernel; AVX2's decode
   // in integers (prefill's activations and sums) ran stories110M int4 at 177-201 tok/s against
   // 134-178 (Ice Lake, 2 threads, alternated, 2026-12-07), so such a CPU decodes in integers too.
+  // int8 decode in integers: AVX2's kernel (exact block sums by VPMADDUBSW) on every AVX-512 CPU,
+  // so every level rounds int8's activations alike. On a Zen 4 (one thread, 2026-12-07) it read
+  // 21.5-28 GB/s from cache against 18-23.5 for this folder's int8 -> fp32 + FMA kernel.
+  if (fill != nullptr && (fill->features & kInt8Q8) && (t.features & kInt4Q8Gemm)) {
+    t.features |= kInt8Q8;
+    t.linear_int8_q8 = fill->linear_int8_q8;
+  }
   if (!bf16 && fill != nullptr && (fill->features & kQ8Decode) && (t.features & kInt4Q8Gemm)) {
     t.features |= kQ8Decode;
     t.linear_int4_q8 = fill->linear_int4_q8;

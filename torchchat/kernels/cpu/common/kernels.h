@@ -135,6 +135,10 @@ constexpr int64_t kQ8Decode = 128;
 // Prefill's fp32 GEMMs on torchchat's kernel (gemm_f32): fp32 weights as they are, bf16/fp16,
 // int8 and GGUF tiles widened to fp32 just before; without it they run on oneDNN or torch's GEMM.
 constexpr int64_t kF32Gemm = 256;
+// int8 decode in integers (linear_int8_q8): activations rounded to 8 bits per 32 values
+// (quantize_rows_q8) instead of kept in fp32, when the scales are per row or per group of a
+// multiple of 32 and K is a multiple of 32.
+constexpr int64_t kInt8Q8 = 512;
 
 // Per-thread buffers of gemm_8da4w and gemm_int4_q8, 64-byte aligned: wbuf K * 64 bytes, f M * 64
 // and sbuf (K / group) * 128 floats.
@@ -210,6 +214,13 @@ struct Kernels {
                          int64_t group, const Matrix& a, int64_t b0, int64_t b1);
   void (*linear_8da4w)(const uint8_t* u, const float* sa, const float* za, int64_t M, int64_t K,
                        int64_t group, const Matrix& a, int64_t b0, int64_t b1);
+  // int8 decode in integers (kInt8Q8): M <= kMaxRows rows of x quantized by quantize_rows_q8 (q,
+  // d: K / 32 a row), rows [n0, n1) of int8 matrix a with scales (fp32, or bf16 if bf16_scales)
+  // per row (group 0) or per group of a multiple of 32:
+  //   y = s_n sum_b d_b I_b (group 0),   y = sum_b (d_b s_n,g(b)) I_b,   I_b = sum_{k in b} q_k w_k
+  // each I_b exact, the fp32 sum over blocks in the level's order (as for linear_int8_f32s).
+  void (*linear_int8_q8)(const int8_t* q, const float* d, int64_t M, int64_t K, int64_t group,
+                         bool bf16_scales, const Matrix& a, int64_t n0, int64_t n1);
   // GGUF prefill in integers on the types of bits gemm_ggml_q8_types (1 << type; 0: none,
   // prefill dequantizes tiles): y = a.y (rows a.ldy apart) for 64-row blocks [b0, b1) of a (rows
   // a.ld bytes apart) against x's 8-bit codes q (M, K), per block b of ggml_q8_block(type)

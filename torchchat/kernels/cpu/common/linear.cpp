@@ -41,6 +41,24 @@ void row_groups(int64_t M, const Matrix& a, const F& f) {
   }
 }
 
+// x (M rows of Kx values, zeros up to K) quantized once by quantize_rows_q8, then f(q, d, e, rows,
+// am, u0, u1) for each thread's run [u0, u1) of units (`per` rows each) of each matrix and each
+// group of x's rows (row_groups), q, d and e from that group's first row.
+template <typename F>
+void on_q8_rows(const Kernels& kt, ParallelFor pf, const float* x, int64_t M, int64_t Kx,
+                int64_t K, const std::vector<Matrix>& mats, int64_t per, int64_t grain,
+                const F& f) {
+  std::vector<int8_t> q(M * K);
+  std::vector<float> d(M * K / 32), e(M * K / 32);
+  kt.quantize_rows_q8(x, Kx, K, q.data(), d.data(), e.data(), 0, M);
+  const int64_t nb = K / 32;
+  for_units(pf, mats, per, grain, [&](const Matrix& a, int64_t u0, int64_t u1) {
+    row_groups(M, a, [&](int64_t m0, int64_t rows, const Matrix& am) {
+      f(q.data() + m0 * K, d.data() + m0 * nb, e.data() + m0 * nb, rows, am, u0, u1);
+    });
+  });
+}
+
 }  // namespace
 
 void linear_float(const Kernels& kt, ParallelFor pf, DType dt, const void* x, int64_t M,
@@ -65,6 +83,14 @@ void linear_float(const Kernels& kt, ParallelFor pf, DType dt, const void* x, in
 
 void linear_int8(const Kernels& kt, ParallelFor pf, bool bf16_scales, const float* x, int64_t M,
                  int64_t K, int64_t group, const std::vector<Matrix>& mats) {
+  if ((kt.features & kInt8Q8) && K % 32 == 0 && group % 32 == 0) {  // x to 8 bits per 32 values
+    on_q8_rows(kt, pf, x, M, K, K, mats, 1, 16,
+               [&](const int8_t* q, const float* d, const float*, int64_t rows, const Matrix& am,
+                   int64_t n0, int64_t n1) {
+                 kt.linear_int8_q8(q, d, rows, K, group, bf16_scales, am, n0, n1);
+               });
+    return;
+  }
   const auto kernel = bf16_scales ? kt.linear_int8_bf16s : kt.linear_int8_f32s;
   for_units(pf, mats, 1, 16, [&](const Matrix& a, int64_t n0, int64_t n1) {
     row_groups(M, a, [&](int64_t m0, int64_t rows, const Matrix& am) {
@@ -105,16 +131,11 @@ void linear_int4_q8(const Kernels& kt, ParallelFor pf, bool dynamic, const float
     });
     return;
   }
-  std::vector<int8_t> q(M * K);
-  std::vector<float> d(M * K / 32), e(M * K / 32);
-  kt.quantize_rows_q8(x, Kx, K, q.data(), d.data(), e.data(), 0, M);
-  const int64_t nb = K / 32;
-  for_units(pf, mats, 64, 1, [&](const Matrix& a, int64_t b0, int64_t b1) {
-    row_groups(M, a, [&](int64_t m0, int64_t rows, const Matrix& am) {
-      kt.linear_int4_q8(q.data() + m0 * K, d.data() + m0 * nb, e.data() + m0 * nb, rows, K,
-                        group, am, b0, b1);
-    });
-  });
+  on_q8_rows(kt, pf, x, M, Kx, K, mats, 64, 1,
+             [&](const int8_t* q, const float* d, const float* e, int64_t rows, const Matrix& am,
+                 int64_t b0, int64_t b1) {
+               kt.linear_int4_q8(q, d, e, rows, K, group, am, b0, b1);
+             });
 }
 
 void linear_ggml(const Kernels& kt, ParallelFor pf, const float* x, int64_t M, int64_t K,

@@ -8,6 +8,7 @@
 
 #include "ggml.h"
 #include "kernels.h"
+#include "rows.h"
 
 namespace torchchat::cpu {
 namespace {
@@ -40,6 +41,23 @@ void int8_rows(const float* x, int64_t M, int64_t K, int64_t group, const Matrix
       }
       a.y[m * a.ldy + n] = group ? t : t * (float)s[n];
     }
+}
+
+// int8 weights against quantize_rows_q8's codes: each block's code products summed exactly, then
+// in fp32 times d (and the group's scale), blocks in order; group 0 scaled once at the end.
+void linear_int8_q8(const int8_t* q, const float* d, int64_t M, int64_t K, int64_t group,
+                    bool bf16_scales, const Matrix& a, int64_t n0, int64_t n1) {
+  auto dot = [](const int8_t* w, const auto* s, int64_t per, const int8_t* x, const float* dx,
+                int64_t nb) {
+    float t = 0.0f;
+    for (int64_t b = 0; b < nb; ++b) {
+      int32_t sum = 0;
+      for (int64_t k = 32 * b; k < 32 * b + 32; ++k) sum += (int32_t)w[k] * x[k];
+      t += (per ? dx[b] * (float)s[b / per] : dx[b]) * (float)sum;
+    }
+    return per ? t : t * (float)s[0];
+  };
+  int8_q8_rows(q, d, M, K, group, bf16_scales, a, n0, n1, dot);
 }
 
 // Code (0..15) of row n0 + r at k in torch's CPU int4 pack layout: 64-row blocks k-major, 32
@@ -308,6 +326,7 @@ const Kernels& scalar_kernels() {
     t.gemm_int4_q8 = gemm_int4_q8;
     t.linear_int4_q8 = linear_int4_q8;  // kQ8Decode's too: the reference, not the bit
     t.linear_8da4w = linear_8da4w;
+    t.linear_int8_q8 = linear_int8_q8;  // kInt8Q8's too: the reference, not the bit
     t.gemm_ggml_q8_types = kGgmlQ8Every;
     t.gemm_ggml_q8 = gemm_ggml_q8;
     t.linear_ggml = ggml_linear_ref;  // ggml_ref.cpp

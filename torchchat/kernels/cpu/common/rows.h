@@ -66,5 +66,26 @@ inline void few_rows(const T* x, int64_t M, int64_t K, const Matrix& a, int64_t 
   }
 }
 
+// linear_int8_q8's loops (kernels.h) around a level's dot product of one weight row with one
+// activation row, dot(w, s, per, x, d, nb): w's nb blocks of 32 codes, its scales s as stored
+// (fp32, or bf16 when bf16_scales: one, or one a group of `per` blocks when per > 0), x's codes
+// and block scales d. Output row by output row, so the weight row stays in L1 for the other
+// activation rows.
+template <typename Dot>
+inline void int8_q8_rows(const int8_t* q, const float* d, int64_t M, int64_t K, int64_t group,
+                         bool bf16_scales, const Matrix& a, int64_t n0, int64_t n1, Dot dot) {
+  const int64_t nb = K / 32, G = group ? K / group : 1, per = group / 32;
+  const int8_t* w = static_cast<const int8_t*>(a.w);
+  auto run = [&](auto* s) {
+    for (int64_t n = n0; n < n1; ++n)
+      for (int64_t m = 0; m < M; ++m)
+        a.y[m * a.ldy + n] = dot(w + n * a.ld, s + n * G, per, q + m * K, d + m * nb, nb);
+  };
+  if (bf16_scales)
+    run(static_cast<const bf16_t*>(a.s));
+  else
+    run(static_cast<const float*>(a.s));
+}
+
 }  // namespace
 }  // namespace torchchat::cpu

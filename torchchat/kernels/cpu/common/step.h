@@ -13,7 +13,8 @@ enum class DType { f32, bf16, f16 };
 // x: M <= kMaxRows rows of K values of dtype dt.
 void linear_float(const Kernels& kt, ParallelFor pf, DType dt, const void* x, int64_t M,
                   int64_t K, const std::vector<Matrix>& mats);
-// int8 weights; x fp32 (M, K) zero-padded, K a multiple of 16; scales fp32 or bf16.
+// int8 weights; x fp32 (M, K) zero-padded, K a multiple of 16; scales fp32 or bf16. On a level
+// with kInt8Q8, x rounded to 8 bits per 32 values (quantize_rows_q8) where K and group allow.
 void linear_int8(const Kernels& kt, ParallelFor pf, bool bf16_scales, const float* x, int64_t M,
                  int64_t K, int64_t group, const std::vector<Matrix>& mats);
 // int4 weights in torch's CPU pack layout; x bf16 (M, K), K a multiple of group.

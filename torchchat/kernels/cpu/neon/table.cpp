@@ -11,7 +11,8 @@ namespace {
 Kernels make_table(bool i8mm, bool bf16) {
   Kernels t{};
   t.name = "neon";
-  t.features = kFewRows | kBf16 | kInt8Gemm | kInt4Q8Gemm | kGgml | (bf16 ? kBf16Gemm : 0);
+  t.features = kFewRows | kBf16 | kInt8Gemm | kInt4Q8Gemm | kGgml | kInt8Q8 |
+               (bf16 ? kBf16Gemm : 0);
   t.linear_f32 = linear_f32;
   t.linear_bf16 = bf16 ? linear_bf16_dp : linear_bf16;
   t.linear_f16 = linear_f16;
@@ -27,6 +28,7 @@ Kernels make_table(bool i8mm, bool bf16) {
   t.gemm_8da4w = i8mm ? gemm_8da4w_mmla : gemm_8da4w;
   t.quantize_rows_q8 = quantize_rows_q8;
   t.gemm_int4_q8 = gemm_int4_q8;
+  t.linear_int8_q8 = linear_int8_q8;
   // GGUF prefill in integers: the types whose codes are non-negative int8 in blocks of 32
   t.gemm_ggml_q8_types =
       1 << kGgmlQ4_0 | 1 << kGgmlQ4_1 | 1 << kGgmlQ5_0 | 1 << kGgmlQ5_1 | 1 << kGgmlQ4_K;

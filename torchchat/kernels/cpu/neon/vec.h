@@ -128,6 +128,8 @@ void gemm_8da4w(const uint8_t* u, int64_t M, int64_t K, const float* sa, const f
                 int64_t b0, int64_t b1, const Buffers8da4w& buf);
 void quantize_rows_q8(const float* x, int64_t Kx, int64_t K, int8_t* q, float* d, float* e,
                       int64_t m0, int64_t m1);
+void linear_int8_q8(const int8_t* q, const float* d, int64_t M, int64_t K, int64_t group,
+                    bool bf16_scales, const Matrix& a, int64_t n0, int64_t n1);
 void gemm_ggml_q8(const int8_t* q, const float* d, const float* e, int64_t M, int64_t K,
                   const Matrix& a, int64_t b0, int64_t b1, const Buffers8da4w& buf);
 void gemm_int4_q8(const int8_t* q, const float* d, const float* e, int64_t M, int64_t K,

@@ -26,6 +26,8 @@
 //                                     the reference within 1e-5 of that of the exact float64 sum
 //                                     (plus Q4_1/Q5_1's fp16 s term: ggml_ref.cpp)
 //   gemm_f32                          bit-exact (one FMA chain an output, k ascending)
+//   linear_int8_q8                    |got - ref| <= 1e-5 * sum_b |d_b s| sum_{k in b} |w_k q_k|
+//                                     (exact block sums, fp32 sums over blocks reordered)
 //   gemm_ggml (through the common      |got - ref| <= 2e-5 * sum_k |w_k x_k|, ref the reference's
 //   driver: x quantized there)         linear_ggml on the same Q8_K rows; nothing past the rows
 #include <atomic>
@@ -156,6 +158,56 @@ void check_int8(Tally& t, const char* name, Fn kernel, Fn reference) {
         for (int64_t k = 0; k < K; ++k)
           mag += std::fabs(w[n * K + k] * (float)s[n * G + (group ? k / group : 0)] * x[m * K + k]);
         t.check(y[m * N + n], yr[m * N + n], 1e-5f * mag + 1e-30f, shape({M, K, N, group, m, n}));
+      }
+  }
+}
+
+// int8 decode in integers: x quantized by the reference's quantize_rows_q8 (edge blocks: zeros,
+// a full-scale code, an inf), every code -128..127 in the weights.
+template <typename S>
+void check_int8_q8(Tally& t, const Kernels& kt, const Kernels& ref, bool bf16_scales) {
+  t.kernel = bf16_scales ? "linear_int8_q8 (bf16 scales)" : "linear_int8_q8";
+  for (int trial = 0; trial < 40; ++trial) {
+    const int64_t M = 1 + rng() % kMaxRows, K = pick({32, 96, 256, 288, 768}),
+                  group = pick({0, 32, 64, 128, 256}), N = pick({1, 7, 40}), nb = K / 32;
+    if (group && K % group) continue;
+    const int64_t G = group ? K / group : 1;
+    auto x = values(M * K, 3.0f);
+    if (M > 2) {
+      for (int64_t k = 0; k < 32; ++k) x[k] = 0.0f;
+      x[K] = 127.0f;
+      x[2 * K + K - 1] = INFINITY;
+    }
+    std::vector<int8_t> q(M * K), w(N * K);
+    std::vector<float> d(M * nb), e(M * nb);
+    ref.quantize_rows_q8(x.data(), K, K, q.data(), d.data(), e.data(), 0, M);
+    for (auto& v : w) v = (int8_t)(int)(rng() % 256 - 128);
+    const auto s = as<S>(values(N * G, 0.05f));
+    std::vector<float> y(M * N, -7.0f), yr(M * N);
+    Matrix a{w.data(), K, s.data(), N, y.data(), N}, ar = a;
+    ar.y = yr.data();
+    const int64_t n0 = N > 1 ? 1 : 0;  // a range that does not start at row 0
+    kt.linear_int8_q8(q.data(), d.data(), M, K, group, bf16_scales, a, n0, N);
+    ref.linear_int8_q8(q.data(), d.data(), M, K, group, bf16_scales, ar, n0, N);
+    ++t.cases;
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) {
+        const std::string where = shape({M, K, N, group, m, n});
+        if (n < n0) {
+          t.check(y[m * N + n], -7.0f, 0.0f, where + " outside the range");
+          continue;
+        }
+        float mag = 0.0f;  // sum_b |d_b s I_b| with |I_b| bounded by the sum of |products|
+        for (int64_t b = 0; b < nb; ++b) {
+          float blk = 0.0f;
+          for (int64_t k = 32 * b; k < 32 * b + 32; ++k)
+            blk += std::fabs((float)w[n * K + k] * (float)q[m * K + k]);
+          const float sc = (float)s[n * G + (group ? 32 * b / group : 0)];
+          mag += std::fabs(d[m * nb + b] * sc) * blk;
+        }
+        const float a = y[m * N + n], b = yr[m * N + n];
+        t.check(std::isnan(b) ? (float)!std::isnan(a) : a, std::isnan(b) ? 0.0f : b,
+                1e-5f * mag + 1e-30f, where);
       }
   }
 }
@@ -677,6 +729,11 @@ Tally run(const Kernels& kt, const Kernels& ref) {
   if (kt.features & kGgml) check_ggml(t, kt, ref);
   if (kt.features & kGgmlGemm) check_ggml_gemm(t, kt, ref);
   if (kt.features & kF32Gemm) check_gemm_f32(t, kt, ref);
+  if (kt.features & kInt8Q8) {
+    t.start("linear_int8_q8");
+    check_int8_q8<float>(t, kt, ref, false);
+    check_int8_q8<bf16_t>(t, kt, ref, true);
+  }
   return t;
 }
 
