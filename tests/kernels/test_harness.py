@@ -49,8 +49,9 @@ def test_every_level_matches_the_scalar_reference(sanitize, tmp_path):
     8-bit activations: quantize_rows_q8, gemm_int4_q8, gemm_ggml_q8), +1 where the table has the
     integer K-quant prefill GEMM (VNNI), +2 for int4 and 8da4w decode in integers (linear_int4_q8,
     linear_8da4w: AVX2, and the AVX-512 tables without BF16), +1 for prefill's own fp32 GEMM
-    (gemm_f32: AVX2), +1 for int8 decode in integers (linear_int8_q8: AVX2's on every x86 level);
-    the scalar level's reference runs those only as the others' reference. 0 failures."""
+    (gemm_f32: AVX2), +1 for int8 decode in integers (linear_int8_q8: AVX2's on every x86 level),
+    +1 for int8 prefill in integers (gemm_int8_q8: the AVX-512 VNNI tables); the scalar level's
+    reference runs those only as the others' reference. 0 failures."""
     binary = load_build_script().build(tmp_path / "harness", sanitize=sanitize)
     run = subprocess.run([str(binary)], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
@@ -60,7 +61,13 @@ def test_every_level_matches_the_scalar_reference(sanitize, tmp_path):
     avx512 = kernels.isa() == "avx512"
     vnni = avx512 and kernels.simd_level() & kernels.GGML_GEMM
     q8 = 2 if avx512 and not kernels.simd_level() & kernels.BF16_GEMM else 0
-    want = {"avx512": str(19 + q8 + bool(vnni)), "avx512_base": "21", "avx2": "22", "scalar": "15"}
+    int8_gemm = avx512 and kernels.simd_level() & kernels.INT8_Q8_GEMM
+    want = {
+        "avx512": str(19 + q8 + bool(vnni) + bool(int8_gemm)),
+        "avx512_base": "21",
+        "avx2": "22",
+        "scalar": "15",
+    }
     assert counts == {lv: want[lv] for lv in counts}, run.stdout
     expected = {lv for lv in kernels.available_isas() if lv != "off"}
     if "avx512" in expected and "avx2" in expected:

@@ -288,6 +288,86 @@ def test_int4_q8_gemm_is_the_integer_product(m, k, n, group):
     assert y[1].isnan().all() and y[torch.arange(m) != 1].isfinite().all()
 
 
+@pytest.mark.parametrize(
+    "m,k,n,group,sdt",
+    [
+        (9, 256, 128, 0, torch.float32),
+        (13, 96, 80, 32, torch.bfloat16),
+        (70, 2048, 640, 0, torch.bfloat16),
+        (33, 512, 200, 128, torch.float32),
+    ],
+)
+@pytest.mark.usefixtures("isa")
+def test_int8_q8_gemm_is_the_integer_product(m, k, n, group, sdt):
+    """int8 prefill in integers on a level that has it (else None: the bf16/fp32 GEMMs): x
+    rounded to 8 bits per 32 values as int8 decode rounds it, each block's code products summed
+    exactly, scaled in fp32. Against float64 on the same rounded activations and the
+    dequantized weights: within fp32 summation (2^-24 per block of the sum of |terms|, the
+    +128 code offset's terms included), where one code off would move a block's term by d |s|.
+    K = 96 of x's 80 columns: zeros past them; 80 and 200 rows: short blocks. A row holding an
+    inf comes out NaN without touching the others."""
+    torch.manual_seed(m + k + group)
+    w = Int8Linear.from_float(torch.nn.Linear(k, n, bias=False), group)
+    scales = w.scales.to(sdt)
+    x = torch.randn(m, k) * torch.rand(m, 1) * 4
+    x[0, :32] = 0.0  # an all-zero block: d = 0
+    xs = x[:, :80] if k == 96 else x
+    y = kernels.int8_gemm_q8(xs, w.weight, scales, group)
+    if not kernels.simd_level() & kernels.INT8_Q8_GEMM:
+        assert y is None
+        return
+    assert y.dtype == torch.float32 and y.shape == (m, n)
+    wd = w.weight.double().reshape(n, -1, group or k) * scales.double().reshape(n, -1, 1)
+    wd = wd.reshape(n, k)
+    xh = q8_activations(xs, k)
+    offset = (
+        128 * xh.abs() @ scales.double().abs().repeat_interleave(group or k, -1).reshape(n, k).T
+    )
+    bound = (xh.abs() @ wd.abs().T + offset) * (k // 32 + 2) * 2.0**-24
+    assert ((y.double() - xh @ wd.T).abs() <= bound).all()
+    moved = w.weight.clone()  # one code a row one step toward 0: y moves by -+ x_0 s_0
+    step = torch.where(moved[:, 0] > 0, -1, 1).to(torch.int8)
+    moved[:, 0] += step
+    y1 = kernels.int8_gemm_q8(xs, moved, scales, group)
+    change = xh[:, :1] * (step.double() * scales.double().reshape(n, -1)[:, 0])
+    assert ((y1.double() - y.double() - change).abs() <= 2 * bound).all()
+    assert (change.abs() > 2 * bound).any()
+    x[1, 5] = float("inf")
+    y = kernels.int8_gemm_q8(x, w.weight, scales, group)
+    assert y[1].isnan().all() and y[torch.arange(m) != 1].isfinite().all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.usefixtures("isa")
+def test_prefill_norm_and_rope_ops_compute_as_the_modules(dtype):
+    """RMSNorm and RoPE of eager prefill in one op each, the modules' arithmetic: RoPE to the
+    bit (the same fp32 products, rounded once to the dtype), as is RMSNorm's normalizing but for
+    its sum of squares, added in another order (fp32: within 2e-6; bf16 / fp16: where the
+    normalized value lands near a rounding boundary, one ulp, times the weight and rounded
+    again: two ulps of the dtype at most). Per-row freqs (a paged step's) too;
+    off when the kernels are (the modules' own math then)."""
+    from torchchat.model.transformer import RMSNorm, apply_rope
+
+    torch.manual_seed(5)
+    norm = RMSNorm(200, 1e-5).to(dtype)
+    norm.weight.data = torch.randn(200).to(dtype)
+    x = (torch.randn(2, 37, 200) * 3).to(dtype)
+    q = torch.randn(2, 37, 6, 16).to(dtype)
+    freqs, per_row = torch.randn(37, 8, 2), torch.randn(2, 37, 8, 2)
+    y = kernels.rms_norm(x, norm.weight, 1e-5)
+    if kernels.isa() == "off":
+        assert y is None and kernels.rope(q, freqs) is None
+        return
+    assert y.dtype == dtype and y.shape == x.shape
+    bound = {torch.float32: 2e-6, torch.bfloat16: 2.0**-6, torch.float16: 2.0**-9}[dtype]
+    with torch.no_grad():
+        ref = norm(x).float()
+    assert ((y.float() - ref).abs() <= bound * ref.abs() + 1e-30).all()
+    assert torch.equal(kernels.rope(q, freqs), apply_rope(q, freqs))
+    assert torch.equal(kernels.rope(q, per_row), apply_rope(q, per_row))
+    assert not torch.equal(kernels.rope(q, per_row), kernels.rope(q, freqs))
+
+
 needs_vnni = pytest.mark.skipif(
     not kernels.simd_level() & kernels.INT8_GEMM, reason="these kernels have no 8da4w integer GEMM"
 )

@@ -39,6 +39,7 @@ INT4_Q8_GEMM = 64  # int4 and GGUF prefill in integers on 8-bit activations (as 
 Q8_DECODE = 128  # int4 and 8da4w decode in integers too: the same activations and sums as prefill
 F32_GEMM = 256  # prefill's fp32 GEMMs (fp32 weights, widened bf16/fp16/int8/GGUF tiles) on our own
 INT8_Q8 = 512  # int8 decode in integers: x rounded to 8 bits per 32 values (as Q8_0 x Q8_0)
+INT8_Q8_GEMM = 1024  # int8 prefill in integers on the same 8-bit activations
 FEW_8DA4W = 3  # up to this many rows the grouped 8da4w decode op (ops.cpp kFew8da4w)
 
 _enabled = True
@@ -411,6 +412,40 @@ def int4_gemm_q8(
         x.reshape(-1, x.shape[-1]), packed, scales_and_zeros, groupsize
     )
     return y.reshape(*x.shape[:-1], packed.shape[0])
+
+
+def int8_gemm_q8(x: Tensor, weight: Tensor, scales: Tensor, groupsize: int) -> Tensor | None:
+    """int8 x @ (W x scales).T for many rows (prefill) in integers, or None: x rounded to 8 bits
+    per 32 values as int8 decode rounds it (int8_linear), each block's code products summed
+    exactly and scaled in fp32 (cpu/common/kernels.h gives the sum). The result is (..., rows of
+    W) in x's dtype."""
+    if weight.dtype != torch.int8 or weight.dim() != 2 or not weight.is_contiguous():
+        return None
+    if scales.dtype not in (torch.float32, torch.bfloat16) or groupsize % 32:
+        return None
+    if weight.shape[1] % 32 or not prefill_ok(x) or not simd_level() & INT8_Q8_GEMM:
+        return None
+    y = torch.ops.torchchat.gemm_int8_q8(
+        x.reshape(-1, x.shape[-1]), weight, scales.contiguous(), groupsize
+    )
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor | None:
+    """The model's RMSNorm of x's rows in one op (the decode step's arithmetic: fp32 mean of
+    squares, the normalized value rounded to x's dtype, times the weight, rounded), or None."""
+    if not prefill_ok(x) or weight.dtype != x.dtype or not x.is_floating_point():
+        return None
+    return torch.ops.torchchat.rms_norm(x, weight, eps)
+
+
+def rope(x: Tensor, freqs: Tensor) -> Tensor | None:
+    """x (B, S, heads, head_dim) rotated as model.transformer.apply_rope in one op, or None."""
+    if not prefill_ok(x) or freqs.dtype != torch.float32 or x.dim() != 4:
+        return None
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16) or freqs.dim() not in (3, 4):
+        return None
+    return torch.ops.torchchat.rope(x, freqs)
 
 
 def q8_decode(groupsize: int) -> bool:

@@ -102,6 +102,7 @@ def describe_bits(bits: int, gguf_integer: int = 0) -> str:
     families += ["bf16 prefill GEMMs" if bits & 8 else "prefill GEMMs widened to fp32"]
     families += ["own fp32 prefill GEMM"] * bool(bits & 256)
     families += ["int8 integer decode"] * bool(bits & 512)
+    families += ["int8 integer prefill"] * bool(bits & 1024)
     families += ["GGUF blocks"] * bool(bits & 16)
     families += ["int4 integer prefill"] * bool(bits & 64)
     families += ["int4/8da4w integer decode"] * bool(bits & 128)
@@ -168,6 +169,18 @@ def _register_fakes() -> None:
     @torch.library.register_fake("torchchat::gemm_int4_q8")
     def _(x, w, scales_and_zeros, group):
         return x.new_empty(x.shape[0], w.shape[0])
+
+    @torch.library.register_fake("torchchat::gemm_int8_q8")
+    def _(x, w, scales, group):
+        return x.new_empty(x.shape[0], w.shape[0])
+
+    @torch.library.register_fake("torchchat::rms_norm")
+    def _(x, w, eps):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("torchchat::rope")
+    def _(x, freqs):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("torchchat::attention")
     def _(q, k, v, mask, scale):

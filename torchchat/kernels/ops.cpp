@@ -11,6 +11,7 @@
 #include <tuple>
 
 #include "cpu/common/ggml.h"
+#include "cpu/common/layer_math.h"
 #include "ops.h"
 
 namespace {
@@ -324,6 +325,24 @@ at::Tensor gemm_8da4w_cpu(const at::Tensor& x, const at::Tensor& w, const at::Te
   return y.to(x.scalar_type());
 }
 
+// x (M, Kx <= K) of any float dtype rounded to 8 bits per 32 values (quantize_rows_q8): codes q
+// (M, K), zeros past Kx, and per block d and e (M, K / 32).
+struct Q8Rows {
+  std::vector<int8_t> q;
+  std::vector<float> d, e;
+};
+
+Q8Rows quantize_q8(const cpu::Kernels& kt, const at::Tensor& x, int64_t K) {
+  const int64_t M = x.size(0), Kx = x.size(1), nb = K / 32;
+  const auto xf = x.to(at::kFloat).contiguous();
+  Q8Rows r{std::vector<int8_t>(M * K), std::vector<float>(M * nb), std::vector<float>(M * nb)};
+  const float* xp = xf.data_ptr<float>();
+  at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+    kt.quantize_rows_q8(xp, Kx, K, r.q.data(), r.d.data(), r.e.data(), m0, m1);
+  });
+  return r;
+}
+
 // int4 prefill (and decode where the level has kQ8Decode) in integers: x (M, Kx <= K) of any
 // float dtype quantized here to 8 bits per 32 values (quantize_rows_q8), int4 weights in torch's
 // CPU pack layout with (scale, zero) pairs. Returns (M, N) in x's dtype.
@@ -333,15 +352,11 @@ at::Tensor gemm_int4_q8_cpu(const at::Tensor& x, const at::Tensor& w, const at::
   const int64_t K = check_int4("torchchat::gemm_int4_q8", w, sz, group, 32), N = w.size(0);
   TORCH_CHECK(x.dim() == 2 && x.size(1) <= K && at::isFloatingType(x.scalar_type()),
               "torchchat::gemm_int4_q8: x must be float (M, <= ", K, "), got ", x.sizes());
-  const int64_t M = x.size(0), Kx = x.size(1), nb = K / 32;
-  const auto xf = x.to(at::kFloat).contiguous();
+  const int64_t M = x.size(0);
+  const Q8Rows x8 = quantize_q8(kt, x, K);
+  const auto& q = x8.q;
+  const auto &d = x8.d, &e = x8.e;
   auto y = at::empty({M, N}, x.options().dtype(at::kFloat));
-  std::vector<int8_t> q(M * K);
-  std::vector<float> d(M * nb), e(M * nb);
-  const float* xp = xf.data_ptr<float>();
-  at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
-    kt.quantize_rows_q8(xp, Kx, K, q.data(), d.data(), e.data(), m0, m1);
-  });
   float* yp = y.data_ptr<float>();
   if (M <= cpu::kMaxRows && (kt.features & cpu::kQ8Decode)) {  // decode: the same sums
     const cpu::Matrix a = int4_matrix(w, sz, yp);
@@ -355,6 +370,109 @@ at::Tensor gemm_int4_q8_cpu(const at::Tensor& x, const at::Tensor& w, const at::
                     group, yp, b0, b1, buf);
   });
   return y.to(x.scalar_type());
+}
+
+// int8 prefill in integers: x (M, Kx <= K) of any float dtype quantized here to 8 bits per 32
+// values (quantize_rows_q8, as int8 decode does), int8 weights w (N, K) with fp32 or bf16 scales
+// (N) or (N, K / group), group 0 or a multiple of 32. Returns (M, N) in x's dtype.
+at::Tensor gemm_int8_q8_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s,
+                            int64_t group) {
+  const char* op = "torchchat::gemm_int8_q8";
+  const auto& kt = kernels(op, cpu::kInt8Q8Gemm);
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.scalar_type() == at::kChar,
+              op, ": w must be contiguous int8 (N, K)");
+  const int64_t N = w.size(0), K = w.size(1);
+  TORCH_CHECK(K % 32 == 0 && (group == 0 || (group % 32 == 0 && K % group == 0)), op, ": K ", K,
+              " must be a multiple of 32 and group ", group, " 0 or a multiple of 32 dividing it");
+  const int64_t G = group ? K / group : 1;
+  TORCH_CHECK((s.scalar_type() == at::kFloat || s.scalar_type() == at::kBFloat16) &&
+                  s.is_contiguous() && s.numel() == N * G,
+              op, ": scales must be contiguous fp32 or bf16 with ", N * G, " values");
+  TORCH_CHECK(x.dim() == 2 && x.size(1) <= K && at::isFloatingType(x.scalar_type()),
+              op, ": x must be float (M, <= ", K, "), got ", x.sizes());
+  const int64_t M = x.size(0);
+  const Q8Rows x8 = quantize_q8(kt, x, K);
+  auto y = at::empty({M, N}, x.options().dtype(at::kFloat));
+  cpu::Matrix a{};
+  a.w = w.data_ptr<int8_t>();
+  a.ld = K;
+  a.s = s.const_data_ptr();
+  a.N = N;
+  a.y = y.data_ptr<float>();
+  a.ldy = N;
+  const bool bf16_scales = s.scalar_type() == at::kBFloat16;
+  int4_row_blocks(N, K, M, G * 128, [&](int64_t b0, int64_t b1, const auto& buf) {
+    kt.gemm_int8_q8(x8.q.data(), x8.d.data(), x8.e.data(), M, K, group, bf16_scales, a, b0, b1,
+                    buf);
+  });
+  return y.to(x.scalar_type());
+}
+
+// f(T{}) with T the storage type of float dtype st.
+template <typename F>
+void with_dtype(at::ScalarType st, const F& f) {
+  switch (dtype_of(st)) {
+    case cpu::DType::f32: return f(float{});
+    case cpu::DType::bf16: return f(bf16_t{});
+    case cpu::DType::f16: return f(cpu::fp16_t{});
+  }
+}
+
+// The model's RMSNorm (torchchat/model/transformer.py) of every row of x (..., D), weight w (D)
+// of x's dtype, in the decode step's arithmetic (cpu/common/layer_math.h): one op for the eight
+// aten ops of the module (~0.1-0.3 ms each time on 64 tokens of stories110M).
+at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& w, double eps) {
+  TORCH_CHECK(x.dim() >= 1 && w.dim() == 1 && w.size(0) == x.size(-1) &&
+                  w.scalar_type() == x.scalar_type(),
+              "torchchat::rms_norm: w must be (", x.size(-1), ") of x's dtype");
+  const auto xc = x.contiguous(), wc = w.contiguous();
+  auto y = at::empty_like(xc);
+  const int64_t D = x.size(-1), rows = D ? xc.numel() / D : 0;
+  with_dtype(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* xp = ptr<T>(xc);
+    const T* wp = ptr<T>(wc);
+    T* yp = reinterpret_cast<T*>(y.data_ptr());
+    at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+      std::vector<float> row(D), out(D);
+      for (int64_t r = r0; r < r1; ++r) {
+        for (int64_t d = 0; d < D; ++d) row[d] = (float)xp[r * D + d];
+        cpu::rms_norm_row<T>(row.data(), wp, D, (float)eps, out.data());
+        for (int64_t d = 0; d < D; ++d) yp[r * D + d] = T(out[d]);
+      }
+    });
+  });
+  return y;
+}
+
+// x (B, S, H, D) rotated as the model's apply_rope: interleaved pairs by freqs (S, D/2, 2), or
+// one table a row (B, S, D/2, 2), fp32; the result in x's dtype (one op for ~12 aten ops).
+at::Tensor rope_cpu(const at::Tensor& x, const at::Tensor& freqs) {
+  TORCH_CHECK(x.dim() == 4 && x.size(3) % 2 == 0, "torchchat::rope: x must be (B, S, H, D)");
+  const int64_t B = x.size(0), S = x.size(1), H = x.size(2), D = x.size(3);
+  const bool per_row = freqs.dim() == 4;
+  TORCH_CHECK(freqs.scalar_type() == at::kFloat &&
+                  (per_row ? freqs.sizes() == at::IntArrayRef{B, S, D / 2, 2}
+                           : freqs.sizes() == at::IntArrayRef{S, D / 2, 2}),
+              "torchchat::rope: freqs must be fp32 (S, D/2, 2) or (B, S, D/2, 2), got ",
+              freqs.sizes());
+  const auto xc = x.contiguous(), fc = freqs.contiguous();
+  auto y = at::empty_like(xc);
+  const float* fp = fc.data_ptr<float>();
+  with_dtype(x.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* xp = ptr<T>(xc);
+    T* yp = reinterpret_cast<T*>(y.data_ptr());
+    at::parallel_for(0, B * S, 16, [&](int64_t r0, int64_t r1) {
+      std::vector<float> row(H * D);
+      for (int64_t r = r0; r < r1; ++r) {
+        for (int64_t i = 0; i < H * D; ++i) row[i] = (float)xp[r * H * D + i];
+        cpu::rope_row<T>(row.data(), H, D, fp + (per_row ? r : r % S) * D);
+        for (int64_t i = 0; i < H * D; ++i) yp[r * H * D + i] = T(row[i]);
+      }
+    });
+  });
+  return y;
 }
 
 // Rows of query q[b, h, s] against its sequence's keys and values: kv(b, j) gives the k and v
@@ -698,6 +816,9 @@ TORCH_LIBRARY(torchchat, m) {
   m.def("gemm_f32(Tensor x, Tensor w) -> Tensor");
   m.def("gemm_8da4w(Tensor x, Tensor w, Tensor scales_and_zeros, int group) -> Tensor");
   m.def("gemm_int4_q8(Tensor x, Tensor w, Tensor scales_and_zeros, int group) -> Tensor");
+  m.def("gemm_int8_q8(Tensor x, Tensor w, Tensor scales, int group) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
+  m.def("rope(Tensor x, Tensor freqs) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(torchchat, CPU, m) {
@@ -715,4 +836,7 @@ TORCH_LIBRARY_IMPL(torchchat, CPU, m) {
   m.impl("gemm_f32", &gemm_f32_cpu);
   m.impl("gemm_8da4w", &gemm_8da4w_cpu);
   m.impl("gemm_int4_q8", &gemm_int4_q8_cpu);
+  m.impl("gemm_int8_q8", &gemm_int8_q8_cpu);
+  m.impl("rms_norm", &rms_norm_cpu);
+  m.impl("rope", &rope_cpu);
 }

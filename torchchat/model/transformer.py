@@ -266,8 +266,8 @@ class Attention(nn.Module):
     ) -> Tensor:
         b, s, _ = x.shape
         q, k, v = self.project(x)
-        q = apply_rope(q.view(b, s, self.n_heads, self.head_dim), freqs)
-        k = apply_rope(k.view(b, s, self.n_kv_heads, self.head_dim), freqs)
+        q = self.rope(q.view(b, s, self.n_heads, self.head_dim), freqs)
+        k = self.rope(k.view(b, s, self.n_kv_heads, self.head_dim), freqs)
         v = v.view(b, s, self.n_kv_heads, self.head_dim)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
         k, v = self.kv_cache.update(input_pos, k, v)
@@ -278,8 +278,8 @@ class Attention(nn.Module):
         """x (1, N, dim) of a paged step (see `PagedStep`); freqs (N, D/2, 2)."""
         n = x.shape[1]
         q, k, v = self.project(x)
-        q = apply_rope(q.view(1, n, self.n_heads, self.head_dim), freqs)
-        k = apply_rope(k.view(1, n, self.n_kv_heads, self.head_dim), freqs)
+        q = self.rope(q.view(1, n, self.n_heads, self.head_dim), freqs)
+        k = self.rope(k.view(1, n, self.n_kv_heads, self.head_dim), freqs)
         self.paged.write(step.write, k[0], v.view(n, self.n_kv_heads, self.head_dim))
         out = []
         for g in step.groups:
@@ -298,6 +298,10 @@ class Attention(nn.Module):
     def project(self, x: Tensor) -> list[Tensor]:
         """q, k and v of x."""
         return [self.wq(x), self.wk(x), self.wv(x)]
+
+    def rope(self, x: Tensor, freqs: Tensor) -> Tensor:
+        """x (B, S, heads, head_dim) rotated by freqs (apply_rope)."""
+        return apply_rope(x, freqs)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor, per_row: bool) -> Tensor:
         """softmax(q k^T / sqrt(D), where mask) v; `per_row`: each batch row a sequence of its

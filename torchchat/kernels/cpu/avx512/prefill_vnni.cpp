@@ -400,6 +400,35 @@ void unpack_q8_0_block(const uint8_t* w, int64_t ld, int64_t N, int64_t K, int64
   }
 }
 
+// Rows n0..n0 + 64 of an int8 matrix (rows a.ld apart, scales S per row or per group) -> wbuf
+// as unpack_q8_0_block's (codes w + 128) and sbuf[g][2][64] = s, -128 s for each of the G
+// groups; rows past a.N: code 128 (weight 0), scale 0.
+template <typename S>
+void unpack_int8_block(const Matrix& a, int64_t K, int64_t G, int64_t n0, int8_t* wbuf,
+                       float* sbuf) {
+  const int64_t bs = std::min<int64_t>(64, a.N - n0);
+  const auto* s = static_cast<const S*>(a.s);
+  const __m512i flip = _mm512_set1_epi8((char)0x80), zero = _mm512_setzero_si512();
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i idx = _mm512_mullo_epi32(lane, _mm512_set1_epi32((int32_t)a.ld));
+  for (int v = 0; v < 4; ++v) {
+    const __mmask16 live = mask16(bs - 16 * v);
+    const int8_t* rows = static_cast<const int8_t*>(a.w) + (n0 + 16 * v) * a.ld;
+    for (int64_t g = 0; g < G; ++g) {
+      float sc[16];
+      for (int64_t i = 0; i < 16; ++i)
+        sc[i] = i < bs - 16 * v ? (float)s[(n0 + 16 * v + i) * G + g] : 0.0f;
+      const __m512 sv = _mm512_loadu_ps(sc);
+      _mm512_store_ps(sbuf + g * 128 + 16 * v, sv);
+      _mm512_store_ps(sbuf + g * 128 + 64 + 16 * v, _mm512_mul_ps(_mm512_set1_ps(-128.0f), sv));
+    }
+    for (int64_t kq = 0; kq < K / 4; ++kq) {
+      const __m512i c = _mm512_mask_i32gather_epi32(zero, live, idx, rows + 4 * kq, 1);
+      _mm512_store_si512(wbuf + kq * 256 + v * 64, _mm512_xor_si512(c, flip));
+    }
+  }
+}
+
 inline int64_t row_lane(int64_t r) { return r; }
 
 // Rows n0..n0 + 64 of a GGUF matrix of a type of gemm_ggml_q8_types (blocks of 32) -> wbuf in
@@ -448,6 +477,21 @@ void gemm_ggml_q8(const int8_t* q, const float* d, const float* e, int64_t M, in
     else
       unpack_codes_block(a, K, n0, buf.wbuf, buf.sbuf);
     gemm_q8_unpacked(q, d, e, M, K, 32, buf.wbuf, buf.sbuf, buf.f);
+    store_block(buf.f, M, a.ldy, n0, std::min<int64_t>(64, a.N - n0), a.y);
+  }
+}
+
+void gemm_int8_q8(const int8_t* q, const float* d, const float* e, int64_t M, int64_t K,
+                  int64_t group, bool bf16_scales, const Matrix& a, int64_t b0, int64_t b1,
+                  const Buffers8da4w& buf) {
+  const int64_t G = group ? K / group : 1;
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t n0 = b * 64;
+    if (bf16_scales)
+      unpack_int8_block<bf16_t>(a, K, G, n0, buf.wbuf, buf.sbuf);
+    else
+      unpack_int8_block<float>(a, K, G, n0, buf.wbuf, buf.sbuf);
+    gemm_q8_unpacked(q, d, e, M, K, group ? group : K, buf.wbuf, buf.sbuf, buf.f);
     store_block(buf.f, M, a.ldy, n0, std::min<int64_t>(64, a.N - n0), a.y);
   }
 }

@@ -100,6 +100,9 @@ void gemm_int4_q8(const int8_t* q, const float* d, const float* e, int64_t M, in
                   int64_t b0, int64_t b1, const Buffers8da4w& buf);
 void gemm_ggml_q8(const int8_t* q, const float* d, const float* e, int64_t M, int64_t K,
                   const Matrix& a, int64_t b0, int64_t b1, const Buffers8da4w& buf);
+void gemm_int8_q8(const int8_t* q, const float* d, const float* e, int64_t M, int64_t K,
+                  int64_t group, bool bf16_scales, const Matrix& a, int64_t b0, int64_t b1,
+                  const Buffers8da4w& buf);
 // GGUF blocks (ggml_vnni.cpp: Q4_0; ggml_k_vnni.cpp: Q4_K, Q5_K, Q6_K): linear_ggml for
 // the types these files run; false, and nothing written, for the others.
 bool linear_ggml_vnni(const void* xq, int64_t xld, int64_t M, int64_t K, const Matrix& a,

@@ -12,17 +12,12 @@
 #include <limits>
 #include <type_traits>
 
+#include "layer_math.h"
 #include "step.h"
 #include "team.h"
 
 namespace torchchat::cpu {
 namespace {
-
-// Activations rounded to T and kept as float, as the eager modules hand them on.
-template <typename T>
-inline float round_to(float v) {
-  return (float)T(v);
-}
 
 // 8da4w's activations: int8 per token, asymmetric, back to floats (quantize_per_token_int8).
 template <typename T>
@@ -71,28 +66,6 @@ void project(const Kernels& kt, ParallelFor pf, const StepArgs& a, const Project
       for (int64_t k = 0; k < K0; ++k) sc.xb[m * p.K + k] = bf16_t(x[m * K0 + k]);
     linear_int4(kt, pf, sc.xb.data(), M, p.K, a.group, p.mats);
   }
-}
-
-// out = RMSNorm(x) * w as the eager module: fp32 mean of squares, normalized value rounded to T,
-// times the weight, rounded to T.
-template <typename T>
-void rms_norm_row(const float* x, const T* w, int64_t D, float eps, float* out) {
-  float ss = 0.0f;
-  for (int64_t d = 0; d < D; ++d) ss += x[d] * x[d];
-  const float r = 1.0f / std::sqrt(ss / (float)D + eps);
-  for (int64_t d = 0; d < D; ++d) out[d] = round_to<T>(round_to<T>(x[d] * r) * (float)w[d]);
-}
-
-// Rotates the interleaved pairs of n heads of D values by one position's (cos, sin) table.
-template <typename T>
-void rope_row(float* x, int64_t heads, int64_t D, const float* f) {
-  for (int64_t h = 0; h < heads; ++h)
-    for (int64_t i = 0; i < D / 2; ++i) {
-      float* p = x + h * D + 2 * i;
-      const float a = p[0], b = p[1], c = f[2 * i], s = f[2 * i + 1];
-      p[0] = round_to<T>(a * c - b * s);
-      p[1] = round_to<T>(b * c + a * s);
-    }
 }
 
 template <typename T>

@@ -139,6 +139,8 @@ constexpr int64_t kF32Gemm = 256;
 // (quantize_rows_q8) instead of kept in fp32, when the scales are per row or per group of a
 // multiple of 32 and K is a multiple of 32.
 constexpr int64_t kInt8Q8 = 512;
+// int8 prefill in integers (gemm_int8_q8): the activations of kInt8Q8's decode, many tokens.
+constexpr int64_t kInt8Q8Gemm = 1024;
 
 // Per-thread buffers of gemm_8da4w and gemm_int4_q8, 64-byte aligned: wbuf K * 64 bytes, f M * 64
 // and sbuf (K / group) * 128 floats.
@@ -221,6 +223,14 @@ struct Kernels {
   // each I_b exact, the fp32 sum over blocks in the level's order (as for linear_int8_f32s).
   void (*linear_int8_q8)(const int8_t* q, const float* d, int64_t M, int64_t K, int64_t group,
                          bool bf16_scales, const Matrix& a, int64_t n0, int64_t n1);
+  // int8 prefill in integers (kInt8Q8Gemm): a.y (rows a.ldy apart) for the 64-row blocks
+  // [b0, b1) of int8 matrix a (scales as linear_int8_q8's) against M rows of x quantized by
+  // quantize_rows_q8 (q, d, e), as gemm_ggml_q8 on Q8_0: with codes c = w + 128 (unsigned),
+  //   y = sum_b fma(I_b, s_g(b) d_b, .) then fma(-128 s_g(b), e_b, .),   I_b = sum_{k in b} q_k c_k
+  // each I_b exact, blocks in order. sbuf: 128 floats a group (one for group 0).
+  void (*gemm_int8_q8)(const int8_t* q, const float* d, const float* e, int64_t M, int64_t K,
+                       int64_t group, bool bf16_scales, const Matrix& a, int64_t b0, int64_t b1,
+                       const Buffers8da4w& buf);
   // GGUF prefill in integers on the types of bits gemm_ggml_q8_types (1 << type; 0: none,
   // prefill dequantizes tiles): y = a.y (rows a.ldy apart) for 64-row blocks [b0, b1) of a (rows
   // a.ld bytes apart) against x's 8-bit codes q (M, K), per block b of ggml_q8_block(type)

@@ -287,6 +287,29 @@ void gemm_ggml_q8(const int8_t* q, const float* d, const float* e, int64_t M, in
   }
 }
 
+// int8 prefill in integers: codes c = w + 128, per block f += I s d, then f += (-128 s) e.
+void gemm_int8_q8(const int8_t* q, const float* d, const float* e, int64_t M, int64_t K,
+                  int64_t group, bool bf16_scales, const Matrix& a, int64_t b0, int64_t b1,
+                  const Buffers8da4w&) {
+  const int64_t nb = K / 32, G = group ? K / group : 1, per = group ? group / 32 : nb;
+  const int8_t* w = static_cast<const int8_t*>(a.w);
+  for (int64_t n = b0 * 64; n < std::min(a.N, b1 * 64); ++n)
+    for (int64_t m = 0; m < M; ++m) {
+      float f = 0.0f;
+      for (int64_t b = 0; b < nb; ++b) {
+        const int64_t i = n * G + b / per;
+        const float s = bf16_scales ? (float)static_cast<const bf16_t*>(a.s)[i]
+                                    : static_cast<const float*>(a.s)[i];
+        int32_t sum = 0;
+        for (int64_t k = 32 * b; k < 32 * b + 32; ++k)
+          sum += (int32_t)q[m * K + k] * (w[n * a.ld + k] + 128);
+        f = std::fma((float)sum, s * d[m * nb + b], f);
+        f = std::fma(-128.0f * s, e[m * nb + b], f);
+      }
+      a.y[m * a.ldy + n] = f;
+    }
+}
+
 // Prefill's fp32 GEMM: one FMA chain an output, k ascending from 0.
 void gemm_f32(const float* xp, int64_t M, int64_t K, const float* w, int64_t ldw, int64_t N,
               float* y, int64_t ldy) {
@@ -327,6 +350,7 @@ const Kernels& scalar_kernels() {
     t.linear_int4_q8 = linear_int4_q8;  // kQ8Decode's too: the reference, not the bit
     t.linear_8da4w = linear_8da4w;
     t.linear_int8_q8 = linear_int8_q8;  // kInt8Q8's too: the reference, not the bit
+    t.gemm_int8_q8 = gemm_int8_q8;      // kInt8Q8Gemm's too
     t.gemm_ggml_q8_types = kGgmlQ8Every;
     t.gemm_ggml_q8 = gemm_ggml_q8;
     t.linear_ggml = ggml_linear_ref;  // ggml_ref.cpp

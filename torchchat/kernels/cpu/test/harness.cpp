@@ -28,6 +28,7 @@
 //   gemm_f32                          bit-exact (one FMA chain an output, k ascending)
 //   linear_int8_q8                    |got - ref| <= 1e-5 * sum_b |d_b s| sum_{k in b} |w_k q_k|
 //                                     (exact block sums, fp32 sums over blocks reordered)
+//   gemm_int8_q8                      bit-exact (the same fma order)
 //   gemm_ggml (through the common      |got - ref| <= 2e-5 * sum_k |w_k x_k|, ref the reference's
 //   driver: x quantized there)         linear_ggml on the same Q8_K rows; nothing past the rows
 #include <atomic>
@@ -162,8 +163,28 @@ void check_int8(Tally& t, const char* name, Fn kernel, Fn reference) {
   }
 }
 
-// int8 decode in integers: x quantized by the reference's quantize_rows_q8 (edge blocks: zeros,
-// a full-scale code, an inf), every code -128..127 in the weights.
+// An int8 case on 8-bit activations: x (M, K) quantized by the reference's quantize_rows_q8
+// (edge blocks where M > 2: zeros, a full-scale code, an inf), int8 weights (N, K) of every code
+// -128..127, scales S (N, G).
+template <typename S>
+struct Int8Q8Case {
+  Int8Q8Case(const Kernels& ref, int64_t M, int64_t K, int64_t N, int64_t G)
+      : q(M * K), w(N * K), d(M * K / 32), e(M * K / 32), s(as<S>(values(N * G, 0.05f))) {
+    auto x = values(M * K, 3.0f);
+    if (M > 2) {
+      for (int64_t k = 0; k < 32; ++k) x[k] = 0.0f;
+      x[K] = 127.0f;
+      x[2 * K + K - 1] = INFINITY;
+    }
+    ref.quantize_rows_q8(x.data(), K, K, q.data(), d.data(), e.data(), 0, M);
+    for (auto& v : w) v = (int8_t)(int)(rng() % 256 - 128);
+  }
+  std::vector<int8_t> q, w;
+  std::vector<float> d, e;
+  std::vector<S> s;
+};
+
+// int8 decode in integers, on Int8Q8Case's inputs.
 template <typename S>
 void check_int8_q8(Tally& t, const Kernels& kt, const Kernels& ref, bool bf16_scales) {
   t.kernel = bf16_scales ? "linear_int8_q8 (bf16 scales)" : "linear_int8_q8";
@@ -172,17 +193,10 @@ void check_int8_q8(Tally& t, const Kernels& kt, const Kernels& ref, bool bf16_sc
                   group = pick({0, 32, 64, 128, 256}), N = pick({1, 7, 40}), nb = K / 32;
     if (group && K % group) continue;
     const int64_t G = group ? K / group : 1;
-    auto x = values(M * K, 3.0f);
-    if (M > 2) {
-      for (int64_t k = 0; k < 32; ++k) x[k] = 0.0f;
-      x[K] = 127.0f;
-      x[2 * K + K - 1] = INFINITY;
-    }
-    std::vector<int8_t> q(M * K), w(N * K);
-    std::vector<float> d(M * nb), e(M * nb);
-    ref.quantize_rows_q8(x.data(), K, K, q.data(), d.data(), e.data(), 0, M);
-    for (auto& v : w) v = (int8_t)(int)(rng() % 256 - 128);
-    const auto s = as<S>(values(N * G, 0.05f));
+    const Int8Q8Case<S> c(ref, M, K, N, G);
+    const auto &q = c.q, &w = c.w;
+    const auto &d = c.d, &e = c.e;
+    const auto& s = c.s;
     std::vector<float> y(M * N, -7.0f), yr(M * N);
     Matrix a{w.data(), K, s.data(), N, y.data(), N}, ar = a;
     ar.y = yr.data();
@@ -208,6 +222,40 @@ void check_int8_q8(Tally& t, const Kernels& kt, const Kernels& ref, bool bf16_sc
         const float a = y[m * N + n], b = yr[m * N + n];
         t.check(std::isnan(b) ? (float)!std::isnan(a) : a, std::isnan(b) ? 0.0f : b,
                 1e-5f * mag + 1e-30f, where);
+      }
+  }
+}
+
+// int8 prefill in integers: bit-exact against the reference (the same fma order), on x quantized
+// by quantize_rows_q8 (edge blocks as above), a block range not starting at block 0 and a short
+// last block; rows outside the range untouched.
+template <typename S>
+void check_int8_q8_gemm(Tally& t, const Kernels& kt, const Kernels& ref, bool bf16_scales) {
+  t.kernel = bf16_scales ? "gemm_int8_q8 (bf16 scales)" : "gemm_int8_q8";
+  for (int trial = 0; trial < 30; ++trial) {
+    const int64_t M = pick({1, 3, 9, 64, 70}), K = pick({32, 96, 256, 768}),
+                  group = pick({0, 32, 64, 128, 256}), N = pick({7, 64, 80, 130}), nb = K / 32;
+    if (group && K % group) continue;
+    const int64_t G = group ? K / group : 1, blocks = (N + 63) / 64, b0 = blocks > 1 ? 1 : 0;
+    const Int8Q8Case<S> c(ref, M, K, N, G);
+    const auto &q = c.q, &w = c.w;
+    const auto &d = c.d, &e = c.e;
+    const auto& s = c.s;
+    std::vector<float> y(M * N, -7.0f), yr(M * N, -7.0f);
+    Aligned<int8_t> wbuf(K * 64);
+    Aligned<float> f(M * 64), sbuf(G * 128);
+    const Buffers8da4w buf{wbuf.p, f.p, sbuf.p};
+    Matrix a{w.data(), K, s.data(), N, y.data(), N}, ar = a;
+    ar.y = yr.data();
+    kt.gemm_int8_q8(q.data(), d.data(), e.data(), M, K, group, bf16_scales, a, b0, blocks, buf);
+    ref.gemm_int8_q8(q.data(), d.data(), e.data(), M, K, group, bf16_scales, ar, b0, blocks, buf);
+    ++t.cases;
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) {
+        const float a = y[m * N + n], b = yr[m * N + n];
+        const std::string where = shape({M, K, N, group, m, n});
+        if (n < b0 * 64) t.check(a, -7.0f, 0.0f, where + " outside the range");
+        t.check(std::isnan(b) ? (float)!std::isnan(a) : a, std::isnan(b) ? 0.0f : b, 0.0f, where);
       }
   }
 }
@@ -733,6 +781,11 @@ Tally run(const Kernels& kt, const Kernels& ref) {
     t.start("linear_int8_q8");
     check_int8_q8<float>(t, kt, ref, false);
     check_int8_q8<bf16_t>(t, kt, ref, true);
+  }
+  if (kt.features & kInt8Q8Gemm) {
+    t.start("gemm_int8_q8");
+    check_int8_q8_gemm<float>(t, kt, ref, false);
+    check_int8_q8_gemm<bf16_t>(t, kt, ref, true);
   }
   return t;
 }
