@@ -646,8 +646,10 @@ def test_model_decode_on_kernels_matches_torch_ops(spec, tol):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_prefill_attends_only_the_keys_its_rows_see(dtype, monkeypatch):
     """A 12-token prompt in a 32-position cache: the kernel-backed attention cuts the keys after
-    the last one a row sees (the 20 masked ones weigh exp(-inf) = 0): SDPA is given 12 keys, not
-    32, and the logits are those of attending over the whole cache to rounding."""
+    the last one a row sees (the 20 masked ones weigh exp(-inf) = 0). A prompt this short runs on
+    torchchat's attention kernel (each row over its own open span; SDPA never called); above
+    PREFILL_ATTENTION rows x keys (here forced to 0) SDPA is given 12 keys, not 32. The logits
+    are those of attending over the whole cache, to rounding."""
     model = small_model().to(dtype)
     model.setup_caches(1, 32)
     tokens = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(4))
@@ -659,14 +661,18 @@ def test_prefill_attends_only_the_keys_its_rows_see(dtype, monkeypatch):
         return sdpa(q, k, v, **kw)
 
     monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    tol = 2e-6 if dtype == torch.float32 else 3e-2  # summation order (bf16 rounds each layer)
     with torch.inference_mode():
+        on_kernel = model(tokens, torch.arange(12))
+        assert not seen
+        monkeypatch.setattr(kernel_modules, "PREFILL_ATTENTION", 0)
         cut = model(tokens, torch.arange(12))
         assert seen and set(seen) == {12}
         monkeypatch.setattr(kernel_modules, "_open_keys", lambda k, v, mask: (k, v, mask))
         whole = model(tokens, torch.arange(12))
     assert set(seen) == {12, 32}
-    # SDPA blocks 12 keys otherwise than 32: its sums' rounding (fp32; bf16 rounds each layer)
-    assert max_rel(cut, whole) < (2e-6 if dtype == torch.float32 else 3e-2)
+    assert max_rel(cut, whole) < tol
+    assert max_rel(on_kernel, whole) < tol
 
 
 @needs_bf16

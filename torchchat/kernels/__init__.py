@@ -237,17 +237,18 @@ def int4_linear(
     return None if ys is None else ys[0]
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor | None:
-    """softmax(q k^T / sqrt(D), where mask) v for a few query rows, or None: q (B, H, S, D);
-    k, v (B, KVH, T, D) (grouped-query when KVH < H), rows of D contiguous; mask bool, (1 or B, 1, S, T). Each query
-    row is computed on its own, so its result does not depend on the batch it is in."""
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, most: int = MAX_ROWS) -> Tensor | None:
+    """softmax(q k^T / sqrt(D), where mask) v for at most `most` query rows (B x S), or None:
+    q (B, H, S, D); k, v (B, KVH, T, D) (grouped-query when KVH < H), rows of D contiguous; mask
+    bool, (1 or B, 1, S, T). Each query row is computed on its own over the span of keys its
+    mask row leaves open, so its result does not depend on the batch it is in."""
     if q.dtype != k.dtype or not q.is_floating_point() or mask.dtype != torch.bool:
         return None
     if q.shape[-1] > 256:  # the kernel keeps a row of q and of the output in registers
         return None
     if k.stride(-1) != 1 or v.stride() != k.stride():  # rows of D contiguous, any apart
         return None
-    if mask.stride(-1) != 1 or _rows(q, FEW_ROWS, (q.shape[0], q.shape[2])) is None:  # B x S
+    if mask.stride(-1) != 1 or _rows(q, FEW_ROWS, (q.shape[0], q.shape[2]), most) is None:
         return None
     return torch.ops.torchchat.attention(q, k, v, mask, q.shape[-1] ** -0.5)
 
