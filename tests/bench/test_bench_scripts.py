@@ -17,6 +17,17 @@ def run_script(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
+def test_gemm_rate_prints_each_dtype_at_both_shapes():
+    p = run_script("gemm_rate.py", "--threads", "1", "--force")
+    assert p.returncode == 0, p.stderr
+    rates = re.findall(r"^ *(float32|bfloat16|int8) (\d+) x \d+ @ .*: +([\d.]+) G(?:FLOP|MAC)/s$",
+                       p.stdout, re.M)  # fmt: skip
+    assert [(dt, m) for dt, m, _ in rates] == [
+        (dt, m) for m in ("2048", "64") for dt in ("float32", "bfloat16", "int8")
+    ]
+    assert all(float(r) > 0 for _, _, r in rates)
+
+
 def test_paged_step_times_fused_and_module_steps():
     p = run_script("paged_step.py", "--shape", "stories260K", "--decoding", "3", "--chunks", "0",
                    "5", "30", "--context", "20", "--repeats", "2", "--threads", "1")  # fmt: skip
