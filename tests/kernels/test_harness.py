@@ -45,7 +45,7 @@ def load_build_script():
 @pytest.mark.parametrize("sanitize", [False, True], ids=["plain", "asan-ubsan"])
 def test_every_level_matches_the_scalar_reference(sanitize, tmp_path):
     """Each level this CPU runs (and, on a CPU with AVX512-BF16/VNNI, the AVX-512 table of CPUs
-    without them, "avx512_base"): all 15 kernels, the x86 levels 18 (int4 and Q4_0 prefill on
+    without them, "avx512_base"): all 16 kernels, the x86 levels 19 (int4 and Q4_0 prefill on
     8-bit activations: quantize_rows_q8, gemm_int4_q8, gemm_ggml_q8), +1 where the table has the
     integer K-quant prefill GEMM (VNNI), +2 for int4 and 8da4w decode in integers (linear_int4_q8,
     linear_8da4w: AVX2, and the AVX-512 tables without BF16), +1 for prefill's own fp32 GEMM
@@ -63,10 +63,10 @@ def test_every_level_matches_the_scalar_reference(sanitize, tmp_path):
     q8 = 2 if avx512 and not kernels.simd_level() & kernels.BF16_GEMM else 0
     int8_gemm = avx512 and kernels.simd_level() & kernels.INT8_Q8_GEMM
     want = {
-        "avx512": str(19 + q8 + bool(vnni) + bool(int8_gemm)),
-        "avx512_base": "21",
-        "avx2": "22",
-        "scalar": "15",
+        "avx512": str(20 + q8 + bool(vnni) + bool(int8_gemm)),
+        "avx512_base": "22",
+        "avx2": "23",
+        "scalar": "16",
     }
     assert counts == {lv: want[lv] for lv in counts}, run.stdout
     expected = {lv for lv in kernels.available_isas() if lv != "off"}
@@ -138,11 +138,11 @@ def run_under_qemu(aarch64_harness, cpu: str, sanitize: bool = False) -> dict[st
 @pytest.mark.parametrize("sanitize", [False, True], ids=["plain", "asan-ubsan"])
 def test_neon_kernels_match_the_scalar_reference_under_qemu(aarch64_harness, sanitize):
     """-cpu max has every extension: "neon" is the I8MM + BF16 table, "neon_base" the one for
-    CPUs with dotprod and fp16 only; every kernel of both against the reference (19: with int4
+    CPUs with dotprod and fp16 only; every kernel of both against the reference (20: with int4
     and GGUF prefill on 8-bit activations, quantize_rows_q8, gemm_int4_q8 and gemm_ggml_q8, and
-    int8 decode in integers, linear_int8_q8)."""
+    int8 decode in integers, linear_int8_q8, and SiLU)."""
     counts = run_under_qemu(aarch64_harness, "max", sanitize)
-    assert counts == {"neon": "19", "neon_base": "19", "scalar": "15"}
+    assert counts == {"neon": "20", "neon_base": "20", "scalar": "16"}
 
 
 @pytest.mark.parametrize(

@@ -440,6 +440,16 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor | None:
     return torch.ops.torchchat.rms_norm(x, weight, eps)
 
 
+def silu_mul(a: Tensor, b: Tensor) -> Tensor | None:
+    """The feed-forward gate silu(a) * b in one op (SiLU in fp32 on the level's vector exp,
+    rounded to the dtype, times b, rounded), or None."""
+    if not prefill_ok(a) or a.shape != b.shape or a.dtype != b.dtype:
+        return None
+    if a.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return None
+    return torch.ops.torchchat.silu_mul(a, b)
+
+
 def rope(x: Tensor, freqs: Tensor) -> Tensor | None:
     """x (B, S, heads, head_dim) rotated as model.transformer.apply_rope in one op, or None."""
     if not prefill_ok(x) or freqs.dtype != torch.float32 or x.dim() != 4:

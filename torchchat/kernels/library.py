@@ -178,6 +178,10 @@ def _register_fakes() -> None:
     def _(x, w, eps):
         return torch.empty_like(x, memory_format=torch.contiguous_format)
 
+    @torch.library.register_fake("torchchat::silu_mul")
+    def _(a, b):
+        return torch.empty_like(a, memory_format=torch.contiguous_format)
+
     @torch.library.register_fake("torchchat::rope")
     def _(x, freqs):
         return torch.empty_like(x, memory_format=torch.contiguous_format)

@@ -445,6 +445,33 @@ at::Tensor rms_norm_cpu(const at::Tensor& x, const at::Tensor& w, double eps) {
   return y;
 }
 
+// The feed-forward gate of the model's modules, silu(a) * b: a and b of one float dtype and
+// shape, SiLU in fp32 on the level's vector exp (Kernels::silu), rounded to the dtype, times b,
+// rounded (the decode step's arithmetic). One op for aten's silu and mul.
+at::Tensor silu_mul_cpu(const at::Tensor& a, const at::Tensor& b) {
+  const auto& kt = kernels("torchchat::silu_mul", cpu::kFewRows);
+  TORCH_CHECK(a.sizes() == b.sizes() && a.scalar_type() == b.scalar_type(),
+              "torchchat::silu_mul: a and b must be of one shape and dtype");
+  const auto ac = a.contiguous(), bc = b.contiguous();
+  auto y = at::empty_like(ac);
+  with_dtype(a.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const T* ap = ptr<T>(ac);
+    const T* bp = ptr<T>(bc);
+    T* yp = reinterpret_cast<T*>(y.data_ptr());
+    at::parallel_for(0, ac.numel(), 4096, [&](int64_t i0, int64_t i1) {
+      float x[256], s[256];
+      for (int64_t c0 = i0; c0 < i1; c0 += 256) {
+        const int64_t n = std::min<int64_t>(256, i1 - c0);
+        for (int64_t i = 0; i < n; ++i) x[i] = (float)ap[c0 + i];
+        kt.silu(x, n, s);
+        for (int64_t i = 0; i < n; ++i) yp[c0 + i] = T((float)T(s[i]) * (float)bp[c0 + i]);
+      }
+    });
+  });
+  return y;
+}
+
 // x (B, S, H, D) rotated as the model's apply_rope: interleaved pairs by freqs (S, D/2, 2), or
 // one table a row (B, S, D/2, 2), fp32; the result in x's dtype (one op for ~12 aten ops).
 at::Tensor rope_cpu(const at::Tensor& x, const at::Tensor& freqs) {
@@ -819,6 +846,7 @@ TORCH_LIBRARY(torchchat, m) {
   m.def("gemm_int8_q8(Tensor x, Tensor w, Tensor scales, int group) -> Tensor");
   m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor");
   m.def("rope(Tensor x, Tensor freqs) -> Tensor");
+  m.def("silu_mul(Tensor a, Tensor b) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(torchchat, CPU, m) {
@@ -839,4 +867,5 @@ TORCH_LIBRARY_IMPL(torchchat, CPU, m) {
   m.impl("gemm_int8_q8", &gemm_int8_q8_cpu);
   m.impl("rms_norm", &rms_norm_cpu);
   m.impl("rope", &rope_cpu);
+  m.impl("silu_mul", &silu_mul_cpu);
 }

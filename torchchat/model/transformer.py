@@ -336,7 +336,11 @@ class FeedForward(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h1, h3 = self.project(x)
-        return self.w2(F.silu(h1) * h3)
+        return self.w2(self.gate(h1, h3))
+
+    def gate(self, h1: Tensor, h3: Tensor) -> Tensor:
+        """silu(h1) * h3."""
+        return F.silu(h1) * h3
 
     def project(self, x: Tensor) -> list[Tensor]:
         """The gate (w1) and up (w3) projections of x."""

@@ -169,4 +169,24 @@ void attend_f16(const fp16_t* q, const fp16_t* k, const fp16_t* v, CacheRows row
   attend(q, k, v, rows, m, lo, hi, D, scale, out, p);
 }
 
+// SiLU of the feed-forward gate (here for exp8): x / (1 + t) for x >= 0, x t / (1 + t) below,
+// t = exp(-|x|) in (0, 1] (never overflows; x < -87 gives ~1e-36 where x / (1 + e^-x) gives -0).
+void silu(const float* x, int64_t n, float* out) {
+  const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    const __m256 t = exp8(_mm256_or_ps(v, sign));  // -|x|
+    const __m256 neg = _mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_LT_OQ);
+    const __m256 num = _mm256_blendv_ps(v, _mm256_mul_ps(v, t), neg);
+    _mm256_storeu_ps(out + i, _mm256_div_ps(num, _mm256_add_ps(one, t)));
+  }
+  if (i < n) {  // the last n % 8 through a zero-padded vector
+    alignas(32) float buf[8] = {};
+    for (int64_t j = i; j < n; ++j) buf[j - i] = x[j];
+    silu(buf, 8, buf);
+    for (int64_t j = i; j < n; ++j) out[j] = buf[j - i];
+  }
+}
+
 }  // namespace torchchat::cpu::avx2

@@ -131,4 +131,18 @@ void attend_f16(const fp16_t* q, const fp16_t* k, const fp16_t* v, CacheRows row
   attend(q, k, v, rows, m, lo, hi, D, scale, out, p);
 }
 
+// SiLU of the feed-forward gate (here for exp16): x / (1 + t) for x >= 0, x t / (1 + t) below,
+// t = exp(-|x|) in (0, 1] (never overflows; x < -87 gives ~1e-36 where x / (1 + e^-x) gives -0).
+void silu(const float* x, int64_t n, float* out) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 mk = mask16(n - i);
+    const __m512 v = _mm512_maskz_loadu_ps(mk, x + i);
+    const __m512 t = exp16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_abs_ps(v)));
+    const __mmask16 neg = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ);
+    const __m512 num = _mm512_mask_mul_ps(v, neg, v, t);
+    _mm512_mask_storeu_ps(out + i, mk, _mm512_div_ps(num, _mm512_add_ps(one, t)));
+  }
+}
+
 }  // namespace torchchat::cpu::avx512

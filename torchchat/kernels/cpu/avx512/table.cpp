@@ -34,6 +34,7 @@ Kernels make_table(bool bf16, bool vnni, const Kernels* fill) {
   t.attend_f32 = attend_f32;
   t.attend_bf16 = attend_bf16;
   t.attend_f16 = attend_f16;
+  t.silu = silu;
   t.features |= kGgml;  // GGUF blocks: AVX2's kernels when that table is built, else the reference
   t.linear_ggml = fill != nullptr && (fill->features & kGgml) ? fill->linear_ggml : ggml_linear_ref;
   t.ggml_dequantize =

@@ -79,6 +79,7 @@ void attend_bf16(const bf16_t* q, const bf16_t* k, const bf16_t* v, CacheRows ro
                  int64_t lo, int64_t hi, int64_t D, float scale, bf16_t* out, float* p);
 void attend_f16(const fp16_t* q, const fp16_t* k, const fp16_t* v, CacheRows rows, const bool* m,
                 int64_t lo, int64_t hi, int64_t D, float scale, fp16_t* out, float* p);
+void silu(const float* x, int64_t n, float* out);
 // AVX512-BF16 (files *_bf16.cpp):
 void linear_bf16_dp(const bf16_t* x, int64_t M, int64_t K, const Matrix& a, int64_t n0,
                     int64_t n1);

@@ -167,12 +167,18 @@ void layers(const Kernels& kt, const StepArgs& a, const StepData& data,
       norm_rows(data.norms[2 * l + 1]);
     });
     project<T>(kt, pf, a, p[2], xn, D, sc);
-    // The gate over the members (F exps a token: ~20 us a layer on one core of a Zen 3)
+    // The gate over the members, SiLU on the level's vector exp (F exps a token: with
+    // std::exp ~10 us a layer on stories110M, 2 threads)
     pf(M * F, 512, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) {
-        const int64_t m = i / F, j = i % F;
-        const float g1 = out(g[m * 2 * F + j]), g3 = out(g[m * 2 * F + F + j]);
-        act[i] = round_to<T>(round_to<T>(g1 / (1.0f + std::exp(-g1))) * g3);
+      float g1[256], s1[256];
+      for (int64_t c0 = i0; c0 < i1; c0 += 256) {
+        const int64_t c1 = std::min(i1, c0 + 256);
+        for (int64_t i = c0; i < c1; ++i) g1[i - c0] = out(g[(i / F) * 2 * F + i % F]);
+        kt.silu(g1, c1 - c0, s1);
+        for (int64_t i = c0; i < c1; ++i) {
+          const float g3 = out(g[(i / F) * 2 * F + F + i % F]);
+          act[i] = round_to<T>(round_to<T>(s1[i - c0]) * g3);
+        }
       }
     });
     if (dyn)

@@ -310,6 +310,11 @@ void gemm_int8_q8(const int8_t* q, const float* d, const float* e, int64_t M, in
     }
 }
 
+// SiLU as torch computes it in fp32: x / (1 + exp(-x)).
+void silu(const float* x, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = x[i] / (1.0f + std::exp(-x[i]));
+}
+
 // Prefill's fp32 GEMM: one FMA chain an output, k ascending from 0.
 void gemm_f32(const float* xp, int64_t M, int64_t K, const float* w, int64_t ldw, int64_t N,
               float* y, int64_t ldy) {
@@ -341,6 +346,7 @@ const Kernels& scalar_kernels() {
     t.attend_f32 = attend<float>;
     t.attend_bf16 = attend<bf16_t>;
     t.attend_f16 = attend<fp16_t>;
+    t.silu = silu;
     t.int4_dequantize_block_t = int4_dequantize_block_t;
     t.int8_to_bf16 = int8_to_bf16;
     t.quantize_rows_8da4w = quantize_rows_8da4w;

@@ -129,4 +129,24 @@ void attend_f16(const fp16_t* q, const fp16_t* k, const fp16_t* v, CacheRows row
   attend(q, k, v, rows, m, lo, hi, D, scale, out, p);
 }
 
+// SiLU of the feed-forward gate (here for exp4): x / (1 + t) for x >= 0, x t / (1 + t) below,
+// t = exp(-|x|) in (0, 1] (never overflows; x < -87 gives ~1e-36 where x / (1 + e^-x) gives -0).
+void silu(const float* x, int64_t n, float* out) {
+  const float32x4_t one = vdupq_n_f32(1.0f);
+  int64_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    const float32x4_t v = vld1q_f32(x + i);
+    const float32x4_t t = exp4(vnegq_f32(vabsq_f32(v)));
+    const uint32x4_t neg = vcltq_f32(v, vdupq_n_f32(0.0f));
+    const float32x4_t num = vbslq_f32(neg, vmulq_f32(v, t), v);
+    vst1q_f32(out + i, vdivq_f32(num, vaddq_f32(one, t)));
+  }
+  if (i < n) {  // the last n % 4 through a zero-padded vector
+    float buf[4] = {};
+    for (int64_t j = i; j < n; ++j) buf[j - i] = x[j];
+    silu(buf, 4, buf);
+    for (int64_t j = i; j < n; ++j) out[j] = buf[j - i];
+  }
+}
+
 }  // namespace torchchat::cpu::neon

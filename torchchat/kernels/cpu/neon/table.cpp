@@ -22,6 +22,7 @@ Kernels make_table(bool i8mm, bool bf16) {
   t.attend_f32 = attend_f32;
   t.attend_bf16 = attend_bf16;
   t.attend_f16 = attend_f16;
+  t.silu = silu;
   t.int4_dequantize_block_t = int4_dequantize_block_t;
   t.int8_to_bf16 = int8_to_bf16;
   t.quantize_rows_8da4w = quantize_rows_8da4w;

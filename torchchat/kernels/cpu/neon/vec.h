@@ -113,6 +113,7 @@ void attend_bf16(const bf16_t* q, const bf16_t* k, const bf16_t* v, CacheRows ro
                  int64_t lo, int64_t hi, int64_t D, float scale, bf16_t* out, float* p);
 void attend_f16(const fp16_t* q, const fp16_t* k, const fp16_t* v, CacheRows rows, const bool* m,
                 int64_t lo, int64_t hi, int64_t D, float scale, fp16_t* out, float* p);
+void silu(const float* x, int64_t n, float* out);
 void int4_dequantize_block_t(const uint8_t* w, const bf16_t* sz, int64_t N, int64_t K,
                              int64_t group, int64_t n0, bf16_t* out, int64_t ldo);
 void int8_to_bf16(const int8_t* src, int64_t K, bf16_t* dst);

@@ -29,6 +29,7 @@
 //   linear_int8_q8                    |got - ref| <= 1e-5 * sum_b |d_b s| sum_{k in b} |w_k q_k|
 //                                     (exact block sums, fp32 sums over blocks reordered)
 //   gemm_int8_q8                      bit-exact (the same fma order)
+//   silu                              |got - ref| <= 1e-6 |ref| + 1e-30 (exp polynomial ~2e-7)
 //   gemm_ggml (through the common      |got - ref| <= 2e-5 * sum_k |w_k x_k|, ref the reference's
 //   driver: x quantized there)         linear_ggml on the same Q8_K rows; nothing past the rows
 #include <atomic>
@@ -257,6 +258,31 @@ void check_int8_q8_gemm(Tally& t, const Kernels& kt, const Kernels& ref, bool bf
         if (n < b0 * 64) t.check(a, -7.0f, 0.0f, where + " outside the range");
         t.check(std::isnan(b) ? (float)!std::isnan(a) : a, std::isnan(b) ? 0.0f : b, 0.0f, where);
       }
+  }
+}
+
+// SiLU: within 1e-6 relative (+1e-30) of x / (1 + exp(-x)) for finite x of every magnitude
+// (the reference gives -0 where exp(-x) overflows, the kernels ~1e-36), NaN kept NaN; odd
+// lengths, and nothing written past n.
+void check_silu(Tally& t, const Kernels& kt, const Kernels& ref) {
+  t.start("silu");
+  for (int trial = 0; trial < 40; ++trial) {
+    const int64_t n = pick({1, 3, 7, 8, 15, 16, 17, 100, 2048});
+    auto x = values(n, (float)pick({1, 5, 30, 100}));
+    if (n > 4) x[0] = 0.0f, x[1] = NAN, x[2] = -88.5f, x[3] = 1e-30f, x[4] = -1e-30f;
+    std::vector<float> y(n + 1, -7.0f), yr(n);
+    kt.silu(x.data(), n, y.data());
+    ref.silu(x.data(), n, yr.data());
+    for (int64_t i = 0; i < n; ++i) {
+      const float a = y[i], b = yr[i];
+      const std::string where = shape({n, i});
+      if (std::isnan(b)) {
+        t.check((float)!std::isnan(a), 0.0f, 0.0f, where + " NaN");
+        continue;
+      }
+      t.check(a, b, 1e-6f * std::fabs(b) + 1e-30f, where);
+    }
+    t.check(y[n], -7.0f, 0.0f, shape({n}) + " past n");
   }
 }
 
@@ -766,6 +792,7 @@ Tally run(const Kernels& kt, const Kernels& ref) {
     check_attend<float>(t, "attend_f32", kt.attend_f32, ref.attend_f32, 0.0f);
     check_attend<bf16_t>(t, "attend_bf16", kt.attend_bf16, ref.attend_bf16, 1.0f / 128);
     check_attend<fp16_t>(t, "attend_f16", kt.attend_f16, ref.attend_f16, 1.0f / 1024);
+    check_silu(t, kt, ref);
   }
   if (kt.features & kBf16) {
     check_int4(t, kt, ref);
