@@ -26,7 +26,7 @@ from torchchat.options import (
     QuantizeOptions,
     SourceOptions,
 )
-from torchchat.pages import release
+from torchchat.pages import advise_huge, release
 from torchchat.quant.apply import apply_schemes, quantize, structural
 from torchchat.quant.config import Scheme, load_quantize_spec
 from torchchat.quant.gguf_blocks import type_name, use_gguf_blocks
@@ -202,6 +202,7 @@ def model_from_checkpoint(
     ckpt = load_checkpoint(
         src.checkpoint_path or src.gguf_path or _model_path(src.model), gguf_blocks=blocks
     )
+    advise_huge(ckpt.state_dict.values())  # before any weight is read
     args = resolve_args(src, ckpt, verbose)
     saved = [Scheme(s["name"], s["args"]) for s in ckpt.extra.get("quantization", [])]
     if saved and structural(schemes):
