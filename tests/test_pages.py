@@ -12,8 +12,11 @@ import torch
 from torch import nn
 
 from tests.support import random_args, random_state_dict
+from torchchat import kernels
 from torchchat.model.transformer import Transformer
-from torchchat.pages import advise_huge, huge_pages_available, place_in_huge_pages
+from torchchat.pages import advise_huge, huge_copies, huge_pages_available, place_in_huge_pages
+from torchchat.quant.apply import quantize
+from torchchat.quant.config import load_quantize_spec
 from torchchat.runtime.eager import EagerRuntime
 
 needs_thp = pytest.mark.skipif(
@@ -58,7 +61,7 @@ def test_placed_weights_keep_values_objects_and_ties(tmp_path):
     param = m.a.weight
     stay = {k: getattr(m, k).data_ptr() for k in ("cache", "whole", "part", "mapped")}
     placed = place_in_huge_pages(m)
-    assert placed == 96 * 64 * 4 + 320  # the weight once, the packed bytes to 64
+    assert placed == 96 * 64 * 4 + 300  # the tied weight once
     assert m.a.weight is param and m.b.weight is param  # the same Parameter, still tied
     assert {k: getattr(m, k).data_ptr() for k in stay} == stay
     lo, hi = sorted([(param.data_ptr(), 96 * 64 * 4), (m.packed.data_ptr(), 320)])
@@ -90,8 +93,23 @@ def test_advise_huge_marks_the_file_mapping(tmp_path):
     assert "hg" in vm_flags(t.data_ptr())
 
 
-def test_runtime_in_huge_pages_computes_the_same(monkeypatch):
-    """Logits of prefill and fused decode steps bit-equal with and without the placement."""
+@needs_thp
+def test_huge_copies():
+    ts = [torch.randn(5, 7), torch.arange(9, dtype=torch.int16)]
+    copies = huge_copies(ts)
+    assert all(
+        torch.equal(a, b) and a.data_ptr() != b.data_ptr() for a, b in zip(ts, copies, strict=True)
+    )
+    assert copies[1].data_ptr() == copies[0].data_ptr() + 192  # 140 bytes, next start at 64
+    assert "hg" in vm_flags(copies[0].data_ptr())
+
+
+@pytest.mark.parametrize("recipe", [None, '{"linear:int4": {"groupsize": 32}}'])
+def test_runtime_in_huge_pages_computes_the_same(monkeypatch, recipe):
+    """Logits of prefill and fused decode steps bit-equal with and without the placement (int4:
+    the fused step's scales are copies placed apart)."""
+    if recipe and not kernels.simd_level() & kernels.INT4:
+        pytest.skip("no int4 kernels on this CPU")
     args = random_args(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=512)
     state = random_state_dict(args, seed=5)
     logits = []
@@ -99,7 +117,13 @@ def test_runtime_in_huge_pages_computes_the_same(monkeypatch):
         monkeypatch.setenv("TORCHCHAT_HUGE_PAGES", flag)
         model = Transformer(args)
         model.load_state_dict(state)
+        if recipe:
+            model = quantize(model, load_quantize_spec(recipe))
         runtime = EagerRuntime(model, 32)
+        assert runtime.fused_decode == bool(kernels.simd_level())
+        if flag == "1" and huge_pages_available() and runtime.fused_decode:
+            held = [runtime._plan.weights[0], *runtime._plan.scales[:1]]
+            assert all("hg" in vm_flags(t.data_ptr()) for t in held)
         out = [runtime.prefill(torch.tensor([[1, 5, 9, 2]]), 0)]
         out += [runtime.decode(torch.tensor([[7 + i]]), 4 + i) for i in range(3)]
         logits.append(torch.stack(out))

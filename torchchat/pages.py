@@ -24,7 +24,7 @@ import mmap
 import os
 import sys
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -152,19 +152,14 @@ def place_in_huge_pages(model: nn.Module) -> int:
         if hi > end:
             end, last = hi, k
     keys = [k for _, k in ranges if k not in shared]
-    sizes = [_owned(owners[k][0]).nbytes for k in keys]
-    total = sum(-(-n // _ALIGN) * _ALIGN for n in sizes)
-    if total == 0:
+    if not keys:
         return 0
-    region = mmap.mmap(-1, total + _HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    whole = torch.frombuffer(region, dtype=torch.uint8)  # its storage keeps the mapping
-    off = -whole.data_ptr() % _HUGE
-    region.madvise(_MADV_HUGEPAGE, off, total)
+    slots = _huge_region([_owned(owners[k][0]).nbytes for k in keys])  # sizes: no references
     moved = 0
     with torch.no_grad():
-        for k, n in zip(keys, sizes, strict=True):
+        for k, slot in zip(keys, slots, strict=True):
             old = _owned(owners[k][0])
-            new = whole[off : off + n].view(old.dtype).view(old.shape)
+            new = slot.view(old.dtype).view(old.shape)
             new.copy_(old)
             del old
             for m, name, is_param in owners[k]:
@@ -172,13 +167,41 @@ def place_in_huge_pages(model: nn.Module) -> int:
                     m._parameters[name].data = new
                 else:
                     m._buffers[name] = new
-            off += -(-n // _ALIGN) * _ALIGN
-            moved += n
+            moved += new.nbytes
             if moved >= _TRIM_EVERY:  # freed heap pages go back now: peak RSS stays flat
                 trim_heap()
                 moved = 0
     trim_heap()
-    return total
+    return sum(slot.nbytes for slot in slots)
+
+
+def huge_copies(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """Copies of these contiguous CPU tensors side by side in one region asked for 2 MiB pages
+    (for tensors made once and read every token, e.g. the fused step's int4 scales), or the
+    tensors themselves where huge pages are not available."""
+    if not huge_pages_available() or not tensors:
+        return list(tensors)
+    if any(t.device.type != "cpu" or not t.is_contiguous() for t in tensors):
+        return list(tensors)
+    slots = _huge_region([t.nbytes for t in tensors])
+    return [
+        slot.view(t.dtype).view(t.shape).copy_(t) for t, slot in zip(tensors, slots, strict=True)
+    ]
+
+
+def _huge_region(sizes: Sequence[int]) -> list[Tensor]:
+    """One anonymous mapping asked for 2 MiB pages, cut into uint8 slots of these sizes (each
+    start 64-byte aligned); pages are taken as the slots are written."""
+    total = sum(-(-n // _ALIGN) * _ALIGN for n in sizes)
+    region = mmap.mmap(-1, total + _HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    whole = torch.frombuffer(region, dtype=torch.uint8)  # its storage keeps the mapping
+    off = -whole.data_ptr() % _HUGE
+    region.madvise(_MADV_HUGEPAGE, off, total)
+    slots = []
+    for n in sizes:
+        slots.append(whole[off : off + n])
+        off += -(-n // _ALIGN) * _ALIGN
+    return slots
 
 
 def _owned(owner: tuple[nn.Module, str, bool]) -> Tensor:

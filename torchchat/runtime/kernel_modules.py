@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,7 @@ from torchchat.model.transformer import (
     Transformer,
     TransformerBlock,
 )
+from torchchat.pages import huge_copies
 from torchchat.quant.gguf_blocks import GGUFEmbedding, GGUFLinear
 from torchchat.quant.linear import Int4Linear, Int8Linear, kernel_dtype
 from torchchat.quant.primitives import quantize_activations_per_token
@@ -416,5 +418,9 @@ def decode_plan(model: Transformer) -> DecodePlan | None:
             linears.append(got)
     if len({f.key for f in linears}) != 1:
         return None
+    if linears[0].kind in (WeightKind.INT4, WeightKind.INT4_INT8_ACTIVATIONS):
+        # int4's blocked scales are copies made here, read every token as the weights are
+        scales = huge_copies([f.scales for f in linears])
+        linears = [replace(f, scales=s) for f, s in zip(linears, scales, strict=True)]
     plan = DecodePlan(norms, k_caches, v_caches, linears, model.args.norm_eps, model.args.n_heads)
     return plan if kernels.available(plan.needs()) else None
