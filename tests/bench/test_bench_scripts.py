@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.support import REPO
+from tests.support import REPO, shared_path
 
 
 def run_script(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -26,6 +26,14 @@ def test_gemm_rate_prints_each_dtype_at_both_shapes():
         (dt, m) for m in ("2048", "64") for dt in ("float32", "bfloat16", "int8")
     ]
     assert all(float(r) > 0 for _, _, r in rates)
+
+
+def test_first_token_times_generate_from_start():
+    gguf = shared_path("models", "stories260K-gguf", "stories260K.gguf")
+    p = run_script("first_token.py", str(gguf), "--engines", "torchchat", "--runs", "2")
+    assert p.returncode == 0, p.stderr
+    times = re.fullmatch(r"torchchat: median ([\d.]+) s \(([\d.]+), ([\d.]+)\)\n", p.stdout)
+    assert times and all(0 < float(t) < 60 for t in times.groups()), p.stdout
 
 
 def test_paged_step_times_fused_and_module_steps():
