@@ -19,6 +19,7 @@ for them. TORCHCHAT_HUGE_PAGES=0 asks for none.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import ctypes
 import mmap
 import os
@@ -196,7 +197,8 @@ def _huge_region(sizes: Sequence[int]) -> list[Tensor]:
     region = mmap.mmap(-1, total + _HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     whole = torch.frombuffer(region, dtype=torch.uint8)  # its storage keeps the mapping
     off = -whole.data_ptr() % _HUGE
-    region.madvise(_MADV_HUGEPAGE, off, total)
+    with contextlib.suppress(OSError):  # a kernel without THP: the region works in small pages
+        region.madvise(_MADV_HUGEPAGE, off, total)
     slots = []
     for n in sizes:
         slots.append(whole[off : off + n])

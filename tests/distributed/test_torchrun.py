@@ -34,7 +34,9 @@ def torchrun(*args, stdin: str | None = None, timeout: int = 120) -> subprocess.
     """Two ranks on this machine; each run gets a free rendezvous port (--standalone)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "torchchat", *map(str, args), "--tp", "2"]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # A rank that dies of a signal prints every thread's Python stack (a rare SIGSEGV of rank 0
+    # seen once in CI, 2026-12-07, never again in 40+ runs by hand: this says where, next time).
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     return subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=timeout,
                           cwd=REPO, env=env)  # fmt: skip
 
