@@ -14,7 +14,13 @@ from torch import nn
 from tests.support import random_args, random_state_dict
 from torchchat import kernels
 from torchchat.model.transformer import Transformer
-from torchchat.pages import advise_huge, huge_copies, huge_pages_available, place_in_huge_pages
+from torchchat.pages import (
+    advise_huge,
+    huge_copies,
+    huge_pages_available,
+    huge_pages_status,
+    place_in_huge_pages,
+)
 from torchchat.quant.apply import quantize
 from torchchat.quant.config import load_quantize_spec
 from torchchat.runtime.eager import EagerRuntime
@@ -73,9 +79,20 @@ def test_placed_weights_keep_values_objects_and_ties(tmp_path):
     assert m.whole.data_ptr() + 64 * 4 == m.part.data_ptr()
 
 
+@needs_thp
+def test_status_counts_the_weights_asked_for_huge_pages():
+    m = nn.Sequential(nn.Linear(1000, 1000), nn.Linear(1000, 500, bias=False))
+    m.register_buffer("cache", torch.zeros(10**6), persistent=False)  # not a weight
+    line = r"2 MiB pages: (\d+) of 6 MB of weights asked for them, \d+ MB granted so far"
+    assert re.fullmatch(line, huge_pages_status(m))[1] == "0"
+    place_in_huge_pages(m)
+    assert re.fullmatch(line, huge_pages_status(m))[1] == "6"
+
+
 def test_no_huge_pages_when_asked_for_none(monkeypatch):
     monkeypatch.setenv("TORCHCHAT_HUGE_PAGES", "0")
     assert not huge_pages_available()
+    assert huge_pages_status(nn.Linear(4, 4)).startswith("2 MiB pages: off")
     m = nn.Linear(64, 64)
     ptr = m.weight.data_ptr()
     assert place_in_huge_pages(m) == 0 and m.weight.data_ptr() == ptr

@@ -26,7 +26,7 @@ from torchchat.options import (
     QuantizeOptions,
     SourceOptions,
 )
-from torchchat.pages import advise_huge, release
+from torchchat.pages import advise_huge, huge_pages_status, release
 from torchchat.quant.apply import apply_schemes, quantize, structural
 from torchchat.quant.config import Scheme, load_quantize_spec
 from torchchat.quant.gguf_blocks import type_name, use_gguf_blocks
@@ -453,6 +453,7 @@ def build_model(opts: ModelOptions, verbose: bool = False) -> BuiltModel:
     runtime = make_runtime(model, max_seq, opts.execution, opts.distribution)
     if model.norm.weight.device.type == "cpu":
         log(kernels.status(), verbose)  # the instruction-set level, or why torch's ops run
+        log(huge_pages_status(model), verbose)
     return BuiltModel(runtime, tokenizer, model.args, build_speculator(opts, runtime, verbose))
 
 

@@ -209,3 +209,47 @@ def _huge_region(sizes: Sequence[int]) -> list[Tensor]:
 def _owned(owner: tuple[nn.Module, str, bool]) -> Tensor:
     m, name, is_param = owner
     return m._parameters[name] if is_param else m._buffers[name]
+
+
+def huge_pages_status(model: nn.Module) -> str:
+    """One line for -v: how much of the model's weights sit in mappings asked for 2 MiB pages
+    (copied into a region, or a checkpoint file's mapping) and how much the kernel has granted
+    so far (a file's pages are granted as they are first read)."""
+    if not huge_pages_available():
+        return (
+            "2 MiB pages: off (TORCHCHAT_HUGE_PAGES=0, not Linux, or transparent huge pages never)"
+        )
+    vmas = []  # (start, end, asked for huge pages, granted bytes)
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split(maxsplit=1)[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                vmas.append([lo, hi, False, 0])
+            elif head in ("AnonHugePages:", "FilePmdMapped:"):
+                vmas[-1][3] += int(line.split()[1]) * 1024
+            elif head == "VmFlags:":
+                vmas[-1][2] = "hg" in line.split()
+    starts = [v[0] for v in vmas]
+    seen, asked, total, held = set(), 0, 0, set()
+    weights = [t for m in model.modules() for t in m._parameters.values()]
+    weights += [
+        t
+        for m in model.modules()
+        for name, t in m._buffers.items()
+        if name not in m._non_persistent_buffers_set
+    ]
+    for t in weights:
+        if t is None or t.device.type != "cpu" or t.data_ptr() in seen or t.numel() == 0:
+            continue
+        seen.add(t.data_ptr())
+        total += t.nbytes
+        i = bisect.bisect_right(starts, t.data_ptr()) - 1
+        if i >= 0 and t.data_ptr() < vmas[i][1] and vmas[i][2]:
+            asked += t.nbytes
+            held.add(i)
+    granted = sum(vmas[i][3] for i in held)
+    return (
+        f"2 MiB pages: {asked / 1e6:.0f} of {total / 1e6:.0f} MB of weights asked for them, "
+        f"{granted / 1e6:.0f} MB granted so far"
+    )
