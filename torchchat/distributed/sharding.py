@@ -118,7 +118,11 @@ class RowParallel(nn.Module):
         self.linear, self.group = linear, group
 
     def forward(self, x: Tensor) -> Tensor:
-        return funcol.all_reduce(self.linear(x), "sum", self.group)
+        y = self.linear(x)
+        if torch.compiler.is_compiling():
+            return funcol.all_reduce(y, "sum", self.group)
+        dist.all_reduce(y, group=self.group)  # eager: see gather_last_dim
+        return y
 
 
 class GatheredColumnParallel(nn.Module):
@@ -136,9 +140,17 @@ class GatheredColumnParallel(nn.Module):
 
 def gather_last_dim(x: Tensor, group: dist.ProcessGroup) -> Tensor:
     """The ranks' x concatenated along the last dimension, in rank order."""
-    # A non-negative dim: all_gather_single gathers on dim 0, then re-concatenates on this one
-    # (its shortcut for that miscounts a negative dim). all_gather_tensor is its deprecated name.
-    return funcol.all_gather_single(x.contiguous(), x.dim() - 1, group)
+    x = x.contiguous()
+    if torch.compiler.is_compiling():
+        # A non-negative dim: all_gather_single gathers on dim 0, then re-concatenates on this
+        # one (its shortcut for that miscounts a negative dim).
+        return funcol.all_gather_single(x, x.dim() - 1, group)
+    # Eager runs wait on each collective here: a functional collective's result waited on later,
+    # where a kernel first touched it, crashed rank 0 in wait_tensor (SIGSEGV on gloo, 2 of ~8
+    # CI runs of tests/distributed/test_torchrun.py[int8], 2026-12-07).
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x, group=group)
+    return torch.cat(parts, dim=-1)
 
 
 def connect(model: Transformer, group: dist.ProcessGroup) -> None:
