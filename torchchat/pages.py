@@ -52,6 +52,12 @@ def _file_mappings() -> list[tuple[int, int]]:
     return spans
 
 
+def _holder(spans: list[tuple[int, int]], starts: list[int], ptr: int) -> int | None:
+    """Index of the span (sorted, starts = their starts) that holds address ptr, or None."""
+    i = bisect.bisect_right(starts, ptr) - 1
+    return i if i >= 0 and ptr < spans[i][1] else None
+
+
 def release(*tensors: torch.Tensor) -> None:
     """Drop the pages of these tensors that lie in file mappings from the resident set.
     Tensors in anonymous memory are left alone (freeing them is up to their references)."""
@@ -64,8 +70,8 @@ def release(*tensors: torch.Tensor) -> None:
         if t.device.type != "cpu" or t.nbytes == 0:
             continue
         lo = t.untyped_storage().data_ptr() + t.storage_offset() * t.element_size()
-        i = bisect.bisect_right(starts, lo) - 1
-        if i < 0 or not lo < spans[i][1]:
+        i = _holder(spans, starts, lo)
+        if i is None:
             continue
         # Whole pages, clipped to the mapping: dropping a page a neighbour tensor shares is
         # harmless, the file re-supplies it.
@@ -108,8 +114,8 @@ def advise_huge(tensors: Iterable[Tensor]) -> None:
     for t in tensors:
         if t.device.type != "cpu" or t.nbytes == 0:
             continue
-        i = bisect.bisect_right(starts, t.data_ptr()) - 1
-        if i >= 0 and t.data_ptr() < spans[i][1] and i not in asked:
+        i = _holder(spans, starts, t.data_ptr())
+        if i is not None and i not in asked:
             asked.add(i)
             lo, hi = spans[i]
             libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_HUGEPAGE)
@@ -131,16 +137,13 @@ def place_in_huge_pages(model: nn.Module) -> int:
             return False
         if t.device.type != "cpu" or t.numel() == 0 or t.is_quantized or not t.is_contiguous():
             return False
-        i = bisect.bisect_right(starts, t.data_ptr()) - 1
-        return not (i >= 0 and t.data_ptr() < spans[i][1])  # in a file: stays
+        return _holder(spans, starts, t.data_ptr()) is None  # in a file: stays
 
     owners: dict[tuple, list[tuple[nn.Module, str, bool]]] = defaultdict(list)
-    for m in model.modules():
-        weights = [(n, t, True) for n, t in m._parameters.items()]
-        weights += [(n, t, False) for n, t in m._buffers.items()]
-        for name, t, is_param in weights:
-            if movable(t) and name not in m._non_persistent_buffers_set:
-                owners[(t.data_ptr(), t.dtype, tuple(t.shape))].append((m, name, is_param))
+    for m, name, is_param in _weights(model):
+        t = _owned((m, name, is_param))
+        if movable(t):
+            owners[(t.data_ptr(), t.dtype, tuple(t.shape))].append((m, name, is_param))
     ranges = sorted(
         ((t.data_ptr(), t.data_ptr() + t.nbytes), k)
         for k, o in owners.items()
@@ -206,7 +209,17 @@ def _huge_region(sizes: Sequence[int]) -> list[Tensor]:
     return slots
 
 
-def _owned(owner: tuple[nn.Module, str, bool]) -> Tensor:
+def _weights(model: nn.Module) -> list[tuple[nn.Module, str, bool]]:
+    """(module, name, is a parameter) of every parameter and persistent buffer: the weights, not
+    caches, masks or RoPE tables."""
+    found = []
+    for m in model.modules():
+        found += [(m, n, True) for n in m._parameters]
+        found += [(m, n, False) for n in m._buffers if n not in m._non_persistent_buffers_set]
+    return found
+
+
+def _owned(owner: tuple[nn.Module, str, bool]) -> Tensor | None:
     m, name, is_param = owner
     return m._parameters[name] if is_param else m._buffers[name]
 
@@ -230,22 +243,16 @@ def huge_pages_status(model: nn.Module) -> str:
                 vmas[-1][3] += int(line.split()[1]) * 1024
             elif head == "VmFlags:":
                 vmas[-1][2] = "hg" in line.split()
+    spans = [(v[0], v[1]) for v in vmas]
     starts = [v[0] for v in vmas]
     seen, asked, total, held = set(), 0, 0, set()
-    weights = [t for m in model.modules() for t in m._parameters.values()]
-    weights += [
-        t
-        for m in model.modules()
-        for name, t in m._buffers.items()
-        if name not in m._non_persistent_buffers_set
-    ]
-    for t in weights:
+    for t in (_owned(w) for w in _weights(model)):
         if t is None or t.device.type != "cpu" or t.data_ptr() in seen or t.numel() == 0:
             continue
         seen.add(t.data_ptr())
         total += t.nbytes
-        i = bisect.bisect_right(starts, t.data_ptr()) - 1
-        if i >= 0 and t.data_ptr() < vmas[i][1] and vmas[i][2]:
+        i = _holder(spans, starts, t.data_ptr())
+        if i is not None and vmas[i][2]:
             asked += t.nbytes
             held.add(i)
     granted = sum(vmas[i][3] for i in held)
