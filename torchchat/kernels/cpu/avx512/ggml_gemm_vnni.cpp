@@ -1,15 +1,19 @@
 // Prefill on GGUF's K-quants (Q4_K, Q5_K, Q6_K) in integers with AVX512-VNNI: the GEMM of many
 // tokens, each quantized to Q8_K as decode's are (GgmlGemmActs, common/ggml.h).
 //
-// Lanes are tokens: a vector holds 4 consecutive activation codes (+ 128, unsigned) of 16 tokens
-// and vpdpbusd multiplies it by 4 codes of one weight row, broadcast, so a row's codes are read
-// in their own order -- unpacked once per super-block to signed bytes (Q6_K's minus 32) -- and no
-// weight layout is made. A sub-block's integer sums (exact) are multiplied by its integer scale
-// and summed over the super-block (exact, as ggml's sumi); the +128 of the activations comes off
-// as 128 times the row's own sum of scaled codes. Each super-block then adds in fp32
-// d_x * d_w * sumi and subtracts d_x * dmin * sum_j m_j * bsum_j (Q4_K, Q5_K), as ggml's dot
-// products do, so prefill and decode compute the same sums; only the fp32 order over
-// super-blocks differs.
+// Lanes are tokens: a vector holds 4 consecutive activation codes (signed) of 16 tokens and
+// vpdpbusd multiplies it by 4 codes of one weight row (unsigned: Q6_K's without its offset of
+// 32), broadcast, so a row's codes are read in their own order -- unpacked once per super-block
+// -- and no weight layout is made. A sub-block's integer sums (exact) are multiplied by its
+// integer scale and summed over the super-block (exact, as ggml's sumi). The codes' offsets are
+// sums of the activations, in integers too (vpmaddwd of the tokens' block sums with the row's
+// coefficients in pairs): Q6_K's 32 sum_j sc_j bsum_j comes off sumi; Q4_K's and Q5_K's
+// sum_j m_j bsum_j is ggml's summs. Each super-block then adds in fp32 d_x * d * sumi and
+// subtracts d_x * dmin * summs, as ggml's dot products do, so prefill and decode compute the
+// same sums; only the fp32 order over super-blocks differs.
+//
+// A tile is 4 rows x 48 tokens: its 12 running sums, the super-block's 12 and 3 activation
+// vectors stay in the 32 registers (4 x 64 spilled the super-block's sums at every sub-block).
 #include <algorithm>
 #include <cstring>
 
@@ -20,16 +24,20 @@ namespace torchchat::cpu::avx512 {
 namespace {
 
 constexpr int kRows = 4;  // weight rows of a tile (broadcast operands)
-constexpr int kTv = 4;    // token vectors of a tile (16 tokens each)
+constexpr int kTv = 3;    // token vectors of a tile (16 tokens each)
 
-// One super-block of one weight row, unpacked: codes in k order, per-sub-block scales and mins.
+// One super-block of one weight row, unpacked: codes in k order, per-sub-block scales, the
+// offsets' coefficients in int16 pairs (Q6_K: 32 sc_2p, 32 sc_2p+1; Q4_K, Q5_K: m_2p, m_2p+1).
 struct Unpacked {
-  alignas(64) int8_t codes[256];
+  alignas(64) uint8_t codes[256];
   int32_t sc[16];  // Q6_K: 16 sub-blocks of 16; Q4_K, Q5_K: 8 of 32
-  float mn[8];     // Q4_K, Q5_K: the sub-blocks' mins
+  int32_t co[8];   // Q6_K: 8 pairs; Q4_K, Q5_K: 4
   float d, dmin;
-  int32_t wsum;  // sum_j sc_j * (sum of sub-block j's codes): the +128's share
 };
+
+inline int32_t pair16(int32_t lo, int32_t hi) {
+  return (int32_t)((uint32_t)(uint16_t)lo | (uint32_t)hi << 16);
+}
 
 // 64 bytes of nibble pairs (bytes i and 32 + i of two 32-value runs) -> codes of 128 values in
 // order: low nibbles of bytes 0-31 (k 0-31), their high nibbles (k 32-63), then bytes 32-63's.
@@ -40,38 +48,29 @@ inline void nibbles_in_order(const uint8_t* qs, __m512i& k0, __m512i& k1) {
   k1 = _mm512_shuffle_i64x2(lo, hi, 0xEE);  // lo[32:64], hi[32:64]
 }
 
-// Sums of each 8 codes of u.codes (Q6_K's plus 32: vpsadbw sums unsigned bytes), 32 of them.
-inline void sums_of_8(const Unpacked& u, int32_t bias, int64_t* s8) {
-  const __m512i plus = _mm512_set1_epi8((char)bias);
-  for (int i = 0; i < 4; ++i) {
-    const __m512i c = _mm512_add_epi8(_mm512_load_si512((const void*)(u.codes + 64 * i)), plus);
-    _mm512_storeu_si512((void*)(s8 + 8 * i), _mm512_sad_epu8(c, _mm512_setzero_si512()));
-  }
-}
-
-// wsum = sum_j sc_j * (sum of sub-block j's codes), sub-blocks of S codes.
-template <int S>
-inline void weight_sum(Unpacked& u, int32_t bias) {
-  alignas(64) int64_t s8[32];
-  sums_of_8(u, bias, s8);
-  u.wsum = 0;
-  for (int j = 0; j < 256 / S; ++j) {
-    int64_t w = -(int64_t)bias * S;
-    for (int i = 0; i < S / 8; ++i) w += s8[j * S / 8 + i];
-    u.wsum += u.sc[j] * (int32_t)w;
-  }
-}
-
-// Q4_K's and Q5_K's d, dmin and 8 (scale, min) pairs, then the codes' scaled sum.
+// Q4_K's and Q5_K's d, dmin and 8 (scale, min) pairs. The 12 bytes of 6-bit pairs on 64-bit
+// integers (ggml_scale_min_k4 a pair at a time was 13% of the GEMM's time at 64 tokens): pair
+// j < 4 is the low 6 bits of bytes j (scale) and j + 4 (min); j >= 4 the nibbles of byte j + 4
+// under the top 2 bits of bytes j - 4 (scale) and j (min).
 void scales_mins(uint16_t d, uint16_t dmin, const uint8_t* scales, Unpacked& u) {
   u.d = half_at(&d);
   u.dmin = half_at(&dmin);
-  for (int j = 0; j < 8; ++j) {
-    int m;
-    ggml_scale_min_k4(scales, j, u.sc[j], m);
-    u.mn[j] = (float)m;
+  uint64_t a;
+  uint32_t b;
+  std::memcpy(&a, scales, 8);
+  std::memcpy(&b, scales + 8, 4);
+  const uint64_t nibbles = b | (uint64_t)(b >> 4) << 32;
+  const uint64_t low = a & 0x3F3F3F3F3F3F3F3Full;  // sc 0-3, mn 0-3
+  const uint64_t high = (nibbles & 0x0F0F0F0F0F0F0F0Full) | (a >> 2 & 0x3030303030303030ull);
+  for (int j = 0; j < 4; ++j) {
+    u.sc[j] = (int32_t)(low >> 8 * j & 0xFF);
+    u.sc[j + 4] = (int32_t)(high >> 8 * j & 0xFF);
   }
-  weight_sum<32>(u, 0);
+  // (min 2p, min 2p + 1) as int16 pairs: bytes 2p, 2p + 1 of the mins' 4 widened to 16 bits
+  const uint32_t mlo = (uint32_t)(low >> 32), mhi = (uint32_t)(high >> 32);
+  const auto widen = [](uint32_t two) { return (int32_t)((two & 0xFF) | (two & 0xFF00) << 8); };
+  u.co[0] = widen(mlo), u.co[1] = widen(mlo >> 16);
+  u.co[2] = widen(mhi), u.co[3] = widen(mhi >> 16);
 }
 
 void unpack_q4_k(const BlockQ4_K& b, Unpacked& u) {
@@ -101,8 +100,7 @@ void unpack_q5_k(const BlockQ5_K& b, Unpacked& u) {
 }
 
 void unpack_q6_k(const BlockQ6_K& b, Unpacked& u) {
-  const __m512i m4 = _mm512_set1_epi8(0x0F), m2 = _mm512_set1_epi8(3),
-                off = _mm512_set1_epi8(32);
+  const __m512i m4 = _mm512_set1_epi8(0x0F), m2 = _mm512_set1_epi8(3);
   for (int h = 0; h < 2; ++h) {  // 128 values: ql[64h..], qh[32h..]
     const __m512i ql = _mm512_loadu_si512((const void*)(b.ql + 64 * h));
     const __m512i qh = _mm512_broadcast_i64x4(_mm256_loadu_si256((const __m256i*)(b.qh + 32 * h)));
@@ -115,25 +113,26 @@ void unpack_q6_k(const BlockQ6_K& b, Unpacked& u) {
     const __m512i a = _mm512_or_si512(_mm512_and_si512(ql, m4), _mm512_slli_epi16(h0, 4));
     const __m512i c = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(ql, 4), m4),
                                       _mm512_slli_epi16(h1, 4));
-    _mm512_store_si512((void*)(u.codes + 128 * h), _mm512_sub_epi8(a, off));
-    _mm512_store_si512((void*)(u.codes + 128 * h + 64), _mm512_sub_epi8(c, off));
+    _mm512_store_si512((void*)(u.codes + 128 * h), a);
+    _mm512_store_si512((void*)(u.codes + 128 * h + 64), c);
   }
   u.d = half_at(&b.d);
   u.dmin = 0.0f;
   for (int j = 0; j < 16; ++j) u.sc[j] = b.scales[j];
-  weight_sum<16>(u, 32);
+  for (int p = 0; p < 8; ++p) u.co[p] = pair16(32 * u.sc[2 * p], 32 * u.sc[2 * p + 1]);
 }
 
 // Tokens [16 t0, 16 (t0 + TV)) x rows r0..r0 + R of super-block sb, added into the tile's fp32
-// sums f (d * sumi) and g (dmin * summs): [R][TV] vectors.
+// sums f (d * sumi) and g (dmin * summs): [R][TV] vectors. S: values a sub-block.
 template <int R, int TV, int S>
-void tile(const GgmlGemmActs& x, int64_t sb, int64_t t0, const Unpacked* w, bool mins,
-          __m512* f, __m512* g) {
-  constexpr int nsub = 256 / S;
+void tile(const GgmlGemmActs& x, int64_t sb, int64_t t0, const Unpacked* w, __m512* f,
+          __m512* g) {
+  constexpr int nsub = 256 / S, npair = nsub / 2;
+  const int64_t lanes = x.T * 16;
   __m512i si[R][TV];
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < TV; ++t) si[r][t] = _mm512_setzero_si512();
-  const uint8_t* base = x.u + (sb * 64 * x.T + t0) * 64;
+  const int8_t* base = x.q + (sb * 64 * x.T + t0) * 64;
   for (int j = 0; j < nsub; ++j) {
     __m512i acc[R][TV];
     for (int r = 0; r < R; ++r)
@@ -141,12 +140,13 @@ void tile(const GgmlGemmActs& x, int64_t sb, int64_t t0, const Unpacked* w, bool
 #pragma GCC unroll 8
     for (int kq = j * S / 4; kq < (j + 1) * S / 4; ++kq) {
       __m512i a[TV];
-      for (int t = 0; t < TV; ++t) a[t] = _mm512_loadu_si512((const void*)(base + (kq * x.T + t) * 64));
+      for (int t = 0; t < TV; ++t)
+        a[t] = _mm512_loadu_si512((const void*)(base + (kq * x.T + t) * 64));
       for (int r = 0; r < R; ++r) {
         int32_t four;
         std::memcpy(&four, w[r].codes + 4 * kq, 4);
         const __m512i b = _mm512_set1_epi32(four);
-        for (int t = 0; t < TV; ++t) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], a[t], b);
+        for (int t = 0; t < TV; ++t) acc[r][t] = _mm512_dpbusd_epi32(acc[r][t], b, a[t]);
       }
     }
     for (int r = 0; r < R; ++r) {
@@ -155,21 +155,28 @@ void tile(const GgmlGemmActs& x, int64_t sb, int64_t t0, const Unpacked* w, bool
         si[r][t] = _mm512_add_epi32(si[r][t], _mm512_mullo_epi32(acc[r][t], sc));
     }
   }
-  const float* dx = x.d + sb * x.T * 16 + t0 * 16;
-  const float* bsum = x.bsum32 + sb * 8 * x.T * 16 + t0 * 16;
+  // the offsets' sums: sum over pairs p of the tokens' (s_2p, s_2p+1) times the row's pair
+  const int32_t* sums = (S == 16 ? x.s16 : x.s32) + sb * npair * lanes + t0 * 16;
+  const float* dx = x.d + sb * lanes + t0 * 16;
   for (int t = 0; t < TV; ++t) {
+    __m512i o[R];
+    for (int r = 0; r < R; ++r) o[r] = _mm512_setzero_si512();
+    for (int p = 0; p < npair; ++p) {
+      const __m512i s = _mm512_loadu_si512((const void*)(sums + p * lanes + 16 * t));
+      for (int r = 0; r < R; ++r)
+        o[r] = _mm512_dpwssd_epi32(o[r], s, _mm512_set1_epi32(w[r].co[p]));
+    }
     const __m512 d = _mm512_loadu_ps(dx + 16 * t);
     for (int r = 0; r < R; ++r) {
-      const __m512i exact = _mm512_sub_epi32(si[r][t], _mm512_set1_epi32(128 * w[r].wsum));
-      f[r * TV + t] = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(w[r].d)),
-                                      _mm512_cvtepi32_ps(exact), f[r * TV + t]);
-      if (mins) {  // sum_j m_j * bsum_j: exact in fp32 (< 2^24)
-        __m512 s = _mm512_setzero_ps();
-        for (int j = 0; j < 8; ++j)
-          s = _mm512_fmadd_ps(_mm512_set1_ps(w[r].mn[j]),
-                              _mm512_loadu_ps(bsum + j * x.T * 16 + 16 * t), s);
-        g[r * TV + t] = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(w[r].dmin)), s,
-                                        g[r * TV + t]);
+      if (S == 16) {  // Q6_K: sumi - 32 sum_j sc_j bsum_j
+        f[r * TV + t] = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(w[r].d)),
+                                        _mm512_cvtepi32_ps(_mm512_sub_epi32(si[r][t], o[r])),
+                                        f[r * TV + t]);
+      } else {
+        f[r * TV + t] = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(w[r].d)),
+                                        _mm512_cvtepi32_ps(si[r][t]), f[r * TV + t]);
+        g[r * TV + t] = _mm512_fmadd_ps(_mm512_mul_ps(d, _mm512_set1_ps(w[r].dmin)),
+                                        _mm512_cvtepi32_ps(o[r]), g[r * TV + t]);
       }
     }
   }
@@ -184,9 +191,9 @@ void rows_tokens(const GgmlGemmActs& x, int64_t K, const Matrix& a, int64_t n0, 
   for (int64_t sb = 0; sb < K / 256; ++sb) {
     const Unpacked* w = all + sb * kRows;
     if (q6)
-      tile<R, TV, 16>(x, sb, t0, w, false, f, g);
+      tile<R, TV, 16>(x, sb, t0, w, f, g);
     else
-      tile<R, TV, 32>(x, sb, t0, w, true, f, g);
+      tile<R, TV, 32>(x, sb, t0, w, f, g);
   }
   for (int r = 0; r < R; ++r)
     for (int t = 0; t < TV; ++t) {
@@ -197,16 +204,14 @@ void rows_tokens(const GgmlGemmActs& x, int64_t K, const Matrix& a, int64_t n0, 
     }
 }
 
+// Tiles of 3 token vectors, the last ones 2 + 2 rather than 3 + 1 (a tile of one vector
+// broadcasts 4 weights for 4 vpdpbusd).
 template <int R>
 void rows(const GgmlGemmActs& x, int64_t K, const Matrix& a, int64_t n0, const Unpacked* all) {
   int64_t t = 0;
-  for (; t + kTv <= x.T; t += kTv) rows_tokens<R, kTv>(x, K, a, n0, t, all);
-  switch (x.T - t) {
-    case 3: rows_tokens<R, 3>(x, K, a, n0, t, all); break;
-    case 2: rows_tokens<R, 2>(x, K, a, n0, t, all); break;
-    case 1: rows_tokens<R, 1>(x, K, a, n0, t, all); break;
-    default: break;
-  }
+  for (; x.T - t >= kTv && x.T - t != 4; t += kTv) rows_tokens<R, kTv>(x, K, a, n0, t, all);
+  for (; x.T - t >= 2; t += 2) rows_tokens<R, 2>(x, K, a, n0, t, all);
+  if (t < x.T) rows_tokens<R, 1>(x, K, a, n0, t, all);
 }
 
 }  // namespace

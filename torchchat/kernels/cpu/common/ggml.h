@@ -96,14 +96,17 @@ static inline void ggml_scale_min_k4(const uint8_t* s, int j, int& sc, int& mn) 
 void ggml_quantize_row(int32_t act, const float* x, int64_t K, void* out);
 
 // Prefill's activations for Kernels::gemm_ggml (the K-quants): M tokens quantized to Q8_K as
-// ggml_quantize_row does, laid out for dot products over 16 tokens at once: value 4 kq + j of
-// super-block b of token 16 t + i at u[((b * 64 + kq) * T + t) * 64 + 4 i + j], as its code + 128
-// (unsigned); T = ceil(M / 16), tokens past M all zeros (code 0, scale 0).
+// ggml_quantize_row does, laid out for dot products over 16 tokens at once: code 4 kq + j of
+// super-block b of token 16 t + i at q[((b * 64 + kq) * T + t) * 64 + 4 i + j] (signed); T =
+// ceil(M / 16), tokens past M all zeros (codes, scales and sums 0). The codes' sums come in pairs
+// of int16 (the first in the low half), as vpmaddwd takes them: s16 the Q8_K bsums 2p, 2p + 1 (16
+// codes each: Q6_K's sub-blocks), s32 the sums of 32 codes 2p, 2p + 1 (Q4_K's and Q5_K's).
 struct GgmlGemmActs {
   int64_t M, T;
-  const uint8_t* u;
-  const float* d;       // [K / 256][16 T]: each token's Q8_K scale
-  const float* bsum32;  // [K / 256][8][16 T]: sums of each 32 codes (Q4_K's and Q5_K's mins)
+  const int8_t* q;
+  const float* d;      // [K / 256][16 T]: each token's Q8_K scale
+  const int32_t* s16;  // [K / 256][8][16 T]
+  const int32_t* s32;  // [K / 256][4][16 T]
 };
 
 // The scalar reference (ggml_ref.cpp): the table entries Kernels::ggml_dequantize and

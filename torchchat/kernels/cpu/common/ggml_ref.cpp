@@ -203,6 +203,50 @@ float block_dot(const Decoded& w, int n, int32_t act, const void* x) {
   return act == kGgmlQ8_1 ? term - w.dmin * half_to_float(b1->s) : term;  // Q8_1: + m * s
 }
 
+// ggml's nearest_int: v rounded half to even by the fp32 addition's own rounding (|v| < 2^22;
+// codes are |v| <= 127.5), no libm call (nearbyint is one on baseline x86-64: it was most of
+// prefill's activation quantization, 2 ns a value).
+inline int32_t nearest_int(float v) {
+  const float f = v + 12582912.0f;
+  int32_t i;
+  std::memcpy(&i, &f, 4);
+  return (i & 0x007fffff) - 0x00400000;
+}
+
+// |v|'s bits, 0 for a NaN: as unsigned integers they order as the magnitudes do, so the scans
+// below vectorize without -ffast-math (a chain of maxss and a compare loop were 2/3 of a row's
+// time), and NaNs are passed over as the sequential fabs(x) > amax scan passes them.
+inline uint32_t abs_bits(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  u &= 0x7fffffffu;
+  return u > 0x7f800000u ? 0u : u;
+}
+
+// max |x[j]| over n (a multiple of 16) values.
+inline float abs_max(const float* x, int n) {
+  uint32_t m[16] = {};
+  for (int j = 0; j < n; j += 16)
+    for (int l = 0; l < 16; ++l) m[l] = std::max(m[l], abs_bits(x[j + l]));
+  uint32_t top = 0;
+  for (int l = 0; l < 16; ++l) top = std::max(top, m[l]);
+  float amax;
+  std::memcpy(&amax, &top, 4);
+  return amax;
+}
+
+// The first j with |x[j]| == amax, one of x[0..n) (n a multiple of 16).
+inline int first_at(const float* x, int n, float amax) {
+  const uint32_t bits = abs_bits(amax);
+  for (int c = 0;; c += 16) {  // 16 at a time (vectorized), then which of them
+    uint32_t hit = 0;
+    for (int l = 0; l < 16; ++l) hit |= abs_bits(x[c + l]) == bits;
+    if (hit)
+      for (int l = 0;; ++l)
+        if (abs_bits(x[c + l]) == bits) return c + l;
+  }
+}
+
 }  // namespace
 
 const GgmlLayout* ggml_layout(int32_t type) {
@@ -219,21 +263,19 @@ void ggml_quantize_row(int32_t act, const float* x, int64_t K, void* out) {
   if (act == kGgmlQ8_K) {
     for (int64_t b = 0; b < K / 256; ++b, x += 256, p += sizeof(BlockQ8_K)) {
       BlockQ8_K& y = *(BlockQ8_K*)p;
-      float amax = 0.0f, max = 0.0f;  // max: the value of largest magnitude, sign kept
-      for (int j = 0; j < 256; ++j)
-        if (std::fabs(x[j]) > amax) {
-          amax = std::fabs(x[j]);
-          max = x[j];
-        }
+      // max: the first value of the largest magnitude, sign kept (ggml's strict > scan, in two
+      // passes that vectorize)
+      const float amax = abs_max(x, 256);
       std::memset(&y, 0, sizeof y);  // an all-zero block: d = 0, codes 0
       if (amax == 0.0f) continue;
-      // The largest becomes -127 whatever its sign; nearbyint rounds half to even, as ggml's
-      // nearest_int does.
-      const float iscale = -127.0f / max;
-      for (int j = 0; j < 256; ++j)
-        y.qs[j] = (int8_t)std::min(127.0f, std::nearbyint(iscale * x[j]));
-      for (int g = 0; g < 16; ++g)
-        for (int l = 0; l < 16; ++l) y.bsums[g] += y.qs[g * 16 + l];
+      // The largest becomes -127 whatever its sign.
+      const float iscale = -127.0f / x[first_at(x, 256, amax)];
+      for (int j = 0; j < 256; ++j) y.qs[j] = (int8_t)std::min(127, nearest_int(iscale * x[j]));
+      for (int g = 0; g < 16; ++g) {
+        int32_t s = 0;
+        for (int l = 0; l < 16; ++l) s += y.qs[g * 16 + l];
+        y.bsums[g] = (int16_t)s;
+      }
       y.d = 1.0f / iscale;
     }
     return;
@@ -244,15 +286,14 @@ void ggml_quantize_row(int32_t act, const float* x, int64_t K, void* out) {
   // code here and there differs.)
   const int64_t bytes = any_layout(act)->bytes;
   for (int64_t b = 0; b < K / 32; ++b, x += 32, p += bytes) {
-    float amax = 0.0f;
-    for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(x[j]));
+    const float amax = abs_max(x, 32);
     const float d = amax / 127.0f, id = amax != 0.0f ? 127.0f / amax : 0.0f;
     auto* b0 = (BlockQ8_0*)p;
     auto* b1 = (BlockQ8_1*)p;
     int8_t* qs = act == kGgmlQ8_1 ? b1->qs : b0->qs;
     int32_t sum = 0;
     for (int j = 0; j < 32; ++j) {
-      qs[j] = (int8_t)std::nearbyint(x[j] * id);
+      qs[j] = (int8_t)nearest_int(x[j] * id);
       sum += qs[j];
     }
     if (act == kGgmlQ8_1) {

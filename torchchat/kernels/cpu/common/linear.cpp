@@ -5,6 +5,7 @@
 // calls (call, thread wake-up and conversions are paid once).
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 
 #include "ggml.h"
@@ -193,24 +194,31 @@ bool gemm_ggml(const Kernels& kt, ParallelFor pf, const float* x, int64_t M, int
                const Matrix& a) {
   if (kt.gemm_ggml == nullptr || !(kt.gemm_ggml_types >> a.type & 1) || K % 256) return false;
   const int64_t T = (M + 15) / 16, nsb = K / 256;
-  std::vector<uint8_t> u(K * T * 16, 128);  // tokens past M: code 0
-  std::vector<float> d(nsb * T * 16, 0.0f), bsum(nsb * 8 * T * 16, 0.0f);
+  std::vector<int8_t> q(K * T * 16, 0);  // tokens past M: all 0
+  std::vector<float> d(nsb * T * 16, 0.0f);
+  std::vector<int32_t> s16(nsb * 8 * T * 16, 0), s32(nsb * 4 * T * 16, 0);
+  const auto pair = [](int32_t lo, int32_t hi) {
+    return (int32_t)((uint32_t)(uint16_t)lo | (uint32_t)hi << 16);
+  };
   pf(M, 8, [&](int64_t m0, int64_t m1) {
-    std::vector<BlockQ8_K> q(nsb);
+    std::vector<BlockQ8_K> row(nsb);
     for (int64_t m = m0; m < m1; ++m) {
-      ggml_quantize_row(kGgmlQ8_K, x + m * K, K, q.data());
+      ggml_quantize_row(kGgmlQ8_K, x + m * K, K, row.data());
       const int64_t t = m / 16, i = m % 16;
       for (int64_t b = 0; b < nsb; ++b) {
-        d[b * T * 16 + m] = q[b].d;
-        for (int j = 0; j < 8; ++j)
-          bsum[(b * 8 + j) * T * 16 + m] = (float)(q[b].bsums[2 * j] + q[b].bsums[2 * j + 1]);
+        const BlockQ8_K& r = row[b];
+        d[b * T * 16 + m] = r.d;
+        for (int p = 0; p < 8; ++p)
+          s16[(b * 8 + p) * T * 16 + m] = pair(r.bsums[2 * p], r.bsums[2 * p + 1]);
+        for (int p = 0; p < 4; ++p)
+          s32[(b * 4 + p) * T * 16 + m] = pair(r.bsums[4 * p] + r.bsums[4 * p + 1],
+                                               r.bsums[4 * p + 2] + r.bsums[4 * p + 3]);
         for (int64_t kq = 0; kq < 64; ++kq)
-          for (int j = 0; j < 4; ++j)
-            u[((b * 64 + kq) * T + t) * 64 + 4 * i + j] = (uint8_t)(q[b].qs[4 * kq + j] + 128);
+          std::memcpy(&q[((b * 64 + kq) * T + t) * 64 + 4 * i], r.qs + 4 * kq, 4);
       }
     }
   });
-  const GgmlGemmActs acts{M, T, u.data(), d.data(), bsum.data()};
+  const GgmlGemmActs acts{M, T, q.data(), d.data(), s16.data(), s32.data()};
   // 16-row units: four tiles of the kernel's four rows
   pf((a.N + 15) / 16, 1, [&](int64_t u0, int64_t u1) {
     kt.gemm_ggml(acts, K, a, u0 * 16, std::min(a.N, u1 * 16));
