@@ -133,16 +133,16 @@ def test_prefill_and_table_rows_use_the_exact_weights(name, blocks_models):
 
 
 # The types a level prefills in integers, by its feature bits: with VNNI (GGML_GEMM) the
-# K-quants and Q8_0 (vpdpbusd on codes + 128; AVX2's int16 pairs would overflow there), with
-# the int4 GEMM on 8-bit activations (AVX2, AVX-512) Q4_0.
+# K-quants and Q8_0 (vpdpbusd on codes + 128), on AVX2 (GGML_GEMM) Q5_K and Q6_K (int16 pair sums
+# added a few steps at a time), with the int4 GEMM on 8-bit activations (AVX2, AVX-512) Q4_0.
 @pytest.mark.parametrize("path", ["integer GEMM", "decode's kernel"])
 @pytest.mark.parametrize("name", QUANTIZED)
 def test_prefill_sums_as_decode(name, path, blocks_models):
     """Where a level prefills a type in integers (torchchat::ggml_gemm_types: AVX512-VNNI Q4_0,
-    Q8_0 and the K-quants; AVX2 Q4_0, Q4_1, Q5_0, Q5_1, Q4_K), it sums what decode sums -- x
-    quantized to Q8_0, Q8_1 or Q8_K as ggml does, exact integer sums scaled in fp32 -- so
-    prefill's rows equal decode's to fp32 rounding (2e-6 of sum |w x|), on 40 tokens (a partial
-    16, and 64-row blocks). Up to torchchat::ggml_rows_prefill(type) tokens (AVX2: a few dozen,
+    Q8_0 and the K-quants; AVX2 Q4_0, Q4_1, Q5_0, Q5_1 and the K-quants but Q2_K, Q3_K), it sums
+    what decode sums -- x quantized to Q8_0, Q8_1 or Q8_K as ggml does, exact integer sums scaled
+    in fp32 -- so prefill's rows equal decode's to fp32 rounding (2e-6 of sum |w x|), on 40
+    tokens (a partial 16, and 64-row blocks). Up to torchchat::ggml_rows_prefill(type) tokens (AVX2: a few dozen,
     any type) prefill runs decode's kernel itself, 8 tokens at a time: decode's very sums."""
     model = blocks_models[name]
     g = torch.Generator().manual_seed(3)

@@ -46,8 +46,8 @@ def load_build_script():
 def test_every_level_matches_the_scalar_reference(sanitize, tmp_path):
     """Each level this CPU runs (and, on a CPU with AVX512-BF16/VNNI, the AVX-512 table of CPUs
     without them, "avx512_base"): all 16 kernels, the x86 levels 19 (int4 and Q4_0 prefill on
-    8-bit activations: quantize_rows_q8, gemm_int4_q8, gemm_ggml_q8), +1 where the table has the
-    integer K-quant prefill GEMM (VNNI), +2 for int4 and 8da4w decode in integers (linear_int4_q8,
+    8-bit activations: quantize_rows_q8, gemm_int4_q8, gemm_ggml_q8), +1 for the integer K-quant
+    prefill GEMM (gemm_ggml: VNNI's, else AVX2's), +2 for int4 and 8da4w decode in integers (linear_int4_q8,
     linear_8da4w: AVX2, and the AVX-512 tables without BF16), +1 for prefill's own fp32 GEMM
     (gemm_f32: AVX2), +1 for int8 decode in integers (linear_int8_q8: AVX2's on every x86 level),
     +1 for int8 prefill in integers (gemm_int8_q8: the AVX-512 VNNI tables); the scalar level's
@@ -56,16 +56,16 @@ def test_every_level_matches_the_scalar_reference(sanitize, tmp_path):
     run = subprocess.run([str(binary)], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout + run.stderr
     counts = level_counts(run.stdout)
-    # every level has every kernel; the AVX-512 VNNI table also its integer GGUF prefill GEMM, and
-    # AVX-512 tables without BF16 AVX2's decode in integers
+    # every level has every kernel; x86 tables an integer GGUF prefill GEMM (VNNI's or AVX2's),
+    # and AVX-512 tables without BF16 AVX2's decode in integers
     avx512 = kernels.isa() == "avx512"
-    vnni = avx512 and kernels.simd_level() & kernels.GGML_GEMM
+    ggml_gemm = avx512 and kernels.simd_level() & kernels.GGML_GEMM
     q8 = 2 if avx512 and not kernels.simd_level() & kernels.BF16_GEMM else 0
     int8_gemm = avx512 and kernels.simd_level() & kernels.INT8_Q8_GEMM
     want = {
-        "avx512": str(20 + q8 + bool(vnni) + bool(int8_gemm)),
-        "avx512_base": "22",
-        "avx2": "23",
+        "avx512": str(20 + q8 + bool(ggml_gemm) + bool(int8_gemm)),
+        "avx512_base": "23",
+        "avx2": "24",
         "scalar": "16",
     }
     assert counts == {lv: want[lv] for lv in counts}, run.stdout

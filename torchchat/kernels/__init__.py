@@ -34,7 +34,8 @@ INT4 = 2  # int4 linears, bf16 GEMMs on int4/int8 tiles
 INT8_GEMM = 4  # 8da4w's integer prefill GEMM
 BF16_GEMM = 8  # bf16 dot products in hardware; without: prefill's bf16/fp16 GEMMs widened to fp32
 GGML = 16  # GGUF's block-quantized weights in place (torchchat.kernels.ggml)
-GGML_GEMM = 32  # GGUF K-quant prefill in integers, tokens in lanes (AVX512-VNNI; ggml_gemm_types)
+GGML_GEMM = 32  # GGUF K-quant prefill in integers, tokens in lanes (ggml_gemm_types: VNNI
+# Q4_K/Q5_K/Q6_K, AVX2 Q5_K/Q6_K)
 INT4_Q8_GEMM = 64  # int4 and GGUF prefill in integers on 8-bit activations (as Q4_0 x Q8_0)
 Q8_DECODE = 128  # int4 and 8da4w decode in integers too: the same activations and sums as prefill
 F32_GEMM = 256  # prefill's fp32 GEMMs (fp32 weights, widened bf16/fp16/int8/GGUF tiles) on our own

@@ -13,6 +13,7 @@
 // reference does (no contraction, see ggml.cpp).
 #include "../common/exact_fp.h"
 
+#include <algorithm>
 #include <cstdlib>
 
 #include "../common/ggml.h"
@@ -313,6 +314,166 @@ void dequantize_k(const uint8_t* w, int64_t ld, int64_t K, int64_t r0, int64_t r
     }
 }
 
+
+// Prefill's GEMM (Kernels::gemm_ggml) on Q5_K and Q6_K: many tokens quantized to Q8_K
+// (GgmlGemmActs), lanes are tokens as in avx512/ggml_gemm_vnni.cpp. vpmaddubsw multiplies 4
+// activation codes of 8 tokens (signed) by 4 codes of one weight row (unsigned), broadcast, into
+// 16-bit pair sums, which add up in 16 bits for as many steps as cannot overflow (each step's pair
+// sum reaches 2 * max code * 127: Q5_K 4 steps, half a sub-block of 32; Q6_K 2); then
+// vpmaddwd by the sub-block's scale adds them into the super-block's int32 sums, exact. The
+// codes' offsets come from the tokens' block sums (vpmaddwd), the fp32 work once a super-block,
+// as the AVX-512 kernel does. A tile is 2 rows x 32 tokens (R x TV token vectors of 8).
+constexpr int kUnit = 16;  // rows unpacked together (the caller's units are 16 rows)
+
+struct Unpacked {
+  alignas(32) uint8_t codes[256];
+  int32_t sc[16];  // Q6_K: 16 sub-blocks of 16; Q4_K, Q5_K: 8 of 32
+  int32_t co[8];   // offsets' coefficients in int16 pairs (Q6_K: 32 sc; Q4_K, Q5_K: the mins)
+  float d, dmin;
+};
+
+inline int32_t pair16(int32_t lo, int32_t hi) {
+  return (int32_t)((uint32_t)(uint16_t)lo | (uint32_t)hi << 16);
+}
+
+template <class T>
+void unpack(const uint8_t* p, Unpacked& u) {
+  __m256i c[4];
+  T::template codes<0>(p, c);
+  for (int i = 0; i < 4; ++i) _mm256_store_si256((__m256i*)(u.codes + 32 * i), c[i]);
+  T::template codes<1>(p, c);
+  for (int i = 0; i < 4; ++i) _mm256_store_si256((__m256i*)(u.codes + 128 + 32 * i), c[i]);
+  if (T::kMin) {  // Q4_K, Q5_K: d, dmin, 12 bytes of scales and mins
+    u.d = half_at(p);
+    u.dmin = half_at(p + 2);
+    uint64_t sc, mn;
+    ggml_scales_mins_k4(p + 4, sc, mn);
+    for (int j = 0; j < 8; ++j) u.sc[j] = (int32_t)(sc >> 8 * j & 0xFF);
+    for (int q = 0; q < 4; ++q)
+      u.co[q] = pair16((int32_t)(mn >> 16 * q & 0xFF), (int32_t)(mn >> (16 * q + 8) & 0xFF));
+  } else {  // Q6_K: 16 int8 scales, d
+    for (int j = 0; j < 16; ++j) u.sc[j] = (int8_t)p[192 + j];
+    for (int q = 0; q < 8; ++q) u.co[q] = pair16(32 * u.sc[2 * q], 32 * u.sc[2 * q + 1]);
+    u.d = half_at(p + 208);
+    u.dmin = 0.0f;
+  }
+}
+
+// Token vectors [v0, v0 + TV) (8 tokens each) x rows w[0..R) of super-block sb, into the fp32
+// sums f (d * sumi) and g (dmin * summs), [R][TV].
+template <class T, int R, int TV>
+void gemm_tile(const GgmlGemmActs& x, int64_t sb, int64_t v0, const Unpacked* w, __m256* f,
+               __m256* g) {
+  constexpr int S = T::kMin ? 32 : 16, nsub = 256 / S, npair = nsub / 2;
+  constexpr int steps = T::kWide ? 2 : 4;  // Q6_K, Q5_K
+  const int64_t lanes = x.T * 16;
+  __m256i si[R][TV];
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < TV; ++t) si[r][t] = _mm256_setzero_si256();
+  const int8_t* base = x.q + sb * 64 * x.T * 64 + v0 * 32;
+  for (int j = 0; j < nsub; ++j) {
+    __m256i sc[R];
+    for (int r = 0; r < R; ++r) sc[r] = _mm256_set1_epi16((short)w[r].sc[j]);
+    for (int k0 = j * S / 4; k0 < (j + 1) * S / 4; k0 += steps) {
+      __m256i acc[R][TV];
+      for (int r = 0; r < R; ++r)
+        for (int t = 0; t < TV; ++t) acc[r][t] = _mm256_setzero_si256();
+#pragma GCC unroll 8
+      for (int kq = k0; kq < k0 + steps; ++kq) {
+        __m256i a[TV];
+        for (int t = 0; t < TV; ++t)
+          a[t] = _mm256_loadu_si256((const __m256i*)(base + kq * x.T * 64 + 32 * t));
+        for (int r = 0; r < R; ++r) {
+          int32_t four;
+          std::memcpy(&four, w[r].codes + 4 * kq, 4);
+          const __m256i b = _mm256_set1_epi32(four);
+          for (int t = 0; t < TV; ++t)
+            acc[r][t] = _mm256_add_epi16(acc[r][t], _mm256_maddubs_epi16(b, a[t]));
+        }
+      }
+      for (int r = 0; r < R; ++r)
+        for (int t = 0; t < TV; ++t)
+          si[r][t] = _mm256_add_epi32(si[r][t], _mm256_madd_epi16(acc[r][t], sc[r]));
+    }
+  }
+  const int32_t* sums = (T::kMin ? x.s32 : x.s16) + sb * npair * lanes + v0 * 8;
+  const float* dx = x.d + sb * lanes + v0 * 8;
+  for (int t = 0; t < TV; ++t) {
+    __m256i o[R];
+    for (int r = 0; r < R; ++r) o[r] = _mm256_setzero_si256();
+    for (int q = 0; q < npair; ++q) {
+      const __m256i s = _mm256_loadu_si256((const __m256i*)(sums + q * lanes + 8 * t));
+      for (int r = 0; r < R; ++r)
+        o[r] = _mm256_add_epi32(o[r], _mm256_madd_epi16(s, _mm256_set1_epi32(w[r].co[q])));
+    }
+    const __m256 d = _mm256_loadu_ps(dx + 8 * t);
+    for (int r = 0; r < R; ++r) {
+      const __m256 dd = _mm256_mul_ps(d, _mm256_set1_ps(w[r].d));
+      if (!T::kMin) {  // Q6_K: sumi - 32 sum_j sc_j bsum_j
+        f[r * TV + t] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(_mm256_sub_epi32(si[r][t], o[r])),
+                                        f[r * TV + t]);
+      } else {
+        f[r * TV + t] = _mm256_fmadd_ps(dd, _mm256_cvtepi32_ps(si[r][t]), f[r * TV + t]);
+        g[r * TV + t] = _mm256_fmadd_ps(_mm256_mul_ps(d, _mm256_set1_ps(w[r].dmin)),
+                                        _mm256_cvtepi32_ps(o[r]), g[r * TV + t]);
+      }
+    }
+  }
+}
+
+// Rows n0.. (R of them; super-block sb of row r at all[sb * kUnit + r]) x token vectors [v0,
+// v0 + TV), into y.
+template <class T, int R, int TV>
+void gemm_rows_tokens(const GgmlGemmActs& x, int64_t K, const Matrix& a, int64_t n0, int64_t v0,
+                      const Unpacked* all) {
+  __m256 f[R * TV], g[R * TV];
+  for (int i = 0; i < R * TV; ++i) f[i] = g[i] = _mm256_setzero_ps();
+  for (int64_t sb = 0; sb < K / 256; ++sb) gemm_tile<T, R, TV>(x, sb, v0, all + sb * kUnit, f, g);
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < TV; ++t) {
+      alignas(32) float out[8];
+      _mm256_store_ps(out, _mm256_sub_ps(f[r * TV + t], g[r * TV + t]));
+      const int64_t m0 = 8 * (v0 + t);
+      for (int i = 0; i < 8 && m0 + i < x.M; ++i) a.y[(m0 + i) * a.ldy + n0 + r] = out[i];
+    }
+}
+
+// A unit's `rows` rows (from n0) x token vectors [v0, v0 + TV): pairs of rows, an odd one last.
+template <class T, int TV>
+void gemm_unit_tokens(const GgmlGemmActs& x, int64_t K, const Matrix& a, int64_t n0, int rows,
+                      int64_t v0, const Unpacked* all) {
+  int r = 0;
+  for (; r + 2 <= rows; r += 2) gemm_rows_tokens<T, 2, TV>(x, K, a, n0 + r, v0, all + r);
+  if (r < rows) gemm_rows_tokens<T, 1, TV>(x, K, a, n0 + r, v0, all + r);
+}
+
+// Units of kUnit rows, unpacked once; token tiles outside the unit's rows, so that a tile's
+// activations (32 tokens x K codes: 64 KiB at K = 2048) stay in L2 while every pair of the
+// unit passes over them (2 rows at a time over all tokens streamed them from L3: 512 tokens ran
+// 0.9x 64's rate).
+template <class T>
+void gemm_k(const GgmlGemmActs& x, int64_t K, const Matrix& a, int64_t n0, int64_t n1) {
+  const int64_t nsb = K / 256, nv = (x.M + 7) / 8;  // token vectors holding tokens
+  // aligned_alloc, not std::vector: no library templates in this folder (vec.h)
+  auto* all = static_cast<Unpacked*>(std::aligned_alloc(32, nsb * kUnit * sizeof(Unpacked)));
+  for (int64_t n = n0; n < n1; n += kUnit) {
+    const int rows = (int)std::min<int64_t>(kUnit, n1 - n);
+    for (int r = 0; r < rows; ++r)
+      for (int64_t sb = 0; sb < nsb; ++sb)
+        unpack<T>(static_cast<const uint8_t*>(a.w) + (n + r) * a.ld + sb * T::kBytes,
+                  all[sb * kUnit + r]);
+    int64_t v = 0;
+    for (; v + 4 <= nv; v += 4) gemm_unit_tokens<T, 4>(x, K, a, n, rows, v, all);
+    switch (nv - v) {
+      case 3: gemm_unit_tokens<T, 3>(x, K, a, n, rows, v, all); break;
+      case 2: gemm_unit_tokens<T, 2>(x, K, a, n, rows, v, all); break;
+      case 1: gemm_unit_tokens<T, 1>(x, K, a, n, rows, v, all); break;
+      default: break;
+    }
+  }
+  std::free(all);
+}
+
 }  // namespace
 
 void linear_ggml_k(const uint8_t* xq, int64_t xld, int64_t M, int64_t K, const Matrix& a,
@@ -334,6 +495,13 @@ void dequantize_ggml_k(int32_t type, const uint8_t* w, int64_t ld, int64_t K, in
     case kGgmlQ4_K: return dequantize_k<Q4K>(w, ld, K, r0, r1, out);
     case kGgmlQ5_K: return dequantize_k<Q5K>(w, ld, K, r0, r1, out);
     case kGgmlQ6_K: return dequantize_k<Q6K>(w, ld, K, r0, r1, out);
+  }
+}
+
+void gemm_ggml_k(const GgmlGemmActs& x, int64_t K, const Matrix& a, int64_t n0, int64_t n1) {
+  switch (a.type) {  // the table's gemm_ggml_types (Q4_K: the int4 GEMM, table.cpp)
+    case kGgmlQ5_K: return gemm_k<Q5K>(x, K, a, n0, n1);
+    case kGgmlQ6_K: return gemm_k<Q6K>(x, K, a, n0, n1);
   }
 }
 

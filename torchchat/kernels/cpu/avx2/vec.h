@@ -192,5 +192,7 @@ void gemm_f32(const float* xp, int64_t M, int64_t K, const float* w, int64_t ldw
               float* y, int64_t ldy);
 void dequantize_ggml_k(int32_t type, const uint8_t* w, int64_t ld, int64_t K, int64_t r0,
                        int64_t r1, float* out);
+// Prefill's integer GEMM on Q5_K and Q6_K (ggml_k.cpp).
+void gemm_ggml_k(const GgmlGemmActs& x, int64_t K, const Matrix& a, int64_t n0, int64_t n1);
 
 }  // namespace torchchat::cpu::avx2

@@ -48,29 +48,16 @@ inline void nibbles_in_order(const uint8_t* qs, __m512i& k0, __m512i& k1) {
   k1 = _mm512_shuffle_i64x2(lo, hi, 0xEE);  // lo[32:64], hi[32:64]
 }
 
-// Q4_K's and Q5_K's d, dmin and 8 (scale, min) pairs. The 12 bytes of 6-bit pairs on 64-bit
-// integers (ggml_scale_min_k4 a pair at a time was 13% of the GEMM's time at 64 tokens): pair
-// j < 4 is the low 6 bits of bytes j (scale) and j + 4 (min); j >= 4 the nibbles of byte j + 4
-// under the top 2 bits of bytes j - 4 (scale) and j (min).
+// Q4_K's and Q5_K's d, dmin and 8 (scale, min) pairs (ggml_scale_min_k4 a pair at a time was 13%
+// of the GEMM's time at 64 tokens; ggml_scales_mins_k4 decodes all 8 at once).
 void scales_mins(uint16_t d, uint16_t dmin, const uint8_t* scales, Unpacked& u) {
   u.d = half_at(&d);
   u.dmin = half_at(&dmin);
-  uint64_t a;
-  uint32_t b;
-  std::memcpy(&a, scales, 8);
-  std::memcpy(&b, scales + 8, 4);
-  const uint64_t nibbles = b | (uint64_t)(b >> 4) << 32;
-  const uint64_t low = a & 0x3F3F3F3F3F3F3F3Full;  // sc 0-3, mn 0-3
-  const uint64_t high = (nibbles & 0x0F0F0F0F0F0F0F0Full) | (a >> 2 & 0x3030303030303030ull);
-  for (int j = 0; j < 4; ++j) {
-    u.sc[j] = (int32_t)(low >> 8 * j & 0xFF);
-    u.sc[j + 4] = (int32_t)(high >> 8 * j & 0xFF);
-  }
-  // (min 2p, min 2p + 1) as int16 pairs: bytes 2p, 2p + 1 of the mins' 4 widened to 16 bits
-  const uint32_t mlo = (uint32_t)(low >> 32), mhi = (uint32_t)(high >> 32);
-  const auto widen = [](uint32_t two) { return (int32_t)((two & 0xFF) | (two & 0xFF00) << 8); };
-  u.co[0] = widen(mlo), u.co[1] = widen(mlo >> 16);
-  u.co[2] = widen(mhi), u.co[3] = widen(mhi >> 16);
+  uint64_t sc, mn;
+  ggml_scales_mins_k4(scales, sc, mn);
+  for (int j = 0; j < 8; ++j) u.sc[j] = (int32_t)(sc >> 8 * j & 0xFF);
+  for (int p = 0; p < 4; ++p)
+    u.co[p] = pair16((int32_t)(mn >> 16 * p & 0xFF), (int32_t)(mn >> (16 * p + 8) & 0xFF));
 }
 
 void unpack_q4_k(const BlockQ4_K& b, Unpacked& u) {

@@ -45,6 +45,10 @@ Kernels make_table(bool bf16, bool vnni, const Kernels* fill) {
     t.features |= kGgmlGemm;
     t.gemm_ggml_types = 1 << kGgmlQ4_K | 1 << kGgmlQ5_K | 1 << kGgmlQ6_K;
     t.gemm_ggml = gemm_ggml_k_vnni;
+  } else if (fill != nullptr && (fill->features & kGgmlGemm)) {  // AVX2's
+    t.features |= kGgmlGemm;
+    t.gemm_ggml_types = fill->gemm_ggml_types;
+    t.gemm_ggml = fill->gemm_ggml;
   }
   if (bf16) {
     t.features |= kBf16 | kBf16Gemm;

@@ -90,6 +90,21 @@ static inline void ggml_scale_min_k4(const uint8_t* s, int j, int& sc, int& mn) 
   }
 }
 
+// The same 12 bytes decoded 8 pairs at once on 64-bit integers: byte j of `sc` (of `mn`) is scale
+// (min) j. Pair j < 4 is the low 6 bits of bytes j and j + 4; j >= 4 the nibbles of byte j + 4
+// under the top 2 bits of bytes j - 4 and j.
+static inline void ggml_scales_mins_k4(const uint8_t* s, uint64_t& sc, uint64_t& mn) {
+  uint64_t a = 0;
+  uint32_t b = 0;
+  for (int i = 0; i < 8; ++i) a |= (uint64_t)s[i] << 8 * i;  // little-endian loads, any host
+  for (int i = 0; i < 4; ++i) b |= (uint32_t)s[8 + i] << 8 * i;
+  const uint64_t nibbles = b | (uint64_t)(b >> 4) << 32;
+  const uint64_t low = a & 0x3F3F3F3F3F3F3F3Full;  // scales 0-3, mins 0-3
+  const uint64_t high = (nibbles & 0x0F0F0F0F0F0F0F0Full) | (a >> 2 & 0x3030303030303030ull);
+  sc = (low & 0xFFFFFFFFull) | high << 32;
+  mn = low >> 32 | (high & 0xFFFFFFFF00000000ull);
+}
+
 // One row of K activations quantized to `act` (Q8_0, Q8_1 or Q8_K) as ggml does on x86 (its
 // AVX quantize_row_q8_0/q8_1, the reference quantize_row_q8_K_ref), so that decode's logits
 // equal llama.cpp's there to float rounding (tests/gguf/test_llamacpp_logits.py).
