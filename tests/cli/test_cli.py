@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
 import torch
 
 from tests.generate.test_generator import LLAMA2C_STORIES260K
-from tests.support import STORIES_BIN, STORIES_TOK, PickleBomb, one_line_error, run_torchchat
+from tests.support import (
+    STORIES_BIN,
+    STORIES_TOK,
+    PickleBomb,
+    one_line_error,
+    random_args,
+    random_state_dict,
+    run_torchchat,
+)
 from torchchat.tokenizer import load_tokenizer
 
 
@@ -80,6 +89,23 @@ def test_unreadable_tokenizer(tmp_path):
     bad = tmp_path / "tokenizer.model"
     bad.write_bytes(b"\x00garbage\xff" * 50)
     assert "tokenizer" in one_line_error(run("generate", STORIES_BIN, "--tokenizer-path", bad))
+
+
+def test_tokenizer_smaller_than_the_models_output(tmp_path):
+    """A model of 2048 tokens with stories260K's 512-token tokenizer: the first token it picks is
+    past the tokenizer (its output rows for ids < 512 are zero, the rest random), so the wrong
+    tokenizer shows as one line and nothing is printed."""
+    args = random_args(vocab_size=2048)
+    sd = random_state_dict(args)
+    sd["output.weight"][:512] = 0.0
+    torch.save(sd, tmp_path / "model.pth")
+    params = {k: getattr(args, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads",
+                                            "vocab_size", "hidden_dim", "max_seq_len")}  # fmt: skip
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    p = run("generate", "--checkpoint-path", tmp_path / "model.pth", "--params-path",
+            tmp_path / "params.json", "--tokenizer-path", STORIES_TOK, "--temperature", "0",
+            "--max-new-tokens", "4")  # fmt: skip
+    assert "outside the tokenizer's 512 tokens" in one_line_error(p)
 
 
 def test_prompt_longer_than_context():

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from torchchat.errors import TorchchatError
 from torchchat.tokenizer import SentencePieceTokenizer, load_tokenizer
 
 SHARED = Path(__file__).resolve().parents[3] / "shared" / "models"
@@ -78,6 +79,9 @@ def test_token_bytes(llama2):
     assert llama2.token_bytes(29871) == b" "
     with pytest.raises(IndexError):
         llama2.token_bytes(32000)
+    # past the vocabulary: the user's error (a tokenizer not the model's), shown as one line
+    with pytest.raises(TorchchatError, match="outside the tokenizer's 32000 tokens"):
+        llama2.token_bytes(40000)
 
 
 def test_decode_strips_one_leading_space(llama2):

@@ -7,6 +7,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
 from functools import cached_property
 
+from torchchat.errors import TorchchatError
+
 # Tokens that end an assistant turn in common chat formats; generation stops on any of them.
 END_OF_TURN_TOKENS = (
     "<|eot_id|>",
@@ -16,6 +18,17 @@ END_OF_TURN_TOKENS = (
     "<|endoftext|>",
     "<end_of_turn>",
 )
+
+
+class TokenOutOfRange(TorchchatError, IndexError):
+    """A token id past the tokenizer's vocabulary: a model's output there means the tokenizer is
+    not the model's (shown as one line, exit 1, like every TorchchatError)."""
+
+    def __init__(self, token_id: int, vocab_size: int) -> None:
+        super().__init__(
+            f"token id {token_id} is outside the tokenizer's {vocab_size} tokens: "
+            "is the tokenizer (--tokenizer-path) the model's own?"
+        )
 
 
 class Tokenizer(ABC):

@@ -13,7 +13,12 @@ from typing import Any
 from tokenizers import Tokenizer as HFLibTokenizer
 
 from torchchat.errors import TorchchatError, one_line
-from torchchat.tokenizer.base import Tokenizer, join_token_bytes, stop_ids_for
+from torchchat.tokenizer.base import (
+    Tokenizer,
+    TokenOutOfRange,
+    join_token_bytes,
+    stop_ids_for,
+)
 
 # Fallback names when there is no tokenizer_config.json to say which tokens are BOS/EOS.
 BOS_NAMES = ("<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>")
@@ -137,7 +142,7 @@ class HFTokenizer(Tokenizer):
         """Bytes per the tokenizer.json decoder: ByteLevel, sentencepiece-like, or the library."""
         token = self._tok.id_to_token(token_id)
         if token is None:
-            raise IndexError(f"token id {token_id} out of range for vocab size {self.vocab_size}")
+            raise TokenOutOfRange(token_id, self.vocab_size)
         if token_id in self._skipped:
             return b""
         if self._style == "bytelevel":

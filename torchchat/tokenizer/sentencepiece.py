@@ -11,6 +11,7 @@ import sentencepiece as spm
 from torchchat.errors import TorchchatError, one_line
 from torchchat.tokenizer.base import (
     Tokenizer,
+    TokenOutOfRange,
     specials_pattern,
     split_on_specials,
     stop_ids_for,
@@ -112,7 +113,7 @@ class SentencePieceTokenizer(Tokenizer):
     def token_bytes(self, token_id: int) -> bytes:
         """Piece bytes with '▁' as space; byte pieces give one byte, control pieces none."""
         if not 0 <= token_id < self.vocab_size:
-            raise IndexError(f"token id {token_id} out of range for vocab size {self.vocab_size}")
+            raise TokenOutOfRange(token_id, self.vocab_size)
         found = self._bytes.get(token_id)
         if found is None:
             found = self._bytes[token_id] = self._piece_bytes(token_id)

@@ -13,6 +13,7 @@ import tiktoken
 from torchchat.errors import TorchchatError, one_line
 from torchchat.tokenizer.base import (
     Tokenizer,
+    TokenOutOfRange,
     specials_pattern,
     split_on_specials,
     stop_ids_for,
@@ -103,7 +104,7 @@ class TiktokenTokenizer(Tokenizer):
     def token_bytes(self, token_id: int) -> bytes:
         """The token's bytes; special tokens give their own text."""
         if not 0 <= token_id < self.vocab_size:
-            raise IndexError(f"token id {token_id} out of range for vocab size {self.vocab_size}")
+            raise TokenOutOfRange(token_id, self.vocab_size)
         return self._enc.decode_single_token_bytes(token_id)
 
     def special_strings(self) -> list[str]:
