@@ -204,7 +204,9 @@ class KernelInt4Linear(Int4Linear):
 
 class KernelGGUFLinear(GGUFLinear):
     """A GGUF's blocks as they are: decode's few rows on torchchat's integer dot products (x
-    quantized per block as ggml does), prefill as fp32 GEMMs on tiles dequantized just before."""
+    quantized per block as ggml does), prefill on integer GEMMs over the same quantized rows
+    where the level has one for the type (torchchat::ggml_gemm_types), else GEMMs on tiles
+    dequantized just before."""
 
     def forward(self, x: Tensor) -> Tensor:
         ys = ggml.linears(x, [self.weight], [self.ggml_type])

@@ -219,7 +219,7 @@ bool gemm_ggml(const Kernels& kt, ParallelFor pf, const float* x, int64_t M, int
     }
   });
   const GgmlGemmActs acts{M, T, q.data(), d.data(), s16.data(), s32.data()};
-  // 16-row units: four tiles of the kernel's four rows
+  // 16-row units (each level's kernel tiles them by its own rows)
   pf((a.N + 15) / 16, 1, [&](int64_t u0, int64_t u1) {
     kt.gemm_ggml(acts, K, a, u0 * 16, std::min(a.N, u1 * 16));
   });
