@@ -332,10 +332,6 @@ struct Unpacked {
   float d, dmin;
 };
 
-inline int32_t pair16(int32_t lo, int32_t hi) {
-  return (int32_t)((uint32_t)(uint16_t)lo | (uint32_t)hi << 16);
-}
-
 template <class T>
 void unpack(const uint8_t* p, Unpacked& u) {
   __m256i c[4];
@@ -346,14 +342,10 @@ void unpack(const uint8_t* p, Unpacked& u) {
   if (T::kMin) {  // Q4_K, Q5_K: d, dmin, 12 bytes of scales and mins
     u.d = half_at(p);
     u.dmin = half_at(p + 2);
-    uint64_t sc, mn;
-    ggml_scales_mins_k4(p + 4, sc, mn);
-    for (int j = 0; j < 8; ++j) u.sc[j] = (int32_t)(sc >> 8 * j & 0xFF);
-    for (int q = 0; q < 4; ++q)
-      u.co[q] = pair16((int32_t)(mn >> 16 * q & 0xFF), (int32_t)(mn >> (16 * q + 8) & 0xFF));
+    ggml_k4_scales(p + 4, u.sc, u.co);
   } else {  // Q6_K: 16 int8 scales, d
     for (int j = 0; j < 16; ++j) u.sc[j] = (int8_t)p[192 + j];
-    for (int q = 0; q < 8; ++q) u.co[q] = pair16(32 * u.sc[2 * q], 32 * u.sc[2 * q + 1]);
+    for (int q = 0; q < 8; ++q) u.co[q] = ggml_pair16(32 * u.sc[2 * q], 32 * u.sc[2 * q + 1]);
     u.d = half_at(p + 208);
     u.dmin = 0.0f;
   }

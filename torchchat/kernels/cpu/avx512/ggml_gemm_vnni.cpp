@@ -35,10 +35,6 @@ struct Unpacked {
   float d, dmin;
 };
 
-inline int32_t pair16(int32_t lo, int32_t hi) {
-  return (int32_t)((uint32_t)(uint16_t)lo | (uint32_t)hi << 16);
-}
-
 // 64 bytes of nibble pairs (bytes i and 32 + i of two 32-value runs) -> codes of 128 values in
 // order: low nibbles of bytes 0-31 (k 0-31), their high nibbles (k 32-63), then bytes 32-63's.
 inline void nibbles_in_order(const uint8_t* qs, __m512i& k0, __m512i& k1) {
@@ -49,15 +45,11 @@ inline void nibbles_in_order(const uint8_t* qs, __m512i& k0, __m512i& k1) {
 }
 
 // Q4_K's and Q5_K's d, dmin and 8 (scale, min) pairs (ggml_scale_min_k4 a pair at a time was 13%
-// of the GEMM's time at 64 tokens; ggml_scales_mins_k4 decodes all 8 at once).
+// of the GEMM's time at 64 tokens; ggml_k4_scales decodes all 8 at once).
 void scales_mins(uint16_t d, uint16_t dmin, const uint8_t* scales, Unpacked& u) {
   u.d = half_at(&d);
   u.dmin = half_at(&dmin);
-  uint64_t sc, mn;
-  ggml_scales_mins_k4(scales, sc, mn);
-  for (int j = 0; j < 8; ++j) u.sc[j] = (int32_t)(sc >> 8 * j & 0xFF);
-  for (int p = 0; p < 4; ++p)
-    u.co[p] = pair16((int32_t)(mn >> 16 * p & 0xFF), (int32_t)(mn >> (16 * p + 8) & 0xFF));
+  ggml_k4_scales(scales, u.sc, u.co);
 }
 
 void unpack_q4_k(const BlockQ4_K& b, Unpacked& u) {
@@ -106,7 +98,7 @@ void unpack_q6_k(const BlockQ6_K& b, Unpacked& u) {
   u.d = half_at(&b.d);
   u.dmin = 0.0f;
   for (int j = 0; j < 16; ++j) u.sc[j] = b.scales[j];
-  for (int p = 0; p < 8; ++p) u.co[p] = pair16(32 * u.sc[2 * p], 32 * u.sc[2 * p + 1]);
+  for (int p = 0; p < 8; ++p) u.co[p] = ggml_pair16(32 * u.sc[2 * p], 32 * u.sc[2 * p + 1]);
 }
 
 // Tokens [16 t0, 16 (t0 + TV)) x rows r0..r0 + R of super-block sb, added into the tile's fp32

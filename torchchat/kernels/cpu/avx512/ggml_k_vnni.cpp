@@ -92,17 +92,11 @@ inline __m128 halves_at(const uint8_t* p, bool two) {  // one or two fp16 at p
 }
 
 // Q4_K and Q5_K's 12 bytes of 6-bit (scale, min) pairs as bytes [sc 0-3, mn 0-3, sc 4-7,
-// mn 4-7], on the integer pipes (the vector ones are the busy ones). Pair j < 4: the low 6 bits
-// of bytes j (scale) and j + 4 (min); j >= 4: the nibbles of byte j + 4 under the top 2 bits of
-// bytes j - 4 (scale) and j (min).
+// mn 4-7], on the integer pipes (the vector ones are the busy ones).
 inline __m128i scales_mins_k4(const uint8_t* s) {
-  uint64_t a;
-  uint32_t b;
-  std::memcpy(&a, s, 8);
-  std::memcpy(&b, s + 8, 4);
-  const uint64_t nibbles = b | (uint64_t)(b >> 4) << 32;
-  const uint64_t high = (nibbles & 0x0F0F0F0F0F0F0F0Full) | (a >> 2 & 0x3030303030303030ull);
-  return _mm_set_epi64x((long long)high, (long long)(a & 0x3F3F3F3F3F3F3F3Full));
+  uint64_t low, high;
+  ggml_scales_mins_k4(s, low, high);
+  return _mm_set_epi64x((long long)high, (long long)low);
 }
 
 inline Scales scales_k4(const uint8_t* p) {  // d, dmin, the 12 bytes

@@ -90,19 +90,38 @@ static inline void ggml_scale_min_k4(const uint8_t* s, int j, int& sc, int& mn) 
   }
 }
 
-// The same 12 bytes decoded 8 pairs at once on 64-bit integers: byte j of `sc` (of `mn`) is scale
-// (min) j. Pair j < 4 is the low 6 bits of bytes j and j + 4; j >= 4 the nibbles of byte j + 4
-// under the top 2 bits of bytes j - 4 and j.
-static inline void ggml_scales_mins_k4(const uint8_t* s, uint64_t& sc, uint64_t& mn) {
+// The same 12 bytes decoded 8 pairs at once on 64-bit integers, as bytes: `low` holds scales 0-3
+// then mins 0-3, `high` scales 4-7 then mins 4-7. Pair j < 4 is the low 6 bits of bytes j and
+// j + 4; j >= 4 the nibbles of byte j + 4 under the top 2 bits of bytes j - 4 and j.
+static inline void ggml_scales_mins_k4(const uint8_t* s, uint64_t& low, uint64_t& high) {
   uint64_t a = 0;
   uint32_t b = 0;
   for (int i = 0; i < 8; ++i) a |= (uint64_t)s[i] << 8 * i;  // little-endian loads, any host
   for (int i = 0; i < 4; ++i) b |= (uint32_t)s[8 + i] << 8 * i;
   const uint64_t nibbles = b | (uint64_t)(b >> 4) << 32;
-  const uint64_t low = a & 0x3F3F3F3F3F3F3F3Full;  // scales 0-3, mins 0-3
-  const uint64_t high = (nibbles & 0x0F0F0F0F0F0F0F0Full) | (a >> 2 & 0x3030303030303030ull);
-  sc = (low & 0xFFFFFFFFull) | high << 32;
-  mn = low >> 32 | (high & 0xFFFFFFFF00000000ull);
+  low = a & 0x3F3F3F3F3F3F3F3Full;
+  high = (nibbles & 0x0F0F0F0F0F0F0F0Full) | (a >> 2 & 0x3030303030303030ull);
+}
+
+// Two int16 in one int32 lane, lo in the low half: the operand layout of vpmaddwd.
+static inline int32_t ggml_pair16(int32_t lo, int32_t hi) {
+  return (int32_t)((uint32_t)(uint16_t)lo | (uint32_t)hi << 16);
+}
+
+// The prefill GEMMs' form of those 12 bytes: the 8 scales, and the mins in pairs (2p, 2p + 1).
+static inline void ggml_k4_scales(const uint8_t* s, int32_t sc[8], int32_t min_pairs[4]) {
+  uint64_t low, high;
+  ggml_scales_mins_k4(s, low, high);
+  for (int j = 0; j < 4; ++j) {
+    sc[j] = (int32_t)(low >> 8 * j & 0xFF);
+    sc[j + 4] = (int32_t)(high >> 8 * j & 0xFF);
+  }
+  for (int p = 0; p < 2; ++p) {
+    min_pairs[p] = ggml_pair16((int32_t)(low >> (32 + 16 * p) & 0xFF),
+                               (int32_t)(low >> (40 + 16 * p) & 0xFF));
+    min_pairs[p + 2] = ggml_pair16((int32_t)(high >> (32 + 16 * p) & 0xFF),
+                                   (int32_t)(high >> (40 + 16 * p) & 0xFF));
+  }
 }
 
 // One row of K activations quantized to `act` (Q8_0, Q8_1 or Q8_K) as ggml does on x86 (its

@@ -197,9 +197,6 @@ bool gemm_ggml(const Kernels& kt, ParallelFor pf, const float* x, int64_t M, int
   std::vector<int8_t> q(K * T * 16, 0);  // tokens past M: all 0
   std::vector<float> d(nsb * T * 16, 0.0f);
   std::vector<int32_t> s16(nsb * 8 * T * 16, 0), s32(nsb * 4 * T * 16, 0);
-  const auto pair = [](int32_t lo, int32_t hi) {
-    return (int32_t)((uint32_t)(uint16_t)lo | (uint32_t)hi << 16);
-  };
   pf(M, 8, [&](int64_t m0, int64_t m1) {
     std::vector<BlockQ8_K> row(nsb);
     for (int64_t m = m0; m < m1; ++m) {
@@ -209,9 +206,9 @@ bool gemm_ggml(const Kernels& kt, ParallelFor pf, const float* x, int64_t M, int
         const BlockQ8_K& r = row[b];
         d[b * T * 16 + m] = r.d;
         for (int p = 0; p < 8; ++p)
-          s16[(b * 8 + p) * T * 16 + m] = pair(r.bsums[2 * p], r.bsums[2 * p + 1]);
+          s16[(b * 8 + p) * T * 16 + m] = ggml_pair16(r.bsums[2 * p], r.bsums[2 * p + 1]);
         for (int p = 0; p < 4; ++p)
-          s32[(b * 4 + p) * T * 16 + m] = pair(r.bsums[4 * p] + r.bsums[4 * p + 1],
+          s32[(b * 4 + p) * T * 16 + m] = ggml_pair16(r.bsums[4 * p] + r.bsums[4 * p + 1],
                                                r.bsums[4 * p + 2] + r.bsums[4 * p + 3]);
         for (int64_t kq = 0; kq < 64; ++kq)
           std::memcpy(&q[((b * 64 + kq) * T + t) * 64 + 4 * i], r.qs + 4 * kq, 4);
