@@ -11,6 +11,8 @@
 // integer products exactly within a (sub-)block and scales them in fp32, as ggml does.
 #pragma once
 
+#include <cstring>
+
 #include "kernels.h"
 
 namespace torchchat::cpu {
@@ -94,10 +96,10 @@ static inline void ggml_scale_min_k4(const uint8_t* s, int j, int& sc, int& mn) 
 // then mins 0-3, `high` scales 4-7 then mins 4-7. Pair j < 4 is the low 6 bits of bytes j and
 // j + 4; j >= 4 the nibbles of byte j + 4 under the top 2 bits of bytes j - 4 and j.
 static inline void ggml_scales_mins_k4(const uint8_t* s, uint64_t& low, uint64_t& high) {
-  uint64_t a = 0;
-  uint32_t b = 0;
-  for (int i = 0; i < 8; ++i) a |= (uint64_t)s[i] << 8 * i;  // little-endian loads, any host
-  for (int i = 0; i < 4; ++i) b |= (uint32_t)s[8 + i] << 8 * i;
+  uint64_t a;  // one load each (every target here is little-endian; GCC does not merge the
+  uint32_t b;  // loads of a byte-by-byte assembly, and this is on decode's path)
+  std::memcpy(&a, s, 8);
+  std::memcpy(&b, s + 8, 4);
   const uint64_t nibbles = b | (uint64_t)(b >> 4) << 32;
   low = a & 0x3F3F3F3F3F3F3F3Full;
   high = (nibbles & 0x0F0F0F0F0F0F0F0Full) | (a >> 2 & 0x3030303030303030ull);
